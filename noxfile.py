@@ -1,0 +1,92 @@
+"""Nox sessions for secondorder.
+
+``nox`` (no arguments) runs ``lint`` and ``tests``. Each backend also has its own session
+(``nox -s numpy``, ``nox -s torch``, ...) that installs only that backend and runs the test
+suite restricted to it with ``pytest --backend <name>``.
+
+Requirement files live in ``backends/``; the backend sessions are generated from the files
+found there, so adding a backend means adding ``backends/<name>.txt``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.reuse_venv = "yes"  # a second run does not reinstall torch
+nox.options.sessions = ["lint", "tests"]
+
+ROOT = Path(__file__).resolve().parent
+BACKENDS_DIR = ROOT / "backends"
+
+# Files in backends/ that are not a single backend.
+NOT_BACKENDS = {"all", "dev"}
+# Backends that need a CUDA GPU, with the extra requirement files they also need.
+GPU_BACKENDS = {"cupy": ["torch"]}
+
+
+def requirements(name: str) -> str:
+    """Path (relative to the repository root) of ``backends/<name>.txt``."""
+    path = BACKENDS_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return str(path.relative_to(ROOT))
+
+
+def backend_names() -> list[str]:
+    """Backend names, read from the requirement files in backends/."""
+    names = (p.stem for p in BACKENDS_DIR.glob("*.txt"))
+    return sorted(n for n in names if n not in NOT_BACKENDS)
+
+
+def dev_pin(package: str) -> str:
+    """The requirement line for ``package`` in backends/dev.txt (e.g. ``ruff==0.17.6``)."""
+    for line in (BACKENDS_DIR / "dev.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        name = line.split("==")[0].split(">=")[0].split("<")[0].strip().lower()
+        if name == package:
+            return line
+    raise LookupError(f"{package} is not listed in backends/dev.txt")
+
+
+def install_with(session: nox.Session, *names: str) -> None:
+    """Install the given backends/ files, the dev tools and the package itself (editable)."""
+    args: list[str] = []
+    for name in (*names, "dev"):
+        args += ["-r", requirements(name)]
+    session.install(*args)
+    session.install("-e", ".")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff lint (formatting is not enforced)."""
+    session.install(dev_pin("ruff"))
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Full test suite with every CPU backend installed (backends/all.txt)."""
+    install_with(session, "all")
+    session.run("pytest", *session.posargs)
+
+
+def _make_backend_session(backend: str) -> None:
+    extra = GPU_BACKENDS.get(backend)
+
+    def run_backend(session: nox.Session) -> None:
+        if extra is not None and shutil.which("nvidia-smi") is None:
+            session.skip(f"the {backend} backend needs an NVIDIA GPU")
+        install_with(session, backend, *(extra or []))
+        session.run("pytest", "--backend", backend, *session.posargs)
+
+    gpu_note = " (needs a GPU)" if extra is not None else ""
+    run_backend.__doc__ = f"Tests restricted to the {backend} backend{gpu_note}."
+    nox.session(name=backend)(run_backend)
+
+
+for _backend in backend_names():
+    _make_backend_session(_backend)
