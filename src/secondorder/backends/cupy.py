@@ -1,0 +1,130 @@
+"""CuPy backend: arrays and linear algebra on an NVIDIA GPU.
+
+CuPy has no automatic differentiation. This backend differentiates by handing the arrays to
+``torch.func`` on the same CUDA device through DLPack (zero copy), running the transform there and
+handing the results back. The function being differentiated must therefore be written against the
+namespace of its argument (``xp = secondorder.backends.namespace(x)``), as all of the library's
+models and losses are; a function that calls ``cupy`` directly cannot be differentiated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import cupy
+import numpy as np
+
+from .._pytree import tree_map
+from ..errors import BackendUnavailableError, NotPositiveDefiniteError
+from ._base import Array, Backend, Tree
+
+
+def _to_torch(tree: Tree) -> Tree:
+    import torch
+
+    return tree_map(lambda a: torch.from_dlpack(a) if isinstance(a, cupy.ndarray) else a, tree)
+
+
+def _to_cupy(tree: Tree) -> Tree:
+    import torch
+
+    def convert(a: Any) -> Any:
+        return cupy.from_dlpack(a.detach().contiguous()) if isinstance(a, torch.Tensor) else a
+
+    return tree_map(convert, tree)
+
+
+class CupyBackend(Backend):
+    name: ClassVar[str] = "cupy"
+    framework: ClassVar[str] = "cupy"
+    supports_cpu: ClassVar[bool] = False
+    supports_gpu: ClassVar[bool] = True
+    autodiff_note: ClassVar[str] = "torch.func on the same device, arrays handed over by DLPack"
+
+    def __init__(self) -> None:
+        if not cupy.cuda.is_available():
+            raise BackendUnavailableError(
+                "the cupy backend needs a CUDA device and none was found; use numpy, torch or "
+                "jax on this machine"
+            )
+
+    @property
+    def xp(self) -> Any:
+        import array_api_compat.cupy as xp
+
+        return xp
+
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, cupy.ndarray)
+
+    def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Array:
+        dtype = None if dtype is None else self.dtype(dtype)
+        if device is None:
+            return cupy.asarray(x, dtype=dtype)
+        with cupy.cuda.Device(getattr(device, "id", device)):
+            return cupy.asarray(x, dtype=dtype)
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return cupy.asnumpy(x)
+
+    def device(self, x: Array) -> Any:
+        return x.device
+
+    def default_device(self) -> Any:
+        return cupy.cuda.Device()
+
+    def devices(self) -> list[str]:
+        return [f"cuda:{i}" for i in range(cupy.cuda.runtime.getDeviceCount())]
+
+    # -- autodiff through torch.func --------------------------------------------------------
+    @staticmethod
+    def _torch_backend() -> Backend:
+        try:
+            from .torch import TorchBackend
+        except ImportError as err:
+            raise BackendUnavailableError(
+                "autodiff on the cupy backend runs through torch.func: install a CUDA build of "
+                "torch (pip install -r backends/torch.txt)"
+            ) from err
+        return TorchBackend()
+
+    def _wrap(self, f: Callable) -> Callable:
+        return f  # f is namespace-generic; it sees torch tensors while differentiated
+
+    def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+        y, dy = self._torch_backend().jvp(f, _to_torch(x), _to_torch(v))
+        return _to_cupy(y), _to_cupy(dy)
+
+    def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+        y, pullback = self._torch_backend().vjp(f, _to_torch(x))
+        return _to_cupy(y), lambda u: _to_cupy(pullback(_to_torch(u)))
+
+    def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+        y, jvp_fn = self._torch_backend().linearize(f, _to_torch(x))
+        return _to_cupy(y), lambda v: _to_cupy(jvp_fn(_to_torch(v)))
+
+    def value_and_grad(self, f: Callable, x: Tree) -> tuple[Array, Tree]:
+        y, g = self._torch_backend().value_and_grad(f, _to_torch(x))
+        return _to_cupy(y), _to_cupy(g)
+
+    def hvp(self, f: Callable, x: Tree, v: Tree) -> Tree:
+        return _to_cupy(self._torch_backend().hvp(f, _to_torch(x), _to_torch(v)))
+
+    # -- linear algebra -------------------------------------------------------------------
+    def einsum(self, subscripts: str, *operands: Array) -> Array:
+        return cupy.einsum(subscripts, *operands)
+
+    def cholesky(self, a: Array) -> Array:
+        factor = cupy.linalg.cholesky(a)
+        if not bool(cupy.all(cupy.isfinite(factor))):
+            raise NotPositiveDefiniteError(
+                "Cholesky factorisation failed: the matrix is not positive definite. Add "
+                "damping (a multiple of the identity) or check the curvature estimate."
+            )
+        return factor
+
+    def solve_triangular(self, a: Array, b: Array, *, lower: bool = True) -> Array:
+        from cupyx.scipy.linalg import solve_triangular
+
+        return solve_triangular(a, b, lower=lower)

@@ -1,0 +1,133 @@
+"""JAX backend: native autodiff, ``jax.jit`` compilation, ``lax`` control flow.
+
+The namespace is ``jax.numpy`` (array API compliant). Loops go through ``lax.fori_loop``,
+``lax.while_loop`` and ``lax.cond`` so that CG, line searches and whole optimiser steps compile.
+float64 needs ``jax.config.update("jax_enable_x64", True)``, set by the user before arrays are made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import DTypeError, NotPositiveDefiniteError
+from ._base import Array, Backend, Tree
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+class JaxBackend(Backend):
+    name: ClassVar[str] = "jax"
+    framework: ClassVar[str] = "jax"
+    has_jit: ClassVar[bool] = True
+    supports_gpu: ClassVar[bool] = True
+    autodiff_note: ClassVar[str] = "jax (jvp, vjp, linearize; hvp forward over reverse)"
+
+    @property
+    def xp(self) -> Any:
+        return jnp
+
+    def is_array(self, x: Any) -> bool:
+        return isinstance(x, jax.Array)
+
+    def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Array:
+        dtype = None if dtype is None else self.dtype(dtype)
+        if isinstance(x, np.ndarray) and dtype is None and x.dtype == np.float64:
+            dtype = self.dtype("float64")
+        out = jnp.asarray(x, dtype=dtype)
+        return out if device is None else jax.device_put(out, device)
+
+    def dtype(self, name: Any) -> Any:
+        if (name == "float64" or name is jnp.float64) and not self.supports_float64():
+            raise DTypeError(
+                "float64 on the jax backend needs x64 mode: call "
+                "jax.config.update('jax_enable_x64', True) before creating arrays"
+            )
+        return super().dtype(name)
+
+    def supports_float64(self) -> bool:
+        return bool(jax.config.jax_enable_x64)
+
+    def device(self, x: Array) -> Any:
+        if _is_tracer(x):
+            return None  # placement is decided by the enclosing transformation
+        devices = x.devices()
+        return next(iter(devices)) if len(devices) == 1 else tuple(sorted(map(str, devices)))
+
+    def default_device(self) -> Any:
+        return jax.devices()[0]
+
+    def devices(self) -> list[str]:
+        return [str(d) for d in jax.devices()]
+
+    # -- autodiff -------------------------------------------------------------------------
+    def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+        return jax.jvp(f, (x,), (v,))
+
+    def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+        y, vjp_fn = jax.vjp(f, x)
+
+        def pullback(u: Tree) -> Tree:
+            return vjp_fn(u)[0]
+
+        return y, pullback
+
+    def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+        return jax.linearize(f, x)
+
+    def value_and_grad(self, f: Callable, x: Tree) -> tuple[Array, Tree]:
+        return jax.value_and_grad(f)(x)
+
+    def grad(self, f: Callable, x: Tree) -> Tree:
+        return jax.grad(f)(x)
+
+    def hvp(self, f: Callable, x: Tree, v: Tree) -> Tree:
+        return jax.jvp(jax.grad(f), (x,), (v,))[1]
+
+    # -- control flow ---------------------------------------------------------------------
+    def fori_loop(self, lower: int, upper: int, body: Callable, init: Any) -> Any:
+        return jax.lax.fori_loop(lower, upper, body, init)
+
+    def while_loop(self, cond_fn: Callable, body: Callable, init: Any) -> Any:
+        return jax.lax.while_loop(cond_fn, body, init)
+
+    def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+
+    # -- linear algebra -------------------------------------------------------------------
+    def einsum(self, subscripts: str, *operands: Array) -> Array:
+        return jnp.einsum(subscripts, *operands)
+
+    def cholesky(self, a: Array) -> Array:
+        factor = jnp.linalg.cholesky(a)
+        if not _is_tracer(factor) and not bool(jnp.all(jnp.isfinite(factor))):
+            raise NotPositiveDefiniteError(
+                "Cholesky factorisation failed: the matrix is not positive definite. Add "
+                "damping (a multiple of the identity) or check the curvature estimate."
+            )
+        return factor
+
+    def solve_triangular(self, a: Array, b: Array, *, lower: bool = True) -> Array:
+        return jax.scipy.linalg.solve_triangular(a, b, lower=lower)
+
+    def cholesky_solve(self, factor: Array, b: Array) -> Array:
+        return jax.scipy.linalg.cho_solve((factor, True), b)
+
+    def eigh(self, a: Array) -> tuple[Array, Array]:
+        if not _is_tracer(a):
+            return super().eigh(a)
+        w, q = jnp.linalg.eigh(a)
+        if a.dtype == jnp.float64 or not self.supports_float64():
+            return w, q
+
+        def retry(_: Any) -> tuple[Array, Array]:
+            w64, q64 = jnp.linalg.eigh(a.astype(jnp.float64))
+            return w64.astype(a.dtype), q64.astype(a.dtype)
+
+        return jax.lax.cond(jnp.all(jnp.isfinite(w)), lambda _: (w, q), retry, None)

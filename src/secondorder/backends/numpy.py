@@ -1,0 +1,111 @@
+"""NumPy backend: arrays on the host, automatic differentiation by HIPS ``autograd``.
+
+Autograd traces calls made through ``autograd.numpy``, so the namespace ``xp`` of this backend is
+:mod:`secondorder.backends._autograd_namespace`, an array-API view of ``autograd.numpy``. Code
+that gets its namespace from :func:`secondorder.backends.namespace` is therefore differentiable
+here exactly as on torch and jax. Parameter trees are passed to autograd as a tuple of leaves and
+rebuilt inside the traced function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._pytree import LEAF, TreeDef, flatten, unflatten
+from ._base import Array, Backend, Tree
+
+
+def _traced(f: Callable, treedef: TreeDef, out: dict) -> Callable:
+    """``f`` as a function of a tuple of leaves, returning one array or an autograd tuple."""
+    from autograd.builtins import tuple as ag_tuple
+
+    def g(leaves: Any) -> Any:
+        y = f(unflatten(treedef, [leaves[i] for i in range(treedef.num_leaves)]))
+        y_leaves, out["treedef"] = flatten(y)
+        return y_leaves[0] if out["treedef"] is LEAF else ag_tuple(y_leaves)
+
+    return g
+
+
+def _pack(tree: Tree) -> Any:
+    leaves, treedef = flatten(tree)
+    return leaves[0] if treedef is LEAF else tuple(leaves)
+
+
+def _unpack(treedef: TreeDef, value: Any) -> Tree:
+    return value if treedef is LEAF else unflatten(treedef, list(value))
+
+
+class NumpyBackend(Backend):
+    name: ClassVar[str] = "numpy"
+    framework: ClassVar[str] = "numpy"
+    autodiff_note: ClassVar[str] = "HIPS autograd (forward mode by make_jvp)"
+
+    @property
+    def xp(self) -> Any:
+        from ._autograd_namespace import namespace
+
+        return namespace
+
+    def is_array(self, x: Any) -> bool:
+        if isinstance(x, np.ndarray | np.generic):
+            return True
+        return type(x).__module__.startswith("autograd")
+
+    def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Array:
+        if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
+            x = np.from_dlpack(x) if type(x).__module__.startswith("numpy") else x
+        return np.asarray(x, dtype=None if dtype is None else self.dtype(dtype))
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.asarray(getattr(x, "_value", x))
+
+    # -- autodiff: a tree becomes a tuple of leaves for autograd ----------------------------
+    def _start(self, x: Tree) -> tuple[list, TreeDef]:
+        leaves, treedef = flatten(x)
+        return leaves, treedef
+
+    def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+        from autograd import make_vjp
+
+        leaves, treedef = self._start(x)
+        out: dict = {}
+        vjp_fn, y = make_vjp(_traced(f, treedef, out))(tuple(leaves))
+        out_def = out["treedef"]
+
+        def pullback(u: Tree) -> Tree:
+            return unflatten(treedef, list(vjp_fn(_pack(u))))
+
+        return _unpack(out_def, y), pullback
+
+    def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+        from autograd import make_jvp
+
+        leaves, treedef = self._start(x)
+        v_leaves, v_def = flatten(v)
+        if v_def != treedef:
+            from ..errors import StructureError
+
+            raise StructureError(f"tangent structure {v_def!r} does not match {treedef!r}")
+        out: dict = {}
+        y, dy = make_jvp(_traced(f, treedef, out))(tuple(leaves))(tuple(v_leaves))
+        out_def = out["treedef"]
+        return _unpack(out_def, y), _unpack(out_def, dy)
+
+    def hvp(self, f: Callable, x: Tree, v: Tree) -> Tree:
+        try:
+            return super().hvp(f, x, v)
+        except NotImplementedError:
+            # a primitive without a forward rule: reverse over reverse, d/dx <grad f(x), v>
+            from ..tree import vdot
+
+            return self.grad(lambda z: vdot(self.grad(f, z), v), x)
+
+    # -- linear algebra ------------------------------------------------------------------
+    def einsum(self, subscripts: str, *operands: Array) -> Array:
+        import autograd.numpy as anp
+
+        return anp.einsum(subscripts, *operands)

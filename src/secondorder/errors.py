@@ -1,0 +1,67 @@
+"""Named exceptions raised by ``secondorder``.
+
+Every error a user can cause has its own class, and every message says what to do about it.
+All of them derive from :class:`SecondOrderError`, so ``except SecondOrderError`` catches any of
+them; each also derives from the closest built-in exception (``ValueError``, ``TypeError``, ...)
+so that generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AutodiffUnavailableError",
+    "BackendNotFoundError",
+    "BackendUnavailableError",
+    "DeviceMismatchError",
+    "DTypeError",
+    "MixedBackendError",
+    "NonFiniteError",
+    "NotPositiveDefiniteError",
+    "SecondOrderError",
+    "ShapeError",
+    "StructureError",
+]
+
+
+class SecondOrderError(Exception):
+    """Base class of every exception raised by ``secondorder``."""
+
+
+class BackendNotFoundError(SecondOrderError, ValueError):
+    """A backend name that ``secondorder`` does not know."""
+
+
+class BackendUnavailableError(SecondOrderError, ImportError):
+    """A known backend whose framework is not installed (or has no usable device)."""
+
+
+class MixedBackendError(SecondOrderError, TypeError):
+    """Arrays of two different frameworks were passed to one call."""
+
+
+class DeviceMismatchError(SecondOrderError, ValueError):
+    """Arrays on two different devices were passed to one call."""
+
+
+class AutodiffUnavailableError(SecondOrderError, NotImplementedError):
+    """The backend has no automatic differentiation (e.g. ``array_api_strict``)."""
+
+
+class ShapeError(SecondOrderError, ValueError):
+    """An array has a shape that does not fit the operation."""
+
+
+class StructureError(SecondOrderError, ValueError):
+    """A parameter tree whose nesting or leaf shapes do not match what was expected."""
+
+
+class DTypeError(SecondOrderError, TypeError):
+    """An unsupported or inconsistent floating-point dtype."""
+
+
+class NonFiniteError(SecondOrderError, FloatingPointError):
+    """A loss, gradient or direction that is NaN or infinite."""
+
+
+class NotPositiveDefiniteError(SecondOrderError, ValueError):
+    """A matrix that must be positive definite is not (a factorisation failed)."""
