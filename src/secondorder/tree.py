@@ -1,0 +1,189 @@
+"""Parameter trees as vectors.
+
+Networks keep their parameters in tuples, lists and dicts of arrays. The functions here treat such
+a tree as one vector in R^p, p the total number of entries, so that solvers and optimisers can add,
+scale and take inner products of parameters without knowing how they are nested. Everything is
+plain Python over the leaves plus array-API calls, so it works on every backend and inside
+``jax.jit``, ``jax.grad`` and ``torch.func`` transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._pytree import LEAF, TreeDef, flatten, tree_map, unflatten
+from .backends import backend_of, namespace
+from .errors import StructureError
+
+__all__ = [
+    "LEAF",
+    "TreeDef",
+    "add",
+    "axpy",
+    "combine",
+    "flatten",
+    "leaves",
+    "map",
+    "neg",
+    "norm",
+    "ones_like",
+    "partition",
+    "ravel",
+    "scale",
+    "size",
+    "structure",
+    "sub",
+    "unflatten",
+    "unravel",
+    "vdot",
+    "zeros_like",
+]
+
+Tree = Any
+
+map = tree_map  # noqa: A001 - tree.map is the natural name inside this namespace
+
+
+def leaves(tree: Tree) -> list[Any]:
+    """The arrays of ``tree`` in canonical order (dict keys sorted)."""
+    return flatten(tree)[0]
+
+
+def structure(tree: Tree) -> TreeDef:
+    """The nesting of ``tree`` without its arrays."""
+    return flatten(tree)[1]
+
+
+def size(tree: Tree) -> int:
+    """Total number of entries p of all leaves."""
+    return sum(math.prod(leaf.shape) for leaf in leaves(tree))
+
+
+def add(x: Tree, y: Tree) -> Tree:
+    """x + y."""
+    return tree_map(lambda a, b: a + b, x, y)
+
+
+def sub(x: Tree, y: Tree) -> Tree:
+    """x - y."""
+    return tree_map(lambda a, b: a - b, x, y)
+
+
+def neg(x: Tree) -> Tree:
+    """-x."""
+    return tree_map(lambda a: -a, x)
+
+
+def scale(alpha: Any, x: Tree) -> Tree:
+    """alpha x, for a Python or 0-d array scalar alpha."""
+    return tree_map(lambda a: alpha * a, x)
+
+
+def axpy(alpha: Any, x: Tree, y: Tree) -> Tree:
+    """alpha x + y (the BLAS name)."""
+    return tree_map(lambda a, b: alpha * a + b, x, y)
+
+
+def vdot(x: Tree, y: Tree) -> Any:
+    """Inner product sum_i <x_i, y_i> over matching leaves, as a 0-d array."""
+    x_leaves, x_def = flatten(x)
+    y_leaves, y_def = flatten(y)
+    if x_def != y_def:
+        raise StructureError(f"vdot of trees with different structures: {x_def!r} and {y_def!r}")
+    xp = namespace(x_leaves[0])
+    total = None
+    for a, b in zip(x_leaves, y_leaves):
+        if a.shape != b.shape:
+            raise StructureError(f"vdot of leaves with shapes {a.shape} and {b.shape}")
+        term = xp.sum(a * b)
+        total = term if total is None else total + term
+    return total
+
+
+def norm(x: Tree) -> Any:
+    """Euclidean norm sqrt(<x, x>) of the whole tree."""
+    xp = namespace(leaves(x)[0])
+    return xp.sqrt(vdot(x, x))
+
+
+def zeros_like(x: Tree) -> Tree:
+    """A tree of zeros with the shapes, dtypes and devices of ``x``."""
+    return tree_map(lambda a: namespace(a).zeros_like(a), x)
+
+
+def ones_like(x: Tree) -> Tree:
+    """A tree of ones with the shapes, dtypes and devices of ``x``."""
+    return tree_map(lambda a: namespace(a).ones_like(a), x)
+
+
+def ravel(x: Tree) -> tuple[Any, Callable[[Any], Tree]]:
+    """``(flat, unravel)``: all leaves concatenated into one vector, and the inverse map.
+
+    ``unravel(flat)`` splits a vector of length ``size(x)`` back into a tree shaped like ``x``.
+    """
+    x_leaves, treedef = flatten(x)
+    xp = backend_of(*x_leaves).xp
+    flat = xp.concat([xp.reshape(a, (-1,)) for a in x_leaves]) if x_leaves else None
+    shapes = [tuple(a.shape) for a in x_leaves]
+    return flat, _unraveler(treedef, shapes)
+
+
+def _unraveler(treedef: TreeDef, shapes: Sequence[tuple[int, ...]]) -> Callable[[Any], Tree]:
+    sizes = [math.prod(s) for s in shapes]
+    total = sum(sizes)
+
+    def unravel_fn(flat: Any) -> Tree:
+        if tuple(flat.shape) != (total,):
+            raise StructureError(
+                f"unravel expects a vector of length {total}, got shape {tuple(flat.shape)}"
+            )
+        xp = namespace(flat)
+        out, start = [], 0
+        for shape, n in zip(shapes, sizes):
+            out.append(xp.reshape(flat[start : start + n], shape))
+            start += n
+        return unflatten(treedef, out)
+
+    return unravel_fn
+
+
+def unravel(flat: Any, like: Tree) -> Tree:
+    """Split the vector ``flat`` into a tree shaped like ``like``."""
+    x_leaves, treedef = flatten(like)
+    return _unraveler(treedef, [tuple(a.shape) for a in x_leaves])(flat)
+
+
+def partition(x: Tree, groups: Sequence[Sequence[int]]) -> list[tuple[Any, ...]]:
+    """Split the leaves of ``x`` into groups: ``groups[g]`` lists leaf indices (canonical order).
+
+    Every leaf must appear in exactly one group. Returns one tuple of leaves per group; use
+    :func:`combine` to put (possibly transformed) groups back into a tree like ``x``.
+    """
+    x_leaves, _ = flatten(x)
+    _check_groups(groups, len(x_leaves))
+    return [tuple(x_leaves[i] for i in group) for group in groups]
+
+
+def combine(parts: Sequence[Sequence[Any]], groups: Sequence[Sequence[int]], like: Tree) -> Tree:
+    """Inverse of :func:`partition`: put the groups of leaves back into a tree like ``like``."""
+    _, treedef = flatten(like)
+    _check_groups(groups, treedef.num_leaves)
+    out: list[Any] = [None] * treedef.num_leaves
+    for part, group in zip(parts, groups):
+        part = tuple(part)
+        if len(part) != len(group):
+            raise StructureError(f"group {list(group)} needs {len(group)} leaves, got {len(part)}")
+        for i, leaf in zip(group, part):
+            out[i] = leaf
+    return unflatten(treedef, out)
+
+
+def _check_groups(groups: Sequence[Sequence[int]], n: int) -> None:
+    seen = sorted(i for g in groups for i in g)
+    if seen != list(range(n)):
+        raise StructureError(
+            f"groups {[list(g) for g in groups]} must list every leaf index 0..{n - 1} "
+            "exactly once"
+        )
