@@ -1,0 +1,98 @@
+"""Diagonal operators: ``Diagonal`` (entries given as a tree), ``ScaledIdentity`` (c I) and
+``Identity``. Inverses and powers are entrywise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._pytree import tree_map
+from .operator import LinearOperator, Tree, placement
+from .structure import Structure
+
+
+class Diagonal(LinearOperator):
+    """diag(d) with ``d`` a tree (or array): (diag(d) v)_i = d_i v_i leaf by leaf."""
+
+    def __init__(self, d: Tree):
+        backend, device = placement(d)
+        s = Structure.of(d)
+        super().__init__(s, s, backend, device)
+        self.d = d
+
+    def _matvec(self, v: Tree) -> Tree:
+        return tree_map(lambda a, b: a * b, self.d, v)
+
+    _rmatvec = _matvec
+
+    def transpose(self) -> LinearOperator:
+        return self
+
+    def matmat(self, mat: Any) -> Any:
+        return self.in_structure.ravel(self.d, self.xp)[:, None] * mat
+
+    def to_dense(self) -> Any:
+        xp = self.xp
+        flat = self.in_structure.ravel(self.d, xp)
+        n = flat.shape[0]
+        return xp.eye(n, dtype=flat.dtype, device=self.device) * flat[None, :]
+
+    def diagonal(self) -> Tree:
+        return self.d
+
+    def inv(self) -> LinearOperator:
+        return Diagonal(tree_map(lambda a: 1.0 / a, self.d))
+
+    def power(self, p: float) -> LinearOperator:
+        """diag(d)^p entrywise (d >= 0 for fractional p)."""
+        return Diagonal(tree_map(lambda a: a**p, self.d))
+
+
+class ScaledIdentity(LinearOperator):
+    """c I on the space of ``like`` (a tree or array giving the structure), c a scalar."""
+
+    def __init__(self, scale: Any, like: Tree):
+        backend, device = placement(like)
+        s = Structure.of(like)
+        super().__init__(s, s, backend, device)
+        self.scale = scale
+        self.like = like
+
+    def _matvec(self, v: Tree) -> Tree:
+        return tree_map(lambda a: self.scale * a, v)
+
+    _rmatvec = _matvec
+
+    def transpose(self) -> LinearOperator:
+        return self
+
+    def matmat(self, mat: Any) -> Any:
+        return self.scale * mat
+
+    def to_dense(self) -> Any:
+        n = self.in_structure.size
+        return self.scale * self.xp.eye(n, dtype=self.dtype, device=self.device)
+
+    def diagonal(self) -> Tree:
+        return tree_map(lambda a: self.scale * self.xp.ones_like(a), self.like)
+
+    def inv(self) -> LinearOperator:
+        return ScaledIdentity(1.0 / self.scale, self.like)
+
+    def power(self, p: float) -> LinearOperator:
+        return ScaledIdentity(self.scale**p, self.like)
+
+
+class Identity(ScaledIdentity):
+    """I on the space of ``like``."""
+
+    def __init__(self, like: Tree):
+        super().__init__(1.0, like)
+
+    def _matvec(self, v: Tree) -> Tree:
+        return v
+
+    _rmatvec = _matvec
+
+    def inv(self) -> LinearOperator:
+        return self
+
