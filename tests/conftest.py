@@ -1,0 +1,71 @@
+"""Test configuration: the ``backend`` fixture over every installed backend.
+
+``pytest --backend torch`` (repeatable) restricts the run to the named backends; backends that are
+not installed are skipped with the reason, and CuPy only runs where a CUDA device is present.
+JAX runs in float64 (x64 mode) so that every backend can be held to the float64 tolerances.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from secondorder import backends
+
+ALL = backends.names()
+_MODULE = {"numpy": "autograd"}  # the package each backend needs beyond its own name
+
+if importlib.util.find_spec("jax") is not None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend",
+        action="append",
+        default=[],
+        choices=ALL,
+        help="run backend-parametrised tests only for this backend (repeatable)",
+    )
+
+
+def _skip_reason(name: str, config: pytest.Config) -> str | None:
+    chosen = config.getoption("--backend")
+    if chosen and name not in chosen:
+        return f"--backend {' '.join(chosen)} excludes {name}"
+    if importlib.util.find_spec(_MODULE.get(name, name)) is None:
+        return f"{name} is not installed (pip install -r backends/{name}.txt)"
+    if name == "cupy":
+        import cupy
+
+        if not cupy.cuda.is_available():
+            return "cupy needs a CUDA device"
+    return None
+
+
+@pytest.fixture(params=ALL)
+def backend(request: pytest.FixtureRequest) -> backends.Backend:
+    """Every installed backend in turn."""
+    reason = _skip_reason(request.param, request.config)
+    if reason:
+        pytest.skip(reason)
+    return backends.get(request.param)
+
+
+@pytest.fixture(params=[n for n in ALL if n != "array_api_strict"])
+def ad_backend(request: pytest.FixtureRequest) -> backends.Backend:
+    """Every installed backend with automatic differentiation."""
+    reason = _skip_reason(request.param, request.config)
+    if reason:
+        pytest.skip(reason)
+    return backends.get(request.param)
+
+
+@pytest.fixture
+def rng():
+    import numpy as np
+
+    return np.random.default_rng(20261125)

@@ -1,0 +1,53 @@
+"""Shared test helpers: NumPy float64 oracles and conversions to and from a backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from secondorder import tree
+from secondorder.backends import Backend
+
+#: float64 agreement demanded between any backend and the NumPy oracle (relative, norm-wise)
+RTOL64 = 1e-12
+
+
+def to(backend: Backend, x: Any) -> Any:
+    """A tree of NumPy arrays converted leaf by leaf to ``backend`` (float64 kept)."""
+    return tree.map(lambda a: backend.asarray(np.asarray(a, dtype=np.float64)), x)
+
+
+def back(backend: Backend, x: Any) -> Any:
+    """A backend tree converted back to NumPy."""
+    return tree.map(lambda a: np.asarray(backend.to_numpy(a), dtype=np.float64), x)
+
+
+def assert_close(actual: Any, expected: Any, rtol: float = RTOL64, backend: Backend | None = None
+                 ) -> None:
+    """Norm-wise relative agreement ||a - e|| <= rtol ||e|| (absolute when e = 0), leaf by leaf."""
+    if backend is not None:
+        actual = back(backend, actual)
+    a_leaves, e_leaves = tree.leaves(actual), tree.leaves(expected)
+    assert len(a_leaves) == len(e_leaves), "different number of leaves"
+    for a, e in zip(a_leaves, e_leaves):
+        a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
+        assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+        err = np.linalg.norm(a - e)
+        scale = np.linalg.norm(e)
+        bound = rtol * scale if scale > 0 else rtol
+        assert err <= bound, f"error {err:.3e} > {bound:.3e} (norm of expected: {scale:.3e})"
+
+
+def spd(rng: np.random.Generator, n: int, cond: float = 10.0) -> np.ndarray:
+    """A random symmetric positive definite matrix with condition number ``cond``."""
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.geomspace(1.0, cond, n)
+    return (q * w) @ q.T
+
+
+def dense_kron(*factors: np.ndarray) -> np.ndarray:
+    out = factors[0]
+    for f in factors[1:]:
+        out = np.kron(out, f)
+    return out
