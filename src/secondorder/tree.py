@@ -63,11 +63,13 @@ def size(tree: Tree) -> int:
 
 def add(x: Tree, y: Tree) -> Tree:
     """x + y."""
+    backend_of(x, y)  # named errors for mixed frameworks or devices
     return tree_map(lambda a, b: a + b, x, y)
 
 
 def sub(x: Tree, y: Tree) -> Tree:
     """x - y."""
+    backend_of(x, y)
     return tree_map(lambda a, b: a - b, x, y)
 
 
@@ -83,6 +85,7 @@ def scale(alpha: Any, x: Tree) -> Tree:
 
 def axpy(alpha: Any, x: Tree, y: Tree) -> Tree:
     """alpha x + y (the BLAS name)."""
+    backend_of(x, y)
     return tree_map(lambda a, b: alpha * a + b, x, y)
 
 
@@ -92,7 +95,7 @@ def vdot(x: Tree, y: Tree) -> Any:
     y_leaves, y_def = flatten(y)
     if x_def != y_def:
         raise StructureError(f"vdot of trees with different structures: {x_def!r} and {y_def!r}")
-    xp = namespace(x_leaves[0])
+    xp = backend_of(x_leaves, y_leaves).xp
     total = None
     for a, b in zip(x_leaves, y_leaves):
         if a.shape != b.shape:

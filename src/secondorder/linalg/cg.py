@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from .._pytree import tree_map
 from ..backends import backend_of
-from ..errors import ShapeError
+from ..errors import MixedBackendError, ShapeError
 from ..tree import axpy, vdot
 from .operator import LinearOperator
 from .structure import Structure
@@ -79,7 +79,8 @@ def cg(
     """Solve A x = b by (preconditioned, projected) conjugate gradients.
 
     Returns ``(x, info)``; see :class:`CGInfo`. ``x0`` must be feasible (P x0 = x0) when a
-    projector is given; the default is 0.
+    projector is given; the default is 0. ``maxiter`` defaults to 10 n (rounding makes exact
+    arithmetic's n iterations too few on ill-conditioned systems).
     """
     backend = backend_of(b, x0)
     xp = backend.xp
@@ -87,11 +88,16 @@ def cg(
     if isinstance(op, LinearOperator):
         if not op.is_square:
             raise ShapeError(f"cg needs a square operator, got {op!r}")
+        if op.backend.name != backend.name:
+            raise MixedBackendError(
+                f"the operator holds {op.backend.name} arrays but b is a {backend.name} array; "
+                "build the operator and the right-hand side in one framework"
+            )
         op.in_structure.check(b, "right-hand side b")
     if x0 is not None:
         b_struct.check(x0, "initial guess x0")
     if maxiter is None:
-        maxiter = b_struct.size
+        maxiter = 10 * b_struct.size
     maxiter = int(maxiter)
     matvec = _as_function(op)
     precond = _as_function(M)
