@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import assert_close, back, spd, to
 
 import secondorder
+from helpers import assert_close, back, spd, to
 from secondorder import backends, tree
 from secondorder.errors import (
     AutodiffUnavailableError,

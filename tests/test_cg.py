@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_close, back, dense_kron, spd, to
 
+from helpers import assert_close, back, dense_kron, spd, to
 from secondorder import tree
 from secondorder.errors import MixedBackendError, ShapeError
 from secondorder.linalg import Dense, Diagonal, FunctionOperator, Kronecker, cg

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_close, dense_kron, spd
 
+from helpers import assert_close, dense_kron, spd
 from secondorder.linalg import Kronecker, LowRank, ScaledIdentity, cg, inverse_root
 
 jax = pytest.importorskip("jax")

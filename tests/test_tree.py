@@ -6,9 +6,9 @@ from collections import namedtuple
 
 import numpy as np
 import pytest
-from helpers import assert_close, back, to
 
 import secondorder
+from helpers import assert_close, back, to
 from secondorder import tree
 from secondorder.errors import StructureError
 
