@@ -250,9 +250,9 @@ def available(*, probe: bool = True) -> list[BackendInfo]:
                 jit=b.has_jit,
                 cpu=b.supports_cpu,
                 gpu=b.supports_gpu and any(not d.startswith("cpu") for d in b.devices()),
-                float64=b.supports_float64(),
+                float64=True,  # jax: once x64 mode is on (see the note)
                 devices=b.devices(),
-                note=b.autodiff_note,
+                note=b.note,
             )
         )
     return infos

@@ -39,7 +39,7 @@ class Backend:
     has_jit: ClassVar[bool] = False
     supports_cpu: ClassVar[bool] = True
     supports_gpu: ClassVar[bool] = False
-    autodiff_note: ClassVar[str] = ""
+    note: ClassVar[str] = ""
 
     def __repr__(self) -> str:
         return f"<secondorder backend {self.name!r}>"

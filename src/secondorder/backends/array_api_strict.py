@@ -20,7 +20,7 @@ class ArrayApiStrictBackend(Backend):
     name: ClassVar[str] = "array_api_strict"
     framework: ClassVar[str] = "array_api_strict"
     has_autodiff: ClassVar[bool] = False
-    autodiff_note: ClassVar[str] = "none (raises AutodiffUnavailableError)"
+    note: ClassVar[str] = "none (raises AutodiffUnavailableError)"
 
     @property
     def xp(self) -> Any:

@@ -40,7 +40,7 @@ class CupyBackend(Backend):
     framework: ClassVar[str] = "cupy"
     supports_cpu: ClassVar[bool] = False
     supports_gpu: ClassVar[bool] = True
-    autodiff_note: ClassVar[str] = "torch.func on the same device, arrays handed over by DLPack"
+    note: ClassVar[str] = "torch.func on the same device, arrays handed over by DLPack"
 
     def __init__(self) -> None:
         if not cupy.cuda.is_available():

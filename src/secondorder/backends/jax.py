@@ -27,7 +27,7 @@ class JaxBackend(Backend):
     framework: ClassVar[str] = "jax"
     has_jit: ClassVar[bool] = True
     supports_gpu: ClassVar[bool] = True
-    autodiff_note: ClassVar[str] = "jax (jvp, vjp, linearize; hvp forward over reverse)"
+    note: ClassVar[str] = "native autodiff; float64 needs jax_enable_x64"
 
     @property
     def xp(self) -> Any:

@@ -42,7 +42,7 @@ def _unpack(treedef: TreeDef, value: Any) -> Tree:
 class NumpyBackend(Backend):
     name: ClassVar[str] = "numpy"
     framework: ClassVar[str] = "numpy"
-    autodiff_note: ClassVar[str] = "HIPS autograd (forward mode by make_jvp)"
+    note: ClassVar[str] = "HIPS autograd (forward mode by make_jvp)"
 
     @property
     def xp(self) -> Any:

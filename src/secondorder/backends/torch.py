@@ -23,7 +23,7 @@ class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     framework: ClassVar[str] = "torch"
     supports_gpu: ClassVar[bool] = True
-    autodiff_note: ClassVar[str] = "torch.func (jvp, vjp, linearize; hvp forward over reverse)"
+    note: ClassVar[str] = "torch.func (jvp, vjp, linearize; hvp forward over reverse)"
 
     @property
     def xp(self) -> Any:

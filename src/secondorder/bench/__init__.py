@@ -1,0 +1,1 @@
+"""Runners behind the command line: cross-backend checks and reports."""

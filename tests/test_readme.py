@@ -1,0 +1,28 @@
+"""The README's Python example runs as written and its two solves agree."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[0], "README.md", "exec"), {})
+    reason, iterations, gap = out.getvalue().split()
+    assert reason == "converged" and 1 <= int(iterations) <= 120
+    assert float(gap) < 1e-8
+
+
+def test_readme_commands_are_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    commands = re.findall(r"```\n(python3 .*?)\n```", README.read_text())
+    assert len(commands) == 2
+    assert commands[1] in ci
