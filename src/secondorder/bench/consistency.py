@@ -104,10 +104,10 @@ def run_check(names: list[str] | None = None, *, repeats: int = 5, seed: int = 0
         device = str(backend.device(a))
         lam = problem["damping"]
 
-        def kron_solve(a=a, g=g, b=b) -> Any:
+        def kron_solve(a=a, g=g, b=b, lam=lam) -> Any:
             return Kronecker(a, g).damped_inverse(lam, method="exact").matvec(b)
 
-        def cg_solve(a=a, g=g, b=b) -> Any:
+        def cg_solve(a=a, g=g, b=b, lam=lam) -> Any:
             return cg(Kronecker(a, g) + ScaledIdentity(lam, b), b, tol=1e-12)
 
         for task, fn in (("kron-solve", kron_solve), ("cg", cg_solve)):
