@@ -7,6 +7,7 @@ from typing import Any
 
 from .._pytree import flatten, unflatten
 from ..errors import ShapeError, StructureError
+from .composite import same_backend
 from .operator import LinearOperator, Tree
 from .structure import Structure
 
@@ -28,6 +29,7 @@ class BlockDiagonal(LinearOperator):
             raise ValueError("BlockDiagonal needs at least one block")
         self.blocks = blocks
         self.groups = None if groups is None else tuple(tuple(g) for g in groups)
+        same_backend(blocks)
         first = blocks[0]
         if self.groups is None:
             in_s = _tuple_structure([b.in_structure for b in blocks])

@@ -6,8 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from .._pytree import tree_map
-from ..errors import ShapeError
+from ..errors import MixedBackendError, ShapeError
 from .operator import LinearOperator, Tree
+
+
+def same_backend(operators: tuple[LinearOperator, ...] | list[LinearOperator]) -> None:
+    """Raise :class:`MixedBackendError` unless all operators hold arrays of one framework."""
+    names = {op.backend.name for op in operators}
+    if len(names) > 1:
+        raise MixedBackendError(
+            f"cannot combine operators of different frameworks ({', '.join(sorted(names))}); "
+            "build them from arrays of one framework"
+        )
 
 
 def _add_trees(trees: list[Tree]) -> Tree:
@@ -26,6 +36,7 @@ class Sum(LinearOperator):
         flat: list[LinearOperator] = []
         for op in operators:
             flat.extend(op.operators if isinstance(op, Sum) else [op])
+        same_backend(flat)
         first = flat[0]
         for op in flat[1:]:
             if op.in_structure != first.in_structure or op.out_structure != first.out_structure:
@@ -65,6 +76,7 @@ class Product(LinearOperator):
         flat: list[LinearOperator] = []
         for op in operators:
             flat.extend(op.operators if isinstance(op, Product) else [op])
+        same_backend(flat)
         for left, right in zip(flat[:-1], flat[1:]):
             if left.in_structure != right.out_structure:
                 raise ShapeError(

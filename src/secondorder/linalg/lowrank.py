@@ -40,6 +40,13 @@ class LowRank(LinearOperator):
             structure = base.in_structure if base is not None else Structure.array((n,), u.dtype)
         if structure.size != n:
             raise ShapeError(f"U has {n} rows but the space has dimension {structure.size}")
+        if base is not None and base.backend.name != backend.name:
+            from ..errors import MixedBackendError
+
+            raise MixedBackendError(
+                f"U is a {backend.name} array but the base operator holds {base.backend.name} "
+                "arrays; build both in one framework"
+            )
         if base is not None and (base.in_structure != structure or not base.is_square):
             raise ShapeError("the base operator must be square on the same space as U")
         super().__init__(structure, structure, backend, device)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backends import Backend
-from ..errors import ShapeError
+from ..errors import DeviceMismatchError, MixedBackendError, ShapeError
 from .structure import Structure
 
 Tree = Any
@@ -70,13 +70,31 @@ class LinearOperator:
     # ---------------------------------------------------------------- products
     def matvec(self, v: Tree) -> Tree:
         """A v."""
-        self.in_structure.check(v, "matvec argument")
+        self._check_placement(self.in_structure.check(v, "matvec argument"), "matvec argument")
         return self._matvec(v)
 
     def rmatvec(self, u: Tree) -> Tree:
         """A^T u (the adjoint; operators are real)."""
-        self.out_structure.check(u, "rmatvec argument")
+        self._check_placement(self.out_structure.check(u, "rmatvec argument"), "rmatvec argument")
         return self._rmatvec(u)
+
+    def _check_placement(self, leaves: list[Any], what: str) -> None:
+        """Named errors for a vector of another framework or on another device."""
+        from ..backends import backend_of
+
+        got = backend_of(leaves)
+        if got.name != self.backend.name:
+            raise MixedBackendError(
+                f"{what} is a {got.name} array but the operator holds {self.backend.name} "
+                f"arrays; convert it with secondorder.backends.get({self.backend.name!r})"
+                ".asarray(x)"
+            )
+        if self.device is not None:
+            dev = got.device(leaves[0])
+            if dev is not None and dev != self.device:
+                raise DeviceMismatchError(
+                    f"{what} is on {dev} but the operator lives on {self.device}; move one of them"
+                )
 
     def _matvec(self, v: Tree) -> Tree:
         raise NotImplementedError(f"{type(self).__name__} must implement _matvec")
