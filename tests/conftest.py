@@ -14,7 +14,6 @@ import pytest
 from secondorder import backends
 
 ALL = backends.names()
-_MODULE = {"numpy": "autograd"}  # the package each backend needs beyond its own name
 
 if importlib.util.find_spec("jax") is not None:
     import jax
@@ -36,7 +35,7 @@ def _skip_reason(name: str, config: pytest.Config) -> str | None:
     chosen = config.getoption("--backend")
     if chosen and name not in chosen:
         return f"--backend {' '.join(chosen)} excludes {name}"
-    if importlib.util.find_spec(_MODULE.get(name, name)) is None:
+    if importlib.util.find_spec(name) is None:
         return f"{name} is not installed (pip install -r backends/{name}.txt)"
     if name == "cupy":
         import cupy
@@ -61,7 +60,10 @@ def ad_backend(request: pytest.FixtureRequest) -> backends.Backend:
     reason = _skip_reason(request.param, request.config)
     if reason:
         pytest.skip(reason)
-    return backends.get(request.param)
+    found = backends.get(request.param)
+    if not found.has_autodiff:
+        pytest.skip(f"{request.param}: {found.note}")
+    return found
 
 
 @pytest.fixture

@@ -223,7 +223,7 @@ def available(*, probe: bool = True) -> list[BackendInfo]:
     """
     infos = []
     for name, (framework, _, _) in _REGISTRY.items():
-        pkg = "autograd" if name == "numpy" else framework
+        pkg = framework  # numpy without autograd still does linear algebra
         installed = importlib.util.find_spec(pkg) is not None
         if not installed:
             infos.append(

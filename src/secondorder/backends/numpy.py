@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._pytree import LEAF, TreeDef, flatten, unflatten
+from ..errors import AutodiffUnavailableError
 from ._base import Array, Backend, Tree
 
 
@@ -44,11 +45,26 @@ class NumpyBackend(Backend):
     framework: ClassVar[str] = "numpy"
     note: ClassVar[str] = "HIPS autograd (forward mode by make_jvp)"
 
+    def __init__(self) -> None:
+        try:
+            from ._autograd_namespace import namespace
+        except ImportError:  # plain NumPy: linear algebra works, differentiation does not
+            import array_api_compat.numpy as namespace
+
+            self.has_autodiff = False
+            self.note = "no autodiff: pip install autograd (backends/numpy.txt)"
+        self._xp = namespace
+
     @property
     def xp(self) -> Any:
-        from ._autograd_namespace import namespace
+        return self._xp
 
-        return namespace
+    def _require_autograd(self, what: str) -> None:
+        if not self.has_autodiff:
+            raise AutodiffUnavailableError(
+                f"{what}() on the numpy backend needs the autograd package: "
+                "pip install -r backends/numpy.txt"
+            )
 
     def is_array(self, x: Any) -> bool:
         if isinstance(x, np.ndarray | np.generic):
@@ -69,6 +85,7 @@ class NumpyBackend(Backend):
         return leaves, treedef
 
     def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+        self._require_autograd("vjp")
         from autograd import make_vjp
 
         leaves, treedef = self._start(x)
@@ -82,6 +99,7 @@ class NumpyBackend(Backend):
         return _unpack(out_def, y), pullback
 
     def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+        self._require_autograd("jvp")
         from autograd import make_jvp
 
         leaves, treedef = self._start(x)
@@ -106,6 +124,4 @@ class NumpyBackend(Backend):
 
     # -- linear algebra ------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:
-        import autograd.numpy as anp
-
-        return anp.einsum(subscripts, *operands)
+        return self.xp.einsum(subscripts, *operands)
