@@ -14,6 +14,7 @@ __all__ = [
     "BackendUnavailableError",
     "DeviceMismatchError",
     "DTypeError",
+    "LabelError",
     "MixedBackendError",
     "NonFiniteError",
     "NotPositiveDefiniteError",
@@ -65,3 +66,7 @@ class NonFiniteError(SecondOrderError, FloatingPointError):
 
 class NotPositiveDefiniteError(SecondOrderError, ValueError):
     """A matrix that must be positive definite is not (a factorisation failed)."""
+
+
+class LabelError(SecondOrderError, ValueError):
+    """Targets that do not fit the loss (labels out of range, probabilities outside [0, 1])."""

@@ -102,6 +102,9 @@ _RENAMED = {
     "matrix_transpose": matrix_transpose,
     "vecdot": vecdot,
     "pow": anp.power,
+    "cumulative_sum": lambda x, /, *, axis=None, dtype=None, include_initial=False: anp.cumsum(
+        x, axis=axis
+    ),
     "linalg": linalg,
     "zeros": _drop_device(anp.zeros),
     "ones": _drop_device(anp.ones),

@@ -65,6 +65,11 @@ class Backend:
         """A NumPy copy of ``x`` (host memory)."""
         return np.asarray(x)
 
+    def is_concrete(self, x: Array) -> bool:
+        """False for an abstract value inside a transformation (a JAX tracer, a functorch
+        wrapper): its entries cannot be inspected, so value checks are skipped there."""
+        return True
+
     def device(self, x: Array) -> Any:
         """The device ``x`` lives on (``"cpu"`` for host-only frameworks)."""
         return "cpu"
@@ -119,6 +124,22 @@ class Backend:
             return self.jvp(f, x, v)[1]
 
         return y, jvp_fn
+
+    def linearize_vjp(
+        self, f: Callable, x: Tree
+    ) -> tuple[Tree, Callable[[Tree], Tree], Callable[[Tree], Tree]]:
+        """``(f(x), v -> J v, u -> J^T u)``: one linearisation for repeated products.
+
+        The default keeps the VJP's saved forward pass and runs a JVP per product, which is what
+        hand-written code does in eager frameworks; JAX overrides it with ``jax.linearize`` and
+        its transpose.
+        """
+        y, pullback = self.vjp(f, x)
+
+        def jvp_fn(v: Tree) -> Tree:
+            return self.jvp(f, x, v)[1]
+
+        return y, jvp_fn, pullback
 
     def grad(self, f: Callable, x: Tree) -> Tree:
         """Gradient of a scalar function ``f`` at ``x``."""

@@ -51,6 +51,9 @@ class JaxBackend(Backend):
             )
         return super().dtype(name)
 
+    def is_concrete(self, x: Array) -> bool:
+        return not _is_tracer(x)
+
     def supports_float64(self) -> bool:
         return bool(jax.config.jax_enable_x64)
 
@@ -80,6 +83,17 @@ class JaxBackend(Backend):
 
     def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
         return jax.linearize(f, x)
+
+    def linearize_vjp(
+        self, f: Callable, x: Tree
+    ) -> tuple[Tree, Callable[[Tree], Tree], Callable[[Tree], Tree]]:
+        y, jvp_fn = jax.linearize(f, x)
+        transpose = jax.linear_transpose(jvp_fn, x)
+
+        def pullback(u: Tree) -> Tree:
+            return transpose(u)[0]
+
+        return y, jvp_fn, pullback
 
     def value_and_grad(self, f: Callable, x: Tree) -> tuple[Array, Tree]:
         return jax.value_and_grad(f)(x)

@@ -43,6 +43,9 @@ class TorchBackend(Backend):
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.detach().cpu().numpy()
 
+    def is_concrete(self, x: Array) -> bool:
+        return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
     def device(self, x: Array) -> Any:
         return x.device
 

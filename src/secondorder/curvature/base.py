@@ -1,0 +1,78 @@
+"""Shared machinery of the curvature operators: one linearisation of the network on a batch.
+
+Every operator here is built from ``(apply, loss, params, (x, y))`` with ``apply(params, x)`` the
+network (a :class:`~secondorder.models.Model` or any function) and computes, once, the outputs
+f = apply(params, x) of shape (m, k) with the JVP v -> J v and the VJP u -> J^T u of
+params -> f. Matrix-vector products then reuse them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..backends import Backend, backend_of
+from ..errors import NonFiniteError, ShapeError
+from ..linalg import LinearOperator, Structure
+from ..linalg.operator import placement
+from ..losses import Loss
+
+Tree = Any
+Array = Any
+
+
+def check_batch(backend: Backend, x: Array, what: str = "inputs") -> None:
+    """Named error for NaN or inf in a (concrete) batch."""
+    if backend.is_concrete(x) and not bool(np.all(np.isfinite(backend.to_numpy(x)))):
+        raise NonFiniteError(f"the batch {what} contain NaN or inf; clean the data first")
+
+
+class Linearization:
+    """f(params) on a batch with its JVP and VJP, computed once and reused."""
+
+    def __init__(self, apply: Callable[[Tree, Array], Array], params: Tree, x: Array):
+        self.backend = backend_of(params, x)
+        check_batch(self.backend, x)
+        self.params, self.x = params, x
+        self.outputs, self.jvp, self.vjp = self.backend.linearize_vjp(
+            lambda p: apply(p, x), params
+        )
+        if getattr(self.outputs, "ndim", None) != 2:
+            raise ShapeError(
+                f"the network must return (batch, outputs), got shape "
+                f"{tuple(getattr(self.outputs, 'shape', ()))}; flatten its output"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.outputs.shape[0])
+
+
+class CurvatureOperator(LinearOperator):
+    """A symmetric operator on the parameter space built from a linearisation and a loss."""
+
+    def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array]):
+        x, y = batch
+        self.apply, self.loss, self.params, self.x, self.y = apply, loss, params, x, y
+        self.lin = Linearization(apply, params, x)
+        loss.check(self.lin.outputs, y)
+        structure = Structure.of(params)
+        super().__init__(structure, structure, *placement(params))
+
+    @property
+    def outputs(self) -> Array:
+        return self.lin.outputs
+
+    def _output_space_product(self, u: Array) -> Array:
+        """The (m, k) -> (m, k) middle factor M of J^T M J."""
+        raise NotImplementedError(f"{type(self).__name__} must implement the middle factor")
+
+    def _matvec(self, v: Tree) -> Tree:
+        return self.lin.vjp(self._output_space_product(self.lin.jvp(v)))
+
+    _rmatvec = _matvec
+
+    def transpose(self) -> LinearOperator:
+        return self

@@ -1,0 +1,41 @@
+"""``Hessian``: the Hessian of the mean loss with respect to the parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..backends import backend_of
+from ..linalg import LinearOperator, Structure
+from ..linalg.operator import placement
+from ..losses import Loss
+from .base import Array, Tree, check_batch
+
+
+class Hessian(LinearOperator):
+    """H v = d/dt grad L(params + t v) at t = 0, forward over reverse, L the mean loss.
+
+    The gradient map is linearised once (``linearize``) and the linearisation reused per product.
+    """
+
+    def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array]):
+        x, y = batch
+        backend = backend_of(params, x)
+        check_batch(backend, x)
+        loss.check(apply(params, x), y)
+        self.apply, self.loss, self.params, self.x, self.y = apply, loss, params, x, y
+
+        def mean_loss(p: Tree) -> Array:
+            return loss.value(apply(p, x), y)
+
+        self.gradient, self._hvp = backend.linearize(lambda p: backend.grad(mean_loss, p),
+                                                      params)
+        s = Structure.of(params)
+        super().__init__(s, s, *placement(params))
+
+    def _matvec(self, v: Tree) -> Tree:
+        return self._hvp(v)
+
+    _rmatvec = _matvec
+
+    def transpose(self) -> LinearOperator:
+        return self

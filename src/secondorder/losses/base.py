@@ -1,0 +1,107 @@
+"""The loss protocol: everything the curvature layer and the optimisers need from a loss.
+
+Conventions, stated once and used everywhere in ``secondorder``:
+
+* network outputs ``f`` have shape (m, k): m samples, k outputs each;
+* the per-sample loss is l_i = l(f_i, y_i); the **batch loss is the mean** L = (1/m) sum_i l_i;
+* ``grad``, ``hvp``, ``hessian``, ``hessian_sqrt``, ``pinv_hvp`` and ``projector`` are per-sample
+  quantities with respect to f_i (not divided by m): the gradient of L with respect to f is
+  ``grad(f, y) / m``, and the GGN of L is (1/m) sum_i J_i^T H_i J_i;
+* ``sample(f, noise)`` draws targets from the model's predictive distribution given noise drawn
+  by ``noise(shape, rng)`` with NumPy's Generator, so every backend samples the same labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backends import Backend, backend_of
+from ..errors import NonFiniteError, ShapeError
+
+Array = Any
+
+
+class Loss:
+    """Base class; subclasses implement the per-sample formulas."""
+
+    name: str = ""
+
+    # ------------------------------------------------------------------ interface
+    def per_sample(self, f: Array, y: Array) -> Array:
+        """l(f_i, y_i) for every sample, shape (m,)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement per_sample")
+
+    def value(self, f: Array, y: Array) -> Array:
+        """The batch loss (1/m) sum_i l(f_i, y_i)."""
+        xp = backend_of(f).xp
+        return xp.mean(self.per_sample(f, y))
+
+    def grad(self, f: Array, y: Array) -> Array:
+        """Per-sample gradients grad_{f_i} l(f_i, y_i), shape (m, k)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement grad")
+
+    def hvp(self, f: Array, y: Array, v: Array) -> Array:
+        """Per-sample Hessian-vector products H_i v_i, shape (m, k)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement hvp")
+
+    def hessian(self, f: Array, y: Array) -> Array:
+        """The explicit per-sample Hessians H_i, shape (m, k, k) (tests and small systems)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement hessian")
+
+    def hessian_sqrt(self, f: Array, y: Array) -> Array:
+        """Per-sample factors S_i with S_i S_i^T = H_i, shape (m, k, k)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement hessian_sqrt")
+
+    def pinv_hvp(self, f: Array, y: Array, v: Array) -> Array:
+        """Per-sample pseudo-inverse products H_i^+ v_i."""
+        raise NotImplementedError(f"{type(self).__name__} must implement pinv_hvp")
+
+    def projector(self, f: Array, y: Array, v: Array) -> Array:
+        """Per-sample projections onto range(H_i): (H_i H_i^+) v_i."""
+        raise NotImplementedError(f"{type(self).__name__} must implement projector")
+
+    def conjugate(self, a: Array, y: Array) -> Array:
+        """Convex conjugate l*(a_i) = sup_f <a_i, f> - l(f, y_i) per sample (inf off the domain)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement conjugate")
+
+    def noise(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """The NumPy noise that :meth:`sample` turns into targets for outputs of ``shape``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement noise")
+
+    def sample(self, f: Array, noise: Array) -> Array:
+        """Targets drawn from the predictive distribution p(y | f) given ``noise``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample")
+
+    # ------------------------------------------------------------------ checks
+    def check(self, f: Array, y: Array) -> None:
+        """Raise a named error for outputs and targets this loss cannot take.
+
+        Shapes are always checked; values (finiteness, label ranges) only when the arrays are
+        concrete, not inside a ``jax.jit`` trace or a ``torch.func`` transform.
+        """
+        backend = backend_of(f, y)
+        if getattr(f, "ndim", None) != 2:
+            raise ShapeError(
+                f"{self.name}: network outputs must have shape (batch, outputs), got "
+                f"{tuple(getattr(f, 'shape', ()))}; flatten or reshape the model's output"
+            )
+        self._check_targets(backend, f, y)
+        if backend.is_concrete(f) and not bool(np.all(np.isfinite(backend.to_numpy(f)))):
+            raise NonFiniteError(
+                f"{self.name}: the network outputs contain NaN or inf; check the inputs and "
+                "lower the step size"
+            )
+
+    def _check_targets(self, backend: Backend, f: Array, y: Array) -> None:
+        if tuple(y.shape) != tuple(f.shape):
+            raise ShapeError(
+                f"{self.name}: targets have shape {tuple(y.shape)}, outputs {tuple(f.shape)}; "
+                "they must match"
+            )
+        if backend.is_concrete(y) and not bool(np.all(np.isfinite(backend.to_numpy(y)))):
+            raise NonFiniteError(f"{self.name}: the targets contain NaN or inf")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -1,0 +1,132 @@
+"""Softmax cross-entropy l(f, y) = logsumexp(f) - <f, y>, for class labels or probability rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends import Backend, backend_of
+from ..errors import LabelError, ShapeError
+from .base import Array, Loss
+
+
+class SoftmaxCrossEntropy(Loss):
+    """logsumexp(f) - <f, y>, with y one-hot (from integer labels) or a probability vector.
+
+    With s = softmax(f): grad = s - y; H = diag(s) - s s^T, so H v = s * v - <v, s> s and H 1 = 0
+    (H is singular); H = S S^T with S = diag(sqrt(s)) - s sqrt(s)^T. Pseudo-inverse
+    H^+ = P D^{-1} P with D = diag(s) and P = I - (1/k) 1 1^T, which is also the projector
+    H H^+ (the prox-linear sheet's corrected Cor. 12: 1/k, not 1/n). Conjugate:
+    l*(a) = <mu, log mu> for mu = y + a in the simplex, +inf otherwise. ``sample`` draws a class
+    from s by inverting its cumulative sum at a uniform noise value.
+    """
+
+    name = "softmax_cross_entropy"
+
+    @staticmethod
+    def _softmax(f: Array) -> tuple[Array, Array]:
+        xp = backend_of(f).xp
+        shift = xp.max(f, axis=1, keepdims=True)
+        z = f - shift
+        lse = xp.log(xp.sum(xp.exp(z), axis=1, keepdims=True))
+        return xp.exp(z - lse), lse + shift
+
+    def targets(self, f: Array, y: Array) -> Array:
+        """y as rows of probabilities: integer labels become one-hot rows."""
+        if y.ndim == 2:
+            return y
+        xp = backend_of(f).xp
+        k = f.shape[1]
+        classes = xp.arange(k, device=backend_of(f).device(f))
+        return xp.astype(y[:, None] == classes[None, :], f.dtype)
+
+    def per_sample(self, f: Array, y: Array) -> Array:
+        xp = backend_of(f).xp
+        _, lse = self._softmax(f)
+        return lse[:, 0] - xp.sum(f * self.targets(f, y), axis=1)
+
+    def grad(self, f: Array, y: Array) -> Array:
+        s, _ = self._softmax(f)
+        return s - self.targets(f, y)
+
+    def hvp(self, f: Array, y: Array, v: Array) -> Array:
+        xp = backend_of(f).xp
+        s, _ = self._softmax(f)
+        return s * v - xp.sum(v * s, axis=1, keepdims=True) * s
+
+    def hessian(self, f: Array, y: Array) -> Array:
+        xp = backend_of(f).xp
+        s, _ = self._softmax(f)
+        k = f.shape[1]
+        eye = xp.eye(k, dtype=f.dtype, device=backend_of(f).device(f))
+        return eye[None, :, :] * s[:, None, :] - s[:, :, None] * s[:, None, :]
+
+    def hessian_sqrt(self, f: Array, y: Array) -> Array:
+        xp = backend_of(f).xp
+        s, _ = self._softmax(f)
+        r = xp.sqrt(s)
+        k = f.shape[1]
+        eye = xp.eye(k, dtype=f.dtype, device=backend_of(f).device(f))
+        return eye[None, :, :] * r[:, None, :] - s[:, :, None] * r[:, None, :]
+
+    @staticmethod
+    def _center(v: Array) -> Array:
+        xp = backend_of(v).xp
+        return v - xp.mean(v, axis=1, keepdims=True)
+
+    def pinv_hvp(self, f: Array, y: Array, v: Array) -> Array:
+        s, _ = self._softmax(f)
+        return self._center(self._center(v) / s)
+
+    def projector(self, f: Array, y: Array, v: Array) -> Array:
+        return self._center(v)
+
+    def conjugate(self, a: Array, y: Array) -> Array:
+        xp = backend_of(a).xp
+        mu = self.targets(a, y) + a
+        eps = 1e3 * xp.finfo(a.dtype).eps
+        inside = xp.logical_and(xp.all(mu >= -eps, axis=1),
+                                xp.abs(xp.sum(mu, axis=1) - 1.0) <= eps * a.shape[1])
+        safe = xp.where(mu > 0, mu, xp.ones_like(mu))
+        entropy = xp.sum(xp.where(mu > 0, mu * xp.log(safe), xp.zeros_like(mu)), axis=1)
+        return xp.where(inside, entropy, xp.full_like(entropy, float("inf")))
+
+    def noise(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        return rng.random(shape[0])
+
+    def sample(self, f: Array, noise: Array) -> Array:
+        """Integer class labels, shape (m,)."""
+        xp = backend_of(f).xp
+        s, _ = self._softmax(f)
+        below = xp.cumulative_sum(s, axis=1) < noise[:, None]
+        labels = xp.sum(xp.astype(below, xp.int64), axis=1)
+        return xp.clip(labels, max=f.shape[1] - 1)
+
+    def _check_targets(self, backend: Backend, f: Array, y: Array) -> None:
+        m, k = f.shape
+        if y.ndim == 2:
+            super()._check_targets(backend, f, y)
+            if backend.is_concrete(y):
+                rows = backend.to_numpy(y)
+                if np.any(rows < 0) or np.any(np.abs(rows.sum(axis=1) - 1.0) > 1e-6):
+                    raise LabelError(
+                        "softmax cross-entropy: target rows must be probability vectors "
+                        "(non-negative, summing to 1); pass integer labels or one-hot rows"
+                    )
+            return
+        if tuple(y.shape) != (m,):
+            raise ShapeError(
+                f"softmax cross-entropy: integer labels must have shape ({m},), got "
+                f"{tuple(y.shape)}"
+            )
+        if backend.is_concrete(y):
+            labels = backend.to_numpy(y)
+            if labels.dtype.kind not in "iu":
+                raise LabelError(
+                    f"softmax cross-entropy: 1-D targets must be integer class labels, got "
+                    f"dtype {labels.dtype}"
+                )
+            if labels.size and (labels.min() < 0 or labels.max() >= k):
+                raise LabelError(
+                    f"softmax cross-entropy: labels must lie in [0, {k - 1}] for {k} outputs; "
+                    f"got values from {labels.min()} to {labels.max()}"
+                )

@@ -1,0 +1,74 @@
+"""What every model in :mod:`secondorder.models` provides.
+
+A model is a pure function ``apply(params, x)`` plus the metadata the curvature layer needs:
+``layers`` (one :class:`LayerInfo` per tappable dense or convolution layer, in order) and
+``tap_shapes(x)``. ``apply(params, x, taps)`` with a list of zero arrays returns
+``(f, inputs)``: the outputs and each tapped layer's homogeneous input (see :mod:`.layers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import backends
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One tappable layer: kind ("dense" or "conv"), where its weight and bias sit in the
+    parameter tree (leaf indices in canonical order), and its input/output widths."""
+
+    kind: str
+    weight: int
+    bias: int | None
+    in_features: int
+    out_features: int
+
+
+class Model:
+    """Base class: subclasses set ``layers`` and implement ``_numpy_params``, ``apply`` and
+    ``tap_shapes``."""
+
+    layers: tuple[LayerInfo, ...] = ()
+
+    def _numpy_params(self, rng: np.random.Generator) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement _numpy_params")
+
+    def init(self, seed: int = 0, backend: str | backends.Backend | None = None,
+             dtype: str = "float64") -> Any:
+        """Initial parameters drawn with NumPy's Generator(seed) and converted to ``backend``
+        (a name, a Backend, or the current one), so every backend starts from the same weights."""
+        from .._pytree import tree_map
+
+        if backend is None:
+            backend = backends.current()
+        elif isinstance(backend, str):
+            backend = backends.get(backend)
+        params = self._numpy_params(np.random.default_rng(seed))
+        return tree_map(lambda a: backend.asarray(a, dtype=dtype), params)
+
+    def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement apply")
+
+    def __call__(self, params: Any, x: Array) -> Array:
+        return self.apply(params, x)
+
+    def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement tap_shapes")
+
+    def zero_taps(self, x: Array) -> list[Array]:
+        """Zero taps for a batch ``x``: one per layer in ``layers``."""
+        backend = backends.backend_of(x)
+        xp = backend.xp
+        dtype = x.dtype if str(x.dtype).startswith(("float", "torch.float")) else xp.float64
+        return [xp.zeros(s, dtype=dtype, device=backend.device(x)) for s in self.tap_shapes(x)]
+
+
+def lecun_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """N(0, 1/fan_in) weights (biases start at 0)."""
+    return rng.standard_normal(shape) / np.sqrt(fan_in)

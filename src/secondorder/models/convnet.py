@@ -1,0 +1,94 @@
+"""A small convolutional network: [conv -> activation -> pool] blocks, then dense layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .base import Array, LayerInfo, Model, lecun_normal
+from .layers import activation as activation_fn
+from .layers import conv2d, dense, output_size, pool2d
+
+
+class ConvNet(Model):
+    """``ConvNet(in_shape=(C, H, W), channels=(32, 64), dense=(256, 10))``.
+
+    Each conv block is a ``kernel`` x ``kernel`` convolution (stride 1, ``padding``), the
+    activation and a 2 x 2 ``pool`` ("avg" or "max"); the flattened features then go through
+    dense layers with the activation between them (none after the last). The defaults with
+    in_shape (3, 32, 32) are the prox-linear sheet's CIFAR-10 network (SiLU, average pooling).
+    Parameters: a list of ``{"w", "b"}`` dicts, conv kernels shaped (C_out, C_in, k, k).
+    """
+
+    def __init__(self, in_shape: Sequence[int], channels: Sequence[int] = (32, 64),
+                 dense: Sequence[int] = (256, 10), *, kernel: int = 3, padding: int = 1,
+                 pool: str = "avg", activation: str = "silu"):
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.channels = tuple(int(c) for c in channels)
+        self.dense_sizes = tuple(int(d) for d in dense)
+        self.kernel, self.padding, self.pool = int(kernel), int(padding), pool
+        self.activation = activation
+        self._act = activation_fn(activation)
+        c, h, w = self.in_shape
+        layers, self._conv_out = [], []
+        for i, c_out in enumerate(self.channels):
+            layers.append(LayerInfo("conv", 2 * i + 1, 2 * i, c * kernel * kernel, c_out))
+            h = output_size(h, kernel, 1, padding)
+            w = output_size(w, kernel, 1, padding)
+            self._conv_out.append(h * w)
+            h, w, c = h // 2, w // 2, c_out
+        if h < 1 or w < 1:
+            raise ValueError(f"input {self.in_shape} is too small for {len(self.channels)} blocks")
+        d_in = c * h * w
+        n_conv = len(self.channels)
+        for j, d_out in enumerate(self.dense_sizes):
+            i = n_conv + j
+            layers.append(LayerInfo("dense", 2 * i + 1, 2 * i, d_in, d_out))
+            d_in = d_out
+        self.layers = tuple(layers)
+        self.features = c * h * w
+
+    def __repr__(self) -> str:
+        return (f"ConvNet(in_shape={self.in_shape}, channels={self.channels}, "
+                f"dense={self.dense_sizes}, pool={self.pool!r}, activation={self.activation!r})")
+
+    def _numpy_params(self, rng: np.random.Generator) -> Any:
+        params = []
+        c, k = self.in_shape[0], self.kernel
+        for c_out in self.channels:
+            params.append({"w": lecun_normal(rng, (c_out, c, k, k), c * k * k),
+                           "b": np.zeros(c_out)})
+            c = c_out
+        d_in = self.features
+        for d_out in self.dense_sizes:
+            params.append({"w": lecun_normal(rng, (d_out, d_in), d_in), "b": np.zeros(d_out)})
+            d_in = d_out
+        return params
+
+    def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
+        from .layers import _xp
+
+        xp = _xp(x)
+        inputs = []
+        n_conv = len(self.channels)
+        a = x
+        for i in range(n_conv):
+            a, a_in = conv2d(params[i], a, padding=self.padding,
+                             tap=None if taps is None else taps[i])
+            inputs.append(a_in)
+            a = pool2d(self._act(a), 2, self.pool)
+        a = xp.reshape(a, (a.shape[0], -1))
+        for j in range(len(self.dense_sizes)):
+            i = n_conv + j
+            a, a_in = dense(params[i], a, None if taps is None else taps[i])
+            inputs.append(a_in)
+            if j < len(self.dense_sizes) - 1:
+                a = self._act(a)
+        return a if taps is None else (a, inputs)
+
+    def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
+        m = x.shape[0]
+        shapes = [(m, t, c) for t, c in zip(self._conv_out, self.channels)]
+        return shapes + [(m, d) for d in self.dense_sizes]

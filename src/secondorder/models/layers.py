@@ -1,0 +1,123 @@
+"""Layers written once over the array namespace, with taps for per-layer curvature statistics.
+
+A *tap* is a zero array added to a layer's pre-activation s = W a + b. Differentiating the loss
+with respect to the taps (one VJP) gives every layer's output gradient dL/ds at once, and a tapped
+layer also reports its input in homogeneous form a~ = (a, 1), so that (a~ a~^T, ds ds^T) are the
+Kronecker statistics of K-FAC (Kronecker-family sheet, Algorithm 12). Convolutions work on im2col
+patches: a~ has one row per output position, (batch, positions, C_in kh kw + 1), and their taps
+have the layout (batch, positions, C_out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..backends import backend_of
+
+Array = Any
+
+
+def _xp(x: Array) -> Any:
+    return backend_of(x).xp
+
+
+def homogeneous(a: Array) -> Array:
+    """(..., d) -> (..., d + 1) with a trailing 1 (the bias input)."""
+    xp = _xp(a)
+    ones = xp.ones((*a.shape[:-1], 1), dtype=a.dtype, device=backend_of(a).device(a))
+    return xp.concat([a, ones], axis=-1)
+
+
+def dense(p: dict, a: Array, tap: Array | None = None) -> tuple[Array, Array | None]:
+    """s = a W^T + b for a (batch, in) and W (out, in); returns (s + tap, a~ or None)."""
+    xp = _xp(a)
+    s = a @ xp.matrix_transpose(p["w"]) + p["b"]
+    if tap is None:
+        return s, None
+    return s + tap, homogeneous(a)
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def im2col(x: Array, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Array:
+    """Patches of an (m, C, H, W) batch as (m, Ho Wo, C kh kw), channel-major within a patch
+    (the layout of a (C_out, C, kh, kw) kernel flattened row-major)."""
+    xp = _xp(x)
+    m, c, h, w = x.shape
+    if padding:
+        dev = backend_of(x).device(x)
+        zr = xp.zeros((m, c, padding, w), dtype=x.dtype, device=dev)
+        x = xp.concat([zr, x, zr], axis=2)
+        zc = xp.zeros((m, c, h + 2 * padding, padding), dtype=x.dtype, device=dev)
+        x = xp.concat([zc, x, zc], axis=3)
+    ho = output_size(h, kh, stride, padding)
+    wo = output_size(w, kw, stride, padding)
+    cols = []
+    for i in range(kh):
+        for j in range(kw):
+            cols.append(x[:, :, i : i + stride * (ho - 1) + 1 : stride,
+                          j : j + stride * (wo - 1) + 1 : stride])
+    patches = xp.stack(cols, axis=2)  # (m, C, kh kw, Ho, Wo)
+    patches = xp.reshape(patches, (m, c * kh * kw, ho * wo))
+    return xp.permute_dims(patches, (0, 2, 1))
+
+
+def conv2d(p: dict, x: Array, *, stride: int = 1, padding: int = 0,
+           tap: Array | None = None) -> tuple[Array, Array | None]:
+    """2-D convolution (cross-correlation) of (m, C, H, W) with W (C_out, C, kh, kw) and b.
+
+    Returns the (m, C_out, Ho, Wo) pre-activation (plus the tap, given as (m, Ho Wo, C_out)) and
+    the homogeneous patches a~ (m, Ho Wo, C kh kw + 1) when tapped.
+    """
+    xp = _xp(x)
+    c_out, c_in, kh, kw = p["w"].shape
+    m, _, h, w = x.shape
+    ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
+    patches = im2col(x, kh, kw, stride, padding)
+    kernel = xp.reshape(p["w"], (c_out, c_in * kh * kw))
+    s = patches @ xp.matrix_transpose(kernel) + p["b"]  # (m, Ho Wo, C_out)
+    if tap is not None:
+        s = s + tap
+    out = xp.permute_dims(xp.reshape(s, (m, ho, wo, c_out)), (0, 3, 1, 2))
+    return out, (None if tap is None else homogeneous(patches))
+
+
+def pool2d(x: Array, size: int, kind: str) -> Array:
+    """Non-overlapping ``size`` x ``size`` average or max pooling of (m, C, H, W)."""
+    xp = _xp(x)
+    m, c, h, w = x.shape
+    blocks = xp.reshape(x[:, :, : h - h % size, : w - w % size],
+                        (m, c, h // size, size, w // size, size))
+    if kind == "avg":
+        return xp.mean(blocks, axis=(3, 5))
+    if kind == "max":
+        return xp.max(blocks, axis=(3, 5))
+    raise ValueError(f"unknown pooling {kind!r}: use 'avg' or 'max'")
+
+
+def _relu(x: Array) -> Array:
+    xp = _xp(x)
+    return xp.where(x > 0, x, xp.zeros_like(x))
+
+
+def _sigmoid(x: Array) -> Array:
+    return 1.0 / (1.0 + _xp(x).exp(-x))
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "identity": lambda x: x,
+    "tanh": lambda x: _xp(x).tanh(x),
+    "relu": _relu,
+    "sigmoid": _sigmoid,
+    "silu": lambda x: x * _sigmoid(x),
+    "softplus": lambda x: _relu(x) + _xp(x).log1p(_xp(x).exp(-_xp(x).abs(x))),
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
