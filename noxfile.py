@@ -90,3 +90,24 @@ def _make_backend_session(backend: str) -> None:
 
 for _backend in backend_names():
     _make_backend_session(_backend)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks on every CPU backend (writes JSON under benchmarks/results/)."""
+    install_with(session, "all")
+    session.run("python", "benchmarks/curvature_products.py", "--json",
+                "benchmarks/results/curvature_products.json", *session.posargs)
+
+
+@nox.session(name="bench-peers")
+def bench_peers(session: nox.Session) -> None:
+    """Peer comparison on torch against curvlinops, in its own environment.
+
+    curvlinops-for-pytorch pulls torchvision and with it its own torch build, so it never enters
+    the default install or test environments.
+    """
+    session.install("curvlinops-for-pytorch")
+    session.install("-e", ".")
+    session.run("python", "benchmarks/curvature_products.py", "--backends", "torch", "--peers",
+                "--json", "benchmarks/results/curvature_products_peers.json", *session.posargs)
