@@ -6,6 +6,7 @@ import numpy as np
 
 from ..backends import Backend, backend_of
 from ..errors import LabelError
+from ..functional import sigmoid, softplus
 from .base import Array, Loss
 
 
@@ -20,15 +21,8 @@ class SigmoidBCE(Loss):
 
     name = "sigmoid_bce"
 
-    @staticmethod
-    def _sigmoid(f: Array) -> Array:
-        xp = backend_of(f).xp
-        return 1.0 / (1.0 + xp.exp(-f))
-
-    @staticmethod
-    def _softplus(f: Array) -> Array:
-        xp = backend_of(f).xp
-        return xp.where(f > 0, f, xp.zeros_like(f)) + xp.log1p(xp.exp(-xp.abs(f)))
+    _sigmoid = staticmethod(sigmoid)
+    _softplus = staticmethod(softplus)
 
     def per_sample(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
@@ -59,7 +53,7 @@ class SigmoidBCE(Loss):
     def _nonzero(self, f: Array) -> tuple[Array, Array]:
         xp = backend_of(f).xp
         h = self._curvature(f)
-        ok = h > xp.finfo(f.dtype).tiny
+        ok = h > xp.finfo(f.dtype).smallest_normal
         return h, ok
 
     def pinv_hvp(self, f: Array, y: Array, v: Array) -> Array:

@@ -15,7 +15,9 @@ class SoftmaxCrossEntropy(Loss):
     With s = softmax(f): grad = s - y; H = diag(s) - s s^T, so H v = s * v - <v, s> s and H 1 = 0
     (H is singular); H = S S^T with S = diag(sqrt(s)) - s sqrt(s)^T. Pseudo-inverse
     H^+ = P D^{-1} P with D = diag(s) and P = I - (1/k) 1 1^T, which is also the projector
-    H H^+ (the prox-linear sheet's corrected Cor. 12: 1/k, not 1/n). Conjugate:
+    H H^+ (the prox-linear sheet's corrected Cor. 12: 1/k, not 1/n). A class whose probability
+    underflows to 0 has a zero row and column in H; it is left out of the support, so P centres
+    over the remaining classes and H^+ stays finite. Conjugate:
     l*(a) = <mu, log mu> for mu = y + a in the simplex, +inf otherwise. ``sample`` draws a class
     from s by inverting its cumulative sum at a uniform noise value.
     """
@@ -69,16 +71,24 @@ class SoftmaxCrossEntropy(Loss):
         return eye[None, :, :] * r[:, None, :] - s[:, :, None] * r[:, None, :]
 
     @staticmethod
-    def _center(v: Array) -> Array:
+    def _center(v: Array, w: Array) -> Array:
+        """P_w v: v minus its mean over the support w (0/1 weights), zero off the support."""
         xp = backend_of(v).xp
-        return v - xp.mean(v, axis=1, keepdims=True)
+        return w * (v - xp.sum(w * v, axis=1, keepdims=True) / xp.sum(w, axis=1, keepdims=True))
+
+    def _support(self, f: Array) -> tuple[Array, Array]:
+        """s and the 0/1 weights of the classes with s_j > 0 (range(H) lies in their span)."""
+        xp = backend_of(f).xp
+        s, _ = self._softmax(f)
+        return s, xp.astype(s > xp.finfo(f.dtype).smallest_normal, f.dtype)
 
     def pinv_hvp(self, f: Array, y: Array, v: Array) -> Array:
-        s, _ = self._softmax(f)
-        return self._center(self._center(v) / s)
+        xp = backend_of(f).xp
+        s, w = self._support(f)
+        return self._center(self._center(v, w) / xp.where(w > 0, s, xp.ones_like(s)), w)
 
     def projector(self, f: Array, y: Array, v: Array) -> Array:
-        return self._center(v)
+        return self._center(v, self._support(f)[1])
 
     def conjugate(self, a: Array, y: Array) -> Array:
         xp = backend_of(a).xp

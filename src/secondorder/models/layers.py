@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backends import backend_of
+from ..functional import relu, sigmoid, softplus
 
 Array = Any
 
@@ -98,22 +99,13 @@ def pool2d(x: Array, size: int, kind: str) -> Array:
     raise ValueError(f"unknown pooling {kind!r}: use 'avg' or 'max'")
 
 
-def _relu(x: Array) -> Array:
-    xp = _xp(x)
-    return xp.where(x > 0, x, xp.zeros_like(x))
-
-
-def _sigmoid(x: Array) -> Array:
-    return 1.0 / (1.0 + _xp(x).exp(-x))
-
-
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "identity": lambda x: x,
     "tanh": lambda x: _xp(x).tanh(x),
-    "relu": _relu,
-    "sigmoid": _sigmoid,
-    "silu": lambda x: x * _sigmoid(x),
-    "softplus": lambda x: _relu(x) + _xp(x).log1p(_xp(x).exp(-_xp(x).abs(x))),
+    "relu": relu,
+    "sigmoid": sigmoid,
+    "silu": lambda x: x * sigmoid(x),
+    "softplus": softplus,
 }
 
 
