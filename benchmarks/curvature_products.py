@@ -133,7 +133,14 @@ def bench_curvlinops(p: dict, args: argparse.Namespace, params: Any, x: Any, y: 
         product = lambda: op @ flat  # noqa: E731 - older releases: NumPy vectors
         product()
     peer = median_ms(product, lambda out: None, warmup=args.warmup, repeats=args.repeats)
-    return {"curvlinops_ms": peer, "ours_over_curvlinops": ours / peer}
+    got = product()
+    got = torch.cat([torch.as_tensor(t).reshape(-1) for t in (got if isinstance(got, list | tuple)
+                                                             else [got])])
+    mine = GGN(p["model"], losses.SoftmaxCrossEntropy(), params, (x, y)).matvec(v)
+    mine = torch.cat([t.reshape(-1) for layer in mine for t in (layer["w"], layer["b"])])
+    agreement = float(torch.linalg.norm(got - mine) / torch.linalg.norm(mine))
+    return {"curvlinops_ms": peer, "ours_over_curvlinops": ours / peer,
+            "curvlinops_relative_difference": agreement}
 
 
 def bench_jax(p: dict, args: argparse.Namespace) -> dict[str, float]:

@@ -51,9 +51,9 @@ class TorchModel(Model):
 
         if taps is None:
             return functional_call(self.module, params, (x,))
-        inputs: list[Array] = []
-        handles = [sub.register_forward_hook(self._hook(sub, tap, inputs))
-                   for sub, tap in zip(self._tapped, taps)]
+        inputs: list[Array] = [None] * len(self._tapped)  # by layer, whatever the call order
+        handles = [sub.register_forward_hook(self._hook(k, tap, inputs))
+                   for k, (sub, tap) in enumerate(zip(self._tapped, taps))]
         try:
             out = functional_call(self.module, params, (x,))
         finally:
@@ -62,7 +62,7 @@ class TorchModel(Model):
         return out, inputs
 
     @staticmethod
-    def _hook(sub: Any, tap: Array, inputs: list[Array]) -> Callable:
+    def _hook(k: int, tap: Array, inputs: list[Array]) -> Callable:
         import torch
 
         def hook(mod: Any, args: tuple, out: Array) -> Array:
@@ -76,7 +76,7 @@ class TorchModel(Model):
                 out = out + tap
             if mod.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            inputs.append(a)
+            inputs[k] = a
             return out
 
         return hook

@@ -29,6 +29,8 @@ class ConvNet(Model):
         self.channels = tuple(int(c) for c in channels)
         self.dense_sizes = tuple(int(d) for d in dense)
         self.kernel, self.padding, self.pool = int(kernel), int(padding), pool
+        if pool not in ("avg", "max"):
+            raise ValueError(f"unknown pooling {pool!r}: use 'avg' or 'max'")
         self.activation = activation
         self._act = activation_fn(activation)
         c, h, w = self.in_shape
