@@ -38,16 +38,26 @@ from secondorder.models import MLP
 SIZES = (784, 256, 10)
 
 
-def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], *, warmup: int, repeats: int
-              ) -> float:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
+def interleaved_ms(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any], *,
+                   warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds (one call of
+    each per round, in turn) so that all of them see the same machine load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            sync(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            sync(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def _summary(ms: dict[str, float], diff: float) -> dict[str, float]:
+    return {"ours_ms": ms["ours"], "handwritten_ms": ms["handwritten"],
+            "fwd_bwd_ms": ms["fwd_bwd"], "overhead": ms["ours"] / ms["handwritten"],
+            "relative_difference": diff}
 
 
 def problem(batch: int, seed: int) -> dict[str, Any]:
@@ -81,7 +91,6 @@ def bench_torch(p: dict, args: argparse.Namespace) -> dict[str, float]:
     sync = lambda out: None  # noqa: E731 - CPU tensors are ready when returned
 
     op = GGN(model, loss, params, (x, y))
-    ours = median_ms(lambda: op.matvec(v), sync, warmup=args.warmup, repeats=args.repeats)
 
     def f(w: Any) -> Any:
         return model.apply(w, x)
@@ -92,20 +101,24 @@ def bench_torch(p: dict, args: argparse.Namespace) -> dict[str, float]:
         _, jv = torch.func.jvp(f, (params,), (v,))
         return vjp_fn(_ce_hvp(torch.softmax(out, 1), jv))[0]
 
-    hand = median_ms(handwritten, sync, warmup=args.warmup, repeats=args.repeats)
     value_grad = torch.func.grad_and_value(lambda w: loss.value(f(w), y))
-    fwd_bwd = median_ms(lambda: value_grad(params), sync, warmup=args.warmup,
-                        repeats=args.repeats)
-    diff = tree.norm(tree.sub(op.matvec(v), handwritten())) / tree.norm(handwritten())
-    result = {"ours_ms": ours, "handwritten_ms": hand, "fwd_bwd_ms": fwd_bwd,
-              "overhead": ours / hand, "relative_difference": float(diff)}
+    fns = {"ours": lambda: op.matvec(v), "handwritten": handwritten,
+           "fwd_bwd": lambda: value_grad(params)}
     if args.peers:
-        result.update(bench_curvlinops(p, args, params, x, y, v, ours))
+        fns["curvlinops"] = curvlinops_product(p, params, x, y, v)
+    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    diff = tree.norm(tree.sub(op.matvec(v), handwritten())) / tree.norm(handwritten())
+    result = _summary(ms, float(diff))
+    if args.peers:
+        result.update({"curvlinops_ms": ms["curvlinops"],
+                       "ours_over_curvlinops": ms["ours"] / ms["curvlinops"],
+                       "curvlinops_relative_difference": _peer_agreement(
+                           fns["curvlinops"](), op.matvec(v))})
     return result
 
 
-def bench_curvlinops(p: dict, args: argparse.Namespace, params: Any, x: Any, y: Any, v: Any,
-                     ours: float) -> dict[str, float]:
+def curvlinops_product(p: dict, params: Any, x: Any, y: Any, v: Any) -> Callable[[], Any]:
+    """curvlinops' GGN-vector product on an equivalent torch.nn model with our weights."""
     import torch
     from curvlinops import GGNLinearOperator
 
@@ -126,21 +139,20 @@ def bench_curvlinops(p: dict, args: argparse.Namespace, params: Any, x: Any, y: 
     # the peer orders parameters as the module does: (w0, b0, w1, b1)
     vec = [t for layer_v in v for t in (layer_v["w"], layer_v["b"])]
     try:
-        product = lambda: op @ vec  # noqa: E731 - curvlinops >= 3: tensor lists
-        product()
+        op @ vec  # curvlinops >= 3 multiplies tensor lists
+        return lambda: op @ vec
     except Exception:
         flat = torch.cat([t.reshape(-1) for t in vec]).detach().numpy()
-        product = lambda: op @ flat  # noqa: E731 - older releases: NumPy vectors
-        product()
-    peer = median_ms(product, lambda out: None, warmup=args.warmup, repeats=args.repeats)
-    got = product()
-    got = torch.cat([torch.as_tensor(t).reshape(-1) for t in (got if isinstance(got, list | tuple)
-                                                             else [got])])
-    mine = GGN(p["model"], losses.SoftmaxCrossEntropy(), params, (x, y)).matvec(v)
+        return lambda: op @ flat  # older releases: NumPy vectors
+
+
+def _peer_agreement(got: Any, mine: Any) -> float:
+    import torch
+
+    got = torch.cat([torch.as_tensor(t).reshape(-1)
+                     for t in (got if isinstance(got, list | tuple) else [got])])
     mine = torch.cat([t.reshape(-1) for layer in mine for t in (layer["w"], layer["b"])])
-    agreement = float(torch.linalg.norm(got - mine) / torch.linalg.norm(mine))
-    return {"curvlinops_ms": peer, "ours_over_curvlinops": ours / peer,
-            "curvlinops_relative_difference": agreement}
+    return float(torch.linalg.norm(got - mine) / torch.linalg.norm(mine))
 
 
 def bench_jax(p: dict, args: argparse.Namespace) -> dict[str, float]:
@@ -154,7 +166,6 @@ def bench_jax(p: dict, args: argparse.Namespace) -> dict[str, float]:
     sync = jax.block_until_ready
 
     ours_fn = jax.jit(lambda w, t: GGN(model, loss, w, (x, y)).matvec(t))
-    ours = median_ms(lambda: ours_fn(params, v), sync, warmup=args.warmup, repeats=args.repeats)
 
     @jax.jit
     def handwritten(w: Any, t: Any) -> Any:
@@ -165,15 +176,12 @@ def bench_jax(p: dict, args: argparse.Namespace) -> dict[str, float]:
         _, vjp_fn = jax.vjp(f, w)
         return vjp_fn(_ce_hvp(jax.nn.softmax(out, axis=1), jv))[0]
 
-    hand = median_ms(lambda: handwritten(params, v), sync, warmup=args.warmup,
-                     repeats=args.repeats)
     value_grad = jax.jit(jax.value_and_grad(lambda w: loss.value(model.apply(w, x), y)))
-    fwd_bwd = median_ms(lambda: value_grad(params), sync, warmup=args.warmup,
-                        repeats=args.repeats)
+    fns = {"ours": lambda: ours_fn(params, v), "handwritten": lambda: handwritten(params, v),
+           "fwd_bwd": lambda: value_grad(params)}
+    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
     a, h = ours_fn(params, v), handwritten(params, v)
-    diff = tree.norm(tree.sub(a, h)) / tree.norm(h)
-    return {"ours_ms": ours, "handwritten_ms": hand, "fwd_bwd_ms": fwd_bwd,
-            "overhead": ours / hand, "relative_difference": float(diff)}
+    return _summary(ms, float(tree.norm(tree.sub(a, h)) / tree.norm(h)))
 
 
 def bench_numpy(p: dict, args: argparse.Namespace) -> dict[str, float]:
@@ -186,7 +194,6 @@ def bench_numpy(p: dict, args: argparse.Namespace) -> dict[str, float]:
     sync = lambda out: None  # noqa: E731
 
     op = GGN(model, loss, params, (x, y))
-    ours = median_ms(lambda: op.matvec(v), sync, warmup=args.warmup, repeats=args.repeats)
 
     flat, unravel = tree.ravel(params)
     flat_v = tree.ravel(v)[0]
@@ -203,14 +210,13 @@ def bench_numpy(p: dict, args: argparse.Namespace) -> dict[str, float]:
         _, jv = jvp_at(flat_v)
         return vjp_fn(_ce_hvp(probs, jv))
 
-    hand = median_ms(handwritten, sync, warmup=args.warmup, repeats=args.repeats)
-    value_grad = b.value_and_grad
-    fwd_bwd = median_ms(lambda: value_grad(lambda w: loss.value(model.apply(w, x), y), params),
-                        sync, warmup=args.warmup, repeats=args.repeats)
+    fns = {"ours": lambda: op.matvec(v), "handwritten": handwritten,
+           "fwd_bwd": lambda: b.value_and_grad(lambda w: loss.value(model.apply(w, x), y),
+                                                params)}
+    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
     diff = np.linalg.norm(tree.ravel(op.matvec(v))[0] - handwritten()) / np.linalg.norm(
         handwritten())
-    return {"ours_ms": ours, "handwritten_ms": hand, "fwd_bwd_ms": fwd_bwd,
-            "overhead": ours / hand, "relative_difference": float(diff)}
+    return _summary(ms, float(diff))
 
 
 BENCHES = {"torch": bench_torch, "jax": bench_jax, "numpy": bench_numpy}
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backends", default="numpy,torch,jax")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peers", action="store_true", help="also time curvlinops (torch)")
@@ -236,13 +242,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         results[name] = BENCHES[name](p, args)
         print(name, json.dumps(results[name]))
-    results["_meta"] = {"problem": f"MLP {'-'.join(map(str, SIZES))} tanh, softmax CE, "
-                                   f"batch {args.batch}, float32",
+    from importlib.metadata import version
+
+    versions = {n: version(n) for n in ("torch", "jax", "autograd")
+                if importlib.util.find_spec(n) is not None}
+    shape = "-".join(map(str, SIZES))
+    results["_meta"] = {"versions": versions,
+                        "problem": f"MLP {shape} tanh, softmax CE, batch {args.batch}, float32",
                         "warmup": args.warmup, "repeats": args.repeats,
                         "torch_threads": args.threads, "machine": platform.machine(),
                         "python": platform.python_version()}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.peers and out.exists():  # the peer run adds its fields to the main run's file
+        merged = json.loads(out.read_text())
+        peer_fields = {k: v for k, v in results.get("torch", {}).items()
+                       if k.startswith("curvlinops") or k == "ours_over_curvlinops"}
+        peer_fields["peer_run"] = {"ours_ms": results["torch"].get("ours_ms"),
+                                   **results["_meta"]}
+        merged.setdefault("torch", {}).update(peer_fields)
+        results = merged
     out.write_text(json.dumps(results, indent=2))
     return results
 

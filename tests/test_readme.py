@@ -7,6 +7,8 @@ import io
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -19,6 +21,15 @@ def test_readme_example_runs():
     reason, iterations, gap = out.getvalue().split()
     assert reason == "converged" and 1 <= int(iterations) <= 120
     assert float(gap) < 1e-8
+
+
+def test_readme_curvature_example_runs():
+    pytest.importorskip("torch")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[1], "README.md", "exec"), {})
+    assert out.getvalue().split() == ["True", "True"]  # GGN and K-FAC are PSD
 
 
 def test_readme_commands_are_what_ci_runs():
