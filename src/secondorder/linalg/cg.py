@@ -14,6 +14,11 @@ returned); a non-finite or negative <r, z> (an indefinite preconditioner) stops 
 ``"breakdown"``. Both modes compile under ``jax.jit``: ``tol`` (relative to ||P b||, with an
 absolute floor ``atol``) loops with ``while_loop``; ``tol=None`` runs exactly ``maxiter``
 iterations (``fori_loop`` on JAX, so it is reverse-differentiable there) unless a guard fires.
+
+``save_at`` (static iteration counts) keeps copies of the iterate x after those many iterations in
+``info.saved``, one tree per entry, for Hessian-free CG backtracking; an entry past the last
+iteration taken holds the final iterate, and 0 holds the initial guess. Under ``jax.jit`` each copy
+is a ``where`` on the iteration counter, so the loop's carry keeps a static shape.
 """
 
 from __future__ import annotations
@@ -36,13 +41,15 @@ MAXITER, CONVERGED, NONPOSITIVE_CURVATURE, BREAKDOWN = range(4)
 
 
 class CGInfo(NamedTuple):
-    """What CG did: iterations taken, final residual norm ||P r||, why it stopped, and
-    (with ``history=True``) the residual norm after each iteration (NaN past the last)."""
+    """What CG did: iterations taken, final residual norm ||P r||, why it stopped,
+    (with ``history=True``) the residual norm after each iteration (NaN past the last), and
+    (with ``save_at``) the iterates after the requested iteration counts."""
 
     iterations: Any
     residual_norm: Any
     status: Any
     history: Any = None
+    saved: tuple = ()
 
     @property
     def reason(self) -> str:
@@ -75,12 +82,14 @@ def cg(
     tol: float | None = 1e-5,
     atol: float = 0.0,
     history: bool = False,
+    save_at: tuple[int, ...] = (),
 ) -> tuple[Tree, CGInfo]:
     """Solve A x = b by (preconditioned, projected) conjugate gradients.
 
     Returns ``(x, info)``; see :class:`CGInfo`. ``x0`` must be feasible (P x0 = x0) when a
     projector is given; the default is 0. ``maxiter`` defaults to 10 n (rounding makes exact
-    arithmetic's n iterations too few on ill-conditioned systems).
+    arithmetic's n iterations too few on ill-conditioned systems). ``save_at``: iteration
+    counts (Python ints >= 0) whose iterates are returned in ``info.saved``.
     """
     backend = backend_of(b, x0)
     xp = backend.xp
@@ -99,6 +108,9 @@ def cg(
     if maxiter is None:
         maxiter = 10 * b_struct.size
     maxiter = int(maxiter)
+    save_at = tuple(int(s) for s in save_at)
+    if any(s < 0 for s in save_at):
+        raise ValueError(f"save_at needs iteration counts >= 0, got {save_at}")
     matvec = _as_function(op)
     precond = _as_function(M)
     project = _as_function(projector)
@@ -141,7 +153,7 @@ def cg(
                                                device=device))
 
     def body(state: tuple) -> tuple:
-        k, x, r, z, p, rz, res, status, hist = state
+        k, x, r, z, p, rz, res, status, hist, saved = state
         active = status == MAXITER
         ap = matvec(p)
         pap = vdot(p, ap)
@@ -173,17 +185,25 @@ def cg(
         if hist is not None:
             hist = where(xp.logical_and(step, steps == k_next), res_new, hist)
         status = where(active, new_status, status)
+        saved = tuple(
+            tree_map(lambda a, c, s=s: where(xp.logical_and(step, k_next == s), a, c), x_new, old)
+            for s, old in zip(save_at, saved)
+        )
         return (k_next, pick(x_new, x), pick(r_new, r), pick(z_new, z), pick(p_new, p),
-                where(step, rz_new, rz), where(step, res_new, res), status, hist)
+                where(step, rz_new, rz), where(step, res_new, res), status, hist, saved)
 
     def running(state: tuple) -> Any:
         k, status = state[0], state[7]
         return xp.logical_and(k < maxiter, status == MAXITER)
 
-    state = (k0, x, r, z, z, rz, res, status0, hist0)
+    saved0 = tuple(x for _ in save_at)
+    state = (k0, x, r, z, z, rz, res, status0, hist0, saved0)
     if tol is None and backend.has_jit:
         state = backend.fori_loop(0, maxiter, lambda i, s: body(s), state)
     else:
         state = backend.while_loop(running, body, state)
-    k, x, _, _, _, _, res, status, hist = state
-    return x, CGInfo(k, res, status, hist)
+    k, x, _, _, _, _, res, status, hist, saved = state
+    # counts never reached (CG stopped or maxiter is smaller) hold the final iterate
+    saved = tuple(tree_map(lambda a, c, s=s: where(k < s, a, c), x, old)
+                  for s, old in zip(save_at, saved))
+    return x, CGInfo(k, res, status, hist, saved)
