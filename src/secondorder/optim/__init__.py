@@ -1,0 +1,14 @@
+"""Optimisers on one interface: ``opt = Method(apply, loss, ...)``, ``state = opt.init(params)``,
+``params, state, info = opt.step(params, state, batch)``."""
+
+from .adam import Adam, AdamW
+from .base import Optimizer, StepInfo
+from .bfgs import BFGS
+from .curveball import CurveBall
+from .hessian_free import HessianFree
+from .levenberg_marquardt import LevenbergMarquardt
+from .newton import Newton
+from .sgd import SGD
+
+__all__ = ["SGD", "Adam", "AdamW", "CurveBall", "HessianFree", "Optimizer", "StepInfo"]
+__all__ += ["BFGS", "LevenbergMarquardt", "Newton"]

@@ -1,0 +1,144 @@
+"""The optimiser interface shared by every method in ``secondorder``.
+
+    opt = Method(apply, loss, **hyperparameters)
+    state = opt.init(params)
+    params, state, info = opt.step(params, state, (x, y))
+
+``apply(params, x)`` is the network (a model from :mod:`secondorder.models`, a native model
+through an adapter, or a residual function for problems with no network) and ``loss`` a
+:class:`~secondorder.losses.Loss`; the objective is the mean loss of ``apply(params, x)`` against
+``y``. ``step`` is a pure function: the state is a dict of arrays, nothing is mutated, and
+``jax.jit(opt.step)`` compiles. A step that meets a non-finite loss, gradient or update returns
+the old parameters and state unchanged, with ``info.finite`` false (damped methods also raise
+their damping in that case: :meth:`Optimizer.guard`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._pytree import flatten, tree_map
+from ..backends import Backend, backend_of
+from ..losses import Loss
+from ..tree import norm
+
+Tree = Any
+Array = Any
+Batch = tuple[Any, Any]
+
+
+class StepInfo(NamedTuple):
+    """What one step did. Fields a method does not have are NaN (or 0 iterations)."""
+
+    loss: Array  #: the mean loss at the parameters the step started from
+    step_norm: Array  #: ||params_new - params|| (0 when the step was rejected)
+    damping: Array  #: the damping in force after the step (NaN for undamped methods)
+    finite: Array  #: False when a non-finite value made the step keep the old parameters
+    inner_iterations: Array  #: iterations of an inner solver (CG, line search), else 0
+    inner_residual: Array  #: final residual of the inner solver, else NaN
+
+
+def is_number(*values: Any) -> bool:
+    """True when every value is a Python number: hyperparameters may also be arrays (e.g. traced
+    by ``jax.vmap`` over a grid), and those are not validated on the host."""
+    return all(isinstance(v, int | float) for v in values)
+
+
+def all_finite(*trees: Any) -> Any:
+    """A 0-d boolean array: every entry of every leaf is finite."""
+    leaves = [leaf for t in trees for leaf in flatten(t)[0]]
+    xp = backend_of(*leaves).xp
+    ok = None
+    for leaf in leaves:
+        term = xp.all(xp.isfinite(leaf))
+        ok = term if ok is None else xp.logical_and(ok, term)
+    return ok
+
+
+def select(pred: Any, new: Tree, old: Tree) -> Tree:
+    """``new`` where the 0-d boolean ``pred`` holds, ``old`` elsewhere, leaf by leaf."""
+    def pick(a: Any, b: Any) -> Any:
+        return backend_of(a).xp.where(pred, a, b)
+
+    return tree_map(pick, new, old)
+
+
+class Optimizer:
+    """Base class: holds the objective and the helpers every method uses."""
+
+    #: multiplier applied to the damping when a step is rejected as non-finite
+    damping_boost_on_failure: float = 10.0
+
+    def __init__(self, apply: Callable[[Tree, Any], Array], loss: Loss):
+        self.apply = apply
+        self.loss = loss
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # ---------------------------------------------------------------- interface
+    def init(self, params: Tree) -> dict[str, Array]:
+        raise NotImplementedError(f"{type(self).__name__} must implement init")
+
+    def step(self, params: Tree, state: dict[str, Array], batch: Batch
+             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+        raise NotImplementedError(f"{type(self).__name__} must implement step")
+
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def backend(params: Tree) -> Backend:
+        return backend_of(params)
+
+    def objective(self, params: Tree, batch: Batch) -> Array:
+        """The mean loss of ``apply(params, x)`` against ``y``."""
+        x, y = batch
+        return self.loss.value(self.apply(params, x), y)
+
+    def value_and_grad(self, params: Tree, batch: Batch) -> tuple[Array, Tree]:
+        return backend_of(params).value_and_grad(lambda p: self.objective(p, batch), params)
+
+    @staticmethod
+    def scalar(like: Tree, value: Any) -> Array:
+        """A 0-d array of ``value`` with the dtype and device of the leaves of ``like``."""
+        leaf = flatten(like)[0][0]
+        backend = backend_of(leaf)
+        return backend.xp.asarray(value, dtype=leaf.dtype, device=backend.device(leaf))
+
+    def info(self, like: Tree, loss: Array, step_norm: Any = float("nan"),
+             damping: Any = float("nan"), finite: Any = True, inner_iterations: Any = 0,
+             inner_residual: Any = float("nan")) -> StepInfo:
+        s = self.scalar
+        xp = backend_of(loss).xp
+
+        def as_array(v: Any) -> Array:
+            return v if hasattr(v, "shape") else s(like, v)
+
+        iters = inner_iterations if hasattr(inner_iterations, "shape") else xp.asarray(
+            inner_iterations, device=backend_of(loss).device(loss))
+        fin = finite if hasattr(finite, "shape") else xp.asarray(
+            bool(finite), device=backend_of(loss).device(loss))
+        return StepInfo(loss, as_array(step_norm), as_array(damping), fin, iters,
+                        as_array(inner_residual))
+
+    def guard(self, params: Tree, state: dict[str, Array], new_params: Tree,
+              new_state: dict[str, Array], loss: Array, *checks: Any,
+              damping_key: str | None = None) -> tuple[Tree, dict[str, Array], Array, Array]:
+        """Accept ``(new_params, new_state)`` only if the loss, the new parameters and the
+        ``checks`` (trees) are all finite; otherwise keep the old ones and, for damped methods
+        (``damping_key``), multiply the old damping by :attr:`damping_boost_on_failure`.
+
+        Returns ``(params, state, finite, step_norm)``.
+        """
+        xp = backend_of(loss).xp
+        ok = xp.logical_and(xp.all(xp.isfinite(loss)), all_finite(new_params, *checks))
+        out_params = select(ok, new_params, params)
+        out_state = select(ok, new_state, state)
+        if damping_key is not None:
+            boosted = dict(out_state)
+            boosted[damping_key] = xp.where(
+                ok, new_state[damping_key], state[damping_key] * self.damping_boost_on_failure
+            )
+            out_state = boosted
+        diff = tree_map(lambda a, b: xp.where(ok, a - b, xp.zeros_like(a)), new_params, params)
+        return out_params, out_state, ok, norm(diff)

@@ -1,0 +1,172 @@
+"""CurveBall (Henriques et al., "Small Steps and Giant Leaps"; curveball sheet, eqs. 16-18).
+
+One step at parameters w with the search direction z carried over from the previous step, on
+the batch (x, y) with outputs f = apply(w, x), J the Jacobian of w -> f, H_L the loss Hessian
+at f and J_L its gradient (both for the mean loss):
+
+    u = J z                                   (JVP)
+    Delta = J^T (H_L u + J_L) + lambda z      (VJP)                         eqs. 16-17
+    v = J Delta                               (JVP)
+    a = v^T H_L v + lambda |Delta|^2,  b = u^T H_L v + lambda z^T Delta,
+    c = u^T H_L u + lambda |z|^2,      d = J_L^T v,  e = J_L^T u
+    [beta; -rho] = [[a, b], [b, c]]^{-1} [d; e]                             eq. 18
+      = ((c d - b e), -(b d - a e)) / (a c - b^2)
+    z <- rho z - beta Delta,   w <- w + z.
+
+At the first step z = 0 makes the 2x2 matrix singular; its pseudo-inverse gives beta = d / a,
+rho = 0. Every ``lambda_interval`` steps the damping follows the reduction ratio
+gamma = (f(w + z) - f(w)) / (1/2 (rho e - beta d)) (the model's predicted change at the optimum
+of eq. 18, on the same batch): gamma > 3/2 multiplies lambda by ``lambda_factor``, gamma < 1/2
+divides it. ``rho`` and ``beta`` may be fixed instead (the paper's fixed-hyperparameter variant;
+the damping then stays fixed, as gamma needs the eq. 18 optimum), and ``curvature="hessian"``
+replaces the GGN by Hessian-vector products (losing the PSD guarantee). Cost with the GGN: the
+forward pass, two JVPs and one VJP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .._pytree import tree_map
+from ..backends import backend_of
+from ..losses import Loss
+from ..tree import axpy, vdot
+from .base import Array, Batch, Optimizer, StepInfo, Tree
+
+
+class CurveBall(Optimizer):
+    """CurveBall with automatic (default) or fixed rho and beta; see the module docstring."""
+
+    def __init__(self, apply: Callable, loss: Loss, *, damping: float = 10.0,
+                 rho: float | None = None, beta: float | None = None,
+                 curvature: str = "ggn", adapt_damping: bool | None = None,
+                 lambda_interval: int = 5,
+                 lambda_factor: float = 0.999, lambda_thresholds: tuple[float, float] = (0.5, 1.5),
+                 min_damping: float = 0.0):
+        super().__init__(apply, loss)
+        if (rho is None) != (beta is None):
+            raise ValueError("give both rho and beta (fixed variant) or neither (automatic)")
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if damping < 0 or not 0 < lambda_factor <= 1 or lambda_interval < 1:
+            raise ValueError("CurveBall needs damping >= 0, 0 < lambda_factor <= 1, interval >= 1")
+        low, high = lambda_thresholds
+        if not low < high:
+            raise ValueError("lambda_thresholds must be (low, high) with low < high")
+        if adapt_damping is None:
+            adapt_damping = rho is None
+        if adapt_damping and rho is not None:
+            raise ValueError(
+                "damping adaptation needs the model's predicted change from the automatic "
+                "rho and beta; use adapt_damping=False with fixed rho and beta"
+            )
+        self.damping, self.rho, self.beta = damping, rho, beta
+        self.curvature = curvature
+        self.adapt_damping, self.interval = adapt_damping, int(lambda_interval)
+        self.factor, self.low, self.high = lambda_factor, low, high
+        self.min_damping = min_damping
+
+    def init(self, params: Tree) -> dict[str, Array]:
+        return {"z": tree_map(lambda a: a * 0.0, params),
+                "damping": self.scalar(params, self.damping),
+                "count": self.scalar(params, 0.0)}
+
+    # ------------------------------------------------------------------ curvature products
+    def _quantities(self, params: Tree, z: Tree, lam: Array, batch: Batch) -> dict[str, Any]:
+        """Delta and the coefficients a..e of eq. 18, plus the loss and gradient."""
+        backend = backend_of(params)
+        x, y = batch
+        xp = backend.xp
+        if self.curvature == "ggn":
+            f, jvp, vjp = backend.linearize_vjp(lambda p: self.apply(p, x), params)
+            m = f.shape[0]
+            loss = self.loss.value(f, y)
+            jl = self.loss.grad(f, y) / m
+
+            def h_out(t: Array) -> Array:
+                return self.loss.hvp(f, y, t) / m
+
+            u = jvp(z)
+            hu = h_out(u)
+            grad = vjp(jl)
+            delta = axpy(lam, z, tree_map(lambda a, b: a + b, vjp(hu), grad))
+            if self.rho is not None:
+                return {"loss": loss, "grad": grad, "delta": delta}
+            v = jvp(delta)
+            hv = h_out(v)
+            a = xp.sum(v * hv) + lam * vdot(delta, delta)
+            b = xp.sum(u * hv) + lam * vdot(z, delta)
+            c = xp.sum(u * hu) + lam * vdot(z, z)
+            d = xp.sum(jl * v)
+            e = xp.sum(jl * u)
+        else:
+            def objective(p: Tree) -> Array:
+                return self.objective(p, batch)
+
+            loss, grad = backend.value_and_grad(objective, params)
+            hz = backend.hvp(objective, params, z)
+            delta = axpy(lam, z, tree_map(lambda a, b: a + b, hz, grad))
+            if self.rho is not None:
+                return {"loss": loss, "grad": grad, "delta": delta}
+            hd = backend.hvp(objective, params, delta)
+            a = vdot(delta, hd) + lam * vdot(delta, delta)
+            b = vdot(z, hd) + lam * vdot(z, delta)
+            c = vdot(z, hz) + lam * vdot(z, z)
+            d = vdot(grad, delta)
+            e = vdot(grad, z)
+        return {"loss": loss, "grad": grad, "delta": delta, "a": a, "b": b, "c": c, "d": d,
+                "e": e}
+
+    @staticmethod
+    def solve_2x2(a: Array, b: Array, c: Array, d: Array, e: Array) -> tuple[Array, Array]:
+        """(rho, beta) from eq. 18; the pseudo-inverse branch (beta = d / a, rho = 0) when the
+        system is singular (z = 0), and (0, 0) when nothing finite comes out."""
+        xp = backend_of(a).xp
+        det = a * c - b * b
+        eps = xp.finfo(a.dtype).eps
+        regular = det > eps * xp.abs(a * c)
+        safe_det = xp.where(regular, det, xp.ones_like(det))
+        beta_full = (c * d - b * e) / safe_det
+        rho_full = (b * d - a * e) / safe_det
+        positive = a > 0
+        beta_pinv = xp.where(positive, d / xp.where(positive, a, xp.ones_like(a)),
+                             xp.zeros_like(a))
+        beta = xp.where(regular, beta_full, beta_pinv)
+        rho = xp.where(regular, rho_full, xp.zeros_like(a))
+        ok = xp.logical_and(xp.isfinite(beta), xp.isfinite(rho))
+        return xp.where(ok, rho, xp.zeros_like(rho)), xp.where(ok, beta, xp.zeros_like(beta))
+
+    # ------------------------------------------------------------------ step
+    def step(self, params: Tree, state: dict[str, Array], batch: Batch
+             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+        backend = backend_of(params)
+        xp = backend.xp
+        lam, z = state["damping"], state["z"]
+        q = self._quantities(params, z, lam, batch)
+        if self.rho is None:
+            rho, beta = self.solve_2x2(q["a"], q["b"], q["c"], q["d"], q["e"])
+            predicted = 0.5 * (rho * q["e"] - beta * q["d"])
+        else:
+            rho = self.scalar(params, self.rho)
+            beta = self.scalar(params, self.beta)
+        z_new = tree_map(lambda zi, di: rho * zi - beta * di, z, q["delta"])
+        new_params = tree_map(lambda w, zi: w + zi, params, z_new)
+        count = state["count"] + 1.0
+        lam_new = lam
+        if self.adapt_damping:
+            due = xp.remainder(count, float(self.interval)) == 0
+
+            def adapted(_: Any) -> Array:
+                gamma = (self.objective(new_params, batch) - q["loss"]) / predicted
+                up = xp.logical_or(gamma < self.low, xp.logical_not(xp.isfinite(gamma)))
+                grown = xp.where(up, lam / self.factor, lam)
+                return xp.maximum(xp.where(gamma > self.high, lam * self.factor, grown),
+                                  self.scalar(params, self.min_damping))
+
+            lam_new = backend.cond(due, adapted, lambda _: lam, None)
+        new_state = {"z": z_new, "damping": lam_new, "count": count}
+        params, state, ok, step_norm = self.guard(
+            params, state, new_params, new_state, q["loss"], q["grad"], damping_key="damping"
+        )
+        return params, state, self.info(params, q["loss"], step_norm, state["damping"], ok)

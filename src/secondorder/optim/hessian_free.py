@@ -1,0 +1,170 @@
+"""Hessian-free optimisation (Martens 2010): truncated Newton with CG on a damped curvature.
+
+One step at parameters w on a batch, with g the gradient and lambda the damping:
+
+1. B = C + lambda I with C the generalised Gauss-Newton matrix (``curvature="ggn"``, PSD for
+   convex losses) or the Hessian (``curvature="hessian"``) of the mean loss on the batch; one
+   linearisation of the network is shared by every product.
+2. CG on B d = -g, warm-started from ``warm_start_decay`` times the previous CG solution (kept in
+   the state), run for at most ``cg_iters`` iterations.
+3. CG-iterate backtracking: the iterates after ceil(backtrack_base^k) <= cg_iters iterations (and
+   the last) are kept, and the one with the lowest batch objective f(w + lr d_i) is taken. Martens
+   walks backwards from the last iterate and stops at the first that does not improve; here every
+   saved iterate is evaluated (their number is static and small, about log(cg_iters) /
+   log(backtrack_base)) and the best one is taken, ties going to the later iterate, so the choice
+   is never worse than Martens' and needs no data-dependent loop under ``jax.jit``.
+4. The step s = lr d is taken only if f(w + s) < f(w); otherwise w is kept.
+5. Levenberg-Marquardt damping from the reduction ratio rho = (f(w + s) - f(w)) / q(s), with
+   q(s) = g^T s + 1/2 s^T C s the *undamped* quadratic model (one extra curvature product):
+   rho < 1/4 -> lambda *= ``increase``; rho > 3/4 -> lambda *= ``decrease``. A model that predicts
+   no decrease (q(s) >= 0) or a non-finite f(w + s) counts as rho = -inf. The damping is updated
+   whether or not the step is accepted.
+
+CG mode. CG runs in fixed-iteration mode (``tol=None``, ``maxiter=cg_iters``) with the absolute
+floor ``atol = cg_tol ||g||`` (the threshold tolerance mode would use, ``cg_tol ||b||``): on JAX
+the loop is a ``fori_loop`` of static length, so the jitted step has one static shape and trip
+count (and is reverse-differentiable), while the iterates freeze once the relative residual falls
+under ``cg_tol``; eager backends leave the loop there. ``cg_tol=0`` (or None) runs all
+``cg_iters``. The backtracking candidates are a Python loop over the static ``save_at`` tuple,
+unrolled at trace time, not a data-dependent loop.
+
+The state is ``{"direction": previous CG solution (a tree like params), "damping": 0-d array}``.
+``info.inner_iterations`` is the number of CG iterations and ``info.inner_residual`` the final CG
+residual norm ||B d + g||. A non-finite loss, gradient, CG solution or new parameters keeps the old
+parameters and state and multiplies the damping by :attr:`Optimizer.damping_boost_on_failure`; on
+eager backends a batch the curvature operators refuse as non-finite is handled the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .._pytree import tree_map
+from ..backends import backend_of
+from ..curvature import GGN, Hessian
+from ..errors import NonFiniteError
+from ..linalg import cg
+from ..losses import Loss
+from ..tree import axpy, vdot
+from .base import Array, Batch, Optimizer, StepInfo, Tree
+
+CURVATURES = {"ggn": GGN, "hessian": Hessian}
+
+
+def backtrack_points(cg_iters: int, base: float) -> tuple[int, ...]:
+    """The CG iteration counts ceil(base^k) <= cg_iters, k = 0, 1, ..., and cg_iters itself,
+    increasing and without repeats."""
+    points, k = set(), 0
+    while True:
+        n = math.ceil(base**k)
+        if n > cg_iters:
+            break
+        points.add(n)
+        k += 1
+    points.add(cg_iters)
+    return tuple(sorted(points))
+
+
+class HessianFree(Optimizer):
+    """Martens' Hessian-free method: see the module docstring for the algorithm."""
+
+    def __init__(self, apply: Callable, loss: Loss, *, curvature: str = "ggn",
+                 damping: float = 1.0, cg_iters: int = 50, cg_tol: float | None = 5e-4,
+                 warm_start_decay: float = 0.95, backtrack: bool = True,
+                 backtrack_base: float = 1.3, increase: float = 1.5, decrease: float = 2 / 3,
+                 lr: float = 1.0):
+        super().__init__(apply, loss)
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
+        if not damping >= 0:
+            raise ValueError(f"HessianFree needs damping >= 0, got {damping}")
+        if int(cg_iters) != cg_iters or cg_iters < 1:
+            raise ValueError(f"cg_iters must be a positive integer, got {cg_iters}")
+        if cg_tol is not None and not cg_tol >= 0:
+            raise ValueError(f"cg_tol must be >= 0 or None, got {cg_tol}")
+        if not 0 <= warm_start_decay <= 1:
+            raise ValueError(f"warm_start_decay must lie in [0, 1], got {warm_start_decay}")
+        if backtrack and not backtrack_base > 1:
+            raise ValueError(f"backtrack_base must be > 1, got {backtrack_base}")
+        if not (increase >= 1 and 0 < decrease <= 1):
+            raise ValueError("HessianFree needs increase >= 1 and 0 < decrease <= 1")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.curvature = curvature
+        self.damping = float(damping)
+        self.cg_iters = int(cg_iters)
+        self.cg_tol = 0.0 if cg_tol is None else float(cg_tol)
+        self.warm_start_decay = float(warm_start_decay)
+        self.backtrack = bool(backtrack)
+        self.backtrack_base = float(backtrack_base)
+        self.increase, self.decrease, self.lr = float(increase), float(decrease), float(lr)
+        #: CG iteration counts whose iterates are candidates for the step
+        self.save_at = (backtrack_points(self.cg_iters, self.backtrack_base) if self.backtrack
+                        else (self.cg_iters,))
+
+    def __repr__(self) -> str:
+        return (f"HessianFree(curvature={self.curvature!r}, damping={self.damping}, "
+                f"cg_iters={self.cg_iters}, cg_tol={self.cg_tol}, backtrack={self.backtrack})")
+
+    def init(self, params: Tree) -> dict[str, Array]:
+        return {"direction": tree_map(lambda a: a * 0.0, params),
+                "damping": self.scalar(params, self.damping)}
+
+    def step(self, params: Tree, state: dict[str, Array], batch: Batch
+             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+        loss, grad = self.value_and_grad(params, batch)
+        xp = backend_of(loss).xp
+        lam = state["damping"]
+        try:
+            op = CURVATURES[self.curvature](self.apply, self.loss, params, batch)
+        except NonFiniteError:
+            # eager backends only: the operators refuse a batch (or outputs) with NaN or inf;
+            # reject the step as the guard would inside jax.jit
+            nan = self.scalar(params, float("nan"))
+            params, state, ok, step_norm = self.guard(params, state, params, state, nan,
+                                                      damping_key="damping")
+            return params, state, self.info(params, loss, step_norm, state["damping"], ok, 0,
+                                            float("nan"))
+
+        def damped(v: Tree) -> Tree:
+            return axpy(lam, v, op.matvec(v))
+
+        rhs = tree_map(lambda a: -a, grad)
+        x0 = tree_map(lambda a: self.warm_start_decay * a, state["direction"])
+        atol = self.cg_tol * xp.sqrt(vdot(grad, grad))
+        direction, cg_info = cg(damped, rhs, x0, tol=None, maxiter=self.cg_iters, atol=atol,
+                                save_at=self.save_at)
+
+        # backtracking over the saved iterates, from the last backwards; ties keep the later one
+        inf = self.scalar(params, float("inf"))
+        lr = self.lr
+        best_value, best = None, None
+        for candidate in reversed(cg_info.saved):
+            trial = tree_map(lambda w, d: w + lr * d, params, candidate)
+            value = self.objective(trial, batch)
+            value = xp.where(xp.isfinite(value), value, inf)
+            if best is None:
+                best_value, best = value, candidate
+                continue
+            better = value < best_value
+            best = tree_map(lambda a, b, better=better: xp.where(better, a, b), candidate, best)
+            best_value = xp.where(better, value, best_value)
+
+        # reduction ratio against the undamped quadratic model of the step s = lr d
+        step = tree_map(lambda d: lr * d, best)
+        model = vdot(grad, step) + 0.5 * vdot(step, op.matvec(step))
+        predicts_decrease = model < 0
+        rho = xp.where(predicts_decrease,
+                       (best_value - loss) / xp.where(predicts_decrease, model, 1.0), -inf)
+        rho = xp.where(xp.isfinite(rho), rho, -inf)
+        new_lam = xp.where(rho < 0.25, lam * self.increase,
+                           xp.where(rho > 0.75, lam * self.decrease, lam))
+
+        accept = best_value < loss
+        new_params = tree_map(lambda w, s: xp.where(accept, w + s, w), params, step)
+        new_state = {"direction": direction, "damping": new_lam}
+        params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
+                                                  grad, direction, damping_key="damping")
+        return params, state, self.info(params, loss, step_norm, state["damping"], ok,
+                                        cg_info.iterations, cg_info.residual_norm)
