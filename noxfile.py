@@ -98,6 +98,8 @@ def bench(session: nox.Session) -> None:
     install_with(session, "all")
     session.run("python", "benchmarks/curvature_products.py", "--json",
                 "benchmarks/results/curvature_products.json", *session.posargs)
+    session.run("python", "benchmarks/step_time.py", "--json",
+                "benchmarks/results/step_time.json", *session.posargs)
 
 
 @nox.session(name="bench-peers")

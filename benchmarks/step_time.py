@@ -1,0 +1,100 @@
+"""Step time of each optimiser relative to an SGD step on the same backend and problem.
+
+Problem: MLP 784-256-10 (tanh), softmax cross-entropy, batch 128, float32. Per backend, every
+method's step is timed in interleaved rounds (one step of each per round, after warm-up; jitted
+on JAX), and the median is divided by SGD's median from the same run. Newton,
+Levenberg-Marquardt and BFGS form p x p matrices (p = 203,530 here) and are left out: they are
+small-problem methods.
+
+    python benchmarks/step_time.py --json benchmarks/results/step_time.json
+
+Writes ``{"<backend>": {"<method>": {"step_ms", "ratio_to_sgd"}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curvature_products import interleaved_ms
+from secondorder import backends, losses, optim
+from secondorder.models import MLP
+
+SIZES = (784, 256, 10)
+
+
+def methods(model: Any, loss: Any) -> dict[str, Any]:
+    found = {
+        "SGD": optim.SGD(model, loss, lr=0.01, momentum=0.9),
+        "Adam": optim.Adam(model, loss, lr=1e-3),
+        "CurveBall": optim.CurveBall(model, loss, damping=10.0),
+    }
+    if hasattr(optim, "HessianFree"):
+        found["HessianFree"] = optim.HessianFree(model, loss, cg_iters=10)
+    return found
+
+
+def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    b = backends.get(name)
+    if name == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    model, loss = MLP(SIZES, "tanh"), losses.SoftmaxCrossEntropy()
+    params = model.init(args.seed, b, dtype="float32")
+    x = b.asarray(rng.standard_normal((args.batch, SIZES[0])), dtype="float32")
+    y = b.asarray(rng.integers(0, SIZES[-1], args.batch))
+    fns, sync = {}, (lambda out: None)
+    if name == "jax":
+        import jax
+
+        sync = jax.block_until_ready
+    for label, opt in methods(model, loss).items():
+        state = opt.init(params)
+        step = opt.step
+        if name == "jax":
+            import jax
+
+            step = jax.jit(step)
+        fns[label] = (lambda step=step, state=state: step(params, state, (x, y)))
+    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    return {label: {"step_ms": t, "ratio_to_sgd": t / ms["SGD"]} for label, t in ms.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="benchmarks/results/step_time.json")
+    parser.add_argument("--backends", default="numpy,torch,jax")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    needs = {"numpy": "autograd", "torch": "torch", "jax": "jax"}
+    results: dict[str, Any] = {}
+    for name in args.backends.split(","):
+        if importlib.util.find_spec(needs[name]) is None:
+            results[name] = {"skipped": f"{needs[name]} is not installed"}
+            continue
+        results[name] = bench_backend(name, args)
+        print(name, json.dumps({k: round(v["ratio_to_sgd"], 3) for k, v in results[name].items()}))
+    results["_meta"] = {"problem": f"MLP {'-'.join(map(str, SIZES))} tanh, softmax CE, "
+                                   f"batch {args.batch}, float32",
+                        "warmup": args.warmup, "repeats": args.repeats,
+                        "torch_threads": args.threads, "python": platform.python_version()}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
