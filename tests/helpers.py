@@ -51,3 +51,24 @@ def dense_kron(*factors: np.ndarray) -> np.ndarray:
     for f in factors[1:]:
         out = np.kron(out, f)
     return out
+
+
+def textbook_cg(a, b, x0=None, iterations=10, save_at=()):
+    """Plain CG on a x = b from x0 (default 0), written out as the NumPy oracle.
+
+    Returns the final x, the iterates after the counts in ``save_at`` (the final one for counts
+    past the end) and the final residual norm.
+    """
+    x = np.zeros_like(b) if x0 is None else x0.copy()
+    r = b - a @ x
+    p = r.copy()
+    saved = {0: x.copy()}
+    for k in range(1, iterations + 1):
+        ap = a @ p
+        alpha = (r @ r) / (p @ ap)
+        x = x + alpha * p
+        r_new = r - alpha * ap
+        p = r_new + (r_new @ r_new) / (r @ r) * p
+        r = r_new
+        saved[k] = x.copy()
+    return x, [saved.get(s, x) for s in save_at], np.linalg.norm(r)

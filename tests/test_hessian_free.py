@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, back, spd, to
+from helpers import assert_close, back, spd, textbook_cg, to
 from secondorder import backends, tree
 from secondorder.linalg import Dense, cg
 from secondorder.losses import MSE
@@ -16,24 +16,6 @@ from secondorder.optim import HessianFree, StepInfo
 from secondorder.optim.hessian_free import backtrack_points
 
 # ------------------------------------------------------------------------------ NumPy oracles
-
-
-def textbook_cg(a, b, x0, iterations, save_at=()):
-    """Plain CG from x0 for ``iterations`` steps; returns the final x and the iterates after the
-    counts in ``save_at`` (the final one for counts past the end)."""
-    x = x0.copy()
-    r = b - a @ x
-    p = r.copy()
-    saved = {0: x.copy()}
-    for k in range(1, iterations + 1):
-        ap = a @ p
-        alpha = (r @ r) / (p @ ap)
-        x = x + alpha * p
-        r_new = r - alpha * ap
-        p = r_new + (r_new @ r_new) / (r @ r) * p
-        r = r_new
-        saved[k] = x.copy()
-    return x, [saved.get(s, x) for s in save_at]
 
 
 MODEL = MLP([3, 4, 2])  # leaves in canonical order: b1 (4), w1 (4, 3), b2 (2), w2 (2, 4)
@@ -100,7 +82,7 @@ def test_cg_save_at_returns_textbook_iterates(ad_backend, rng, tol):
     x, info = cg(Dense(to(ad_backend, a)), to(ad_backend, b), to(ad_backend, x0), tol=tol,
                  maxiter=7, save_at=save_at)
     k = int(back(ad_backend, info.iterations))
-    expected_x, expected = textbook_cg(a, b, x0, k, save_at)
+    expected_x, expected = textbook_cg(a, b, x0, k, save_at)[:2]
     assert k == 7 if tol is None else k <= 7
     assert len(info.saved) == len(save_at)
     assert_close(info.saved[0], x0, rtol=0, backend=ad_backend)
@@ -116,7 +98,7 @@ def test_cg_save_at_past_early_stop_holds_final_iterate(ad_backend, rng):
     x, info = cg(Dense(to(ad_backend, a)), to(ad_backend, b), tol=1e-12, maxiter=20,
                  save_at=(2, 10, 20))
     assert info.converged and int(back(ad_backend, info.iterations)) <= 4
-    _, expected = textbook_cg(a, b, np.zeros(3), 2, (2,))
+    _, expected, _ = textbook_cg(a, b, np.zeros(3), 2, (2,))
     assert_close(info.saved[0], expected[0], rtol=1e-12, backend=ad_backend)
     for saved in info.saved[1:]:
         assert_close(saved, back(ad_backend, x), rtol=0, backend=ad_backend)
@@ -199,7 +181,8 @@ def test_backtracking_takes_the_best_saved_iterate(ad_backend, seed, damping, lr
     g, ggn = mlp_grad_ggn(theta, x, y)
     opt = HessianFree(MODEL.apply, MSE(), damping=damping, lr=lr, cg_iters=8, cg_tol=0.0)
     assert opt.save_at == (1, 2, 3, 4, 5, 7, 8)
-    final, saved = textbook_cg(ggn + damping * np.eye(26), -g, np.zeros(26), 8, opt.save_at)
+    final, saved, _ = textbook_cg(ggn + damping * np.eye(26), -g, np.zeros(26), 8,
+                                   opt.save_at)
     values = [mlp_objective(theta + lr * d, x, y) for d in saved]
     best = int(np.argmin(values))
     assert best < len(saved) - 1, "the case should make backtracking matter"
@@ -216,7 +199,7 @@ def test_without_backtracking_takes_the_last_iterate(ad_backend):
     seed, damping = 0, 0.3
     theta, x, y = mlp_problem(seed)
     g, ggn = mlp_grad_ggn(theta, x, y)
-    final, _ = textbook_cg(ggn + damping * np.eye(26), -g, np.zeros(26), 8)
+    final, _, _ = textbook_cg(ggn + damping * np.eye(26), -g, np.zeros(26), 8)
     opt = HessianFree(MODEL.apply, MSE(), damping=damping, cg_iters=8, cg_tol=0.0,
                       backtrack=False)
     p = params_of(ad_backend, theta)
@@ -237,7 +220,7 @@ def test_warm_start_from_decayed_previous_direction(ad_backend):
     g, ggn = mlp_grad_ggn(theta1, x, y)
     damping = float(back(ad_backend, s1["damping"]))
     x0 = 0.9 * flat(ad_backend, s1["direction"])
-    final, _ = textbook_cg(ggn + damping * np.eye(26), -g, x0, 6)
+    final, _, _ = textbook_cg(ggn + damping * np.eye(26), -g, x0, 6)
     assert_close(flat(ad_backend, s2["direction"]), final, rtol=1e-10)
 
 
