@@ -32,6 +32,15 @@ def test_readme_curvature_example_runs():
     assert out.getvalue().split() == ["True", "True"]  # GGN and K-FAC are PSD
 
 
+def test_readme_training_example_runs():
+    pytest.importorskip("autograd")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(blocks[2], "README.md", "exec"), {})
+    assert out.getvalue().split() == ["True", "True"]
+
+
 def test_readme_commands_are_what_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     commands = re.findall(r"```\n(python3 .*?)\n```", README.read_text())
