@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 BACKENDS_DIR = ROOT / "backends"
 
 # Files in backends/ that are not a single backend.
-NOT_BACKENDS = {"all", "dev"}
+NOT_BACKENDS = {"all", "dev", "data"}
 # Backends that need a CUDA GPU, with the extra requirement files they also need.
 GPU_BACKENDS = {"cupy": ["torch"]}
 
