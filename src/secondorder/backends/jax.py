@@ -41,7 +41,11 @@ class JaxBackend(Backend):
         if isinstance(x, np.ndarray) and dtype is None and x.dtype == np.float64:
             dtype = self.dtype("float64")
         out = jnp.asarray(x, dtype=dtype)
-        return out if device is None else jax.device_put(out, device)
+        if _is_tracer(out):
+            return out
+        # committed to a device, like the outputs of a jitted step: a jitted function that sees
+        # uncommitted arrays on one call and committed ones on the next compiles twice
+        return jax.device_put(out, device if device is not None else jax.devices()[0])
 
     def dtype(self, name: Any) -> Any:
         if (name == "float64" or name is jnp.float64) and not self.supports_float64():
