@@ -1,6 +1,9 @@
 """The ``secondorder`` command line.
 
-    secondorder list                 backends found and what each supports
+    secondorder list                 backends found (and what each supports), methods, problems
+    secondorder compare [--method M] [--problem P] [--json OUT] [--plot OUT.png]
+                                     optimisers on every backend from the same weights and
+                                     batches: loss, step time, deviation from float64 NumPy
     secondorder check [--backends numpy,torch] [--json OUT]
                                      the same Kronecker and CG solves on every backend, compared
                                      with a float64 NumPy oracle; exits 1 on a deviation
@@ -39,6 +42,65 @@ def _list(args: argparse.Namespace) -> int:
          "devices", "notes"],
         rows,
     ))
+    return 0
+
+
+def _list_all(args: argparse.Namespace) -> int:
+    _list(args)
+    from .optim.registry import DEFAULT_METHODS, METHODS, SMALL_ONLY
+    from .problems import PROBLEMS
+
+    print("\nmethods: " + ", ".join(
+        m + (" (small problems)" if m in SMALL_ONLY else "") + (" *" if m in DEFAULT_METHODS
+                                                              else "") for m in METHODS))
+    print("problems: " + ", ".join(PROBLEMS))
+    print("(* run by 'secondorder compare' without --method)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .bench.compare import TOLERANCE, compare, plot
+    from .optim.registry import DEFAULT_METHODS, METHODS
+    from .problems import PROBLEMS
+
+    methods = args.method or list(DEFAULT_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or args.problem not in PROBLEMS:
+        print(f"unknown method(s) {unknown} or problem {args.problem!r}; see 'secondorder list'",
+              file=sys.stderr)
+        return 2
+    names = args.backends.split(",") if args.backends else None
+    if names:
+        bad = [n for n in names if n not in backends.names()]
+        if bad:
+            print(f"unknown backend(s): {', '.join(bad)}", file=sys.stderr)
+            return 2
+    show = not args.quiet and sys.stderr.isatty()
+    runs = compare(methods, args.problem, names, steps=args.steps, batch_size=args.batch_size,
+                   dtype=args.dtype, seed=args.seed, device=args.device, progress=show)
+    rows = [[r.method, r.backend, r.dtype,
+             "-" if r.final_loss is None else r.final_loss,
+             "-" if r.step_ms is None else r.step_ms,
+             "-" if r.step_vs_sgd is None else r.step_vs_sgd,
+             "-" if r.max_rel_deviation is None else r.max_rel_deviation,
+             r.status] for r in runs]
+    print(f"\n{args.problem}: {args.steps} steps, {args.dtype}, seed {args.seed}; deviation = "
+          f"max over leaves ||w - w_numpy64|| / ||w_numpy64|| (tolerance "
+          f"{TOLERANCE[args.dtype]:g})")
+    print(format_table(["method", "backend", "dtype", "final loss", "step ms", "vs sgd",
+                        "max rel dev", "status"], rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"problem": args.problem, "steps": args.steps,
+                       "tolerance": TOLERANCE[args.dtype],
+                       "runs": [r.summary() for r in runs]}, fh, indent=2)
+    if args.plot:
+        plot(runs, args.plot, f"{args.problem}, {args.dtype}")
+        print(f"plot: {args.plot}")
+    failed = [r for r in runs if not r.ok]
+    if failed:
+        print(f"\n{len(failed)} run(s) failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -97,7 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secondorder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"secondorder {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="backends found and what each supports").set_defaults(func=_list)
+    sub.add_parser("list", help="backends, methods and problems").set_defaults(func=_list_all)
+    cmp_ = sub.add_parser("compare", help="optimisers on every backend: loss, speed, agreement")
+    cmp_.add_argument("--method", action="append", help="a method (repeatable); see 'list'")
+    cmp_.add_argument("--problem", default="digits-mlp")
+    cmp_.add_argument("--backends", help="comma-separated backends (default: every installed)")
+    cmp_.add_argument("--steps", type=int, default=100)
+    cmp_.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    cmp_.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    cmp_.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--json", metavar="OUT", help="write the runs as JSON")
+    cmp_.add_argument("--plot", metavar="OUT.png", default="compare.png",
+                      help="loss against step and wall time (default: compare.png)")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
+    cmp_.set_defaults(func=_compare)
     check = sub.add_parser("check", help="cross-backend Kronecker and CG solve vs a float64 oracle")
     check.add_argument("--backends", help="comma-separated backends (default: every installed)")
     check.add_argument("--json", metavar="OUT", help="also write the results as JSON")
