@@ -8,7 +8,9 @@ from .curveball import CurveBall
 from .hessian_free import HessianFree
 from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
+from .prox_linear import ProxLinear
 from .sgd import SGD
 
 __all__ = ["SGD", "Adam", "AdamW", "CurveBall", "HessianFree", "Optimizer", "StepInfo"]
 __all__ += ["BFGS", "LevenbergMarquardt", "Newton"]
+__all__ += ["ProxLinear"]
