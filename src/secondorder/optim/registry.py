@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import BFGS, SGD, Adam, CurveBall, HessianFree, LevenbergMarquardt, Newton
+from . import BFGS, SGD, Adam, CurveBall, HessianFree, LevenbergMarquardt, Newton, ProxLinear
 
 Factory = Callable[[Any, Any], Any]
 
@@ -21,12 +21,14 @@ METHODS: dict[str, Factory] = {
     "newton": lambda apply, loss: Newton(apply, loss, variant="abs", damping=1e-3),
     "levenberg-marquardt": lambda apply, loss: LevenbergMarquardt(apply, loss),
     "bfgs": lambda apply, loss: BFGS(apply, loss),
+    "prox-linear": lambda apply, loss: ProxLinear(apply, loss, solver="dual", inner_steps=2,
+                                                  update="armijo"),
 }
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
 #: low damping amplifies last-bit differences between frameworks about tenfold per step, so over
 #: 100 steps its runs drift apart past any fixed tolerance (see the README)
-DEFAULT_METHODS = ("sgd", "adam", "curveball")
+DEFAULT_METHODS = ("sgd", "adam", "curveball", "prox-linear")
 
 
 def register(name: str, factory: Factory, *, small_only: bool = False,
