@@ -5,6 +5,7 @@ from .adam import Adam, AdamW
 from .base import Optimizer, StepInfo
 from .bfgs import BFGS
 from .curveball import CurveBall
+from .grouped_newton import GroupedNewton
 from .hessian_free import HessianFree
 from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
@@ -14,3 +15,4 @@ from .sgd import SGD
 __all__ = ["SGD", "Adam", "AdamW", "CurveBall", "HessianFree", "Optimizer", "StepInfo"]
 __all__ += ["BFGS", "LevenbergMarquardt", "Newton"]
 __all__ += ["ProxLinear"]
+__all__ += ["GroupedNewton"]

@@ -1,0 +1,362 @@
+"""GroupedNewton: Newton's method through a summary of higher-order derivatives.
+
+The parameters are split into S groups by a :class:`~secondorder.optim.partitions.Partition`; for a
+direction u (the momentum of the gradient), V = Diag(u) I_{P:S} = [u_1 ... u_S] (P x S) and the
+loss is summarised on the S-dimensional slice
+
+    phi(eta) = L(theta + V eta):   g_bar = grad phi(0) = V^T g,   H_bar = hess phi(0) = V^T H V,
+                                   D3_sss = phi'''(0)[e_s, e_s, e_s] = D^3 L[u_s, u_s, u_s].
+
+**Why the phi route.** The summaries are computed by differentiating phi, a function of S numbers,
+with the backend's ``grad`` / ``hvp`` / ``jvp``: one reverse pass gives g_bar, and for each group s
+one forward-over-forward-over-reverse pass ``jvp(eta -> hvp(phi, eta, e_s), 0, e_s)`` gives at
+once the column H_bar e_s and the row D3[e_s, e_s, :] (whose entry s is D3_sss). No P x P object
+and no P-dimensional tangent other than the ones autodiff builds internally exist. The alternative
+(S Hessian-vector products in theta space plus S third-order directional derivatives) does the
+same passes through the network - the tangent of ``theta + V eta`` along e_s *is* u_s - but needs
+two separate nested passes per group (an HVP for H_bar, a third-order jvp for D3) where the phi
+route shares them, and the phi route is written once for every backend (numpy/autograd, torch.func,
+jax) with nothing but the backend protocol. Cost: about 1 + c S gradients (c ~ 4-6, see
+``benchmarks/grouped_newton.py``).
+
+**Steps.** Plain: eta = H_bar^{-1} g_bar (:func:`plain_step`). Anisotropic Nesterov cubic
+regularisation (:func:`cubic_step`): D = Diag(|D3_sss|^{1/3}), minimise
+T(eta) = -eta^T g_bar + 1/2 eta^T H_bar eta + (lambda_int / 6) |D eta|^3 through the scalar
+reduction K = (2 / lambda_int) D^{-1} H_bar D^{-1} = Q diag(k) Q^T, c = Q^T D^{-1} g_bar:
+r = |D eta| is the unique root, on r > max(0, -k_min), of r = (2 / lambda_int) |c / (k + r)|,
+found by bisection on the bracket [max(0, -k_min), max(0, -k_min) + sqrt(2 |c| / lambda_int)]
+inside ``backend.while_loop`` (so ``jax.jit`` compiles it); then
+eta = (2 / lambda_int) D^{-1} Q (c / (k + r)). The S x S algebra and the root finder run in
+float64 whenever the backend has it; on JAX without x64 mode (``jax_enable_x64`` off) float64
+does not exist and they run in float32 (less accurate roots; enable x64 for float64).
+
+**Guards.** d_s -> 0: every d_s is floored at ``d_floor * max_s d_s`` (relative; the floor
+keeps K's scaling within 1 / d_floor^2), and when all d_s are 0 (a quadratic) the cubic term
+vanishes and the plain step with the PD requirement is taken. Singular H_bar (plain step):
+|eigenvalue| <= ``rcond`` * max |eigenvalue|. lambda_int = 0 with H_bar not PD, the hard case of
+the secular equation (no root above the pole) and non-finite summaries: the step is *skipped*:
+the parameters and the state are kept and ``info.finite`` is False (inside ``jax.jit``); the
+stand-alone functions return an ``ok`` flag, and :func:`check_step` turns it into a named error
+(:class:`~secondorder.errors.NotPositiveDefiniteError`) outside a trace.
+
+**The practical optimiser** (conference version, Alg. 1 / Table 2): see :class:`GroupedNewton`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .._pytree import flatten, tree_map
+from ..backends import Backend, backend_of
+from ..errors import NotPositiveDefiniteError
+from ..losses import Loss
+from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .partitions import Partition, make_partition
+
+__all__ = ["GroupedNewton", "check_step", "cubic_step", "plain_step", "summaries"]
+
+
+# ---------------------------------------------------------------------------- summaries
+def summaries(f: Callable[[Tree], Array], params: Tree, u: Tree, partition: Partition, *,
+              third: bool = True, backend: Backend | None = None
+              ) -> tuple[Array, Array, Array | None]:
+    """``(g_bar, H_bar, d3)`` of the scalar function ``f`` at ``params`` for the direction ``u``.
+
+    g_bar (S,) = V^T grad f, H_bar (S, S) = V^T H V and d3 (S,) the diagonal D^3 f[u_s, u_s, u_s]
+    (``None`` when ``third`` is False: then S Hessian-vector products of phi replace the
+    third-order passes). All in the dtype of ``params``; see the module docstring for the route.
+    """
+    backend = backend or backend_of(params)
+    xp = backend.xp
+    leaf = flatten(params)[0][0]
+    size = partition.size
+    dtype, device = leaf.dtype, backend.device(leaf)
+
+    def phi(eta: Array) -> Array:
+        return f(tree_map(lambda p, d: p + d, params, partition.expand(eta, u)))
+
+    eta0 = xp.zeros((size,), dtype=dtype, device=device)
+    eye = xp.eye(size, dtype=dtype, device=device)
+    g_bar = backend.grad(phi, eta0)
+    cols, diag = [], []
+    for s in range(size):
+        e_s = eye[s, :]
+        if third:
+            col, row = backend.jvp(lambda eta, e_s=e_s: backend.hvp(phi, eta, e_s), eta0, e_s)
+            diag.append(row[s])
+        else:
+            col = backend.hvp(phi, eta0, e_s)
+        cols.append(col)
+    h_bar = xp.stack(cols, axis=1)
+    return g_bar, h_bar, (xp.stack(diag) if third else None)
+
+
+# ---------------------------------------------------------------------------- steps
+def _work_dtype(backend: Backend, a: Array) -> Any:
+    xp = backend.xp
+    return xp.float64 if backend.supports_float64() else a.dtype
+
+
+def _finite_or_zero(xp: Any, a: Array) -> Array:
+    """Non-finite entries set to 0 so that ``eigh`` never raises; callers flag them as failed."""
+    return xp.where(xp.isfinite(a), a, xp.zeros_like(a))
+
+
+def _sym_eigh(backend: Backend, h: Array) -> tuple[Array, Array]:
+    xp = backend.xp
+    h = _finite_or_zero(xp, h)
+    return xp.linalg.eigh(0.5 * (h + xp.linalg.matrix_transpose(h)))
+
+
+def plain_step(g_bar: Array, h_bar: Array, *, require_pd: bool = False, rcond: float = 1e-12
+               ) -> tuple[Array, Array]:
+    """``(eta, ok)`` with eta = H_bar^{-1} g_bar, solved in float64 by ``eigh``.
+
+    ``ok`` is False (and eta NaN) when H_bar is singular (|eigenvalue| <= rcond * max |eigenvalue|)
+    or, with ``require_pd``, not positive definite (eigenvalue <= rcond * max |eigenvalue|).
+    """
+    backend = backend_of(g_bar)
+    xp = backend.xp
+    work = _work_dtype(backend, g_bar)
+    g, h = xp.astype(g_bar, work), xp.astype(h_bar, work)
+    w, q = _sym_eigh(backend, h)
+    big = xp.max(xp.abs(w))
+    small = w if require_pd else xp.abs(w)
+    ok = xp.logical_and(xp.all(small > rcond * big), big > 0)
+    ok = xp.logical_and(ok, xp.logical_and(xp.all(xp.isfinite(g)), xp.all(xp.isfinite(h))))
+    safe = xp.where(ok, w, xp.ones_like(w))
+    eta = xp.matmul(q, xp.matmul(xp.linalg.matrix_transpose(q), g) / safe)
+    eta = xp.where(ok, eta, xp.full_like(eta, float("nan")))
+    return xp.astype(eta, g_bar.dtype), ok
+
+
+def cubic_step(g_bar: Array, h_bar: Array, d3: Array, lambda_int: Any, *, d_floor: float = 1e-5,
+               max_iter: int = 200, rcond: float = 1e-12
+               ) -> tuple[Array, Array, Array, Array]:
+    """The anisotropic Nesterov cubic step: ``(eta, ok, iterations, residual)``.
+
+    eta minimises T(eta) = -eta^T g_bar + 1/2 eta^T H_bar eta + (lambda_int/6) |D eta|^3,
+    D = Diag(|d3|^{1/3}) (the stationary point with the largest |D eta|, i.e. on the branch
+    where H_bar + (lambda_int/2) |D eta| D^2 is PSD: the global minimiser). ``iterations`` counts
+    bisection steps and ``residual`` is ||grad T(eta)|| / ||g_bar|| (computed in float64).
+    ``lambda_int`` must be > 0 (use :func:`plain_step` for 0).
+    """
+    backend = backend_of(g_bar)
+    xp = backend.xp
+    work = _work_dtype(backend, g_bar)
+    g, h = xp.astype(g_bar, work), xp.astype(h_bar, work)
+    h = 0.5 * (h + xp.linalg.matrix_transpose(h))
+    lam = lambda_int if is_number(lambda_int) else xp.astype(lambda_int, work)
+    d = xp.abs(xp.astype(d3, work)) ** (1.0 / 3.0)
+    dmax = xp.max(d)
+    has_d = dmax > 0
+    d = xp.where(has_d, xp.maximum(d, d_floor * dmax), xp.ones_like(d))
+    dinv = 1.0 / d
+    k_mat = (2.0 / lam) * (dinv[:, None] * h * dinv[None, :])
+    k, q = _sym_eigh(backend, k_mat)
+    c = xp.matmul(xp.linalg.matrix_transpose(q), dinv * g)
+    cnorm = xp.sqrt(xp.sum(c * c))
+    lo0 = xp.maximum(-k[0], xp.zeros_like(k[0]))
+    hi0 = lo0 + xp.sqrt(2.0 * cnorm / lam)
+    eps = 4.0 * (2.220446049250313e-16 if backend.dtype_name(work) == "float64" else 1.1920929e-07)
+
+    def secular(r: Array) -> Array:
+        return r - (2.0 / lam) * xp.sqrt(xp.sum((c / (k + r)) ** 2))
+
+    def cond_fn(carry: tuple) -> Array:
+        lo, hi, it = carry
+        return xp.logical_and(it < max_iter, hi - lo > eps * hi)
+
+    def body(carry: tuple) -> tuple:
+        lo, hi, it = carry
+        mid = 0.5 * (lo + hi)
+        above = secular(mid) > 0
+        return xp.where(above, lo, mid), xp.where(above, mid, hi), it + 1
+
+    it0 = xp.asarray(0, device=backend.device(k))
+    lo, hi, iters = backend.while_loop(cond_fn, body, (lo0, hi0, it0))
+    r = hi
+    shifted = k + r
+    ok = xp.logical_and(xp.all(shifted > 0), xp.all(xp.isfinite(shifted)))
+    safe = xp.where(ok, shifted, xp.ones_like(shifted))
+    eta_c = dinv * ((2.0 / lam) * xp.matmul(q, c / safe))
+    eta_c = xp.where(cnorm > 0, eta_c, xp.zeros_like(eta_c))
+    ok = xp.logical_or(ok, cnorm == 0)
+    eta_p, ok_p = plain_step(g, h, require_pd=True, rcond=rcond)
+    eta = xp.where(has_d, eta_c, eta_p)
+    ok = xp.where(has_d, ok, ok_p)
+    ok = xp.logical_and(ok, xp.all(xp.isfinite(eta)))
+    ok = xp.logical_and(ok, xp.all(xp.isfinite(k_mat)))
+    dd = xp.where(has_d, d, xp.zeros_like(d))
+    grad_t = -g + xp.matmul(h, eta) + (0.5 * lam) * xp.sqrt(xp.sum((dd * eta) ** 2)) * dd**2 * eta
+    gnorm = xp.sqrt(xp.sum(g * g))
+    residual = xp.sqrt(xp.sum(grad_t**2)) / xp.where(gnorm > 0, gnorm, xp.ones_like(gnorm))
+    eta = xp.where(ok, eta, xp.full_like(eta, float("nan")))
+    return xp.astype(eta, g_bar.dtype), ok, iters, xp.astype(residual, g_bar.dtype)
+
+
+def check_step(eta: Array, ok: Array) -> Array:
+    """``eta``, or :class:`NotPositiveDefiniteError` when the solve failed (concrete ``ok`` only:
+    inside a trace the flag cannot be read and ``eta`` is returned, NaN where it failed)."""
+    backend = backend_of(eta)
+    if backend.is_concrete(ok) and not bool(ok):
+        raise NotPositiveDefiniteError(
+            "the GroupedNewton step failed: H_bar is singular, or not positive definite with "
+            "lambda_int = 0 (or the cubic secular equation has no root above its pole). Use "
+            "lambda_int > 0, a coarser partition, or a different direction u.")
+    return eta
+
+
+# ---------------------------------------------------------------------------- optimiser
+class GroupedNewton(Optimizer):
+    """The practical GroupedNewton (Alg. 1 of the conference version, Table 2 defaults).
+
+    Every step, with g_t the mini-batch gradient::
+
+        g~ = g_t (first step) else mu_g g~ + (1 - mu_g) g_t;     u = g~
+        every tau steps (t = 0, tau, 2 tau, ...), on the summary batch:
+            g_bar, H_bar, D from u;  eta_t = cubic-regularised step (plain if lambda_int == 0)
+            eta~ = (eta_t)_+ (first time) else mu_eta eta~ + (1 - mu_eta) (eta_t)_+
+        theta <- theta - lr_factor * lr_scale * Diag(g~) I_{P:S} eta~
+
+    ``batch`` is ``(x, y)`` (the summaries then reuse it) or a pair of batches
+    ``((x, y), (x_s, y_s))``: gradient batch (B_g = 100 in the paper) and independent summary
+    batch (B = 1000); the summary batch may also be passed as ``step(..., summary_batch=...)``.
+
+    ``partition``: a name (``canonical`` default, ``trivial``, ``weights_biases``, ``layers``,
+    ``blocks-k``, ``alternate-k``, ``discrete``), lists of leaf indices, or a
+    :class:`~secondorder.optim.partitions.Partition`; resolved against the parameters at
+    :meth:`init` (``model`` gives ``layers`` its layer table).
+
+    A failed solve (non-finite summaries, singular or non-PD H_bar with lambda_int = 0, no root)
+    skips the step: parameters and state are kept, ``info.finite`` is False. ``info.inner_
+    iterations`` is the bisection count and ``info.inner_residual`` the stationarity residual of
+    the cubic step (0 iterations / NaN on steps that reuse eta~). The plateau scheduler
+    (ReduceLROnPlateau, patience 5, factor 0.5) is the pure :meth:`plateau` to call once per epoch
+    with a validation or training loss; it halves ``state["lr_scale"]``.
+    """
+
+    def __init__(self, apply: Callable, loss: Loss, *, partition: Any = "canonical",
+                 lr_factor: float = 0.1, lambda_int: float = 10.0, mu_g: float = 0.9,
+                 mu_eta: float = 0.5, tau: int = 10, model: Any = None, d_floor: float = 1e-5,
+                 rcond: float = 1e-12, max_iter: int = 200, patience: int = 5,
+                 plateau_factor: float = 0.5, plateau_threshold: float = 1e-4):
+        super().__init__(apply, loss)
+        if is_number(lr_factor, lambda_int, mu_g, mu_eta) and (
+                lr_factor <= 0 or lambda_int < 0 or not 0 <= mu_g < 1 or not 0 <= mu_eta < 1):
+            raise ValueError("GroupedNewton needs lr_factor > 0, lambda_int >= 0 and momenta "
+                             "in [0, 1)")
+        if int(tau) < 1:
+            raise ValueError("GroupedNewton needs tau >= 1")
+        self.partition_spec, self.model = partition, model
+        self.lr_factor, self.lambda_int, self.mu_g, self.mu_eta = lr_factor, lambda_int, mu_g, \
+            mu_eta
+        self.tau, self.d_floor, self.rcond, self.max_iter = int(tau), d_floor, rcond, max_iter
+        self.patience, self.plateau_factor = patience, plateau_factor
+        self.plateau_threshold = plateau_threshold
+        self._partitions: dict[Any, Partition] = {}
+
+    def __repr__(self) -> str:
+        return (f"GroupedNewton(partition={self.partition_spec!r}, lr_factor={self.lr_factor}, "
+                f"lambda_int={self.lambda_int}, tau={self.tau})")
+
+    def partition(self, params: Tree) -> Partition:
+        """The :class:`Partition` for trees shaped like ``params`` (cached by leaf shapes)."""
+        key = tuple(tuple(leaf.shape) for leaf in flatten(params)[0])
+        if key not in self._partitions:
+            self._partitions[key] = make_partition(self.partition_spec, params, self.model)
+        return self._partitions[key]
+
+    @property
+    def _plain(self) -> bool:
+        return is_number(self.lambda_int) and self.lambda_int == 0
+
+    def init(self, params: Tree) -> dict[str, Array]:
+        part = self.partition(params)
+        leaf = flatten(params)[0][0]
+        backend = backend_of(leaf)
+        xp, dev = backend.xp, backend.device(leaf)
+        return {
+            "t": xp.asarray(0, device=dev),
+            "g": tree_map(lambda a: a * 0.0, params),
+            "eta": xp.zeros((part.size,), dtype=leaf.dtype, device=dev),
+            "eta_defined": xp.asarray(False, device=dev),
+            "lr_scale": self.scalar(params, 1.0),
+            "best": self.scalar(params, float("inf")),
+            "bad_epochs": xp.asarray(0, device=dev),
+        }
+
+    @staticmethod
+    def _split(batch: Any, summary_batch: Any) -> tuple[Batch, Batch]:
+        if summary_batch is not None:
+            return batch, summary_batch
+        if (isinstance(batch, tuple | list) and len(batch) == 2
+                and all(isinstance(b, tuple | list) and len(b) == 2 for b in batch)):
+            return tuple(batch[0]), tuple(batch[1])
+        return batch, batch
+
+    def direction_step(self, g_bar: Array, h_bar: Array, d3: Array | None
+                       ) -> tuple[Array, Array, Array, Array]:
+        """``(eta, ok, iterations, residual)``: the plain or cubic step from the summaries."""
+        if self._plain:
+            eta, ok = plain_step(g_bar, h_bar, require_pd=True, rcond=self.rcond)
+            xp = backend_of(eta).xp
+            return eta, ok, xp.asarray(0, device=backend_of(eta).device(eta)), \
+                xp.full_like(eta[0], float("nan"))
+        return cubic_step(g_bar, h_bar, d3, self.lambda_int, d_floor=self.d_floor,
+                          max_iter=self.max_iter, rcond=self.rcond)
+
+    def step(self, params: Tree, state: dict[str, Array], batch: Any,
+             summary_batch: Batch | None = None) -> tuple[Tree, dict[str, Array], StepInfo]:
+        grad_batch, sum_batch = self._split(batch, summary_batch)
+        backend = backend_of(params)
+        xp = backend.xp
+        part = self.partition(params)
+        loss, g = self.value_and_grad(params, grad_batch)
+        first = state["t"] == 0
+        mu_g, mu_eta = self.mu_g, self.mu_eta
+        g_mom = tree_map(lambda m, gi: xp.where(first, gi, mu_g * m + (1.0 - mu_g) * gi),
+                         state["g"], g)
+        refresh = (state["t"] % self.tau) == 0
+
+        def compute(u: Tree) -> tuple[Array, Array, Array]:
+            g_bar, h_bar, d3 = summaries(lambda p: self.objective(p, sum_batch), params, u,
+                                         part, third=not self._plain, backend=backend)
+            eta, ok, iters, residual = self.direction_step(g_bar, h_bar, d3)
+            pos = xp.maximum(eta, xp.zeros_like(eta))  # NaN (failed solve) propagates
+            new = xp.where(state["eta_defined"], mu_eta * state["eta"] + (1.0 - mu_eta) * pos,
+                           pos)
+            return new, xp.astype(iters, state["t"].dtype), xp.astype(residual, loss.dtype)
+
+        def keep(u: Tree) -> tuple[Array, Array, Array]:
+            return (state["eta"], xp.zeros_like(state["t"]),
+                    xp.full_like(loss, float("nan")))
+
+        eta_t, iters, residual = backend.cond(refresh, compute, keep, g_mom)
+        lr = self.lr_factor * state["lr_scale"]
+        delta = part.expand(eta_t, g_mom)
+        new = tree_map(lambda w, dw: w - lr * dw, params, delta)
+        new_state = dict(state)
+        new_state.update(t=state["t"] + 1, g=g_mom, eta=eta_t,
+                         eta_defined=xp.logical_or(state["eta_defined"], refresh))
+        params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, g_mom,
+                                                  eta_t)
+        return params, state, self.info(params, loss, step_norm, finite=ok,
+                                        inner_iterations=iters, inner_residual=residual)
+
+    def plateau(self, state: dict[str, Array], metric: Array) -> dict[str, Array]:
+        """ReduceLROnPlateau (mode min, relative threshold): call once per epoch. After more than
+        ``patience`` epochs without a relative improvement of ``plateau_threshold``,
+        ``lr_scale`` is multiplied by ``plateau_factor`` and the count restarts."""
+        xp = backend_of(state["lr_scale"]).xp
+        better = metric < state["best"] * (1.0 - self.plateau_threshold)
+        best = xp.where(better, metric, state["best"])
+        bad = xp.where(better, xp.zeros_like(state["bad_epochs"]), state["bad_epochs"] + 1)
+        reduce = bad > self.patience
+        out = dict(state)
+        out["best"] = xp.astype(best, state["best"].dtype)
+        out["lr_scale"] = xp.where(reduce, state["lr_scale"] * self.plateau_factor,
+                                   state["lr_scale"])
+        out["bad_epochs"] = xp.where(reduce, xp.zeros_like(bad), bad)
+        return out
