@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import BFGS, SGD, Adam, CurveBall, HessianFree, LevenbergMarquardt, Newton, ProxLinear
+from . import (
+    BFGS,
+    SGD,
+    Adam,
+    CurveBall,
+    GroupedNewton,
+    HessianFree,
+    LevenbergMarquardt,
+    Newton,
+    ProxLinear,
+)
 
 Factory = Callable[[Any, Any], Any]
 
@@ -23,12 +33,13 @@ METHODS: dict[str, Factory] = {
     "bfgs": lambda apply, loss: BFGS(apply, loss),
     "prox-linear": lambda apply, loss: ProxLinear(apply, loss, solver="dual", inner_steps=2,
                                                   update="armijo"),
+    "grouped-newton": lambda apply, loss: GroupedNewton(apply, loss),
 }
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
 #: low damping amplifies last-bit differences between frameworks about tenfold per step, so over
 #: 100 steps its runs drift apart past any fixed tolerance (see the README)
-DEFAULT_METHODS = ("sgd", "adam", "curveball", "prox-linear")
+DEFAULT_METHODS = ("sgd", "adam", "curveball", "prox-linear", "grouped-newton")
 
 
 def register(name: str, factory: Factory, *, small_only: bool = False,
