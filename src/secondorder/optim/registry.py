@@ -38,8 +38,10 @@ METHODS: dict[str, Factory] = {
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
 #: low damping amplifies last-bit differences between frameworks about tenfold per step, so over
-#: 100 steps its runs drift apart past any fixed tolerance (see the README)
-DEFAULT_METHODS = ("sgd", "adam", "curveball", "prox-linear", "grouped-newton")
+#: 100 steps its runs drift apart past any fixed tolerance (see the README). GroupedNewton is left
+#: out too: when the root of its cubic step's secular equation sits next to -lambda_min(K) (the
+#: "hard case"), last-bit differences move eta by ~1e-4 (seen on teacher-student in 4 steps)
+DEFAULT_METHODS = ("sgd", "adam", "curveball", "prox-linear")
 
 
 def register(name: str, factory: Factory, *, small_only: bool = False,
