@@ -32,8 +32,18 @@ BCE, I for the squared loss), where the H^+ term becomes the identity and the co
 1^T beta = 0 becomes sqrt(s)^T z = 0. The l1-regularised variant (Algorithm 3) takes
 w <- soft_threshold(w - d, gamma lambda).
 
-Not implemented: the exact (non-quadratic) dual of the logistic prox-linear problem solved by
-projected gradient on the simplex.
+Exact logistic dual (``solver="exact-dual"``, softmax cross-entropy only): instead of the
+quadratic model, the exact prox-linear problem (sheet eq. 3, evaluated at w - d)
+
+    d = argmin_d sum_i l_i(f_i - J_i d) + m/(2 gamma) |d|^2
+
+is solved through its dual over mu_i = y_i + alpha_i in the probability simplex (per sample),
+
+    min_mu  Phi(mu) = sum_i <mu_i, log mu_i> - <mu - Y, F> + (gt/2) |J^T (mu - Y)|^2,
+
+with d = gt J^T (mu - Y) and primal optimum = - Phi(mu*); see
+:func:`exact_logistic_dual_direction` (projected gradient with backtracking, Euclidean
+projection on the simplex by bisection on the threshold).
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from ..losses import MSE, Loss, SigmoidBCE, SoftmaxCrossEntropy
 from ..tree import axpy, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 
-SOLVERS = ("dual", "primal")
+SOLVERS = ("dual", "primal", "exact-dual")
 UPDATES = ("spl", "armijo")
 
 
@@ -215,12 +225,159 @@ def primal_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, in
     return Direction(d, jtg, None, None, info.iterations, info.residual_norm)
 
 
+def project_simplex_rows(v: Array, bisection_steps: int = 60) -> Array:
+    """Euclidean projection of every row of ``v`` onto the probability simplex, jit-friendly.
+
+    The projection is max(v - tau, 0) with tau the root of phi(tau) = sum_j max(v_j - tau, 0) - 1,
+    which is non-increasing and lies in [max(v) - 1, max(v)). ``bisection_steps`` halvings of that
+    bracket (60: width 2^-60 |bracket| in float64) locate the support {v_j > lo}; tau is then
+    recomputed exactly on it, tau = (sum_support v_j - 1) / |support|, so the rows sum to 1 to
+    rounding (no sort, no data-dependent shapes)."""
+    backend = backend_of(v)
+    xp = backend.xp
+    zero = xp.zeros_like(v)
+    hi = xp.max(v, axis=1, keepdims=True)
+    lo = hi - 1.0
+
+    def body(i: Any, s: tuple) -> tuple:
+        lo, hi = s
+        mid = 0.5 * (lo + hi)
+        big = xp.sum(xp.maximum(v - mid, zero), axis=1, keepdims=True) >= 1.0
+        return xp.where(big, mid, lo), xp.where(big, hi, mid)
+
+    lo, _ = backend.fori_loop(0, int(bisection_steps), body, (lo, hi))
+    support = xp.astype(v > lo, v.dtype)
+    tau = (xp.sum(support * v, axis=1, keepdims=True) - 1.0) / xp.sum(support, axis=1,
+                                                                       keepdims=True)
+    return xp.maximum(v - tau, zero)
+
+
+def exact_logistic_dual_direction(apply: Callable, loss: Loss, params: Tree, batch: Batch, *,
+                                  gamma: Any, steps: int = 100, step_size: Any = None,
+                                  lin: Linearization | None = None, shrink: float = 0.5,
+                                  max_trials: int = 40, bisection_steps: int = 60) -> Direction:
+    """The exact (non-quadratic) prox-linear direction of softmax cross-entropy via its dual.
+
+    Solves (module docstring, sum form with gt = gamma / m)
+
+        min over mu_i in the simplex:  Phi(mu) = sum_i <mu_i, log mu_i> - <mu - Y, F>
+                                                 + (gt/2) |J^T (mu - Y)|^2
+
+    (l*(alpha) = <mu, log mu> on the simplex, mu = Y + alpha) by ``steps`` iterations of
+    projected gradient mu <- Proj_simplex(mu - t grad Phi(mu)), with
+    grad Phi = log mu + 1 - F + gt J J^T (mu - Y) (the constant 1 does not change the projection
+    and is dropped). The start is mu = softmax(F), i.e. alpha = G (then J^T alpha = J^T G is the
+    gradient VJP, reused). Each iteration costs one JVP (J w for the accepted w = J^T (mu - Y))
+    and one VJP per trial step, all on the one linearisation. log is taken of max(mu, floor),
+    floor = sqrt(tiny) of the dtype, so iterates on the boundary stay finite and are pushed back
+    inside (the optimum mu_i* = softmax(f_i - J_i d*) is interior).
+
+    Step size. The log term has curvature 1/mu, unbounded near the boundary, so no global
+    Lipschitz step exists. ``step_size=None`` (default) uses backtracking: each iteration first
+    tries twice the last accepted step (the first try is min(mu^0), the inverse curvature of the
+    entropy at the start) and multiplies it by ``shrink`` (0.5) until the sufficient-decrease
+    test Phi(mu+) <= Phi(mu) + <grad, mu+ - mu> + |mu+ - mu|^2 / (2 t) holds, at most
+    ``max_trials`` (40) trials, the test allowing a rounding slack of 16 eps (1 + |Phi|); if
+    none passes, the iterate and the step are kept. Phi is thus non-increasing up to rounding.
+    A number ``step_size`` gives plain fixed-step projected gradient (one VJP and one JVP per
+    iteration, no test; the caller must pick t <= 1 / L near the iterates).
+
+    Returns d = gt J^T (mu - Y) in a :class:`Direction` with alpha = mu - Y, beta = G - alpha,
+    ``iterations`` the number of accepted steps and ``residual`` the norm of the unit-step
+    gradient mapping |mu - Proj(mu - grad Phi(mu))| at the end (zero exactly at the optimum).
+    The primal optimum of eq. 3 is - Phi(mu*). Since the step test compares objective values,
+    mu (and d) are resolved to about sqrt(eps) relative (1e-8 in float64), Phi to eps.
+    """
+    if not isinstance(loss, SoftmaxCrossEntropy):
+        raise ValueError("the exact logistic dual needs SoftmaxCrossEntropy (its conjugate is the "
+                         f"entropy on the simplex), got {loss!r}")
+    if int(steps) != steps or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps}")
+    x, y = batch
+    if lin is None:
+        lin = _linearize(apply, params, x)
+    f = lin.outputs
+    backend = lin.backend
+    xp = backend.xp
+    m = f.shape[0]
+    gt = gamma / m
+    yt = loss.targets(f, y)
+    g = loss.grad(f, y)
+    floor = float(xp.finfo(f.dtype).smallest_normal) ** 0.5
+    floor_arr = xp.full_like(f, floor)
+
+    def logs(mu: Array) -> Array:
+        return xp.log(xp.maximum(mu, floor_arr))
+
+    def objective(mu: Array, w: Tree) -> Array:
+        return xp.sum(mu * logs(mu)) - xp.sum((mu - yt) * f) + 0.5 * gt * vdot(w, w)
+
+    def gradient(mu: Array, kw: Array) -> Array:
+        return logs(mu) - f + gt * kw
+
+    def select(c: Array, a: Tree, b: Tree) -> Tree:
+        return tree_map(lambda u, v: xp.where(c, u, v), a, b)
+
+    mu0 = g + yt  # softmax(F)
+    jtg = lin.vjp(g)  # J^T (mu0 - Y) = J^T G = m grad h
+    w0 = jtg
+    phi0 = objective(mu0, w0)
+    fixed = step_size is not None
+    if fixed:
+        t0 = xp.asarray(step_size, dtype=f.dtype, device=backend.device(f))
+    else:
+        t0 = xp.min(mu0) / 2.0  # doubled before the first trial
+    trials = 1 if fixed else int(max_trials)
+    grow = 1.0 if fixed else 2.0
+    k0 = xp.asarray(0, device=backend.device(f))
+    slack = 16.0 * float(xp.finfo(f.dtype).eps)
+
+    def body(i: Any, state: tuple) -> tuple:
+        mu, w, kw, phi, t, k = state
+        gr = gradient(mu, kw)
+
+        def attempt(t: Array) -> tuple:
+            mu_n = project_simplex_rows(mu - t * gr, bisection_steps)
+            w_n = lin.vjp(mu_n - yt)
+            phi_n = objective(mu_n, w_n)
+            step = mu_n - mu
+            bound = (phi + xp.sum(gr * step) + xp.sum(step * step) / (2.0 * t)
+                     + slack * (1.0 + xp.abs(phi)))
+            finite = xp.isfinite(phi_n)
+            return mu_n, w_n, phi_n, finite if fixed else xp.logical_and(finite, phi_n <= bound)
+
+        t1 = grow * t
+        one = xp.asarray(1, device=backend.device(f))
+
+        def cond(s: tuple) -> Array:
+            return xp.logical_and(xp.logical_not(s[4]), s[5] < trials)
+
+        def retry(s: tuple) -> tuple:
+            tn = s[0] * shrink
+            return (tn, *attempt(tn), s[5] + 1)
+
+        tn, mu_n, w_n, phi_n, ok, _ = backend.while_loop(cond, retry, (t1, *attempt(t1), one))
+        mu = xp.where(ok, mu_n, mu)
+        w = select(ok, w_n, w)
+        phi = xp.where(ok, phi_n, phi)
+        return mu, w, lin.jvp(w), phi, xp.where(ok, tn, t), k + xp.astype(ok, k.dtype)
+
+    state = (mu0, w0, lin.jvp(w0), phi0, t0, k0)
+    mu, w, kw, _, t, k = backend.fori_loop(0, int(steps), body, state)
+    mapped = mu - project_simplex_rows(mu - gradient(mu, kw), bisection_steps)
+    alpha = mu - yt
+    return Direction(tree_map(lambda a: gt * a, w), jtg, alpha, g - alpha, k,
+                     xp.sqrt(xp.sum(mapped * mapped)))
+
+
 def prox_linear_direction(apply: Callable, loss: Loss, params: Tree, batch: Batch, *,
                           gamma: Any = 1.0, inner_steps: int = 2, solver: str = "dual",
                           scaled: bool = False, tol: float = 1e-10,
                           lin: Linearization | None = None) -> Direction:
     """The prox-linear direction of the quadratic model on ``batch`` (see the module docstring
-    for the scaling): ``solver="dual"`` or ``"primal"``. ``lin`` reuses a linearisation."""
+    for the scaling): ``solver="dual"`` or ``"primal"``; ``solver="exact-dual"`` solves the
+    exact (non-quadratic) softmax cross-entropy problem instead, with ``inner_steps`` projected
+    gradient steps (:func:`exact_logistic_dual_direction`). ``lin`` reuses a linearisation."""
     x, y = batch
     if lin is None:
         lin = _linearize(apply, params, x)
@@ -229,6 +386,9 @@ def prox_linear_direction(apply: Callable, loss: Loss, params: Tree, batch: Batc
                               tol=tol)
     if solver == "primal":
         return primal_direction(lin, loss, y, gamma=gamma, inner_steps=inner_steps, tol=tol)
+    if solver == "exact-dual":
+        return exact_logistic_dual_direction(apply, loss, params, batch, gamma=gamma,
+                                             steps=inner_steps, lin=lin)
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
@@ -240,7 +400,11 @@ class ProxLinear(Optimizer):
 
     Each step computes one linearisation of the network on the batch and the direction d of
     :func:`prox_linear_direction` (``solver``, ``inner_steps`` CG iterations, ``gamma``,
-    ``scaled``), then updates by one of:
+    ``scaled``), then updates by one of the rules below. ``solver="exact-dual"`` (softmax
+    cross-entropy only) uses the exact, non-quadratic prox-linear direction through its dual
+    (:func:`exact_logistic_dual_direction`, ``inner_steps`` projected gradient steps, default
+    backtracking step size; ``inner_iterations`` counts accepted steps and ``inner_residual`` is
+    the norm of the gradient mapping).
 
     * ``update="spl"`` (default): w <- w - d; gamma acts as the step size. With ``l1 = lambda >
       0`` this is Algorithm 3 for h + lambda |w|_1: w <- soft_threshold(w - d, gamma lambda).
@@ -287,6 +451,9 @@ class ProxLinear(Optimizer):
             raise ValueError("l1 and optimizer= cannot be combined")
         if scaled and solver != "dual":
             raise ValueError("scaled=True is a change of variables of the dual solver")
+        if solver == "exact-dual" and not isinstance(loss, SoftmaxCrossEntropy):
+            raise ValueError("solver='exact-dual' (the exact logistic dual) needs "
+                             f"SoftmaxCrossEntropy, got {loss!r}")
         self.solver, self.inner_steps, self.gamma, self.update = solver, int(inner_steps), \
             gamma, update
         self.scaled, self.l1, self.optimizer, self.tol = bool(scaled), l1, optimizer, tol
