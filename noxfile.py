@@ -100,6 +100,12 @@ def bench(session: nox.Session) -> None:
                 "benchmarks/results/curvature_products.json", *session.posargs)
     session.run("python", "benchmarks/step_time.py", "--json",
                 "benchmarks/results/step_time.json", *session.posargs)
+    session.run("python", "benchmarks/prox_linear.py", "--json",
+                "benchmarks/results/prox_linear.json")
+    session.run("python", "benchmarks/prox_linear_digits.py", "--json",
+                "benchmarks/results/prox_linear_digits.json")
+    session.run("python", "benchmarks/grouped_newton.py", "--json",
+                "benchmarks/results/grouped_newton.json")
 
 
 @nox.session(name="bench-peers")
