@@ -231,7 +231,7 @@ def test_step_compiles_under_jax_jit(method):
 
 
 # ----------------------------------------------------------------- non-finite batches
-def nonfinite_check(backend, method, step_of):
+def check_nonfinite(backend, method, step_of):
     """One good step, then a batch with inf in y: params and state kept, finite False, and
     LM's damping multiplied by 10."""
     model, params, batch = mlp_problem(backend)
@@ -254,10 +254,10 @@ def nonfinite_check(backend, method, step_of):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_nonfinite_batch_keeps_params_and_state(ad_backend, method):
-    nonfinite_check(ad_backend, method, lambda opt: opt.step)
+    check_nonfinite(ad_backend, method, lambda opt: opt.step)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_nonfinite_batch_under_jax_jit(method):
     jax = pytest.importorskip("jax")
-    nonfinite_check(backends.get("jax"), method, lambda opt: jax.jit(opt.step))
+    check_nonfinite(backends.get("jax"), method, lambda opt: jax.jit(opt.step))
