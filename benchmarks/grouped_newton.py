@@ -19,11 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from _setup import mlp_problem
 from curvature_products import interleaved_ms
-from secondorder import backends, losses
-from secondorder.models import MLP
 from secondorder.optim import partitions
 from secondorder.optim.grouped_newton import summaries
 
@@ -36,16 +33,7 @@ def _no_sync(out: Any) -> None:
 
 
 def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    b = backends.get(name)
-    if name == "torch":
-        import torch
-
-        torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(args.seed)
-    model, loss = MLP(SIZES, "tanh"), losses.SoftmaxCrossEntropy()
-    params = model.init(args.seed, b, dtype="float32")
-    x = b.asarray(rng.standard_normal((args.batch, SIZES[0])), dtype="float32")
-    y = b.asarray(rng.integers(0, SIZES[-1], args.batch))
+    b, model, loss, params, x, y = mlp_problem(name, SIZES, args.batch, args.seed, args.threads)
 
     def f(p: Any) -> Any:
         return loss.value(model(p, x), y)

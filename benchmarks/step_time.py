@@ -20,11 +20,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from _setup import mlp_problem
 from curvature_products import interleaved_ms
-from secondorder import backends, losses, optim
-from secondorder.models import MLP
+from secondorder import optim
 
 SIZES = (784, 256, 10)
 
@@ -41,16 +39,7 @@ def methods(model: Any, loss: Any) -> dict[str, Any]:
 
 
 def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    b = backends.get(name)
-    if name == "torch":
-        import torch
-
-        torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(args.seed)
-    model, loss = MLP(SIZES, "tanh"), losses.SoftmaxCrossEntropy()
-    params = model.init(args.seed, b, dtype="float32")
-    x = b.asarray(rng.standard_normal((args.batch, SIZES[0])), dtype="float32")
-    y = b.asarray(rng.integers(0, SIZES[-1], args.batch))
+    b, model, loss, params, x, y = mlp_problem(name, SIZES, args.batch, args.seed, args.threads)
     fns, sync = {}, (lambda out: None)
     if name == "jax":
         import jax
