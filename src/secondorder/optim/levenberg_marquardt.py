@@ -13,7 +13,7 @@ from ..curvature import GGN
 from ..losses import Loss
 from ..tree import ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree
-from .newton import dense_curvature, finite_or_zero
+from .newton import dense_system
 
 SCALINGS = ("more", "identity")
 
@@ -66,11 +66,8 @@ class LevenbergMarquardt(Optimizer):
 
     def step(self, params: Tree, state: dict[str, Array], batch: Batch
              ) -> tuple[Tree, dict[str, Array], StepInfo]:
-        loss, grad = self.value_and_grad(params, batch)
+        loss, grad, g, unravel, ggn, gmat = dense_system(self, GGN, params, batch)
         xp = self.backend(params).xp
-        g, unravel = ravel(grad)
-        ggn = dense_curvature(lambda: GGN(self.apply, self.loss, params, batch), g)
-        gmat = finite_or_zero(0.5 * (ggn + xp.linalg.matrix_transpose(ggn)))
         lam = state["damping"]
 
         scale = state["scale"]

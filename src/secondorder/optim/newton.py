@@ -37,6 +37,20 @@ def dense_curvature(build: Callable[[], LinearOperator], like: Array) -> Array:
         return xp.full((n, n), float("nan"), dtype=like.dtype, device=_device(like))
 
 
+def dense_system(opt: Optimizer, operator: Callable, params: Tree, batch: Batch
+                 ) -> tuple[Array, Tree, Array, Callable, Array, Array]:
+    """What the dense small-problem methods share: ``(loss, grad, g, unravel, raw, sym)`` with
+    g the flat gradient, ``raw`` the dense curvature of ``operator(apply, loss, params, batch)``
+    (NaN where the batch is refused; pass it to the guard) and ``sym`` its symmetric part with
+    non-finite entries zeroed (safe to decompose)."""
+    loss, grad = opt.value_and_grad(params, batch)
+    xp = opt.backend(params).xp
+    g, unravel = ravel(grad)
+    raw = dense_curvature(lambda: operator(opt.apply, opt.loss, params, batch), g)
+    sym = finite_or_zero(0.5 * (raw + xp.linalg.matrix_transpose(raw)))
+    return loss, grad, g, unravel, raw, sym
+
+
 def finite_or_zero(a: Array) -> Array:
     """``a`` with its non-finite entries replaced by 0, so that a decomposition or solve never
     raises; the raw array is checked by the guard, which then rejects the step."""
@@ -84,11 +98,8 @@ class Newton(Optimizer):
 
     def step(self, params: Tree, state: dict[str, Array], batch: Batch
              ) -> tuple[Tree, dict[str, Array], StepInfo]:
-        loss, grad = self.value_and_grad(params, batch)
+        loss, grad, g, unravel, hess, sym = dense_system(self, Hessian, params, batch)
         xp = self.backend(params).xp
-        g, unravel = ravel(grad)
-        hess = dense_curvature(lambda: Hessian(self.apply, self.loss, params, batch), g)
-        sym = finite_or_zero(0.5 * (hess + xp.linalg.matrix_transpose(hess)))
         w, q = eigh(sym)
         if self.variant == "abs":
             w = xp.maximum(xp.abs(w), self.scalar(params, self.min_eigenvalue))
