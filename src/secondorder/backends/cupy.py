@@ -89,9 +89,6 @@ class CupyBackend(Backend):
             ) from err
         return TorchBackend()
 
-    def _wrap(self, f: Callable) -> Callable:
-        return f  # f is namespace-generic; it sees torch tensors while differentiated
-
     def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
         y, dy = self._torch_backend().jvp(f, _to_torch(x), _to_torch(v))
         return _to_cupy(y), _to_cupy(dy)

@@ -80,15 +80,11 @@ class NumpyBackend(Backend):
         return np.asarray(getattr(x, "_value", x))
 
     # -- autodiff: a tree becomes a tuple of leaves for autograd ----------------------------
-    def _start(self, x: Tree) -> tuple[list, TreeDef]:
-        leaves, treedef = flatten(x)
-        return leaves, treedef
-
     def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
         self._require_autograd("vjp")
         from autograd import make_vjp
 
-        leaves, treedef = self._start(x)
+        leaves, treedef = flatten(x)
         out: dict = {}
         vjp_fn, y = make_vjp(_traced(f, treedef, out))(tuple(leaves))
         out_def = out["treedef"]
@@ -102,7 +98,7 @@ class NumpyBackend(Backend):
         self._require_autograd("jvp")
         from autograd import make_jvp
 
-        leaves, treedef = self._start(x)
+        leaves, treedef = flatten(x)
         v_leaves, v_def = flatten(v)
         if v_def != treedef:
             from ..errors import StructureError

@@ -51,7 +51,11 @@ class LowRank(LinearOperator):
             raise ShapeError("the base operator must be square on the same space as U")
         super().__init__(structure, structure, backend, device)
         self.u, self.c, self.v, self.base = u, c, v, base
-        self.symmetric_update = v is u
+
+    @property
+    def symmetric_update(self) -> bool:
+        """U C V^T with V = U (the same array)."""
+        return self.v is self.u
 
     def _core(self, coef: Any) -> Any:
         return coef if self.c is None else self.c @ coef

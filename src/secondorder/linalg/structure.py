@@ -94,13 +94,3 @@ class Structure:
             out.append(xp.reshape(flat[start : start + n], shape))
             start += n
         return unflatten(self.treedef, out)
-
-    def unravel_columns(self, mat: Any, xp: Any) -> Any:
-        """Like :meth:`unravel`, for a (size, r) matrix: each leaf gets a trailing axis r."""
-        r = mat.shape[1]
-        out, start = [], 0
-        for shape in self.shapes:
-            n = math.prod(shape)
-            out.append(xp.reshape(mat[start : start + n, :], (*shape, r)))
-            start += n
-        return unflatten(self.treedef, out)
