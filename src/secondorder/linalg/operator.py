@@ -9,6 +9,7 @@ override what they can do faster or exactly (a Kronecker inverse, a diagonal, ..
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from .structure import Structure
 Tree = Any
 
 
-class LinearOperator:
+class LinearOperator(ABC):
     """A linear map between two vector spaces described by :class:`Structure` objects."""
 
     in_structure: Structure
@@ -96,8 +97,9 @@ class LinearOperator:
                     f"{what} is on {dev} but the operator lives on {self.device}; move one of them"
                 )
 
+    @abstractmethod
     def _matvec(self, v: Tree) -> Tree:
-        raise NotImplementedError(f"{type(self).__name__} must implement _matvec")
+        """A v for a ``v`` whose structure has been checked."""
 
     def _rmatvec(self, u: Tree) -> Tree:
         raise NotImplementedError(

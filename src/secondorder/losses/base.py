@@ -13,6 +13,7 @@ Conventions, stated once and used everywhere in ``secondorder``:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -23,56 +24,56 @@ from ..errors import NonFiniteError, ShapeError
 Array = Any
 
 
-class Loss:
+class Loss(ABC):
     """Base class; subclasses implement the per-sample formulas."""
 
     name: str = ""
 
     # ------------------------------------------------------------------ interface
+    @abstractmethod
     def per_sample(self, f: Array, y: Array) -> Array:
         """l(f_i, y_i) for every sample, shape (m,)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement per_sample")
 
     def value(self, f: Array, y: Array) -> Array:
         """The batch loss (1/m) sum_i l(f_i, y_i)."""
         xp = backend_of(f).xp
         return xp.mean(self.per_sample(f, y))
 
+    @abstractmethod
     def grad(self, f: Array, y: Array) -> Array:
         """Per-sample gradients grad_{f_i} l(f_i, y_i), shape (m, k)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement grad")
 
+    @abstractmethod
     def hvp(self, f: Array, y: Array, v: Array) -> Array:
         """Per-sample Hessian-vector products H_i v_i, shape (m, k)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement hvp")
 
+    @abstractmethod
     def hessian(self, f: Array, y: Array) -> Array:
         """The explicit per-sample Hessians H_i, shape (m, k, k) (tests and small systems)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement hessian")
 
+    @abstractmethod
     def hessian_sqrt(self, f: Array, y: Array) -> Array:
         """Per-sample factors S_i with S_i S_i^T = H_i, shape (m, k, k)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement hessian_sqrt")
 
+    @abstractmethod
     def pinv_hvp(self, f: Array, y: Array, v: Array) -> Array:
         """Per-sample pseudo-inverse products H_i^+ v_i."""
-        raise NotImplementedError(f"{type(self).__name__} must implement pinv_hvp")
 
+    @abstractmethod
     def projector(self, f: Array, y: Array, v: Array) -> Array:
         """Per-sample projections onto range(H_i): (H_i H_i^+) v_i."""
-        raise NotImplementedError(f"{type(self).__name__} must implement projector")
 
+    @abstractmethod
     def conjugate(self, a: Array, y: Array) -> Array:
         """Convex conjugate l*(a_i) = sup_f <a_i, f> - l(f, y_i) per sample (inf off the domain)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement conjugate")
 
+    @abstractmethod
     def noise(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         """The NumPy noise that :meth:`sample` turns into targets for outputs of ``shape``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement noise")
 
+    @abstractmethod
     def sample(self, f: Array, noise: Array) -> Array:
         """Targets drawn from the predictive distribution p(y | f) given ``noise``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement sample")
 
     # ------------------------------------------------------------------ checks
     def check(self, f: Array, y: Array) -> None:

@@ -15,6 +15,7 @@ their damping in that case: :meth:`Optimizer.guard`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -64,7 +65,7 @@ def select(pred: Any, new: Tree, old: Tree) -> Tree:
     return tree_map(pick, new, old)
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Base class: holds the objective and the helpers every method uses."""
 
     #: multiplier applied to the damping when a step is rejected as non-finite
@@ -78,12 +79,14 @@ class Optimizer:
         return f"{type(self).__name__}()"
 
     # ---------------------------------------------------------------- interface
+    @abstractmethod
     def init(self, params: Tree) -> dict[str, Array]:
-        raise NotImplementedError(f"{type(self).__name__} must implement init")
+        """The initial optimiser state (a dict of arrays) for ``params``."""
 
+    @abstractmethod
     def step(self, params: Tree, state: dict[str, Array], batch: Batch
              ) -> tuple[Tree, dict[str, Array], StepInfo]:
-        raise NotImplementedError(f"{type(self).__name__} must implement step")
+        """One step: ``(new_params, new_state, info)``, pure (nothing is mutated)."""
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
