@@ -72,3 +72,13 @@ def textbook_cg(a, b, x0=None, iterations=10, save_at=()):
         r = r_new
         saved[k] = x.copy()
     return x, [saved.get(s, x) for s in save_at], np.linalg.norm(r)
+
+
+def flat(t):
+    """Row-major flat coordinates of a NumPy tree (dict keys sorted, tuples in order), written
+    out independently of ``secondorder.tree``."""
+    if isinstance(t, dict):
+        return np.concatenate([np.ravel(t[k]) for k in sorted(t)])
+    if isinstance(t, tuple):
+        return np.concatenate([np.ravel(a) for a in t])
+    return np.ravel(t)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, spd, to
+from helpers import assert_close, flat, spd, to
 from secondorder.errors import ShapeError, StructureError
 from secondorder.linalg import (
     BlockDiagonal,
@@ -26,14 +26,6 @@ def block_diag(*ms):
         out[r:r + m.shape[0], c:c + m.shape[1]] = m
         r, c = r + m.shape[0], c + m.shape[1]
     return out
-
-
-def flat(t):
-    if isinstance(t, dict):
-        return np.concatenate([np.ravel(t[k]) for k in sorted(t)])
-    if isinstance(t, tuple):
-        return np.concatenate([np.ravel(a) for a in t])
-    return np.ravel(t)
 
 
 def unflat(v, like):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, to
+from helpers import assert_close, flat, to
 from secondorder.errors import MixedBackendError, ShapeError, StructureError
 from secondorder.linalg import (
     Adjoint,
@@ -22,15 +22,6 @@ TREE_SHAPES = {"w": (2, 3), "b": (2,)}  # canonical order: "b" (2 entries) then 
 
 
 # ------------------------------------------------------------------ independent NumPy oracles
-def flat(t):
-    """Row-major flat coordinates of a NumPy tree, dict keys sorted (written out, not imported)."""
-    if isinstance(t, dict):
-        return np.concatenate([np.ravel(t[k]) for k in sorted(t)])
-    if isinstance(t, tuple):
-        return np.concatenate([np.ravel(a) for a in t])
-    return np.ravel(t)
-
-
 def unflat(v, like):
     """Inverse of ``flat``: the NumPy tree shaped like ``like`` with coordinates ``v``."""
     if not isinstance(like, dict):

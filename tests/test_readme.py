@@ -12,33 +12,30 @@ import pytest
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_runs():
+def run_example(index):
+    """The words the README's ``index``-th Python example prints."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no python example"
+    assert len(blocks) > index, "README lacks the python example"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(blocks[0], "README.md", "exec"), {})
-    reason, iterations, gap = out.getvalue().split()
+        exec(compile(blocks[index], "README.md", "exec"), {})
+    return out.getvalue().split()
+
+
+def test_readme_example_runs():
+    reason, iterations, gap = run_example(0)
     assert reason == "converged" and 1 <= int(iterations) <= 120
     assert float(gap) < 1e-8
 
 
 def test_readme_curvature_example_runs():
     pytest.importorskip("torch")
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(blocks[1], "README.md", "exec"), {})
-    assert out.getvalue().split() == ["True", "True"]  # GGN and K-FAC are PSD
+    assert run_example(1) == ["True", "True"]  # GGN and K-FAC are PSD
 
 
 def test_readme_training_example_runs():
     pytest.importorskip("autograd")
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(blocks[2], "README.md", "exec"), {})
-    assert out.getvalue().split() == ["True", "True"]
+    assert run_example(2) == ["True", "True"]
 
 
 def test_readme_commands_are_what_ci_runs():
