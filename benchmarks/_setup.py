@@ -3,6 +3,7 @@ backend (float32), with torch limited to ``threads`` intra-op threads."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,3 +27,17 @@ def mlp_problem(name: str, sizes: Sequence[int], batch: int, seed: int, threads:
     x = b.asarray(rng.standard_normal((batch, sizes[0])), dtype="float32")
     y = b.asarray(rng.integers(0, sizes[-1], batch))
     return b, model, loss, params, x, y
+
+
+def parser(doc: str, name: str, *, batch: int, warmup: int, repeats: int
+           ) -> argparse.ArgumentParser:
+    """The options every benchmark takes; ``name`` sets the default JSON path."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--json", default=f"benchmarks/results/{name}.json")
+    p.add_argument("--backends", default="numpy,torch,jax")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--seed", type=int, default=0)
+    return p

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+import _setup as setup
 from secondorder import backends, losses, tree
 from secondorder.curvature import GGN
 from secondorder.models import MLP
@@ -224,14 +225,7 @@ NEEDS = {"torch": "torch", "jax": "jax", "numpy": "autograd"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="benchmarks/results/curvature_products.json")
-    parser.add_argument("--backends", default="numpy,torch,jax")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = setup.parser(__doc__, "curvature_products", batch=128, warmup=5, repeats=60)
     parser.add_argument("--peers", action="store_true", help="also time curvlinops (torch)")
     args = parser.parse_args(argv)
     p = problem(args.batch, args.seed)

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import _setup as setup
 from _setup import mlp_problem
 from curvature_products import interleaved_ms
 from secondorder.optim import partitions
@@ -68,14 +69,7 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="benchmarks/results/grouped_newton.json")
-    parser.add_argument("--backends", default="numpy,torch,jax")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = setup.parser(__doc__, "grouped_newton", batch=256, warmup=2, repeats=10)
     args = parser.parse_args(argv)
     out: dict[str, Any] = {}
     for name in args.backends.split(","):

@@ -20,6 +20,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import _setup as setup
 from _setup import mlp_problem
 from curvature_products import interleaved_ms
 from secondorder import optim
@@ -58,14 +59,7 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="benchmarks/results/step_time.json")
-    parser.add_argument("--backends", default="numpy,torch,jax")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = setup.parser(__doc__, "step_time", batch=128, warmup=3, repeats=30)
     args = parser.parse_args(argv)
     needs = {"numpy": "autograd", "torch": "torch", "jax": "jax"}
     results: dict[str, Any] = {}
