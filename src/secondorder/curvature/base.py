@@ -30,11 +30,18 @@ def check_batch(backend: Backend, x: Array, what: str = "inputs") -> None:
 
 
 class Linearization:
-    """f(params) on a batch with its JVP and VJP, computed once and reused."""
+    """f(params) on a batch with its JVP and VJP, computed once and reused.
 
-    def __init__(self, apply: Callable[[Tree, Array], Array], params: Tree, x: Array):
+    ``validate=False`` skips the NaN/inf check of the batch: optimisers pass it, since a step must
+    reject non-finite values through its guard (the same path as inside ``jax.jit``) rather than
+    raise.
+    """
+
+    def __init__(self, apply: Callable[[Tree, Array], Array], params: Tree, x: Array, *,
+                 validate: bool = True):
         self.backend = backend_of(params, x)
-        check_batch(self.backend, x)
+        if validate:
+            check_batch(self.backend, x)
         self.params, self.x = params, x
         self.outputs, self.jvp, self.vjp = self.backend.linearize_vjp(
             lambda p: apply(p, x), params
@@ -51,13 +58,18 @@ class Linearization:
 
 
 class CurvatureOperator(LinearOperator):
-    """A symmetric operator on the parameter space built from a linearisation and a loss."""
+    """A symmetric operator on the parameter space built from a linearisation and a loss.
 
-    def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array]):
+    ``validate=False`` skips the checks of the batch and targets (see :class:`Linearization`).
+    """
+
+    def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array], *,
+                 validate: bool = True):
         x, y = batch
         self.apply, self.loss, self.params, self.x, self.y = apply, loss, params, x, y
-        self.lin = Linearization(apply, params, x)
-        loss.check(self.lin.outputs, y)
+        self.lin = Linearization(apply, params, x, validate=validate)
+        if validate:
+            loss.check(self.lin.outputs, y)
         structure = Structure.of(params)
         super().__init__(structure, structure, *placement(params))
 

@@ -17,11 +17,13 @@ class Hessian(LinearOperator):
     The gradient map is linearised once (``linearize``) and the linearisation reused per product.
     """
 
-    def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array]):
+    def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array], *,
+                 validate: bool = True):
         x, y = batch
         backend = backend_of(params, x)
-        check_batch(backend, x)
-        loss.check(apply(params, x), y)
+        if validate:  # optimisers skip it and reject non-finite steps through their guard
+            check_batch(backend, x)
+            loss.check(apply(params, x), y)
         self.apply, self.loss, self.params, self.x, self.y = apply, loss, params, x, y
 
         def mean_loss(p: Tree) -> Array:

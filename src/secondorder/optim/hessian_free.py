@@ -43,7 +43,6 @@ from collections.abc import Callable
 from .._pytree import tree_map
 from ..backends import backend_of
 from ..curvature import GGN, Hessian
-from ..errors import NonFiniteError
 from ..linalg import cg
 from ..losses import Loss
 from ..tree import axpy, vdot
@@ -116,16 +115,7 @@ class HessianFree(Optimizer):
         loss, grad = self.value_and_grad(params, batch)
         xp = backend_of(loss).xp
         lam = state["damping"]
-        try:
-            op = CURVATURES[self.curvature](self.apply, self.loss, params, batch)
-        except NonFiniteError:
-            # eager backends only: the operators refuse a batch (or outputs) with NaN or inf;
-            # reject the step as the guard would inside jax.jit
-            nan = self.scalar(params, float("nan"))
-            params, state, ok, step_norm = self.guard(params, state, params, state, nan,
-                                                      damping_key="damping")
-            return params, state, self.info(params, loss, step_norm, state["damping"], ok, 0,
-                                            float("nan"))
+        op = CURVATURES[self.curvature](self.apply, self.loss, params, batch, validate=False)
 
         def damped(v: Tree) -> Tree:
             return axpy(lam, v, op.matvec(v))

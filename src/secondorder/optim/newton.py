@@ -12,8 +12,7 @@ from typing import Any
 
 from .._pytree import tree_map
 from ..curvature import Hessian
-from ..errors import NonFiniteError
-from ..linalg import LinearOperator, eigh
+from ..linalg import eigh
 from ..losses import Loss
 from ..tree import ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
@@ -21,32 +20,17 @@ from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 VARIANTS = ("plain", "abs")
 
 
-def dense_curvature(build: Callable[[], LinearOperator], like: Array) -> Array:
-    """``build().to_dense()``, or a matrix of NaN where the operator refuses a non-finite
-    concrete batch or output (:class:`NonFiniteError`, eager backends only).
-
-    The curvature operators validate their data; an optimiser step must instead reject the step
-    through :meth:`Optimizer.guard`, which the NaN matrix (passed as a guard check) makes it do.
-    ``like`` is the flat gradient: it gives the size, dtype and device of the matrix.
-    """
-    try:
-        return build().to_dense()
-    except NonFiniteError:
-        xp = _xp(like)
-        n = like.shape[0]
-        return xp.full((n, n), float("nan"), dtype=like.dtype, device=_device(like))
-
-
 def dense_system(opt: Optimizer, operator: Callable, params: Tree, batch: Batch
                  ) -> tuple[Array, Tree, Array, Callable, Array, Array]:
     """What the dense small-problem methods share: ``(loss, grad, g, unravel, raw, sym)`` with
     g the flat gradient, ``raw`` the dense curvature of ``operator(apply, loss, params, batch)``
-    (NaN where the batch is refused; pass it to the guard) and ``sym`` its symmetric part with
-    non-finite entries zeroed (safe to decompose)."""
+    (built without validation: a non-finite batch gives non-finite entries, which the caller
+    passes to the guard) and ``sym`` its symmetric part with non-finite entries zeroed (safe to
+    decompose)."""
     loss, grad = opt.value_and_grad(params, batch)
     xp = opt.backend(params).xp
     g, unravel = ravel(grad)
-    raw = dense_curvature(lambda: operator(opt.apply, opt.loss, params, batch), g)
+    raw = operator(opt.apply, opt.loss, params, batch, validate=False).to_dense()
     sym = finite_or_zero(0.5 * (raw + xp.linalg.matrix_transpose(raw)))
     return loss, grad, g, unravel, raw, sym
 

@@ -55,7 +55,6 @@ from typing import Any, NamedTuple
 from .._pytree import tree_map
 from ..backends import backend_of
 from ..curvature import Linearization
-from ..errors import NonFiniteError
 from ..linalg import cg
 from ..losses import MSE, Loss, SigmoidBCE, SoftmaxCrossEntropy
 from ..tree import axpy, vdot
@@ -122,10 +121,6 @@ def dual_scaling(loss: Loss, f: Array, y: Array) -> tuple[Array, Callable[[Array
 
         return root, project_mask
     raise ValueError(f"scaled=True needs MSE, SoftmaxCrossEntropy or SigmoidBCE, got {loss!r}")
-
-
-def _linearize(apply: Callable, params: Tree, x: Array) -> Linearization:
-    return Linearization(apply, params, x)
 
 
 def dual_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, inner_steps: int,
@@ -295,7 +290,7 @@ def exact_logistic_dual_direction(apply: Callable, loss: Loss, params: Tree, bat
         raise ValueError(f"steps must be an integer >= 0, got {steps}")
     x, y = batch
     if lin is None:
-        lin = _linearize(apply, params, x)
+        lin = Linearization(apply, params, x)
     f = lin.outputs
     backend = lin.backend
     xp = backend.xp
@@ -380,7 +375,7 @@ def prox_linear_direction(apply: Callable, loss: Loss, params: Tree, batch: Batc
     gradient steps (:func:`exact_logistic_dual_direction`). ``lin`` reuses a linearisation."""
     x, y = batch
     if lin is None:
-        lin = _linearize(apply, params, x)
+        lin = Linearization(apply, params, x)
     if solver == "dual":
         return dual_direction(lin, loss, y, gamma=gamma, inner_steps=inner_steps, scaled=scaled,
                               tol=tol)
@@ -468,19 +463,10 @@ class ProxLinear(Optimizer):
             return {"inner": self.optimizer.init(params)}
         return {"eta": self.scalar(params, self.eta0 if self.update == "armijo" else 1.0)}
 
-    def _reject(self, params: Tree, state: dict, loss: Array) -> tuple:
-        nan = self.scalar(params, float("nan"))
-        params, state, ok, step_norm = self.guard(params, state, params, state, nan)
-        return params, state, self.info(params, loss, step_norm, 1.0 / self.gamma, ok, 0,
-                                        float("nan"))
-
     def step(self, params: Tree, state: dict[str, Array], batch: Batch
              ) -> tuple[Tree, dict[str, Array], StepInfo]:
         x, y = batch
-        try:
-            lin = _linearize(self.apply, params, x)
-        except NonFiniteError:
-            return self._reject(params, state, self.scalar(params, float("nan")))
+        lin = Linearization(self.apply, params, x, validate=False)  # the guard rejects NaN
         xp = lin.backend.xp
         loss = self.loss.value(lin.outputs, y)
         m = lin.outputs.shape[0]
