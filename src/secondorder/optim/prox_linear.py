@@ -59,6 +59,7 @@ from ..linalg import cg
 from ..losses import MSE, Loss, SigmoidBCE, SoftmaxCrossEntropy
 from ..tree import axpy, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .line_search import backtracking, check_line_search
 
 SOLVERS = ("dual", "primal", "exact-dual")
 UPDATES = ("spl", "armijo")
@@ -436,8 +437,7 @@ class ProxLinear(Optimizer):
             gamma = 1.0
         if is_number(gamma) and not gamma > 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
-        if not (0 < c1 < 1 and eta0 > 0 and 0 < shrink < 1 and int(max_trials) >= 1):
-            raise ValueError("Armijo needs 0 < c1 < 1, eta0 > 0, 0 < shrink < 1, max_trials >= 1")
+        check_line_search("halve", c1, shrink, max_trials, eta0)
         if is_number(l1) and l1 < 0:
             raise ValueError(f"l1 must be >= 0, got {l1}")
         if (l1 or optimizer is not None) and update != "spl":
@@ -467,7 +467,6 @@ class ProxLinear(Optimizer):
              ) -> tuple[Tree, dict[str, Array], StepInfo]:
         x, y = batch
         lin = Linearization(self.apply, params, x, validate=False)  # the guard rejects NaN
-        xp = lin.backend.xp
         loss = self.loss.value(lin.outputs, y)
         m = lin.outputs.shape[0]
         res = prox_linear_direction(self.apply, self.loss, params, batch, gamma=self.gamma,
@@ -488,30 +487,11 @@ class ProxLinear(Optimizer):
             new_state = state
         else:
             slope = vdot(d, res.grad) / m  # <d, grad h> with h the mean loss
-            inf = self.scalar(params, float("inf"))
-
-            def trial(eta: Array) -> Array:
-                value = self.objective(tree_map(lambda w, a: w - eta * a, params, d), batch)
-                return xp.where(xp.isfinite(value), value, inf)
-
-            def failing(eta: Array, value: Array) -> Array:
-                return value > loss - self.c1 * eta * slope
-
-            eta0 = self.scalar(params, self.eta0)
-            one = xp.asarray(1, device=lin.backend.device(lin.outputs))
-
-            def cond(s: tuple) -> Array:
-                eta, value, n = s
-                return xp.logical_and(failing(eta, value), n < self.max_trials)
-
-            def body(s: tuple) -> tuple:
-                eta, _, n = s
-                eta = eta * self.shrink
-                return eta, trial(eta), n + 1
-
-            eta, value, _ = lin.backend.while_loop(cond, body, (eta0, trial(eta0), one))
-            accept = xp.logical_and(xp.logical_not(failing(eta, value)), slope > 0)
-            eta = xp.where(accept, eta, xp.zeros_like(eta))
+            eta = backtracking(
+                lin.backend,
+                lambda e: self.objective(tree_map(lambda w, a: w - e * a, params, d), batch),
+                loss, -slope, self.scalar(params, self.eta0), c1=self.c1,
+                max_trials=self.max_trials, shrink=self.shrink).step
             new = tree_map(lambda w, a: w - eta * a, params, d)
             new_state = {"eta": eta}
         params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, *checks)
