@@ -57,6 +57,10 @@ def rosen_batch(backend):
 METHODS = {
     "newton": lambda apply: Newton(apply, MSE(), variant="plain", damping=1.0),
     "newton-abs": lambda apply: Newton(apply, MSE(), variant="abs", damping=0.1),
+    # damped: undamped abs-Newton on this MLP's singular Hessian divides by the 1e-8 eigenvalue
+    # floor, and its runs differ across frameworks by ~1e-5 after 10 steps, search or not
+    "newton-abs-cubic": lambda apply: Newton(apply, MSE(), variant="abs", damping=1e-2,
+                                             line_search="cubic"),
     "lm": lambda apply: LevenbergMarquardt(apply, MSE()),
     "lm-identity": lambda apply: LevenbergMarquardt(apply, MSE(), scaling="identity"),
     "bfgs": lambda apply: BFGS(apply, MSE()),
@@ -115,6 +119,73 @@ def test_newton_step_on_an_indefinite_hessian(ad_backend, variant, damping):
     params, _, info = opt.step(to(ad_backend, p), {}, rosen_batch(ad_backend))
     assert_close(params, expected, rtol=1e-12, backend=ad_backend)
     assert float(info.loss) == pytest.approx(rosen(p), rel=1e-14)
+
+
+def armijo_oracle(f, f0, slope, interpolation, c1=1e-4, trials=30):
+    """Scalar backtracking (Nocedal & Wright, Algorithm 3.1 and Section 3.5) in plain Python:
+    (step, evaluations)."""
+    t, prev = 1.0, None
+    for n in range(1, trials + 1):
+        ft = f(t)
+        if ft <= f0 + c1 * t * slope:
+            return t, n
+        if interpolation == "halve":
+            t_next = 0.5 * t
+        elif prev is None:
+            t_next = -slope * t * t / (2 * (ft - f0 - slope * t))
+        else:
+            tp, fp = prev
+            m = np.array([[1 / t**2, -1 / tp**2], [-tp / t**2, t / tp**2]]) / (t - tp)
+            a, b = m @ np.array([ft - f0 - slope * t, fp - f0 - slope * tp])
+            t_next = (-b + math.sqrt(b * b - 3 * a * slope)) / (3 * a)
+        prev = (t, ft)
+        t = min(max(t_next, 0.1 * t), 0.5 * t)
+    return 0.0, trials
+
+
+@pytest.mark.parametrize("interpolation", ["halve", "cubic"])
+def test_newton_line_search_follows_the_scalar_oracle(ad_backend, interpolation):
+    """Abs-eigenvalue Newton with backtracking on Rosenbrock from (-1.2, 1), step by step against
+    the NumPy direction and the scalar search above, until it converges."""
+    opt = Newton(rosenbrock_apply, MSE(), variant="abs", line_search=interpolation)
+    batch = rosen_batch(ad_backend)
+    p = np.array([-1.2, 1.0])
+    params = to(ad_backend, p)
+    shortened = 0
+    for _ in range(60):
+        if rosen(p) < 1e-12:
+            break
+        w, q = np.linalg.eigh(rosen_hess(p))
+        g = rosen_grad(p)
+        d = -q @ ((q.T @ g) / np.maximum(np.abs(w), 1e-8))
+        t, n = armijo_oracle(lambda s, p=p, d=d: rosen(p + s * d), rosen(p), g @ d,
+                             interpolation)
+        shortened += t < 1
+        params, _, info = opt.step(params, {}, batch)
+        p = p + t * d
+        assert_close(params, p, rtol=1e-10, backend=ad_backend)
+        assert int(info.inner_iterations) == n
+        assert info.step_norm > 0
+    assert rosen(p) < 1e-12
+    assert shortened >= 2  # the search did cut some steps
+
+
+def test_newton_line_search_keeps_params_on_an_ascent_direction(ad_backend):
+    # plain Newton at a saddle-like point where -H^{-1} g points uphill: the step is skipped
+    p = np.array([0.0, 0.01])
+    hess, g = rosen_hess(p), rosen_grad(p)
+    d = -np.linalg.solve(hess, g)
+    assert g @ d > 0
+    opt = Newton(rosenbrock_apply, MSE(), variant="plain", line_search="cubic")
+    params, _, info = opt.step(to(ad_backend, p), {}, rosen_batch(ad_backend))
+    assert_close(params, p, rtol=0.0, backend=ad_backend)
+    assert float(info.step_norm) == 0.0 and bool(info.finite)
+    assert int(info.inner_iterations) == opt.max_line_search
+
+
+def test_newton_rejects_an_unknown_line_search():
+    with pytest.raises(ValueError, match="line_search"):
+        Newton(rosenbrock_apply, MSE(), line_search="wolfe")
 
 
 # ----------------------------------------------------------------- Levenberg-Marquardt

@@ -16,6 +16,7 @@ from ..linalg import eigh
 from ..losses import Loss
 from ..tree import ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .line_search import INTERPOLATIONS, backtracking, check_line_search
 
 VARIANTS = ("plain", "abs")
 
@@ -51,7 +52,7 @@ def _device(a: Array) -> Any:
 
 
 class Newton(Optimizer):
-    """w <- w + lr d with d = -(H + damping I)^{-1} g, H the dense Hessian of the mean loss.
+    """w <- w + t d with d = -(H + damping I)^{-1} g, H the dense Hessian of the mean loss.
 
     With H = Q diag(w) Q^T (``eigh``), the two variants are
 
@@ -60,22 +61,40 @@ class Newton(Optimizer):
     * ``"abs"``: d = -Q diag(1 / (max(|w|, min_eigenvalue) + damping)) Q^T g, the "exact Hessian,
       absolute eigenvalues" baseline of the CurveBall paper (Table 1): always a descent direction.
 
+    The step length t is ``lr`` with ``line_search=None`` (the pure method). With
+    ``line_search="halve"`` or ``"cubic"`` it is the first step from t = ``lr`` down that meets
+    the Armijo condition f(w + t d) <= f(w) + c1 t g^T d on the step's batch, found by
+    :func:`~secondorder.optim.line_search.backtracking` (halving, or quadratic then cubic
+    interpolation; at most ``max_line_search`` loss evaluations): the globalised Newton method
+    of Nocedal and Wright (2006), Algorithm 3.2 with the absolute-value modification. When no
+    trial passes, or d is not a descent direction (``"plain"`` with an indefinite H), the
+    parameters are kept (``info.step_norm`` is 0). ``info.inner_iterations`` counts the loss
+    evaluations of the search.
+
     The state is empty; ``info.damping`` is the fixed ``damping``. Memory p^2, time p^3 per step.
     """
 
     def __init__(self, apply: Callable, loss: Loss, *, damping: float = 0.0,
-                 variant: str = "plain", lr: float = 1.0, min_eigenvalue: float = 1e-8):
+                 variant: str = "plain", lr: float = 1.0, min_eigenvalue: float = 1e-8,
+                 line_search: str | None = None, c1: float = 1e-4, max_line_search: int = 30):
         super().__init__(apply, loss)
         if variant not in VARIANTS:
             raise ValueError(f"unknown Newton variant {variant!r}: use 'plain' or 'abs'")
         if is_number(damping, lr, min_eigenvalue) and (damping < 0 or lr <= 0
                                                        or min_eigenvalue <= 0):
             raise ValueError("Newton needs damping >= 0, lr > 0 and min_eigenvalue > 0")
+        if line_search is not None:
+            if line_search not in INTERPOLATIONS:
+                raise ValueError(f"line_search must be None or one of {INTERPOLATIONS}, "
+                                 f"got {line_search!r}")
+            check_line_search(line_search, c1, 0.5, max_line_search, lr if is_number(lr) else 1)
         self.damping, self.variant, self.lr, self.min_eigenvalue = (damping, variant, lr,
                                                                     min_eigenvalue)
+        self.line_search, self.c1, self.max_line_search = line_search, c1, int(max_line_search)
 
     def __repr__(self) -> str:
-        return f"Newton(variant={self.variant!r}, damping={self.damping}, lr={self.lr})"
+        return (f"Newton(variant={self.variant!r}, damping={self.damping}, lr={self.lr}, "
+                f"line_search={self.line_search!r})")
 
     def init(self, params: Tree) -> dict[str, Array]:
         return {}
@@ -89,7 +108,15 @@ class Newton(Optimizer):
             w = xp.maximum(xp.abs(w), self.scalar(params, self.min_eigenvalue))
         d = -(q @ ((xp.linalg.matrix_transpose(q) @ g) / (w + self.damping)))
         step = unravel(d)
-        new = tree_map(lambda a, b: a + self.lr * b, params, step)
+        t, evaluations = self.scalar(params, self.lr), 0
+        if self.line_search is not None:
+            search = backtracking(
+                self.backend(params),
+                lambda s: self.objective(tree_map(lambda a, b: a + s * b, params, step), batch),
+                loss, xp.sum(g * d), t, c1=self.c1, max_trials=self.max_line_search,
+                interpolation=self.line_search)
+            t, evaluations = search.step, search.evaluations
+        new = tree_map(lambda a, b: a + t * b, params, step)
         params, state, ok, step_norm = self.guard(params, state, new, {}, loss, grad, hess, d)
         return params, state, self.info(params, loss, step_norm, damping=self.damping,
-                                        finite=ok)
+                                        finite=ok, inner_iterations=evaluations)
