@@ -67,3 +67,19 @@ def test_reproduction_runs_end_to_end(tmp_path):
     assert set(cell) >= {"mean", "std", "failures", "paper_mean"}
     assert cell["paper_mean"] == 13 and cell["failures"] == 0
     assert 5 <= cell["mean"] <= 30
+
+
+def test_second_order_columns_within_30_percent_of_the_paper():
+    """The issue's acceptance check on the default protocol (100 runs): CurveBall,
+    Levenberg-Marquardt and Newton within 30 % of Table 1's means on the three Rosenbrock
+    settings, with no failed run."""
+    pytest.importorskip("jax")
+    from secondorder.bench.curveball_table1 import reproduce
+
+    methods = ["CurveBall", "Levenberg-Marquardt", "Newton (abs eigenvalues)"]
+    results = reproduce(methods=methods, settings=("deterministic", "U[0,1]", "U[0,3]"))
+    for method in methods:
+        for setting, cell in results[method].items():
+            assert cell["failures"] == 0, (method, setting)
+            assert abs(cell["mean"] - cell["paper_mean"]) <= 0.3 * cell["paper_mean"], (
+                method, setting, cell["mean"], cell["paper_mean"])
