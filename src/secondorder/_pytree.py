@@ -50,10 +50,6 @@ class TreeDef:
             return f"{self.meta.__name__}({inner})"
         return f"({inner},)" if len(self.children) == 1 else f"({inner})"
 
-    @property
-    def is_leaf(self) -> bool:
-        return self.kind == "leaf"
-
 
 LEAF = TreeDef("leaf")
 
@@ -119,10 +115,15 @@ def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     others = []
     for other in rest:
         other_leaves, other_def = flatten(other)
-        if other_def != treedef:
-            raise StructureError(
-                f"parameter trees do not match: {treedef!r} and {other_def!r}; pass trees with "
-                "the same nesting (same container types, keys and number of leaves)"
-            )
+        check_same_structure(treedef, other_def)
         others.append(other_leaves)
     return unflatten(treedef, [fn(*args) for args in zip(leaves, *others)])
+
+
+def check_same_structure(treedef: TreeDef, other_def: TreeDef) -> None:
+    """Raise :class:`StructureError` unless two trees have the same structure."""
+    if other_def != treedef:
+        raise StructureError(
+            f"parameter trees do not match: {treedef!r} and {other_def!r}; pass trees with "
+            "the same nesting (same container types, keys and number of leaves)"
+        )

@@ -5,25 +5,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backends import backend_of
+from .backends import namespace
 
 Array = Any
 
 
 def relu(x: Array) -> Array:
     """max(x, 0)."""
-    xp = backend_of(x).xp
+    xp = namespace(x)
     return xp.where(x > 0, x, xp.zeros_like(x))
 
 
 def sigmoid(x: Array) -> Array:
     """1 / (1 + exp(-x)), through exp(-|x|) in both branches so nothing overflows."""
-    xp = backend_of(x).xp
+    xp = namespace(x)
     e = xp.exp(-xp.abs(x))
     return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def softplus(x: Array) -> Array:
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))."""
-    xp = backend_of(x).xp
-    return relu(x) + xp.log1p(xp.exp(-xp.abs(x)))
+    xp = namespace(x)
+    return xp.where(x > 0, x, xp.zeros_like(x)) + xp.log1p(xp.exp(-xp.abs(x)))

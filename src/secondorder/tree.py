@@ -13,8 +13,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._pytree import LEAF, TreeDef, flatten, tree_map, unflatten
-from .backends import backend_of, namespace
+from ._pytree import LEAF, TreeDef, check_same_structure, flatten, tree_map, unflatten
+from .backends import _backend_of_leaves, namespace
 from .errors import StructureError
 
 __all__ = [
@@ -61,16 +61,26 @@ def size(tree: Tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in leaves(tree))
 
 
+def _leaves_of_pair(x: Tree, y: Tree) -> tuple[list[Any], list[Any], TreeDef]:
+    """Flatten ``x`` and ``y`` once: named errors for mixed frameworks or devices, then for
+    different structures; returns both leaf lists and the common structure."""
+    x_leaves, x_def = flatten(x)
+    y_leaves, y_def = flatten(y)
+    _backend_of_leaves(x_leaves + y_leaves)
+    check_same_structure(x_def, y_def)
+    return x_leaves, y_leaves, x_def
+
+
 def add(x: Tree, y: Tree) -> Tree:
     """x + y."""
-    backend_of(x, y)  # named errors for mixed frameworks or devices
-    return tree_map(lambda a, b: a + b, x, y)
+    x_leaves, y_leaves, treedef = _leaves_of_pair(x, y)
+    return unflatten(treedef, [a + b for a, b in zip(x_leaves, y_leaves)])
 
 
 def sub(x: Tree, y: Tree) -> Tree:
     """x - y."""
-    backend_of(x, y)
-    return tree_map(lambda a, b: a - b, x, y)
+    x_leaves, y_leaves, treedef = _leaves_of_pair(x, y)
+    return unflatten(treedef, [a - b for a, b in zip(x_leaves, y_leaves)])
 
 
 def neg(x: Tree) -> Tree:
@@ -85,8 +95,8 @@ def scale(alpha: Any, x: Tree) -> Tree:
 
 def axpy(alpha: Any, x: Tree, y: Tree) -> Tree:
     """alpha x + y (the BLAS name)."""
-    backend_of(x, y)
-    return tree_map(lambda a, b: alpha * a + b, x, y)
+    x_leaves, y_leaves, treedef = _leaves_of_pair(x, y)
+    return unflatten(treedef, [alpha * a + b for a, b in zip(x_leaves, y_leaves)])
 
 
 def vdot(x: Tree, y: Tree) -> Any:
@@ -95,7 +105,11 @@ def vdot(x: Tree, y: Tree) -> Any:
     y_leaves, y_def = flatten(y)
     if x_def != y_def:
         raise StructureError(f"vdot of trees with different structures: {x_def!r} and {y_def!r}")
-    xp = backend_of(x_leaves, y_leaves).xp
+    return _vdot_leaves(x_leaves, y_leaves)
+
+
+def _vdot_leaves(x_leaves: list[Any], y_leaves: list[Any]) -> Any:
+    xp = _backend_of_leaves(x_leaves + y_leaves).xp
     total = None
     for a, b in zip(x_leaves, y_leaves):
         if a.shape != b.shape:
@@ -107,8 +121,9 @@ def vdot(x: Tree, y: Tree) -> Any:
 
 def norm(x: Tree) -> Any:
     """Euclidean norm sqrt(<x, x>) of the whole tree."""
-    xp = namespace(leaves(x)[0])
-    return xp.sqrt(vdot(x, x))
+    x_leaves, _ = flatten(x)
+    xp = namespace(x_leaves[0])
+    return xp.sqrt(_vdot_leaves(x_leaves, x_leaves))
 
 
 def zeros_like(x: Tree) -> Tree:
@@ -127,7 +142,7 @@ def ravel(x: Tree) -> tuple[Any, Callable[[Any], Tree]]:
     ``unravel(flat)`` splits a vector of length ``size(x)`` back into a tree shaped like ``x``.
     """
     x_leaves, treedef = flatten(x)
-    xp = backend_of(*x_leaves).xp
+    xp = _backend_of_leaves(x_leaves).xp
     flat = xp.concat([xp.reshape(a, (-1,)) for a in x_leaves]) if x_leaves else None
     shapes = [tuple(a.shape) for a in x_leaves]
     return flat, _unraveler(treedef, shapes)

@@ -154,11 +154,15 @@ def backend_of(*trees: Any, check_device: bool = True) -> Backend:
     :class:`DeviceMismatchError` for arrays on two devices. With no arrays at all, returns
     :func:`current`.
     """
-    found: dict[str, Any] = {}
     leaves: list[Any] = []
     for tree in trees:
-        tree_leaves, _ = flatten(tree)
-        leaves.extend(tree_leaves)
+        leaves.extend(flatten(tree)[0])
+    return _backend_of_leaves(leaves, check_device=check_device)
+
+
+def _backend_of_leaves(leaves: list[Any], *, check_device: bool = True) -> Backend:
+    """:func:`backend_of` for leaves that are already flattened (same checks, same errors)."""
+    found: dict[str, Any] = {}
     for leaf in leaves:
         name = _owner(leaf)
         if name is not None and name not in found:
@@ -223,8 +227,8 @@ def available(*, probe: bool = True) -> list[BackendInfo]:
     """
     infos = []
     for name, (framework, _, _) in _REGISTRY.items():
-        pkg = framework  # numpy without autograd still does linear algebra
-        installed = importlib.util.find_spec(pkg) is not None
+        # the framework, not the extra: numpy without autograd still does linear algebra
+        installed = importlib.util.find_spec(framework) is not None
         if not installed:
             infos.append(
                 BackendInfo(name, False, False, False, False, False, False, False, [],
@@ -241,6 +245,7 @@ def available(*, probe: bool = True) -> list[BackendInfo]:
                 BackendInfo(name, True, False, False, False, False, False, False, [], str(err))
             )
             continue
+        devices = b.devices()
         infos.append(
             BackendInfo(
                 name=name,
@@ -249,9 +254,9 @@ def available(*, probe: bool = True) -> list[BackendInfo]:
                 autodiff=b.has_autodiff,
                 jit=b.has_jit,
                 cpu=b.supports_cpu,
-                gpu=b.supports_gpu and any(not d.startswith("cpu") for d in b.devices()),
+                gpu=b.supports_gpu and any(not d.startswith("cpu") for d in devices),
                 float64=True,  # jax: once x64 mode is on (see the note)
-                devices=b.devices(),
+                devices=devices,
                 note=b.note,
             )
         )

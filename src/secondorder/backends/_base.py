@@ -33,8 +33,6 @@ class Backend:
     """Base class: one subclass per framework, which names itself with ``name``."""
 
     name: ClassVar[str] = ""
-    #: top-level module whose arrays this backend owns (looked up in ``sys.modules``)
-    framework: ClassVar[str] = ""
     has_autodiff: ClassVar[bool] = True
     has_jit: ClassVar[bool] = False
     supports_cpu: ClassVar[bool] = True
@@ -72,9 +70,6 @@ class Backend:
 
     def device(self, x: Array) -> Any:
         """The device ``x`` lives on (``"cpu"`` for host-only frameworks)."""
-        return "cpu"
-
-    def default_device(self) -> Any:
         return "cpu"
 
     def devices(self) -> list[str]:
@@ -187,11 +182,15 @@ class Backend:
         try:
             factor = self.xp.linalg.cholesky(a)
         except Exception as err:  # each framework has its own LinAlgError
-            raise NotPositiveDefiniteError(
-                "Cholesky factorisation failed: the matrix is not positive definite. Add "
-                "damping (a multiple of the identity) or check the curvature estimate."
-            ) from err
+            raise self._not_positive_definite() from err
         return factor
+
+    def _not_positive_definite(self) -> NotPositiveDefiniteError:
+        """The error a failed Cholesky factorisation raises, on every backend."""
+        return NotPositiveDefiniteError(
+            "Cholesky factorisation failed: the matrix is not positive definite. Add "
+            "damping (a multiple of the identity) or check the curvature estimate."
+        )
 
     def solve_triangular(self, a: Array, b: Array, *, lower: bool = True) -> Array:
         """Solve ``a x = b`` with ``a`` triangular (``b`` a vector or a matrix of columns)."""

@@ -18,7 +18,6 @@ from ._base import Array, Backend
 
 class ArrayApiStrictBackend(Backend):
     name: ClassVar[str] = "array_api_strict"
-    framework: ClassVar[str] = "array_api_strict"
     has_autodiff: ClassVar[bool] = False
     note: ClassVar[str] = "none (raises AutodiffUnavailableError)"
 
@@ -29,19 +28,11 @@ class ArrayApiStrictBackend(Backend):
     def is_array(self, x: Any) -> bool:
         return type(x).__module__.startswith("array_api_strict")
 
-    def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Array:
-        if isinstance(x, np.ndarray) and dtype is None:
-            dtype = str(x.dtype) if x.dtype in (np.float32, np.float64) else None
-        return super().asarray(x, dtype=dtype, device=device)
-
     def to_numpy(self, x: Array) -> np.ndarray:
         return np.from_dlpack(x).copy() if hasattr(x, "__dlpack__") else np.asarray(x)
 
     def device(self, x: Array) -> Any:
         return x.device
-
-    def default_device(self) -> Any:
-        return xps.Device()
 
     def einsum(self, subscripts: str, *operands: Array) -> Array:
         result = np.einsum(subscripts, *(self.to_numpy(a) for a in operands))

@@ -16,7 +16,8 @@ import cupy
 import numpy as np
 
 from .._pytree import tree_map
-from ..errors import BackendUnavailableError, NotPositiveDefiniteError
+from ..errors import BackendUnavailableError
+from . import get
 from ._base import Array, Backend, Tree
 
 
@@ -37,7 +38,6 @@ def _to_cupy(tree: Tree) -> Tree:
 
 class CupyBackend(Backend):
     name: ClassVar[str] = "cupy"
-    framework: ClassVar[str] = "cupy"
     supports_cpu: ClassVar[bool] = False
     supports_gpu: ClassVar[bool] = True
     note: ClassVar[str] = "torch.func on the same device, arrays handed over by DLPack"
@@ -71,9 +71,6 @@ class CupyBackend(Backend):
     def device(self, x: Array) -> Any:
         return x.device
 
-    def default_device(self) -> Any:
-        return cupy.cuda.Device()
-
     def devices(self) -> list[str]:
         return [f"cuda:{i}" for i in range(cupy.cuda.runtime.getDeviceCount())]
 
@@ -81,13 +78,12 @@ class CupyBackend(Backend):
     @staticmethod
     def _torch_backend() -> Backend:
         try:
-            from .torch import TorchBackend
-        except ImportError as err:
+            return get("torch")  # cached by the registry
+        except BackendUnavailableError as err:  # torch is not installed
             raise BackendUnavailableError(
                 "autodiff on the cupy backend runs through torch.func: install a CUDA build of "
                 "torch (pip install -r backends/torch.txt)"
             ) from err
-        return TorchBackend()
 
     def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
         y, dy = self._torch_backend().jvp(f, _to_torch(x), _to_torch(v))
@@ -115,10 +111,7 @@ class CupyBackend(Backend):
     def cholesky(self, a: Array) -> Array:
         factor = cupy.linalg.cholesky(a)
         if not bool(cupy.all(cupy.isfinite(factor))):
-            raise NotPositiveDefiniteError(
-                "Cholesky factorisation failed: the matrix is not positive definite. Add "
-                "damping (a multiple of the identity) or check the curvature estimate."
-            )
+            raise self._not_positive_definite()
         return factor
 
     def solve_triangular(self, a: Array, b: Array, *, lower: bool = True) -> Array:

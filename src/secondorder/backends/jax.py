@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import DTypeError, NotPositiveDefiniteError
+from ..errors import DTypeError
 from ._base import Array, Backend, Tree
 
 
@@ -24,7 +24,6 @@ def _is_tracer(x: Any) -> bool:
 
 class JaxBackend(Backend):
     name: ClassVar[str] = "jax"
-    framework: ClassVar[str] = "jax"
     has_jit: ClassVar[bool] = True
     supports_gpu: ClassVar[bool] = True
     note: ClassVar[str] = "native autodiff; float64 needs jax_enable_x64"
@@ -67,9 +66,6 @@ class JaxBackend(Backend):
         devices = x.devices()
         return next(iter(devices)) if len(devices) == 1 else tuple(sorted(map(str, devices)))
 
-    def default_device(self) -> Any:
-        return jax.devices()[0]
-
     def devices(self) -> list[str]:
         return [str(d) for d in jax.devices()]
 
@@ -105,9 +101,6 @@ class JaxBackend(Backend):
     def grad(self, f: Callable, x: Tree) -> Tree:
         return jax.grad(f)(x)
 
-    def hvp(self, f: Callable, x: Tree, v: Tree) -> Tree:
-        return jax.jvp(jax.grad(f), (x,), (v,))[1]
-
     # -- control flow ---------------------------------------------------------------------
     def fori_loop(self, lower: int, upper: int, body: Callable, init: Any) -> Any:
         return jax.lax.fori_loop(lower, upper, body, init)
@@ -125,10 +118,7 @@ class JaxBackend(Backend):
     def cholesky(self, a: Array) -> Array:
         factor = jnp.linalg.cholesky(a)
         if not _is_tracer(factor) and not bool(jnp.all(jnp.isfinite(factor))):
-            raise NotPositiveDefiniteError(
-                "Cholesky factorisation failed: the matrix is not positive definite. Add "
-                "damping (a multiple of the identity) or check the curvature estimate."
-            )
+            raise self._not_positive_definite()
         return factor
 
     def solve_triangular(self, a: Array, b: Array, *, lower: bool = True) -> Array:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._pytree import LEAF, TreeDef, flatten, unflatten
-from ..errors import AutodiffUnavailableError
+from ..errors import AutodiffUnavailableError, StructureError
 from ._base import Array, Backend, Tree
 
 
@@ -42,7 +42,6 @@ def _unpack(treedef: TreeDef, value: Any) -> Tree:
 
 class NumpyBackend(Backend):
     name: ClassVar[str] = "numpy"
-    framework: ClassVar[str] = "numpy"
     note: ClassVar[str] = "HIPS autograd (forward mode by make_jvp)"
 
     def __init__(self) -> None:
@@ -72,8 +71,6 @@ class NumpyBackend(Backend):
         return type(x).__module__.startswith("autograd")
 
     def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Array:
-        if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
-            x = np.from_dlpack(x) if type(x).__module__.startswith("numpy") else x
         return np.asarray(x, dtype=None if dtype is None else self.dtype(dtype))
 
     def to_numpy(self, x: Array) -> np.ndarray:
@@ -101,8 +98,6 @@ class NumpyBackend(Backend):
         leaves, treedef = flatten(x)
         v_leaves, v_def = flatten(v)
         if v_def != treedef:
-            from ..errors import StructureError
-
             raise StructureError(f"tangent structure {v_def!r} does not match {treedef!r}")
         out: dict = {}
         y, dy = make_jvp(_traced(f, treedef, out))(tuple(leaves))(tuple(v_leaves))

@@ -15,13 +15,11 @@ import numpy as np
 import torch
 import torch.func
 
-from ..errors import NotPositiveDefiniteError
 from ._base import Array, Backend, Tree
 
 
 class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
-    framework: ClassVar[str] = "torch"
     supports_gpu: ClassVar[bool] = True
     note: ClassVar[str] = "torch.func (jvp, vjp, linearize; hvp forward over reverse)"
 
@@ -36,8 +34,6 @@ class TorchBackend(Backend):
 
     def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Array:
         dtype = None if dtype is None else self.dtype(dtype)
-        if isinstance(x, np.ndarray) and dtype is None and x.dtype == np.float64:
-            dtype = torch.float64
         return torch.as_tensor(x, dtype=dtype, device=device)
 
     def to_numpy(self, x: Array) -> np.ndarray:
@@ -48,9 +44,6 @@ class TorchBackend(Backend):
 
     def device(self, x: Array) -> Any:
         return x.device
-
-    def default_device(self) -> Any:
-        return torch.get_default_device() if hasattr(torch, "get_default_device") else "cpu"
 
     def devices(self) -> list[str]:
         names = ["cpu"]
@@ -82,9 +75,6 @@ class TorchBackend(Backend):
     def grad(self, f: Callable, x: Tree) -> Tree:
         return torch.func.grad(f)(x)
 
-    def hvp(self, f: Callable, x: Tree, v: Tree) -> Tree:
-        return torch.func.jvp(torch.func.grad(f), (x,), (v,))[1]
-
     # -- linear algebra -------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:
         return torch.einsum(subscripts, *operands)
@@ -92,10 +82,7 @@ class TorchBackend(Backend):
     def cholesky(self, a: Array) -> Array:
         factor, info = torch.linalg.cholesky_ex(a)
         if bool(torch.any(info != 0)):
-            raise NotPositiveDefiniteError(
-                "Cholesky factorisation failed: the matrix is not positive definite. Add "
-                "damping (a multiple of the identity) or check the curvature estimate."
-            )
+            raise self._not_positive_definite()
         return factor
 
     def solve_triangular(self, a: Array, b: Array, *, lower: bool = True) -> Array:
