@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .._pytree import flatten, unflatten
+from .._pytree import TreeDef, flatten, unflatten
 from ..errors import ShapeError, StructureError
 from .composite import same_backend
 from .operator import LinearOperator, Tree
@@ -19,7 +19,8 @@ class BlockDiagonal(LinearOperator):
     space. With ``groups`` (lists of leaf indices in canonical order, see
     :func:`secondorder.tree.partition`) and ``like`` (a tree), it acts on trees shaped like
     ``like``: block i receives the leaves ``groups[i]`` (the leaf itself for a one-leaf group,
-    otherwise a tuple), and must map that space to itself.
+    otherwise a tuple), and must map that space to itself. ``like`` may also be the
+    :class:`Structure` of such a tree.
     """
 
     def __init__(self, blocks: Sequence[LinearOperator], *, groups: Sequence[Sequence[int]] | None
@@ -37,7 +38,7 @@ class BlockDiagonal(LinearOperator):
         else:
             if like is None:
                 raise ValueError("BlockDiagonal with groups needs like= (a tree of the space)")
-            in_s = out_s = Structure.of(like)
+            in_s = out_s = like if isinstance(like, Structure) else Structure.of(like)
             if len(self.groups) != len(blocks):
                 raise StructureError(f"{len(blocks)} blocks but {len(self.groups)} groups")
             seen = sorted(i for g in self.groups for i in g)
@@ -76,7 +77,11 @@ class BlockDiagonal(LinearOperator):
     def _rebuild(self, blocks: list[LinearOperator]) -> BlockDiagonal:
         if self.groups is None:
             return BlockDiagonal(blocks)
-        like = self._join([_zeros(b) for b in blocks])
+        # the space is unchanged; the dtype is that of the block holding leaf 0, as
+        # Structure.of would report for a tree of the blocks' vectors
+        s = self.in_structure
+        first = next(b for b, g in zip(blocks, self.groups) if 0 in g)
+        like = Structure(s.treedef, s.shapes, first.dtype)
         return BlockDiagonal(blocks, groups=self.groups, like=like)
 
     def transpose(self) -> LinearOperator:
@@ -90,15 +95,7 @@ class BlockDiagonal(LinearOperator):
         return self._join([b.diagonal() for b in self.blocks])
 
 
-def _zeros(block: LinearOperator) -> Tree:
-    xp = block.xp
-    flat = xp.zeros((block.in_structure.size,), dtype=block.dtype, device=block.device)
-    return block.in_structure.unravel(flat, xp)
-
-
 def _tuple_structure(parts: list[Structure]) -> Structure:
-    from .._pytree import TreeDef
-
     treedef = TreeDef("tuple", None, tuple(p.treedef for p in parts))
     shapes = tuple(s for p in parts for s in p.shapes)
     return Structure(treedef, shapes, parts[0].dtype)

@@ -116,25 +116,20 @@ def cg(
     project = _as_function(projector)
     where = xp.where
 
-    def preconditioned(r: Tree) -> Tree:
-        z = r if project is None else project(r)
+    def preconditioned(r: Tree) -> tuple[Tree, Any]:
+        """z = P M P r and the residual norm ||P r||."""
+        pr = r if project is None else project(r)
+        z = pr
         if precond is not None:
-            z = precond(z)
+            z = precond(pr)
             if project is not None:
                 z = project(z)
-        return z
-
-    def residual_norm(r: Tree, z: Tree) -> Any:
-        if precond is None:
-            return xp.sqrt(vdot(z, z))
-        pr = r if project is None else project(r)
-        return xp.sqrt(vdot(pr, pr))
+        return z, xp.sqrt(vdot(pr, pr))
 
     x = tree_map(xp.zeros_like, b) if x0 is None else x0
     r = b if x0 is None else tree_map(lambda bi, ai: bi - ai, b, matvec(x0))
-    z = preconditioned(r)
+    z, res = preconditioned(r)
     rz = vdot(r, z)
-    res = residual_norm(r, z)
     pb = b if project is None else project(b)
     b_norm = xp.sqrt(vdot(pb, pb))
     threshold = atol if tol is None else xp.maximum(tol * b_norm, atol)
@@ -161,9 +156,8 @@ def cg(
         alpha = where(curved, rz / where(curved, pap, 1.0), 0.0)
         x_new = axpy(alpha, p, x)
         r_new = axpy(-alpha, ap, r)
-        z_new = preconditioned(r_new)
+        z_new, res_new = preconditioned(r_new)
         rz_new = vdot(r_new, z_new)
-        res_new = residual_norm(r_new, z_new)
         ok = xp.logical_and(xp.isfinite(rz_new), rz_new >= 0)
         beta = where(rz > 0, rz_new / where(rz > 0, rz, 1.0), 0.0)
         p_new = axpy(beta, p, z_new)

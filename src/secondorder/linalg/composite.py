@@ -7,6 +7,7 @@ from typing import Any
 
 from .._pytree import tree_map
 from ..errors import MixedBackendError, ShapeError
+from ..tree import scale
 from .operator import LinearOperator, Tree
 
 
@@ -27,16 +28,23 @@ def _add_trees(trees: list[Tree]) -> Tree:
     return total
 
 
+def _flatten_operands(kind: type, operators: tuple[LinearOperator, ...]) -> list[LinearOperator]:
+    """The operands of a ``kind`` (Sum or Product), with nested operators of that kind spliced
+    in; raises on no operands or on mixed frameworks."""
+    if not operators:
+        raise ValueError(f"{kind.__name__} needs at least one operator")
+    flat: list[LinearOperator] = []
+    for op in operators:
+        flat.extend(op.operators if isinstance(op, kind) else [op])
+    same_backend(flat)
+    return flat
+
+
 class Sum(LinearOperator):
     """A_1 + A_2 + ... (all with one input and one output structure)."""
 
     def __init__(self, *operators: LinearOperator):
-        if not operators:
-            raise ValueError("Sum needs at least one operator")
-        flat: list[LinearOperator] = []
-        for op in operators:
-            flat.extend(op.operators if isinstance(op, Sum) else [op])
-        same_backend(flat)
+        flat = _flatten_operands(Sum, operators)
         first = flat[0]
         for op in flat[1:]:
             if op.in_structure != first.in_structure or op.out_structure != first.out_structure:
@@ -71,12 +79,7 @@ class Product(LinearOperator):
     """A_1 A_2 ... A_n: applies A_n first."""
 
     def __init__(self, *operators: LinearOperator):
-        if not operators:
-            raise ValueError("Product needs at least one operator")
-        flat: list[LinearOperator] = []
-        for op in operators:
-            flat.extend(op.operators if isinstance(op, Product) else [op])
-        same_backend(flat)
+        flat = _flatten_operands(Product, operators)
         for left, right in zip(flat[:-1], flat[1:]):
             if left.in_structure != right.out_structure:
                 raise ShapeError(
@@ -122,10 +125,10 @@ class Scaled(LinearOperator):
         self.operator = operator
 
     def _matvec(self, v: Tree) -> Tree:
-        return tree_map(lambda a: self.alpha * a, self.operator._matvec(v))
+        return scale(self.alpha, self.operator._matvec(v))
 
     def _rmatvec(self, u: Tree) -> Tree:
-        return tree_map(lambda a: self.alpha * a, self.operator._rmatvec(u))
+        return scale(self.alpha, self.operator._rmatvec(u))
 
     def transpose(self) -> LinearOperator:
         return Scaled(self.alpha, self.operator.T)
@@ -134,7 +137,7 @@ class Scaled(LinearOperator):
         return self.alpha * self.operator.to_dense()
 
     def diagonal(self) -> Tree:
-        return tree_map(lambda a: self.alpha * a, self.operator.diagonal())
+        return scale(self.alpha, self.operator.diagonal())
 
     def inv(self) -> LinearOperator:
         return Scaled(1.0 / self.alpha, self.operator.inv())

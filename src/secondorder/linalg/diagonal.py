@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._pytree import tree_map
+from ..tree import scale
 from .operator import LinearOperator, Tree, placement
 from .structure import Structure
 
@@ -58,7 +59,7 @@ class ScaledIdentity(LinearOperator):
         self.like = like
 
     def _matvec(self, v: Tree) -> Tree:
-        return tree_map(lambda a: self.scale * a, v)
+        return scale(self.scale, v)
 
     _rmatvec = _matvec
 

@@ -38,6 +38,14 @@ def kron(a: Any, b: Any, xp: Any) -> Any:
     return xp.reshape(a[:, None, :, None] * b[None, :, None, :], (ma * mb, na * nb))
 
 
+def _kron_all(matrices: Sequence[Any], xp: Any) -> Any:
+    """The dense Kronecker product M_1 (x) ... (x) M_k, folded from the left."""
+    out = matrices[0]
+    for m in matrices[1:]:
+        out = kron(out, m, xp)
+    return out
+
+
 def _outer(vectors: Sequence[Any], xp: Any) -> Any:
     """The k-way tensor T[i_1..i_k] = v_1[i_1] ... v_k[i_k]."""
     k = len(vectors)
@@ -102,14 +110,10 @@ class Kronecker(_KroneckerBase):
         return self._as_output(x, self.in_structure)
 
     def transpose(self) -> LinearOperator:
-        mt = self.xp.linalg.matrix_transpose
-        return Kronecker(*(mt(f) for f in self.factors), flat=self.flat, symmetric=self.symmetric)
+        return self._map(self.xp.linalg.matrix_transpose)
 
     def to_dense(self) -> Any:
-        out = self.factors[0]
-        for f in self.factors[1:]:
-            out = kron(out, f, self.xp)
-        return out
+        return _kron_all(self.factors, self.xp)
 
     def diagonal(self) -> Tree:
         self._require_square("diagonal()")
@@ -188,15 +192,17 @@ class KroneckerEigen(_KroneckerBase):
         self.shift, self.exponent = shift, exponent
         dims = tuple(q.shape[0] for q in vectors)
         super().__init__(dims, dims, vectors[0].dtype, vectors, flat)
+        # computed once: values, shift and exponent never change (``_with`` builds a new operator)
+        self._spectrum = (_outer(self.values, self.xp) + self.shift) ** self.exponent
 
     def spectrum(self) -> Any:
         """The eigenvalues (outer product of the factors' values + shift)^s as a k-way tensor."""
-        return (_outer(self.values, self.xp) + self.shift) ** self.exponent
+        return self._spectrum
 
     def _matvec(self, v: Tree) -> Tree:
         xp = self.xp
         z = mode_products(self._as_tensor(v, self.in_dims), self.vectors, xp, transpose=True)
-        x = mode_products(z * self.spectrum(), self.vectors, xp)
+        x = mode_products(z * self._spectrum, self.vectors, xp)
         return self._as_output(x, self.out_structure)
 
     _rmatvec = _matvec
@@ -206,10 +212,8 @@ class KroneckerEigen(_KroneckerBase):
 
     def to_dense(self) -> Any:
         xp = self.xp
-        q = self.vectors[0]
-        for f in self.vectors[1:]:
-            q = kron(q, f, xp)
-        lam = xp.reshape(self.spectrum(), (-1,))
+        q = _kron_all(self.vectors, xp)
+        lam = xp.reshape(self._spectrum, (-1,))
         return (q * lam[None, :]) @ xp.linalg.matrix_transpose(q)
 
     def _with(self, shift: Any, exponent: float) -> KroneckerEigen:

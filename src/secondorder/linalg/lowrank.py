@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ShapeError
+from ..errors import MixedBackendError, ShapeError
+from .composite import _add_trees
 from .operator import LinearOperator, Tree, placement
 from .structure import Structure
 
@@ -41,8 +42,6 @@ class LowRank(LinearOperator):
         if structure.size != n:
             raise ShapeError(f"U has {n} rows but the space has dimension {structure.size}")
         if base is not None and base.backend.name != backend.name:
-            from ..errors import MixedBackendError
-
             raise MixedBackendError(
                 f"U is a {backend.name} array but the base operator holds {base.backend.name} "
                 "arrays; build both in one framework"
@@ -60,19 +59,27 @@ class LowRank(LinearOperator):
     def _core(self, coef: Any) -> Any:
         return coef if self.c is None else self.c @ coef
 
-    def _matvec(self, x: Tree) -> Tree:
+    def _low_rank(self, left: Any, c: Any, right: Any, x: Tree) -> Tree:
+        """left C right^T x (C = I when ``c`` is None)."""
         xp = self.xp
         s = self.in_structure
-        low = s.unravel(self.u @ self._core(xp.linalg.matrix_transpose(self.v) @ s.ravel(x, xp)),
-                        xp)
+        coef = xp.linalg.matrix_transpose(right) @ s.ravel(x, xp)
+        return s.unravel(left @ (coef if c is None else c @ coef), xp)
+
+    def _matvec(self, x: Tree) -> Tree:
+        low = self._low_rank(self.u, self.c, self.v, x)
         if self.base is None:
             return low
-        from .composite import _add_trees
-
         return _add_trees([self.base._matvec(x), low])
 
     def _rmatvec(self, y: Tree) -> Tree:
-        return self.transpose()._matvec(y)
+        # (B + U C V^T)^T y = B^T y + V C^T U^T y: the product of :meth:`transpose`, without
+        # building that operator on every call
+        c = None if self.c is None else self.xp.linalg.matrix_transpose(self.c)
+        low = self._low_rank(self.v, c, self.u, y)
+        if self.base is None:
+            return low
+        return _add_trees([self.base.T._matvec(y), low])
 
     def transpose(self) -> LinearOperator:
         mt = self.xp.linalg.matrix_transpose
@@ -92,8 +99,6 @@ class LowRank(LinearOperator):
         low = self.in_structure.unravel(flat, xp)
         if self.base is None:
             return low
-        from .composite import _add_trees
-
         return _add_trees([self.base.diagonal(), low])
 
     def inv(self) -> LinearOperator:

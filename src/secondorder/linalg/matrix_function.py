@@ -33,16 +33,17 @@ def eigh(a: Any) -> tuple[Any, Any]:
     return backend_of(a).eigh(a)
 
 
-def _from_eigen(w: Any, q: Any, values: Any, xp: Any) -> Any:
+def _from_eigen(q: Any, values: Any, xp: Any) -> Any:
     return (q * values[None, :]) @ xp.linalg.matrix_transpose(q)
 
 
 def matrix_power(a: Any, s: float, *, damping: Any = 0.0) -> Any:
     """(A + damping I)^s of a symmetric PSD matrix; eigenvalues below 0 are clipped to 0."""
     _check_square(a, "matrix_power")
-    xp = backend_of(a).xp
-    w, q = eigh(a)
-    return _from_eigen(w, q, (xp.clip(w, min=0.0) + damping) ** s, xp)
+    backend = backend_of(a)
+    xp = backend.xp
+    w, q = backend.eigh(a)  # the square check above is eigh()'s
+    return _from_eigen(q, (xp.clip(w, min=0.0) + damping) ** s, xp)
 
 
 def damped_inverse(a: Any, damping: Any = 0.0) -> Any:

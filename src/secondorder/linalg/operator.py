@@ -13,7 +13,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from ..backends import Backend
+from .._pytree import flatten
+from ..backends import Backend, backend_of
 from ..errors import DeviceMismatchError, MixedBackendError, ShapeError
 from .structure import Structure
 
@@ -81,8 +82,6 @@ class LinearOperator(ABC):
 
     def _check_placement(self, leaves: list[Any], what: str) -> None:
         """Named errors for a vector of another framework or on another device."""
-        from ..backends import backend_of
-
         got = backend_of(leaves)
         if got.name != self.backend.name:
             raise MixedBackendError(
@@ -187,9 +186,6 @@ class LinearOperator(ABC):
 
 def placement(*trees: Any) -> tuple[Backend, Any]:
     """``(backend, device)`` of the arrays in ``trees``; raises on mixed frameworks/devices."""
-    from .._pytree import flatten
-    from ..backends import backend_of
-
     backend = backend_of(*trees)
     for tree in trees:
         for leaf in flatten(tree)[0]:

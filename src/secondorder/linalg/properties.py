@@ -23,13 +23,10 @@ def is_symmetric(op: LinearOperator) -> bool:
     return False
 
 
-@is_symmetric.register
-def _(op: Dense) -> bool:
-    return op.symmetric
-
-
-@is_symmetric.register
-def _(op: FunctionOperator) -> bool:
+@is_symmetric.register(Dense)
+@is_symmetric.register(FunctionOperator)
+@is_symmetric.register(Kronecker)
+def _(op: Dense | FunctionOperator | Kronecker) -> bool:
     return op.symmetric
 
 
@@ -38,11 +35,6 @@ def _(op: FunctionOperator) -> bool:
 @is_symmetric.register(KroneckerEigen)
 def _(op: LinearOperator) -> bool:
     return True
-
-
-@is_symmetric.register
-def _(op: Kronecker) -> bool:
-    return op.symmetric
 
 
 @is_symmetric.register

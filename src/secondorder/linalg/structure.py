@@ -56,10 +56,6 @@ class Structure:
         """Dimension of the space (total number of entries)."""
         return sum(math.prod(s) for s in self.shapes)
 
-    @property
-    def is_array(self) -> bool:
-        return self.treedef is LEAF
-
     def check(self, tree: Any, what: str = "vector") -> list[Any]:
         """The leaves of ``tree``, after checking its nesting and shapes against this structure."""
         leaves, treedef = flatten(tree)
