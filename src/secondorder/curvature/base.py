@@ -8,6 +8,7 @@ params -> f. Matrix-vector products then reuse them.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,19 @@ def check_batch(backend: Backend, x: Array, what: str = "inputs") -> None:
     """Named error for NaN or inf in a (concrete) batch."""
     if backend.is_concrete(x) and not bool(np.all(np.isfinite(backend.to_numpy(x)))):
         raise NonFiniteError(f"the batch {what} contain NaN or inf; clean the data first")
+
+
+def sample_targets(loss: Loss, f: Array, samples: int, seed: int,
+                   noise: list[Any] | None) -> list[Array]:
+    """Targets drawn from the model's predictive distribution at the outputs ``f``: one per
+    array in ``noise`` (from ``loss.noise``), or ``samples`` draws with NumPy's
+    Generator(``seed``) when it is None (the same on every backend)."""
+    backend = backend_of(f)
+    if noise is None:
+        rng = np.random.default_rng(seed)
+        noise = [loss.noise(tuple(f.shape), rng) for _ in range(samples)]
+    dtype = backend.dtype_name(f.dtype)
+    return [loss.sample(f, backend.asarray(n, dtype=dtype)) for n in noise]
 
 
 class Linearization:
@@ -77,9 +91,9 @@ class CurvatureOperator(LinearOperator):
     def outputs(self) -> Array:
         return self.lin.outputs
 
+    @abstractmethod
     def _output_space_product(self, u: Array) -> Array:
         """The (m, k) -> (m, k) middle factor M of J^T M J."""
-        raise NotImplementedError(f"{type(self).__name__} must implement the middle factor")
 
     def _matvec(self, v: Tree) -> Tree:
         return self.lin.vjp(self._output_space_product(self.lin.jvp(v)))

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from ..backends import backend_of
 from ..losses import Loss
-from .base import Array, CurvatureOperator, Tree
+from .base import Array, CurvatureOperator, Tree, sample_targets
 
 
 class Fisher(CurvatureOperator):
@@ -27,15 +25,10 @@ class Fisher(CurvatureOperator):
                  noise: list[Any] | None = None):
         super().__init__(apply, loss, params, batch)
         f = self.outputs
-        backend = backend_of(f)
         if kind == "empirical":
             self.targets = [self.y]
         elif kind == "mc":
-            if noise is None:
-                rng = np.random.default_rng(seed)
-                noise = [loss.noise(tuple(f.shape), rng) for _ in range(samples)]
-            noise = [backend.asarray(n, dtype=backend.dtype_name(f.dtype)) for n in noise]
-            self.targets = [loss.sample(f, n) for n in noise]
+            self.targets = sample_targets(loss, f, samples, seed, noise)
         else:
             raise ValueError(f"unknown Fisher kind {kind!r}: use 'mc' or 'empirical'")
         self.kind = kind

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .base import Array, CurvatureOperator
+from collections.abc import Callable
+
+from ..losses import Loss
+from .base import Array, CurvatureOperator, Tree
 
 
 class GGN(CurvatureOperator):
@@ -12,5 +15,10 @@ class GGN(CurvatureOperator):
     convex losses; equal to the Hessian of the mean loss for a linear network.
     """
 
+    def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array], *,
+                 validate: bool = True):
+        super().__init__(apply, loss, params, batch, validate=validate)
+        self._loss_hvp = loss.hvp_at(self.outputs, self.y)  # H at the fixed outputs, built once
+
     def _output_space_product(self, u: Array) -> Array:
-        return self.loss.hvp(self.outputs, self.y, u) / self.lin.batch_size
+        return self._loss_hvp(u) / self.lin.batch_size

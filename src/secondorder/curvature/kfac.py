@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import tree
 from ..backends import backend_of
 from ..errors import ShapeError
 from ..linalg import BlockDiagonal, Kronecker, LinearOperator, ScaledIdentity, Structure
 from ..linalg.operator import placement
 from ..losses import Loss
 from ..models.base import LayerInfo, Model
-from .base import Array, Tree, check_batch
+from .base import Array, Tree, check_batch, sample_targets
 
 
 @dataclass
@@ -46,20 +47,15 @@ class LayerFactors:
 
 def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: int,
                 noise: list[Any] | None) -> list[Array]:
-    backend = backend_of(f)
     if mode == "exact":
         s = loss.hessian_sqrt(f, y)
         return [s[:, :, c] for c in range(f.shape[1])]
     if mode == "empirical":
         return [loss.grad(f, y)]
     if mode == "mc":
-        if noise is None:
-            rng = np.random.default_rng(seed)
-            noise = [loss.noise(tuple(f.shape), rng) for _ in range(samples)]
-        dtype = backend.dtype_name(f.dtype)
-        scale = 1.0 / np.sqrt(len(noise))
-        return [scale * loss.grad(f, loss.sample(f, backend.asarray(n, dtype=dtype)))
-                for n in noise]
+        targets = sample_targets(loss, f, samples, seed, noise)
+        scale = 1.0 / np.sqrt(len(targets))
+        return [scale * loss.grad(f, t) for t in targets]
     raise ValueError(f"unknown mode {mode!r}: use 'exact', 'mc' or 'empirical'")
 
 
@@ -143,9 +139,7 @@ def KFAC(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *, 
     """The K-FAC approximation of the curvature as a block-diagonal operator on ``params``:
     one :class:`LayerKronecker` block per tapped layer; parameters outside dense and conv layers
     get a zero block."""
-    from .._pytree import flatten
-
-    leaves, _ = flatten(params)
+    leaves = tree.leaves(params)
     factors = kronecker_factors(model, loss, params, batch, mode=mode, samples=samples,
                                 seed=seed, noise=noise)
     blocks, groups, covered = [], [], set()

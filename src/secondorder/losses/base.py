@@ -14,6 +14,7 @@ Conventions, stated once and used everywhere in ``secondorder``:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,16 @@ class Loss(ABC):
     def hvp(self, f: Array, y: Array, v: Array) -> Array:
         """Per-sample Hessian-vector products H_i v_i, shape (m, k)."""
 
+    def hvp_at(self, f: Array, y: Array) -> Callable[[Array], Array]:
+        """``v -> hvp(f, y, v)`` for fixed (f, y): losses whose Hessian needs work on f alone
+        (softmax, sigmoid) do it once here, for operators that take many products."""
+        return lambda v: self.hvp(f, y, v)
+
+    def targets(self, f: Array, y: Array) -> Array:
+        """The targets as (m, k) rows in the output space; y itself unless a loss takes another
+        form (integer class labels for softmax cross-entropy)."""
+        return y
+
     @abstractmethod
     def hessian(self, f: Array, y: Array) -> Array:
         """The explicit per-sample Hessians H_i, shape (m, k, k) (tests and small systems)."""
@@ -74,6 +85,13 @@ class Loss(ABC):
     @abstractmethod
     def sample(self, f: Array, noise: Array) -> Array:
         """Targets drawn from the predictive distribution p(y | f) given ``noise``."""
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _eye(f: Array) -> Array:
+        """The k x k identity in f's dtype and on f's device, for outputs f of shape (m, k)."""
+        backend = backend_of(f)
+        return backend.xp.eye(f.shape[1], dtype=f.dtype, device=backend.device(f))
 
     # ------------------------------------------------------------------ checks
     def check(self, f: Array, y: Array) -> None:

@@ -32,8 +32,7 @@ class MSE(Loss):
     def hessian(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
         m, k = f.shape
-        eye = xp.eye(k, dtype=f.dtype, device=backend_of(f).device(f))
-        return xp.broadcast_to(eye[None, :, :], (m, k, k))
+        return xp.broadcast_to(self._eye(f)[None, :, :], (m, k, k))
 
     hessian_sqrt = hessian
 

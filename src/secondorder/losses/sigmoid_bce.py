@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..backends import Backend, backend_of
@@ -21,34 +23,30 @@ class SigmoidBCE(Loss):
 
     name = "sigmoid_bce"
 
-    _sigmoid = staticmethod(sigmoid)
-    _softplus = staticmethod(softplus)
-
     def per_sample(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
-        return xp.sum(self._softplus(f) - y * f, axis=1)
+        return xp.sum(softplus(f) - y * f, axis=1)
 
     def grad(self, f: Array, y: Array) -> Array:
-        return self._sigmoid(f) - y
+        return sigmoid(f) - y
 
     def _curvature(self, f: Array) -> Array:
-        s = self._sigmoid(f)
+        s = sigmoid(f)
         return s * (1.0 - s)
 
     def hvp(self, f: Array, y: Array, v: Array) -> Array:
-        return self._curvature(f) * v
+        return self.hvp_at(f, y)(v)
+
+    def hvp_at(self, f: Array, y: Array) -> Callable[[Array], Array]:
+        h = self._curvature(f)
+        return lambda v: h * v
 
     def hessian(self, f: Array, y: Array) -> Array:
-        xp = backend_of(f).xp
-        k = f.shape[1]
-        eye = xp.eye(k, dtype=f.dtype, device=backend_of(f).device(f))
-        return eye[None, :, :] * self._curvature(f)[:, None, :]
+        return self._eye(f)[None, :, :] * self._curvature(f)[:, None, :]
 
     def hessian_sqrt(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
-        k = f.shape[1]
-        eye = xp.eye(k, dtype=f.dtype, device=backend_of(f).device(f))
-        return eye[None, :, :] * xp.sqrt(self._curvature(f))[:, None, :]
+        return self._eye(f)[None, :, :] * xp.sqrt(self._curvature(f))[:, None, :]
 
     def _nonzero(self, f: Array) -> tuple[Array, Array]:
         xp = backend_of(f).xp
@@ -83,7 +81,7 @@ class SigmoidBCE(Loss):
 
     def sample(self, f: Array, noise: Array) -> Array:
         xp = backend_of(f).xp
-        return xp.astype(noise < self._sigmoid(f), f.dtype)
+        return xp.astype(noise < sigmoid(f), f.dtype)
 
     def _check_targets(self, backend: Backend, f: Array, y: Array) -> None:
         super()._check_targets(backend, f, y)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..backends import Backend, backend_of
@@ -51,24 +53,22 @@ class SoftmaxCrossEntropy(Loss):
         return s - self.targets(f, y)
 
     def hvp(self, f: Array, y: Array, v: Array) -> Array:
+        return self.hvp_at(f, y)(v)
+
+    def hvp_at(self, f: Array, y: Array) -> Callable[[Array], Array]:
         xp = backend_of(f).xp
         s, _ = self._softmax(f)
-        return s * v - xp.sum(v * s, axis=1, keepdims=True) * s
+        return lambda v: s * v - xp.sum(v * s, axis=1, keepdims=True) * s
 
     def hessian(self, f: Array, y: Array) -> Array:
-        xp = backend_of(f).xp
         s, _ = self._softmax(f)
-        k = f.shape[1]
-        eye = xp.eye(k, dtype=f.dtype, device=backend_of(f).device(f))
-        return eye[None, :, :] * s[:, None, :] - s[:, :, None] * s[:, None, :]
+        return self._eye(f)[None, :, :] * s[:, None, :] - s[:, :, None] * s[:, None, :]
 
     def hessian_sqrt(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
         s, _ = self._softmax(f)
         r = xp.sqrt(s)
-        k = f.shape[1]
-        eye = xp.eye(k, dtype=f.dtype, device=backend_of(f).device(f))
-        return eye[None, :, :] * r[:, None, :] - s[:, :, None] * r[:, None, :]
+        return self._eye(f)[None, :, :] * r[:, None, :] - s[:, :, None] * r[:, None, :]
 
     @staticmethod
     def _center(v: Array, w: Array) -> Array:

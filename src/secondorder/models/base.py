@@ -8,12 +8,14 @@ A model is a pure function ``apply(params, x)`` plus the metadata the curvature 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import backends
+from .._pytree import tree_map
 
 Array = Any
 
@@ -30,21 +32,24 @@ class LayerInfo:
     out_features: int
 
 
-class Model:
-    """Base class: subclasses set ``layers`` and implement ``_numpy_params``, ``apply`` and
-    ``tap_shapes``."""
+class Model(ABC):
+    """Base class: subclasses set ``layers`` and implement ``apply`` and ``tap_shapes``, and
+    ``_numpy_params`` for :meth:`init`."""
 
     layers: tuple[LayerInfo, ...] = ()
 
     def _numpy_params(self, rng: np.random.Generator) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} must implement _numpy_params")
+        """The initial parameters as a tree of NumPy arrays (the hook behind :meth:`init`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot draw its own initial parameters: pass parameters "
+            "explicitly (from_torch and from_jax return them with the model), or implement "
+            "_numpy_params(rng) to use init()"
+        )
 
     def init(self, seed: int = 0, backend: str | backends.Backend | None = None,
              dtype: str = "float64") -> Any:
         """Initial parameters drawn with NumPy's Generator(seed) and converted to ``backend``
         (a name, a Backend, or the current one), so every backend starts from the same weights."""
-        from .._pytree import tree_map
-
         if backend is None:
             backend = backends.current()
         elif isinstance(backend, str):
@@ -52,14 +57,16 @@ class Model:
         params = self._numpy_params(np.random.default_rng(seed))
         return tree_map(lambda a: backend.asarray(a, dtype=dtype), params)
 
+    @abstractmethod
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} must implement apply")
+        """f = apply(params, x), or ``(f, inputs)`` with ``taps`` (see the module docstring)."""
 
     def __call__(self, params: Any, x: Array) -> Array:
         return self.apply(params, x)
 
+    @abstractmethod
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
-        raise NotImplementedError(f"{type(self).__name__} must implement tap_shapes")
+        """The shapes of the taps for a batch ``x``, one per layer in ``layers``."""
 
     def zero_taps(self, x: Array) -> list[Array]:
         """Zero taps for a batch ``x``: one per layer in ``layers``."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends import namespace
 from .base import Array, LayerInfo, Model, lecun_normal
 from .layers import activation as activation_fn
 from .layers import conv2d, dense, output_size, pool2d
@@ -70,9 +71,7 @@ class ConvNet(Model):
         return params
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
-        from .layers import _xp
-
-        xp = _xp(x)
+        xp = namespace(x)
         inputs = []
         n_conv = len(self.channels)
         a = x

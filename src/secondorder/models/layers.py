@@ -13,26 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..backends import backend_of
+from ..backends import backend_of, namespace
 from ..functional import relu, sigmoid, softplus
 
 Array = Any
 
 
-def _xp(x: Array) -> Any:
-    return backend_of(x).xp
-
-
 def homogeneous(a: Array) -> Array:
     """(..., d) -> (..., d + 1) with a trailing 1 (the bias input)."""
-    xp = _xp(a)
+    xp = namespace(a)
     ones = xp.ones((*a.shape[:-1], 1), dtype=a.dtype, device=backend_of(a).device(a))
     return xp.concat([a, ones], axis=-1)
 
 
 def dense(p: dict, a: Array, tap: Array | None = None) -> tuple[Array, Array | None]:
     """s = a W^T + b for a (batch, in) and W (out, in); returns (s + tap, a~ or None)."""
-    xp = _xp(a)
+    xp = namespace(a)
     s = a @ xp.matrix_transpose(p["w"]) + p["b"]
     if tap is None:
         return s, None
@@ -46,7 +42,7 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 def im2col(x: Array, kh: int, kw: int, stride: int = 1, padding: int = 0) -> Array:
     """Patches of an (m, C, H, W) batch as (m, Ho Wo, C kh kw), channel-major within a patch
     (the layout of a (C_out, C, kh, kw) kernel flattened row-major)."""
-    xp = _xp(x)
+    xp = namespace(x)
     m, c, h, w = x.shape
     if padding:
         dev = backend_of(x).device(x)
@@ -73,7 +69,7 @@ def conv2d(p: dict, x: Array, *, stride: int = 1, padding: int = 0,
     Returns the (m, C_out, Ho, Wo) pre-activation (plus the tap, given as (m, Ho Wo, C_out)) and
     the homogeneous patches a~ (m, Ho Wo, C kh kw + 1) when tapped.
     """
-    xp = _xp(x)
+    xp = namespace(x)
     c_out, c_in, kh, kw = p["w"].shape
     m, _, h, w = x.shape
     ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
@@ -88,7 +84,7 @@ def conv2d(p: dict, x: Array, *, stride: int = 1, padding: int = 0,
 
 def pool2d(x: Array, size: int, kind: str) -> Array:
     """Non-overlapping ``size`` x ``size`` average or max pooling of (m, C, H, W)."""
-    xp = _xp(x)
+    xp = namespace(x)
     m, c, h, w = x.shape
     blocks = xp.reshape(x[:, :, : h - h % size, : w - w % size],
                         (m, c, h // size, size, w // size, size))
@@ -101,7 +97,7 @@ def pool2d(x: Array, size: int, kind: str) -> Array:
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "identity": lambda x: x,
-    "tanh": lambda x: _xp(x).tanh(x),
+    "tanh": lambda x: namespace(x).tanh(x),
     "relu": relu,
     "sigmoid": sigmoid,
     "silu": lambda x: x * sigmoid(x),

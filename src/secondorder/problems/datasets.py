@@ -10,7 +10,7 @@ import numpy as np
 
 from ..losses import MSE, SigmoidBCE, SoftmaxCrossEntropy
 from ..models import MLP, Autoencoder
-from .base import Problem
+from .base import Problem, _backend, _convert
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -36,28 +36,16 @@ class ModelProblem(Problem):
     def apply(self, params: Any, x: Any) -> Any:
         return self.model.apply(params, x)
 
-    def init(self, seed: int = 0, backend: Any = None, dtype: str = "float64") -> Any:
-        return self.model.init(seed, backend, dtype)
+    def _numpy_start(self, rng: np.random.Generator) -> Any:
+        return self.model._numpy_params(rng)
 
     def _numpy_batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         idx = rng.choice(self.x.shape[0], size=self.batch_size, replace=False)
         return self.x[idx], self.y[idx]
 
-    def batch(self, rng: np.random.Generator, backend: Any = None, dtype: str = "float64"
-              ) -> tuple[Any, Any]:
-        from .base import _backend
-
-        b = _backend(backend)
-        x, y = self._numpy_batch(rng)
-        y_dtype = None if y.dtype.kind in "iu" else dtype
-        return b.asarray(x, dtype=dtype), b.asarray(y, dtype=y_dtype)
-
     def full_batch(self, backend: Any = None, dtype: str = "float64") -> tuple[Any, Any]:
-        from .base import _backend
-
-        b = _backend(backend)
-        y_dtype = None if self.y.dtype.kind in "iu" else dtype
-        return b.asarray(self.x, dtype=dtype), b.asarray(self.y, dtype=y_dtype)
+        """The whole data set on ``backend``."""
+        return _convert(_backend(backend), self.x, self.y, dtype)
 
 
 class DigitsMLP(ModelProblem):
