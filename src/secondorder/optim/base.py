@@ -65,6 +65,14 @@ def select(pred: Any, new: Tree, old: Tree) -> Tree:
     return tree_map(pick, new, old)
 
 
+def adapt_damping(rho: Any, damping: Any, increase: Any, decrease: Any) -> Any:
+    """Moré's rule on the reduction ratio ``rho``: ``damping * increase`` if rho < 1/4,
+    ``damping * decrease`` if rho > 3/4, else unchanged (also for NaN)."""
+    xp = backend_of(damping).xp
+    return xp.where(rho < 0.25, damping * increase,
+                    xp.where(rho > 0.75, damping * decrease, damping))
+
+
 class Optimizer(ABC):
     """Base class: holds the objective and the helpers every method uses."""
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._pytree import tree_map
 from ..losses import Loss
-from ..tree import ravel
+from ..tree import axpy, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree
 
 
@@ -71,7 +70,7 @@ class BFGS(Optimizer):
         slope = xp.sum(g * d)
 
         def evaluate(t: Array) -> tuple[Array, Array]:
-            point = tree_map(lambda a, b: a + t * b, params, step_dir)
+            point = axpy(t, step_dir, params)
             value, gradient = self.value_and_grad(point, batch)
             return value, ravel(gradient)[0]
 
@@ -114,7 +113,7 @@ class BFGS(Optimizer):
         updates = xp.where(update, state["updates"] + 1.0,
                            xp.where(moved, state["updates"], xp.zeros_like(state["updates"])))
 
-        new = tree_map(lambda a, b: a + t * b, params, step_dir)
+        new = axpy(t, step_dir, params)
         params, state, ok, step_norm = self.guard(
             params, state, new, {"inv_hessian": h_new, "updates": updates}, loss, grad, h_new)
         return params, state, self.info(params, loss, step_norm, finite=ok,

@@ -31,7 +31,7 @@ from typing import Any
 from .._pytree import tree_map
 from ..backends import backend_of
 from ..losses import Loss
-from ..tree import axpy, vdot
+from ..tree import add, axpy, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree
 
 
@@ -90,7 +90,7 @@ class CurveBall(Optimizer):
             u = jvp(z)
             hu = h_out(u)
             grad = vjp(jl)
-            delta = axpy(lam, z, tree_map(lambda a, b: a + b, vjp(hu), grad))
+            delta = axpy(lam, z, add(vjp(hu), grad))
             if self.rho is not None:
                 return {"loss": loss, "grad": grad, "delta": delta}
             v = jvp(delta)
@@ -106,7 +106,7 @@ class CurveBall(Optimizer):
 
             loss, grad = backend.value_and_grad(objective, params)
             hz = backend.hvp(objective, params, z)
-            delta = axpy(lam, z, tree_map(lambda a, b: a + b, hz, grad))
+            delta = axpy(lam, z, add(hz, grad))
             if self.rho is not None:
                 return {"loss": loss, "grad": grad, "delta": delta}
             hd = backend.hvp(objective, params, delta)
@@ -151,7 +151,7 @@ class CurveBall(Optimizer):
             rho = self.scalar(params, self.rho)
             beta = self.scalar(params, self.beta)
         z_new = tree_map(lambda zi, di: rho * zi - beta * di, z, q["delta"])
-        new_params = tree_map(lambda w, zi: w + zi, params, z_new)
+        new_params = add(params, z_new)
         count = state["count"] + 1.0
         lam_new = lam
         if self.adapt_damping:

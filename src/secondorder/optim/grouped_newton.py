@@ -52,7 +52,9 @@ from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
 from ..errors import NotPositiveDefiniteError
 from ..losses import Loss
+from ..tree import add, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .newton import finite_or_zero
 from .partitions import Partition, make_partition
 
 __all__ = ["GroupedNewton", "check_step", "cubic_step", "plain_step", "summaries"]
@@ -81,7 +83,7 @@ def summaries(f: Callable[[Tree], Array], params: Tree, u: Tree, partition: Part
     dtype, device = leaf.dtype, backend.device(leaf)
 
     def phi(eta: Array) -> Array:
-        return f(tree_map(lambda p, d: p + d, params, partition.expand(eta, u)))
+        return f(add(params, partition.expand(eta, u)))
 
     eta0 = xp.zeros((size,), dtype=dtype, device=device)
     eye = xp.eye(size, dtype=dtype, device=device)
@@ -102,8 +104,6 @@ def summaries(f: Callable[[Tree], Array], params: Tree, u: Tree, partition: Part
 def _summaries_theta(f: Callable[[Tree], Array], params: Tree, u: Tree, partition: Partition,
                      third: bool, backend: Backend) -> tuple[Array, Array, Array | None]:
     """The parameter-space route of :func:`summaries` (see the module docstring)."""
-    from ..tree import vdot
-
     xp = backend.xp
     leaf = flatten(params)[0][0]
     size = partition.size
@@ -129,14 +129,9 @@ def _work_dtype(backend: Backend, a: Array) -> Any:
     return xp.float64 if backend.supports_float64() else a.dtype
 
 
-def _finite_or_zero(xp: Any, a: Array) -> Array:
-    """Non-finite entries set to 0 so that ``eigh`` never raises; callers flag them as failed."""
-    return xp.where(xp.isfinite(a), a, xp.zeros_like(a))
-
-
 def _sym_eigh(backend: Backend, h: Array) -> tuple[Array, Array]:
     xp = backend.xp
-    h = _finite_or_zero(xp, h)
+    h = finite_or_zero(h)  # so that eigh never raises; callers flag non-finite input as failed
     return xp.linalg.eigh(0.5 * (h + xp.linalg.matrix_transpose(h)))
 
 
@@ -312,7 +307,6 @@ class GroupedNewton(Optimizer):
             "t": xp.asarray(0, device=dev),
             "g": tree_map(lambda a: a * 0.0, params),
             "eta": xp.zeros((part.size,), dtype=leaf.dtype, device=dev),
-            "eta_defined": xp.asarray(False, device=dev),
             "lr_scale": self.scalar(params, 1.0),
             "best": self.scalar(params, float("inf")),
             "bad_epochs": xp.asarray(0, device=dev),
@@ -356,7 +350,9 @@ class GroupedNewton(Optimizer):
                                          part, third=not self._plain, backend=backend)
             eta, ok, iters, residual = self.direction_step(g_bar, h_bar, d3)
             pos = xp.maximum(eta, xp.zeros_like(eta))  # NaN (failed solve) propagates
-            new = xp.where(state["eta_defined"], mu_eta * state["eta"] + (1.0 - mu_eta) * pos,
+            # eta~ exists from the first step on: t = 0 always refreshes (0 % tau == 0), and the
+            # guard keeps or rejects t together with eta
+            new = xp.where(state["t"] > 0, mu_eta * state["eta"] + (1.0 - mu_eta) * pos,
                            pos)
             return new, xp.astype(iters, state["t"].dtype), xp.astype(residual, loss.dtype)
 
@@ -369,8 +365,7 @@ class GroupedNewton(Optimizer):
         delta = part.expand(eta_t, g_mom)
         new = tree_map(lambda w, dw: w - lr * dw, params, delta)
         new_state = dict(state)
-        new_state.update(t=state["t"] + 1, g=g_mom, eta=eta_t,
-                         eta_defined=xp.logical_or(state["eta_defined"], refresh))
+        new_state.update(t=state["t"] + 1, g=g_mom, eta=eta_t)
         params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, g_mom,
                                                   eta_t)
         return params, state, self.info(params, loss, step_norm, finite=ok,

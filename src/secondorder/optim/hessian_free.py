@@ -45,8 +45,8 @@ from ..backends import backend_of
 from ..curvature import GGN, Hessian
 from ..linalg import cg
 from ..losses import Loss
-from ..tree import axpy, vdot
-from .base import Array, Batch, Optimizer, StepInfo, Tree
+from ..tree import add, axpy, neg, norm, scale, vdot
+from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, select
 
 CURVATURES = {"ggn": GGN, "hessian": Hessian}
 
@@ -120,9 +120,9 @@ class HessianFree(Optimizer):
         def damped(v: Tree) -> Tree:
             return axpy(lam, v, op.matvec(v))
 
-        rhs = tree_map(lambda a: -a, grad)
-        x0 = tree_map(lambda a: self.warm_start_decay * a, state["direction"])
-        atol = self.cg_tol * xp.sqrt(vdot(grad, grad))
+        rhs = neg(grad)
+        x0 = scale(self.warm_start_decay, state["direction"])
+        atol = self.cg_tol * norm(grad)
         direction, cg_info = cg(damped, rhs, x0, tol=None, maxiter=self.cg_iters, atol=atol,
                                 save_at=self.save_at)
 
@@ -131,28 +131,27 @@ class HessianFree(Optimizer):
         lr = self.lr
         best_value, best = None, None
         for candidate in reversed(cg_info.saved):
-            trial = tree_map(lambda w, d: w + lr * d, params, candidate)
+            trial = axpy(lr, candidate, params)
             value = self.objective(trial, batch)
             value = xp.where(xp.isfinite(value), value, inf)
             if best is None:
                 best_value, best = value, candidate
                 continue
             better = value < best_value
-            best = tree_map(lambda a, b, better=better: xp.where(better, a, b), candidate, best)
+            best = select(better, candidate, best)
             best_value = xp.where(better, value, best_value)
 
         # reduction ratio against the undamped quadratic model of the step s = lr d
-        step = tree_map(lambda d: lr * d, best)
+        step = scale(lr, best)
         model = vdot(grad, step) + 0.5 * vdot(step, op.matvec(step))
         predicts_decrease = model < 0
         rho = xp.where(predicts_decrease,
                        (best_value - loss) / xp.where(predicts_decrease, model, 1.0), -inf)
         rho = xp.where(xp.isfinite(rho), rho, -inf)
-        new_lam = xp.where(rho < 0.25, lam * self.increase,
-                           xp.where(rho > 0.75, lam * self.decrease, lam))
+        new_lam = adapt_damping(rho, lam, self.increase, self.decrease)
 
         accept = best_value < loss
-        new_params = tree_map(lambda w, s: xp.where(accept, w + s, w), params, step)
+        new_params = select(accept, add(params, step), params)
         new_state = {"direction": direction, "damping": new_lam}
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
                                                   grad, direction, damping_key="damping")

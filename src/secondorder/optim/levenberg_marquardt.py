@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .._pytree import tree_map
 from ..curvature import GGN
 from ..losses import Loss
-from ..tree import ravel
-from .base import Array, Batch, Optimizer, StepInfo, Tree
+from ..tree import add, ravel
+from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, select
 from .newton import dense_system
 
 SCALINGS = ("more", "identity")
@@ -80,7 +79,7 @@ class LevenbergMarquardt(Optimizer):
                                * diag[None, :])
         d = -xp.linalg.solve(system, g[:, None])[:, 0]
 
-        trial = tree_map(lambda a, b: a + b, params, unravel(d))
+        trial = add(params, unravel(d))
         new_loss = self.objective(trial, batch)
         predicted = -(xp.sum(g * d) + 0.5 * xp.sum(d * (gmat @ d)))
         ratio = (loss - new_loss) / xp.where(predicted > 0, predicted, xp.ones_like(predicted))
@@ -88,9 +87,8 @@ class LevenbergMarquardt(Optimizer):
         rho = xp.where(xp.logical_and(predicted > 0, xp.isfinite(new_loss)), ratio, minus_inf)
 
         accept = rho > 0
-        new = tree_map(lambda a, b: xp.where(accept, a, b), trial, params)
-        lam = xp.where(rho > 0.75, lam * self.decrease, xp.where(rho < 0.25, lam * self.increase,
-                                                                  lam))
+        new = select(accept, trial, params)
+        lam = adapt_damping(rho, lam, self.increase, self.decrease)
         lam = xp.clip(lam, min=self.min_damping, max=self.max_damping)
         params, state, ok, step_norm = self.guard(
             params, state, new, {"damping": lam, "scale": scale}, loss, grad, ggn, d,

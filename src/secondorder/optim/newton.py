@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._pytree import tree_map
 from ..curvature import Hessian
 from ..linalg import eigh
 from ..losses import Loss
-from ..tree import ravel
+from ..tree import axpy, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .line_search import INTERPOLATIONS, backtracking, check_line_search
 
@@ -45,10 +44,6 @@ def finite_or_zero(a: Array) -> Array:
 
 def _xp(a: Array) -> Any:
     return Optimizer.backend(a).xp
-
-
-def _device(a: Array) -> Any:
-    return Optimizer.backend(a).device(a)
 
 
 class Newton(Optimizer):
@@ -112,11 +107,11 @@ class Newton(Optimizer):
         if self.line_search is not None:
             search = backtracking(
                 self.backend(params),
-                lambda s: self.objective(tree_map(lambda a, b: a + s * b, params, step), batch),
+                lambda s: self.objective(axpy(s, step, params), batch),
                 loss, xp.sum(g * d), t, c1=self.c1, max_trials=self.max_line_search,
                 interpolation=self.line_search)
             t, evaluations = search.step, search.evaluations
-        new = tree_map(lambda a, b: a + t * b, params, step)
+        new = axpy(t, step, params)
         params, state, ok, step_norm = self.guard(params, state, new, {}, loss, grad, hess, d)
         return params, state, self.info(params, loss, step_norm, damping=self.damping,
                                         finite=ok, inner_iterations=evaluations)

@@ -64,7 +64,6 @@ class Partition:
         if used != set(range(self.size)):
             raise StructureError(f"partition groups must be numbered 0..S-1 with none empty, got "
                                  f"{sorted(used)}")
-        self._onehot_cache: dict[Any, Any] = {}
 
     def __repr__(self) -> str:
         return f"Partition({self.name!r}, S={self.size})"

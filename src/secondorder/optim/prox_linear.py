@@ -57,8 +57,8 @@ from ..backends import backend_of
 from ..curvature import Linearization
 from ..linalg import cg
 from ..losses import MSE, Loss, SigmoidBCE, SoftmaxCrossEntropy
-from ..tree import axpy, vdot
-from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from ..tree import axpy, norm, scale, sub, vdot
+from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
 from .line_search import backtracking, check_line_search
 
 SOLVERS = ("dual", "primal", "exact-dual")
@@ -91,10 +91,6 @@ class Direction(NamedTuple):
     beta: Array | None
     iterations: Array
     residual: Array
-
-
-def _targets(loss: Loss, f: Array, y: Array) -> Array:
-    return loss.targets(f, y) if isinstance(loss, SoftmaxCrossEntropy) else y
 
 
 def dual_scaling(loss: Loss, f: Array, y: Array) -> tuple[Array, Callable[[Array], Array]]:
@@ -207,7 +203,6 @@ def primal_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, in
     """The prox-linear direction through the primal (Algorithm 1): CG from 0 on
     (J^T H J + (m/gamma) I) d = J^T G, ``inner_steps`` iterations at most."""
     f = lin.outputs
-    xp = lin.backend.xp
     m = f.shape[0]
     g = loss.grad(f, y)
     jtg = lin.vjp(g)
@@ -216,7 +211,7 @@ def primal_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, in
     def matvec(v: Tree) -> Tree:
         return axpy(damping, v, lin.vjp(loss.hvp(f, y, lin.jvp(v))))
 
-    atol = tol * xp.sqrt(vdot(jtg, jtg))
+    atol = tol * norm(jtg)
     d, info = cg(matvec, jtg, tol=None, maxiter=int(inner_steps), atol=atol)
     return Direction(d, jtg, None, None, info.iterations, info.residual_norm)
 
@@ -311,9 +306,6 @@ def exact_logistic_dual_direction(apply: Callable, loss: Loss, params: Tree, bat
     def gradient(mu: Array, kw: Array) -> Array:
         return logs(mu) - f + gt * kw
 
-    def select(c: Array, a: Tree, b: Tree) -> Tree:
-        return tree_map(lambda u, v: xp.where(c, u, v), a, b)
-
     mu0 = g + yt  # softmax(F)
     jtg = lin.vjp(g)  # J^T (mu0 - Y) = J^T G = m grad h
     w0 = jtg
@@ -362,7 +354,7 @@ def exact_logistic_dual_direction(apply: Callable, loss: Loss, params: Tree, bat
     mu, w, kw, _, t, k = backend.fori_loop(0, int(steps), body, state)
     mapped = mu - project_simplex_rows(mu - gradient(mu, kw), bisection_steps)
     alpha = mu - yt
-    return Direction(tree_map(lambda a: gt * a, w), jtg, alpha, g - alpha, k,
+    return Direction(scale(gt, w), jtg, alpha, g - alpha, k,
                      xp.sqrt(xp.sum(mapped * mapped)))
 
 
@@ -481,7 +473,7 @@ class ProxLinear(Optimizer):
             new, inner, _ = shim.step(params, state["inner"], batch)
             new_state = {"inner": inner}
         elif self.update == "spl":
-            new = tree_map(lambda w, a: w - a, params, d)
+            new = sub(params, d)
             if self.l1:
                 new = soft_threshold(new, self.gamma * self.l1)
             new_state = state
