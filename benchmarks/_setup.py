@@ -1,16 +1,23 @@
-"""The MLP classification problem the benchmarks share: seeded weights and one batch on a
-backend (float32), with torch limited to ``threads`` intra-op threads."""
+"""What the benchmarks share: the MLP classification problem (seeded weights and one batch on a
+backend, float32, with torch limited to ``threads`` intra-op threads), the command-line options,
+interleaved timing, the package each backend needs and the JSON writer."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from secondorder import backends, losses
 from secondorder.models import MLP
+
+#: the package a backend's benchmarks need (NumPy differentiates with autograd)
+NEEDS = {"torch": "torch", "jax": "jax", "numpy": "autograd"}
 
 
 def mlp_problem(name: str, sizes: Sequence[int], batch: int, seed: int, threads: int
@@ -41,3 +48,26 @@ def parser(doc: str, name: str, *, batch: int, warmup: int, repeats: int
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def interleaved_ms(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any], *,
+                   warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds (one call of
+    each per round, in turn) so that all of them see the same machine load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            sync(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            sync(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, creating its parent folders."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))

@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,22 +36,6 @@ from secondorder.curvature import GGN
 from secondorder.models import MLP
 
 SIZES = (784, 256, 10)
-
-
-def interleaved_ms(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any], *,
-                   warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per call of each function, timed in interleaved rounds (one call of
-    each per round, in turn) so that all of them see the same machine load."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            sync(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            sync(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 def _summary(ms: dict[str, float], diff: float) -> dict[str, float]:
@@ -107,7 +90,7 @@ def bench_torch(p: dict, args: argparse.Namespace) -> dict[str, float]:
            "fwd_bwd": lambda: value_grad(params)}
     if args.peers:
         fns["curvlinops"] = curvlinops_product(p, params, x, y, v)
-    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
     diff = tree.norm(tree.sub(op.matvec(v), handwritten())) / tree.norm(handwritten())
     result = _summary(ms, float(diff))
     if args.peers:
@@ -180,7 +163,7 @@ def bench_jax(p: dict, args: argparse.Namespace) -> dict[str, float]:
     value_grad = jax.jit(jax.value_and_grad(lambda w: loss.value(model.apply(w, x), y)))
     fns = {"ours": lambda: ours_fn(params, v), "handwritten": lambda: handwritten(params, v),
            "fwd_bwd": lambda: value_grad(params)}
-    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
     a, h = ours_fn(params, v), handwritten(params, v)
     return _summary(ms, float(tree.norm(tree.sub(a, h)) / tree.norm(h)))
 
@@ -214,14 +197,13 @@ def bench_numpy(p: dict, args: argparse.Namespace) -> dict[str, float]:
     fns = {"ours": lambda: op.matvec(v), "handwritten": handwritten,
            "fwd_bwd": lambda: b.value_and_grad(lambda w: loss.value(model.apply(w, x), y),
                                                 params)}
-    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
     diff = np.linalg.norm(tree.ravel(op.matvec(v))[0] - handwritten()) / np.linalg.norm(
         handwritten())
     return _summary(ms, float(diff))
 
 
 BENCHES = {"torch": bench_torch, "jax": bench_jax, "numpy": bench_numpy}
-NEEDS = {"torch": "torch", "jax": "jax", "numpy": "autograd"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -231,8 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = problem(args.batch, args.seed)
     results: dict[str, Any] = {}
     for name in args.backends.split(","):
-        if importlib.util.find_spec(NEEDS[name]) is None:
-            results[name] = {"skipped": f"{NEEDS[name]} is not installed"}
+        if importlib.util.find_spec(setup.NEEDS[name]) is None:
+            results[name] = {"skipped": f"{setup.NEEDS[name]} is not installed"}
             continue
         results[name] = BENCHES[name](p, args)
         print(name, json.dumps(results[name]))
@@ -247,7 +229,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "torch_threads": args.threads, "machine": platform.machine(),
                         "python": platform.python_version()}
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if args.peers and out.exists():  # the peer run adds its fields to the main run's file
         merged = json.loads(out.read_text())
         peer_fields = {k: v for k, v in results.get("torch", {}).items()
@@ -256,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    **results["_meta"]}
         merged.setdefault("torch", {}).update(peer_fields)
         results = merged
-    out.write_text(json.dumps(results, indent=2))
+    setup.write_json(out, results)
     return results
 
 

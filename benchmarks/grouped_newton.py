@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-from pathlib import Path
 from typing import Any
 
 import _setup as setup
-from _setup import mlp_problem
-from curvature_products import interleaved_ms
 from secondorder.optim import partitions
 from secondorder.optim.grouped_newton import summaries
 
@@ -34,7 +30,8 @@ def _no_sync(out: Any) -> None:
 
 
 def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    b, model, loss, params, x, y = mlp_problem(name, SIZES, args.batch, args.seed, args.threads)
+    b, model, loss, params, x, y = setup.mlp_problem(name, SIZES, args.batch, args.seed,
+                                                     args.threads)
 
     def f(p: Any) -> Any:
         return loss.value(model(p, x), y)
@@ -59,11 +56,9 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
             return summaries(f, p, v, part, backend=b)
 
         if name == "jax":
-            import jax
-
             summ = jax.jit(summ)
         fns[str(s)] = (lambda summ=summ: summ(params, u))
-    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
     return {str(s): {"summaries_ms": ms[str(s)], "gradient_ms": ms["gradient"],
                      "ratio": ms[str(s)] / ms["gradient"]} for s in GROUPS}
 
@@ -73,16 +68,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     out: dict[str, Any] = {}
     for name in args.backends.split(","):
-        if importlib.util.find_spec(name) is None:
+        if importlib.util.find_spec(setup.NEEDS[name]) is None:
             print(f"{name}: not installed, skipped")
             continue
         out[name] = bench_backend(name, args)
         for s, row in out[name].items():
             print(f"{name:6s} S={s:>2s}: summaries {row['summaries_ms']:8.2f} ms, gradient "
                   f"{row['gradient_ms']:7.2f} ms, ratio {row['ratio']:6.2f}")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
+    setup.write_json(args.json, out)
     return out
 
 

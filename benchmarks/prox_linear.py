@@ -14,11 +14,11 @@ log-log plot of both times against m k / p (the crossing is where the dual stops
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import time
 
 import numpy as np
+
+import _setup as setup
 
 
 def main() -> None:
@@ -36,17 +36,15 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from sklearn.datasets import load_digits
 
     from secondorder import tree
     from secondorder.curvature import Linearization
     from secondorder.losses import SoftmaxCrossEntropy
     from secondorder.models import MLP
     from secondorder.optim.prox_linear import dual_direction, primal_direction
+    from secondorder.problems.datasets import load_digits
 
-    digits = load_digits()
-    x_all = (digits.data / 16.0).astype(np.float64)
-    y_all = digits.target.astype(np.int64)
+    x_all, y_all = load_digits()
     model = MLP([64, args.hidden, args.hidden, 10])
     loss = SoftmaxCrossEntropy()
     params = model.init(0, "jax")
@@ -61,14 +59,9 @@ def main() -> None:
 
     primal, dual = make(primal_direction), make(dual_direction)
 
-    def timed(fn, *a):
-        jax.block_until_ready(fn(*a))  # compile
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            times.append(time.perf_counter() - t0)
-        return 1e3 * float(np.median(times))
+    def timed(fn, *a):  # one call to compile, then the median of --reps calls
+        return setup.interleaved_ms({"fn": lambda: fn(*a)}, jax.block_until_ready, warmup=1,
+                                    repeats=args.reps)["fn"]
 
     points = []
     for m in args.batches:
@@ -95,8 +88,7 @@ def main() -> None:
            "inner_steps": args.inner_steps, "backend": "jax (jit, float64)",
            "device": jax.devices()[0].platform, "machine": platform.processor() or
            platform.machine(), "crossing_mk_over_p": crossing}
-    with open(args.json, "w") as fh:
-        json.dump(out, fh, indent=2)
+    setup.write_json(args.json, out)
     print(f"p = {p}; crossing at m k / p ~ {crossing}")
 
     import matplotlib

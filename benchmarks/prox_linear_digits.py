@@ -13,9 +13,10 @@ of each method.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
+
+import _setup as setup
 
 
 def main() -> None:
@@ -32,18 +33,14 @@ def main() -> None:
 
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
-    from sklearn.datasets import load_digits
 
-    from secondorder.losses import SoftmaxCrossEntropy
-    from secondorder.models import MLP
     from secondorder.optim import SGD, ProxLinear
+    from secondorder.problems import DigitsMLP
 
-    digits = load_digits()
-    x_all = jnp.asarray(digits.data / 16.0)
-    y_all = jnp.asarray(digits.target.astype(np.int64))
+    digits = DigitsMLP(hidden=32)  # MLP 64 -> 32 -> 10 (tanh), softmax cross-entropy
+    x_all, y_all = jnp.asarray(digits.x), jnp.asarray(digits.y)
     n = x_all.shape[0]
-    model = MLP([64, 32, 10])
-    loss = SoftmaxCrossEntropy()
+    model, loss = digits.model, digits.loss
 
     def train(opt):
         params = model.init(args.seed, "jax")
@@ -73,8 +70,7 @@ def main() -> None:
     print(f"best SGD: lr={best['sgd'][0]} loss={best['sgd'][1]:.5f}; best Armijo-SPL: "
           f"gamma={best['armijo_spl'][0]} loss={best['armijo_spl'][1]:.5f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+        setup.write_json(args.json, out)
 
 
 if __name__ == "__main__":

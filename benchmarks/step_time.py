@@ -17,12 +17,9 @@ import argparse
 import importlib.util
 import json
 import platform
-from pathlib import Path
 from typing import Any
 
 import _setup as setup
-from _setup import mlp_problem
-from curvature_products import interleaved_ms
 from secondorder import optim
 
 SIZES = (784, 256, 10)
@@ -40,7 +37,8 @@ def methods(model: Any, loss: Any) -> dict[str, Any]:
 
 
 def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    b, model, loss, params, x, y = mlp_problem(name, SIZES, args.batch, args.seed, args.threads)
+    b, model, loss, params, x, y = setup.mlp_problem(name, SIZES, args.batch, args.seed,
+                                                     args.threads)
     fns, sync = {}, (lambda out: None)
     if name == "jax":
         import jax
@@ -48,24 +46,19 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
         sync = jax.block_until_ready
     for label, opt in methods(model, loss).items():
         state = opt.init(params)
-        step = opt.step
-        if name == "jax":
-            import jax
-
-            step = jax.jit(step)
+        step = jax.jit(opt.step) if name == "jax" else opt.step
         fns[label] = (lambda step=step, state=state: step(params, state, (x, y)))
-    ms = interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
     return {label: {"step_ms": t, "ratio_to_sgd": t / ms["SGD"]} for label, t in ms.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = setup.parser(__doc__, "step_time", batch=128, warmup=3, repeats=30)
     args = parser.parse_args(argv)
-    needs = {"numpy": "autograd", "torch": "torch", "jax": "jax"}
     results: dict[str, Any] = {}
     for name in args.backends.split(","):
-        if importlib.util.find_spec(needs[name]) is None:
-            results[name] = {"skipped": f"{needs[name]} is not installed"}
+        if importlib.util.find_spec(setup.NEEDS[name]) is None:
+            results[name] = {"skipped": f"{setup.NEEDS[name]} is not installed"}
             continue
         results[name] = bench_backend(name, args)
         print(name, json.dumps({k: round(v["ratio_to_sgd"], 3) for k, v in results[name].items()}))
@@ -73,9 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    f"batch {args.batch}, float32",
                         "warmup": args.warmup, "repeats": args.repeats,
                         "torch_threads": args.threads, "python": platform.python_version()}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    setup.write_json(args.json, results)
     return results
 
 

@@ -23,6 +23,17 @@ def back(backend: Backend, x: Any) -> Any:
     return tree.map(lambda a: np.asarray(backend.to_numpy(a), dtype=np.float64), x)
 
 
+def raveled(backend: Backend, x: Any) -> np.ndarray:
+    """A backend tree converted back to NumPy and raveled by ``secondorder.tree.ravel``."""
+    return tree.ravel(back(backend, x))[0]
+
+
+def softmax(f: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a NumPy array (shifted by each row's maximum)."""
+    z = np.exp(f - f.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 def assert_close(actual: Any, expected: Any, rtol: float = RTOL64, backend: Backend | None = None
                  ) -> None:
     """Norm-wise relative agreement ||a - e|| <= rtol ||e|| (absolute when e = 0), leaf by leaf."""

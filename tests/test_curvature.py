@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, to
+from helpers import assert_close, softmax, to
 from secondorder import backends, losses, tree
 from secondorder.curvature import GGN, KFAC, Fisher, Gram, Hessian, Jacobian, kronecker_factors
 from secondorder.errors import LabelError, MixedBackendError, NonFiniteError, ShapeError
@@ -19,11 +19,6 @@ from secondorder.models.layers import conv2d, dense
 
 autograd = pytest.importorskip("autograd")
 anp = autograd.numpy
-
-
-def _softmax(f):
-    z = np.exp(f - f.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def _np_loss(name):
@@ -39,10 +34,10 @@ def _np_loss(name):
             return anp.mean(lse - f[np.arange(f.shape[0]), y])
 
         def hess(f, y):
-            s = _softmax(f)
+            s = softmax(f)
             return np.einsum("ij,jk->ijk", s, np.eye(f.shape[1])) - s[:, :, None] * s[:, None, :]
 
-        return value, hess, lambda f, y: _softmax(f) - np.eye(f.shape[1])[y]
+        return value, hess, lambda f, y: softmax(f) - np.eye(f.shape[1])[y]
     sig = lambda f: 1.0 / (1.0 + np.exp(-f))  # noqa: E731
     return (lambda f, y: anp.mean(anp.sum(anp.logaddexp(0.0, f) - y * f, axis=1)),
             lambda f, y: np.einsum("ij,jk->ijk", sig(f) * (1 - sig(f)), np.eye(f.shape[1])),
@@ -133,7 +128,7 @@ def test_monte_carlo_fisher_uses_sampled_targets(ad_backend, rng, loss_name):
         elif loss_name == "sigmoid_bce":
             t = (n < 1.0 / (1.0 + np.exp(-f))).astype(float)
         else:
-            t = np.minimum((np.cumsum(_softmax(f), axis=1) < n[:, None]).sum(axis=1), 2)
+            t = np.minimum((np.cumsum(softmax(f), axis=1) < n[:, None]).sum(axis=1), 2)
         r = grad(f, t)
         fisher = fisher + np.einsum("ikp,ik,il,ilq->pq", ref["jac"], r, r, ref["jac"])
     fisher /= 6 * len(noise)
@@ -171,8 +166,8 @@ def test_kfac_last_layer_factors(ad_backend, rng, mode):
         expected = ref["h"].mean(axis=0)  # the output layer's J_s is the identity
     else:
         t = y if mode == "empirical" else np.minimum(
-            (np.cumsum(_softmax(f), axis=1) < noise[0][:, None]).sum(axis=1), 3)
-        r = _softmax(f) - np.eye(4)[t]
+            (np.cumsum(softmax(f), axis=1) < noise[0][:, None]).sum(axis=1), 3)
+        r = softmax(f) - np.eye(4)[t]
         expected = r.T @ r / 6
     assert_close(factors[-1].G, expected, backend=ad_backend)
     hidden = np.tanh(x @ ref["params"][0]["w"].T + ref["params"][0]["b"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, back, spd, textbook_cg, to
+from helpers import assert_close, back, raveled, spd, textbook_cg, to
 from secondorder import backends, tree
 from secondorder.linalg import Dense, cg
 from secondorder.losses import MSE
@@ -55,10 +55,6 @@ def mlp_problem(seed, m=16, x_scale=3.0, y_scale=3.0):
     y = y_scale * rng.standard_normal((m, 2))
     theta = tree.ravel(MODEL.init(seed, "numpy"))[0]
     return theta, x, y
-
-
-def flat(backend, params):
-    return tree.ravel(back(backend, params))[0]
 
 
 def params_of(backend, theta):
@@ -159,7 +155,7 @@ def test_damping_follows_reduction_ratio(ad_backend, seed, damping, lr, branch):
     assert float(back(ad_backend, info.loss)) == pytest.approx(mlp_objective(theta, x, y),
                                                                rel=1e-12)
     assert new_damping == float(back(ad_backend, info.damping))
-    s = flat(ad_backend, new) - theta
+    s = raveled(ad_backend, new) - theta
     if branch == "reject":
         assert not s.any() and float(back(ad_backend, info.step_norm)) == 0.0
         assert new_damping == pytest.approx(damping * 1.5, rel=1e-12)
@@ -189,9 +185,9 @@ def test_backtracking_takes_the_best_saved_iterate(ad_backend, seed, damping, lr
     assert values[best] < mlp_objective(theta, x, y)
     p = params_of(ad_backend, theta)
     new, state, info = opt.step(p, opt.init(p), to(ad_backend, (x, y)))
-    assert_close(flat(ad_backend, new), theta + lr * saved[best], rtol=1e-10)
+    assert_close(raveled(ad_backend, new), theta + lr * saved[best], rtol=1e-10)
     # the warm start keeps the final CG iterate, not the chosen one
-    assert_close(flat(ad_backend, state["direction"]), final, rtol=1e-10)
+    assert_close(raveled(ad_backend, state["direction"]), final, rtol=1e-10)
     assert int(back(ad_backend, info.inner_iterations)) == 8
 
 
@@ -205,7 +201,7 @@ def test_without_backtracking_takes_the_last_iterate(ad_backend):
     p = params_of(ad_backend, theta)
     new, _, _ = opt.step(p, opt.init(p), to(ad_backend, (x, y)))
     assert mlp_objective(theta + final, x, y) < mlp_objective(theta, x, y)
-    assert_close(flat(ad_backend, new), theta + final, rtol=1e-10)
+    assert_close(raveled(ad_backend, new), theta + final, rtol=1e-10)
 
 
 def test_warm_start_from_decayed_previous_direction(ad_backend):
@@ -216,25 +212,25 @@ def test_warm_start_from_decayed_previous_direction(ad_backend):
     batch = to(ad_backend, (x, y))
     p1, s1, _ = opt.step(p, opt.init(p), batch)
     p2, s2, _ = opt.step(p1, s1, batch)
-    theta1 = flat(ad_backend, p1)
+    theta1 = raveled(ad_backend, p1)
     g, ggn = mlp_grad_ggn(theta1, x, y)
     damping = float(back(ad_backend, s1["damping"]))
-    x0 = 0.9 * flat(ad_backend, s1["direction"])
+    x0 = 0.9 * raveled(ad_backend, s1["direction"])
     final, _, _ = textbook_cg(ggn + damping * np.eye(26), -g, x0, 6)
-    assert_close(flat(ad_backend, s2["direction"]), final, rtol=1e-10)
+    assert_close(raveled(ad_backend, s2["direction"]), final, rtol=1e-10)
 
 
 def _run(backend, steps, **hyper):
     theta, x, y = mlp_problem(0, x_scale=1.0, y_scale=1.0)
     params = MODEL.init(0, backend)
-    assert_close(tree.ravel(back(backend, params))[0], theta, rtol=0)
+    assert_close(raveled(backend, params), theta, rtol=0)
     opt = HessianFree(MODEL.apply, MSE(), **hyper)
     state = opt.init(params)
     batch = to(backend, (x, y))
     trace = []
     for _ in range(steps):
         params, state, info = opt.step(params, state, batch)
-        trace.append((flat(backend, params), flat(backend, state["direction"]),
+        trace.append((raveled(backend, params), raveled(backend, state["direction"]),
                       StepInfo(*back(backend, tuple(info)))))
     return trace
 
@@ -304,9 +300,9 @@ def test_jit_step_compiles_and_matches_eager():
         for _ in range(5):
             eager, eager_state, eager_info = opt.step(eager, eager_state, batch)
             jitted, jit_state, jit_info = step(jitted, jit_state, batch)
-            assert_close(flat(backend, jitted), flat(backend, eager), rtol=1e-10)
-            assert_close(flat(backend, jit_state["direction"]),
-                         flat(backend, eager_state["direction"]), rtol=1e-10)
+            assert_close(raveled(backend, jitted), raveled(backend, eager), rtol=1e-10)
+            assert_close(raveled(backend, jit_state["direction"]),
+                         raveled(backend, eager_state["direction"]), rtol=1e-10)
             assert int(jit_info.inner_iterations) == int(eager_info.inner_iterations)
             for name in ("loss", "step_norm", "damping", "inner_residual"):
                 assert float(getattr(jit_info, name)) == pytest.approx(

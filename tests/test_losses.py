@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, back, to
+from helpers import assert_close, back, softmax, to
 from secondorder import losses
 from secondorder.errors import LabelError, NonFiniteError, ShapeError
 
@@ -41,11 +41,6 @@ def conv(backend, y):
 
 def rows(case, y, k=K):
     return np.eye(k)[y] if case == "ce_int" else y
-
-
-def softmax(f):
-    z = np.exp(f - np.max(f, axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def sigmoid(f):

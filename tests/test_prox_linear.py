@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, back, to
+from helpers import assert_close, back, raveled, to
 from secondorder import backends, tree
 from secondorder.curvature import Linearization
 from secondorder.losses import MSE, SigmoidBCE, SoftmaxCrossEntropy
@@ -75,10 +75,6 @@ def run(backend, name, solver, steps, seed=0, scaled=False, gamma=GAMMA, m=6, li
     return fn(lin, LOSSES[name], to(backend, y), gamma=gamma, inner_steps=steps, **kw)
 
 
-def flat(backend, t):
-    return tree.ravel(back(backend, t))[0]
-
-
 # ------------------------------------------------------------------------------ directions
 
 
@@ -91,7 +87,7 @@ def test_directions_match_dense_solution(ad_backend, name, variant):
     solver = "primal" if variant == "primal" else "dual"
     steps = 200 if solver == "primal" else 60
     res = run(ad_backend, name, solver, steps, scaled=variant == "dual_scaled")
-    assert_close(flat(ad_backend, res.direction), expected, rtol=1e-8)
+    assert_close(raveled(ad_backend, res.direction), expected, rtol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["mse", "softmax"])
@@ -102,7 +98,7 @@ def test_strong_duality(ad_backend, name):
     m = x.shape[0]
     jac, f, g, big_h, loss = dense_parts(name, params, x, y)
     res = run(ad_backend, name, "dual", 60)
-    d = flat(ad_backend, res.direction)
+    d = raveled(ad_backend, res.direction)
     alpha = back(ad_backend, res.alpha).ravel()
     beta = back(ad_backend, res.beta).ravel()
     lvals = np.asarray(loss.per_sample(f, y))
@@ -132,14 +128,14 @@ def test_cg_iterates_satisfy_constraint(ad_backend, scaled):
 def test_descent_for_every_inner_step_count(ad_backend, name):
     params, x, y = problem(name, seed=3)
     loss = LOSSES[name]
-    grad = flat(ad_backend, backends.get(ad_backend.name).grad(
+    grad = raveled(ad_backend, backends.get(ad_backend.name).grad(
         lambda p: loss.value(MODEL.apply(p, to(ad_backend, x)), to(ad_backend, y)),
         to(ad_backend, params)))
     dual_slopes, primal_slopes = [], []
     lin = Linearization(MODEL.apply, to(ad_backend, params), to(ad_backend, x))
     for tau in range(11):
-        d_dual = flat(ad_backend, run(ad_backend, name, "dual", tau, seed=3, lin=lin).direction)
-        d_primal = flat(ad_backend, run(ad_backend, name, "primal", tau, seed=3,
+        d_dual = raveled(ad_backend, run(ad_backend, name, "dual", tau, seed=3, lin=lin).direction)
+        d_primal = raveled(ad_backend, run(ad_backend, name, "primal", tau, seed=3,
                                         lin=lin).direction)
         if tau == 0:
             assert_close(d_dual, GAMMA * grad, rtol=1e-12)
@@ -161,17 +157,17 @@ def test_zero_direction_at_stationary_point(ad_backend, solver):
     lin = Linearization(MODEL.apply, to(ad_backend, params), to(ad_backend, x))
     fn = dual_direction if solver == "dual" else primal_direction
     res = fn(lin, LOSSES["softmax"], to(ad_backend, y), gamma=GAMMA, inner_steps=5)
-    assert np.linalg.norm(flat(ad_backend, res.direction)) <= 1e-14
+    assert np.linalg.norm(raveled(ad_backend, res.direction)) <= 1e-14
     # and non-zero away from it
-    assert np.linalg.norm(flat(ad_backend, run(ad_backend, "softmax", solver, 5).direction)) > 0
+    assert np.linalg.norm(raveled(ad_backend, run(ad_backend, "softmax", solver, 5).direction)) > 0
 
 
 def test_directions_agree_across_backends(ad_backend):
     ref = backends.get("numpy")
     for name in ("mse", "softmax", "bce"):
         for solver, scaled in (("dual", False), ("dual", True), ("primal", False)):
-            a = flat(ad_backend, run(ad_backend, name, solver, 4, scaled=scaled).direction)
-            b = flat(ref, run(ref, name, solver, 4, scaled=scaled).direction)
+            a = raveled(ad_backend, run(ad_backend, name, solver, 4, scaled=scaled).direction)
+            b = raveled(ref, run(ref, name, solver, 4, scaled=scaled).direction)
             assert_close(a, b, rtol=1e-10)
 
 
@@ -289,7 +285,7 @@ def test_l1_step_is_algorithm3(ad_backend):
     d = prox_linear_direction(MODEL.apply, LOSSES["softmax"], bp, (bx, by), gamma=GAMMA,
                               inner_steps=3).direction
     expected = soft_threshold(tree.sub(back(ad_backend, bp), back(ad_backend, d)), GAMMA * lam)
-    assert_close(tree.ravel(back(ad_backend, new))[0], tree.ravel(expected)[0], rtol=1e-12)
+    assert_close(raveled(ad_backend, new), tree.ravel(expected)[0], rtol=1e-12)
     assert bool(info.finite)
 
 
@@ -320,8 +316,7 @@ def test_direction_handed_to_sgd_tends_to_sgd(ad_backend):
                          optimizer=SGD(MODEL.apply, LOSSES["mse"], lr=0.1, momentum=0.9))
     a, _, _ = sgd.step(p, sgd.init(p), batch)
     b, state, info = wrapped.step(p, wrapped.init(p), batch)
-    assert_close(tree.ravel(back(ad_backend, b))[0], tree.ravel(back(ad_backend, a))[0],
-                 rtol=1e-7)
+    assert_close(raveled(ad_backend, b), raveled(ad_backend, a), rtol=1e-7)
     assert "inner" in state and bool(info.finite)
     adam = ProxLinear(MODEL.apply, LOSSES["mse"], gamma=1.0, inner_steps=2,
                       optimizer=Adam(MODEL.apply, LOSSES["mse"], lr=1e-2))
@@ -338,7 +333,7 @@ def test_non_finite_batch_keeps_params(ad_backend):
         opt = ProxLinear(MODEL.apply, LOSSES["softmax"], update=update, inner_steps=2)
         new, _, info = opt.step(p, opt.init(p), (to(ad_backend, x), to(ad_backend, y)))
         assert not bool(info.finite)
-        assert_close(tree.ravel(back(ad_backend, new))[0], tree.ravel(params)[0], rtol=0)
+        assert_close(raveled(ad_backend, new), tree.ravel(params)[0], rtol=0)
 
 
 @pytest.mark.parametrize("config", [
@@ -356,14 +351,14 @@ def test_jit_step_compiles(config):
     params, x, y = problem("softmax")
     p, batch = to(b, params), (to(b, x), to(b, y))
     state = opt.init(p)
-    new, state2, info = jax.jit(opt.step)(p, state, batch)
+    new, _, info = jax.jit(opt.step)(p, state, batch)
     eager, _, _ = opt.step(p, state, batch)
-    assert_close(tree.ravel(back(b, new))[0], tree.ravel(back(b, eager))[0], rtol=1e-10)
+    assert_close(raveled(b, new), raveled(b, eager), rtol=1e-10)
     assert bool(info.finite)
     bad = (b.asarray(np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x)), batch[1])
     kept, _, info = jax.jit(opt.step)(p, state, bad)
     assert not bool(info.finite)
-    assert_close(tree.ravel(back(b, kept))[0], tree.ravel(params)[0], rtol=0)
+    assert_close(raveled(b, kept), tree.ravel(params)[0], rtol=0)
 
 
 def test_invalid_arguments():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import assert_close, back, to
+from helpers import assert_close, back, raveled, softmax, to
 from secondorder import backends, tree
 from secondorder.curvature import Linearization
 from secondorder.losses import MSE, SoftmaxCrossEntropy
@@ -35,11 +35,6 @@ def problem(seed=0, m=6):
     params = MODEL.init(seed, "numpy")
     params = tree.map(lambda a: a + 0.3 * rng.standard_normal(a.shape), params)
     return params, x, y
-
-
-def softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def dense(params, x):
@@ -83,10 +78,6 @@ def run(backend, steps, seed=0, **kw):
                                          gamma=GAMMA, steps=steps, **kw)
 
 
-def flat(backend, t):
-    return tree.ravel(back(backend, t))[0]
-
-
 def test_projection_onto_simplex(backend, rng):
     v = 3.0 * rng.standard_normal((7, 5))
     v[0] = [0.2, 0.2, 0.2, 0.2, 0.2]  # already inside
@@ -108,7 +99,7 @@ def test_strong_duality_against_primal_newton(ad_backend):
     d_primal = primal_newton(jac, f, y, m)
     res = run(ad_backend, 300)
     mu = back(ad_backend, res.alpha) + y
-    d = flat(ad_backend, res.direction)
+    d = raveled(ad_backend, res.direction)
     p_star = primal_value(d_primal, jac, f, y, m)
     phi = dual_value(mu, jac, f, y, m)
     assert abs(p_star + phi) <= 1e-6 * max(1.0, abs(p_star)), (p_star, phi)
@@ -122,7 +113,7 @@ def test_strong_duality_against_primal_newton(ad_backend):
     # beta = G - alpha and the gradient record J^T G
     g = softmax(f) - y
     assert_close(back(ad_backend, res.beta), g - (mu - y), rtol=1e-12)
-    assert_close(flat(ad_backend, res.grad), jac.T @ g.ravel(), rtol=1e-10)
+    assert_close(raveled(ad_backend, res.grad), jac.T @ g.ravel(), rtol=1e-10)
 
 
 def test_dual_objective_monotone_and_rows_in_simplex(ad_backend):
@@ -139,7 +130,7 @@ def test_dual_objective_monotone_and_rows_in_simplex(ad_backend):
     # zero steps: mu = softmax(F), d = gamma grad h (the gradient step)
     res0 = run(ad_backend, 0, seed=1)
     g = softmax(f) - y
-    assert_close(flat(ad_backend, res0.direction), GAMMA / m * jac.T @ g.ravel(), rtol=1e-12)
+    assert_close(raveled(ad_backend, res0.direction), GAMMA / m * jac.T @ g.ravel(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 2])
@@ -147,8 +138,8 @@ def test_descent_direction(ad_backend, seed):
     params, x, y = problem(seed)
     for steps in (5, 200):
         res = run(ad_backend, steps, seed=seed)
-        d = flat(ad_backend, res.direction)
-        grad_h = flat(ad_backend, res.grad) / x.shape[0]
+        d = raveled(ad_backend, res.direction)
+        grad_h = raveled(ad_backend, res.grad) / x.shape[0]
         assert d @ grad_h > 0
 
 
@@ -159,7 +150,7 @@ def test_fixed_step_size(ad_backend):
     jac, f = dense(params, x)
     d_primal = primal_newton(jac, f, y, m)
     res = run(ad_backend, 400, step_size=0.05)
-    assert_close(flat(ad_backend, res.direction), d_primal, rtol=1e-5)
+    assert_close(raveled(ad_backend, res.direction), d_primal, rtol=1e-5)
 
 
 def test_agree_across_backends(ad_backend):
@@ -167,7 +158,7 @@ def test_agree_across_backends(ad_backend):
     for kw in ({}, {"step_size": 0.05}):
         a = run(ad_backend, 25, **kw)
         b = run(ref, 25, **kw)
-        assert_close(flat(ad_backend, a.direction), flat(ref, b.direction), rtol=1e-10)
+        assert_close(raveled(ad_backend, a.direction), raveled(ref, b.direction), rtol=1e-10)
         assert_close(back(ad_backend, a.alpha), back(ref, b.alpha), rtol=1e-10)
 
 
@@ -177,11 +168,11 @@ def test_prox_linear_option(ad_backend):
     via = prox_linear_direction(MODEL.apply, LOSS, p, batch, gamma=GAMMA, inner_steps=20,
                                 solver="exact-dual")
     direct = run(ad_backend, 20)
-    assert_close(flat(ad_backend, via.direction), flat(ad_backend, direct.direction), rtol=0)
+    assert_close(raveled(ad_backend, via.direction), raveled(ad_backend, direct.direction), rtol=0)
     opt = ProxLinear(MODEL.apply, LOSS, solver="exact-dual", inner_steps=20, gamma=GAMMA)
     new, _, info = opt.step(p, opt.init(p), batch)
-    expected = tree.ravel(params)[0] - flat(ad_backend, direct.direction)
-    assert_close(flat(ad_backend, new), expected, rtol=1e-12)
+    expected = tree.ravel(params)[0] - raveled(ad_backend, direct.direction)
+    assert_close(raveled(ad_backend, new), expected, rtol=1e-12)
     assert bool(info.finite)
     arm = ProxLinear(MODEL.apply, LOSS, solver="exact-dual", inner_steps=20, update="armijo")
     new, _, info = arm.step(p, arm.init(p), batch)
@@ -199,7 +190,7 @@ def test_jit_step_compiles():
         state = opt.init(p)
         new, _, info = jax.jit(opt.step)(p, state, batch)
         eager, _, _ = opt.step(p, state, batch)
-        assert_close(tree.ravel(back(b, new))[0], tree.ravel(back(b, eager))[0], rtol=1e-10)
+        assert_close(raveled(b, new), raveled(b, eager), rtol=1e-10)
         assert bool(info.finite)
 
 

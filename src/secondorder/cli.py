@@ -58,6 +58,16 @@ def _list_all(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unknown_backends(names: list[str] | None, *, list_known: bool = False) -> bool:
+    """Whether ``names`` holds a backend that does not exist; if so, say which on stderr
+    (followed by the known ones with ``list_known``)."""
+    unknown = [n for n in names or () if n not in backends.names()]
+    if unknown:
+        known = f"; known: {', '.join(backends.names())}" if list_known else ""
+        print(f"unknown backend(s): {', '.join(unknown)}{known}", file=sys.stderr)
+    return bool(unknown)
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .bench.compare import TOLERANCE, compare, plot
     from .optim.registry import DEFAULT_METHODS, METHODS
@@ -70,11 +80,8 @@ def _compare(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     names = args.backends.split(",") if args.backends else None
-    if names:
-        bad = [n for n in names if n not in backends.names()]
-        if bad:
-            print(f"unknown backend(s): {', '.join(bad)}", file=sys.stderr)
-            return 2
+    if _unknown_backends(names):
+        return 2
     show = not args.quiet and sys.stderr.isatty()
     runs = compare(methods, args.problem, names, steps=args.steps, batch_size=args.batch_size,
                    dtype=args.dtype, seed=args.seed, device=args.device, progress=show)
@@ -108,12 +115,8 @@ def _check(args: argparse.Namespace) -> int:
     from .bench.consistency import TOLERANCE, run_check
 
     names = args.backends.split(",") if args.backends else None
-    if names:
-        unknown = [n for n in names if n not in backends.names()]
-        if unknown:
-            print(f"unknown backend(s): {', '.join(unknown)}; known: "
-                  f"{', '.join(backends.names())}", file=sys.stderr)
-            return 2
+    if _unknown_backends(names, list_known=True):
+        return 2
     _list(args)
     results = run_check(names, repeats=args.repeats, seed=args.seed, n_a=args.n_a, n_g=args.n_g)
     rows = [[r.backend, r.device, r.task, r.deviation, r.time_ms,
@@ -136,11 +139,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .bench.curveball_table1 import reproduce, table
+    from .bench.curveball_table1 import SETTINGS, reproduce, table
 
     quiet = args.quiet or not sys.stdout.isatty()
-    from .bench.curveball_table1 import SETTINGS
-
     methods = args.methods.split(",") if args.methods else None
     settings = tuple(args.settings.split(",")) if args.settings else SETTINGS
     results = reproduce(runs=args.runs, tune_runs=args.tune_runs, methods=methods,

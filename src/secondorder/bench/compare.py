@@ -21,6 +21,7 @@ from .. import backends
 from .._pytree import flatten
 from ..optim.registry import METHODS
 from ..problems import PROBLEMS
+from ._sync import wait
 
 #: relative deviation from the float64 NumPy run that counts as agreement
 TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
@@ -45,17 +46,6 @@ class Run:
         out.pop("losses")
         out.pop("wall")
         return out
-
-
-def _sync(backend: backends.Backend, tree: Any) -> None:
-    for leaf in flatten(tree)[0]:
-        if hasattr(leaf, "block_until_ready"):
-            leaf.block_until_ready()
-        elif backend.name == "torch" and getattr(leaf, "is_cuda", False):
-            import torch
-
-            torch.cuda.synchronize()
-            return
 
 
 class Progress:
@@ -96,7 +86,7 @@ def train(problem: Any, method: str, backend: backends.Backend, dtype: str,
         yb = backend.asarray(y, dtype=None if y.dtype.kind in "iu" else dtype, device=device)
         t0 = time.perf_counter()
         params, state, info = step(params, state, (xb, yb))
-        _sync(backend, params)
+        wait(backend, params)
         times.append(time.perf_counter() - t0)
         run.losses.append(float(backend.to_numpy(info.loss)))
         run.wall.append(sum(times[1:]))  # step time only: no compilation, no data transfer
@@ -144,10 +134,10 @@ def compare(methods: list[str], problem_name: str = "digits-mlp",
         jax.config.update("jax_enable_x64", True)
     bar = Progress(progress)
     runs: list[Run] = []
+    numpy_backend = backends.get("numpy")  # NumPy is a hard dependency: this cannot fail
     for method in methods:
         reference, ref_run = None, None
         try:
-            numpy_backend = backends.get("numpy")
             if numpy_backend.has_autodiff:
                 ref_run, ref_params = train(problem, method, numpy_backend, "float64", batches,
                                             seed, progress=bar)

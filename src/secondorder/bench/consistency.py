@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import backends
 from ..linalg import Kronecker, ScaledIdentity, cg
+from ._sync import wait
 
 #: a deviation above this fails the check (float64 everywhere)
 TOLERANCE = 1e-10
@@ -62,24 +63,14 @@ def _deviation(backend: backends.Backend, x: Any, x_ref: np.ndarray) -> float:
 
 def _timed(fn: Any, backend: backends.Backend, repeats: int) -> tuple[Any, float]:
     out = fn()  # warm-up (and compilation on jax)
-    _block(backend, out)
+    wait(backend, out)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
-        _block(backend, out)
+        wait(backend, out)
         times.append(time.perf_counter() - start)
     return out, 1e3 * float(np.median(times))
-
-
-def _block(backend: backends.Backend, out: Any) -> None:
-    from .._pytree import flatten
-
-    for leaf in flatten(out)[0]:
-        if hasattr(leaf, "block_until_ready"):
-            leaf.block_until_ready()
-        elif backend.name in ("torch", "cupy"):
-            backend.to_numpy(leaf) if getattr(leaf, "ndim", 1) == 0 else None
 
 
 def run_check(names: list[str] | None = None, *, repeats: int = 5, seed: int = 0,

@@ -117,7 +117,7 @@ def _runner(method: str, problem: Problem, cap: int, criterion: str) -> Callable
                                                    (0, start, state, key, done0))
         return k, done
 
-    return jax.jit(jax.vmap(run, in_axes=(0, 0, 0)))
+    return jax.jit(jax.vmap(run))  # every argument batched along axis 0
 
 
 def _starts(problem: Problem, seeds: range) -> Any:
