@@ -16,6 +16,7 @@ Eager backends inherit Python-loop control flow from this class; JAX overrides i
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ Tree = Any
 FLOAT_NAMES = ("float32", "float64")
 
 
-class Backend:
+class Backend(ABC):
     """Base class: one subclass per framework, which names itself with ``name``."""
 
     name: ClassVar[str] = ""
@@ -44,13 +45,13 @@ class Backend:
 
     # ------------------------------------------------------------------ arrays
     @property
+    @abstractmethod
     def xp(self) -> Any:
         """The array-API namespace of this backend."""
-        raise NotImplementedError(f"backend {self.name!r} must define xp")
 
+    @abstractmethod
     def is_array(self, x: Any) -> bool:
         """True for an array (or autodiff tracer) of this framework."""
-        raise NotImplementedError(f"backend {self.name!r} must define is_array")
 
     def asarray(self, x: Any, dtype: Any = None, device: Any = None) -> Array:
         """Convert ``x`` (NumPy array, Python scalar or list) to this backend's array type."""
@@ -169,9 +170,9 @@ class Backend:
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
     # ---------------------------------------------------------- linear algebra
+    @abstractmethod
     def einsum(self, subscripts: str, *operands: Array) -> Array:
         """Einstein summation (not in the array API standard)."""
-        raise NotImplementedError(f"backend {self.name!r} has no einsum")
 
     def cholesky(self, a: Array) -> Array:
         """Lower Cholesky factor of a symmetric positive definite matrix.
