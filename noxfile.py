@@ -98,6 +98,7 @@ def bench(session: nox.Session) -> None:
     install_with(session, "all")
     session.run("python", "benchmarks/curvature_products.py", "--json",
                 "benchmarks/results/curvature_products.json", *session.posargs)
+    session.run("python", "benchmarks/overhead.py", "--json", "benchmarks/results/overhead.json")
     session.run("python", "benchmarks/step_time.py", "--json",
                 "benchmarks/results/step_time.json", *session.posargs)
     session.run("python", "benchmarks/prox_linear.py", "--json",

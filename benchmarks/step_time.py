@@ -2,13 +2,16 @@
 
 Problem: MLP 784-256-10 (tanh), softmax cross-entropy, batch 128, float32. Per backend, every
 method's step is timed in interleaved rounds (one step of each per round, after warm-up; jitted
-on JAX), and the median is divided by SGD's median from the same run. Newton,
+on JAX), and the median is divided by SGD's median from the same run. The same rounds time the
+SGD + momentum step hand-written in the framework (``handwritten_SGD``: torch.func, jitted JAX,
+autograd; from ``overhead.py``), and every method's median is also divided by it: a ratio to our
+own SGD hides the overhead both share. Newton,
 Levenberg-Marquardt and BFGS form p x p matrices (p = 203,530 here) and are left out: they are
 small-problem methods.
 
     python benchmarks/step_time.py --json benchmarks/results/step_time.json
 
-Writes ``{"<backend>": {"<method>": {"step_ms", "ratio_to_sgd"}}}``.
+Writes ``{"<backend>": {"<method>": {"step_ms", "ratio_to_sgd", "ratio_to_handwritten_sgd"}}}``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import platform
 from typing import Any
 
 import _setup as setup
-from secondorder import optim
+from overhead import flat_params, sgd_reference
+from secondorder import optim, tree
 
 SIZES = (784, 256, 10)
 
@@ -48,8 +52,13 @@ def bench_backend(name: str, args: argparse.Namespace) -> dict[str, Any]:
         state = opt.init(params)
         step = jax.jit(opt.step) if name == "jax" else opt.step
         fns[label] = (lambda step=step, state=state: step(params, state, (x, y)))
+    hand_step, w0 = sgd_reference(name, params, x, y), flat_params(params)
+    buf0 = tree.zeros_like(w0)
+    fns["handwritten_SGD"] = lambda: hand_step(w0, buf0)
     ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
-    return {label: {"step_ms": t, "ratio_to_sgd": t / ms["SGD"]} for label, t in ms.items()}
+    return {label: {"step_ms": t, "ratio_to_sgd": t / ms["SGD"],
+                    "ratio_to_handwritten_sgd": t / ms["handwritten_SGD"]}
+            for label, t in ms.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
