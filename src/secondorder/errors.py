@@ -18,6 +18,7 @@ __all__ = [
     "MixedBackendError",
     "NonFiniteError",
     "NotPositiveDefiniteError",
+    "RandomKeyError",
     "SecondOrderError",
     "ShapeError",
     "StructureError",
@@ -70,3 +71,12 @@ class NotPositiveDefiniteError(SecondOrderError, ValueError):
 
 class LabelError(SecondOrderError, ValueError):
     """Targets that do not fit the loss (labels out of range, probabilities outside [0, 1])."""
+
+
+class RandomKeyError(SecondOrderError, ValueError):
+    """A random key that is not one of :mod:`secondorder.random`'s keys (an int32 array of
+    shape (2,)), or a draw given both or neither of a key and explicit noise."""
+
+
+class StateError(SecondOrderError, TypeError):
+    """An optimiser state that another method, or another backend, created."""

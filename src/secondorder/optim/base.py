@@ -7,22 +7,26 @@
 ``apply(params, x)`` is the network (a model from :mod:`secondorder.models`, a native model
 through an adapter, or a residual function for problems with no network) and ``loss`` a
 :class:`~secondorder.losses.Loss`; the objective is the mean loss of ``apply(params, x)`` against
-``y``. ``step`` is a pure function: the state is a dict of arrays, nothing is mutated, and
-``jax.jit(opt.step)`` compiles. A step that meets a non-finite loss, gradient or update returns
-the old parameters and state unchanged, with ``info.finite`` false (damped methods also raise
-their damping in that case: :meth:`Optimizer.guard`).
+``y``. ``step`` is a pure function: the state is a typed tree of arrays that names its method
+(:mod:`secondorder.optim.state`), nothing is mutated, and ``jax.jit(opt.step)`` compiles. A step
+that meets a non-finite loss, gradient or update returns the old parameters and state unchanged,
+with ``info.finite`` false (damped methods also raise their damping in that case:
+:meth:`Optimizer.guard`). On eager backends the guard is one Python branch on one finiteness
+flag; the leaf-by-leaf ``where`` select is used only inside traced code (``jax.jit``,
+``torch.func`` transforms), where a Python branch is impossible.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
 from ..losses import Loss
 from ..tree import norm
+from .state import check_state
 
 Tree = Any
 Array = Any
@@ -38,6 +42,9 @@ class StepInfo(NamedTuple):
     finite: Array  #: False when a non-finite value made the step keep the old parameters
     inner_iterations: Array  #: iterations of an inner solver (CG, line search), else 0
     inner_residual: Array  #: final residual of the inner solver, else NaN
+    #: method-specific diagnostics (e.g. CurveBall's rho and beta, the model's predicted change,
+    #: Hessian-free's reduction ratio), 0-d arrays by name
+    extras: Mapping[str, Array] = {}  # noqa: RUF012 - never mutated; a dict is a pytree
 
 
 def is_number(*values: Any) -> bool:
@@ -78,6 +85,8 @@ class Optimizer(ABC):
 
     #: multiplier applied to the damping when a step is rejected as non-finite
     damping_boost_on_failure: float = 10.0
+    #: the NamedTuple class of this method's state (see :mod:`secondorder.optim.state`)
+    State: type = tuple
 
     def __init__(self, apply: Callable[[Tree, Any], Array], loss: Loss):
         self.apply = apply
@@ -101,6 +110,13 @@ class Optimizer(ABC):
     def backend(params: Tree) -> Backend:
         return backend_of(params)
 
+    def check_state(self, params: Tree, state: Any) -> Backend:
+        """The backend of ``params``, after checking that ``state`` is this method's state on
+        that backend (:class:`~secondorder.errors.StateError` otherwise)."""
+        backend = backend_of(flatten(params)[0][0])
+        check_state(state, self.State, backend, type(self).__name__)
+        return backend
+
     def objective(self, params: Tree, batch: Batch) -> Array:
         """The mean loss of ``apply(params, x)`` against ``y``."""
         x, y = batch
@@ -118,7 +134,8 @@ class Optimizer(ABC):
 
     def info(self, like: Tree, loss: Array, step_norm: Any = float("nan"),
              damping: Any = float("nan"), finite: Any = True, inner_iterations: Any = 0,
-             inner_residual: Any = float("nan")) -> StepInfo:
+             inner_residual: Any = float("nan"), extras: Mapping[str, Array] | None = None
+             ) -> StepInfo:
         s = self.scalar
         xp = backend_of(loss).xp
 
@@ -132,24 +149,45 @@ class Optimizer(ABC):
         return StepInfo(loss, as_array(step_norm), as_array(damping), fin, iters,
                         as_array(inner_residual))
 
-    def guard(self, params: Tree, state: dict[str, Array], new_params: Tree,
-              new_state: dict[str, Array], loss: Array, *checks: Any,
-              damping_key: str | None = None) -> tuple[Tree, dict[str, Array], Array, Array]:
+    def guard(self, params: Tree, state: Any, new_params: Tree, new_state: Any, loss: Array,
+              *checks: Any, damping_key: str | None = None, update: Tree | None = None
+              ) -> tuple[Tree, Any, Array, Array]:
         """Accept ``(new_params, new_state)`` only if the loss, the new parameters and the
         ``checks`` (trees) are all finite; otherwise keep the old ones and, for damped methods
-        (``damping_key``), multiply the old damping by :attr:`damping_boost_on_failure`.
+        (``damping_key``, a field of the state), multiply the old damping by
+        :attr:`damping_boost_on_failure`. ``update`` (new_params - params, when the method has
+        it) saves one pass over the parameters for the step norm.
 
-        Returns ``(params, state, finite, step_norm)``.
+        Returns ``(params, state, finite, step_norm)``. On eager backends this is one Python
+        branch on one flag; in traced code every leaf is selected with ``where``.
         """
-        xp = backend_of(loss).xp
+        backend = backend_of(loss)
+        xp = backend.xp
         ok = xp.logical_and(xp.all(xp.isfinite(loss)), all_finite(new_params, *checks))
+        if backend.is_concrete(ok):
+            if bool(ok):
+                step = update if update is not None else tree_map(
+                    lambda a, b: a - b, new_params, params)
+                return new_params, new_state, ok, norm(step)
+            if damping_key is not None:
+                state = _replace(state, damping_key,
+                                 _field(state, damping_key) * self.damping_boost_on_failure)
+            return params, state, ok, xp.zeros_like(loss)
         out_params = select(ok, new_params, params)
         out_state = select(ok, new_state, state)
         if damping_key is not None:
-            boosted = dict(out_state)
-            boosted[damping_key] = xp.where(
-                ok, new_state[damping_key], state[damping_key] * self.damping_boost_on_failure
-            )
-            out_state = boosted
+            out_state = _replace(out_state, damping_key, xp.where(
+                ok, _field(new_state, damping_key),
+                _field(state, damping_key) * self.damping_boost_on_failure))
         diff = tree_map(lambda a, b: xp.where(ok, a - b, xp.zeros_like(a)), new_params, params)
         return out_params, out_state, ok, norm(diff)
+
+
+def _field(state: Any, key: str) -> Any:
+    return state[key] if isinstance(state, dict) else getattr(state, key)
+
+
+def _replace(state: Any, key: str, value: Any) -> Any:
+    if isinstance(state, dict):
+        return {**state, key: value}
+    return state._replace(**{key: value})

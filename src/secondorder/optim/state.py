@@ -1,0 +1,93 @@
+"""Typed optimiser state.
+
+Every method keeps its state in a ``NamedTuple`` of arrays (and trees of arrays) whose class
+names the method, with an integer step count ``count`` (int32, 0 before the first step). A
+NamedTuple is a tree for :mod:`secondorder.tree`, ``jax.tree_util`` and ``torch.utils._pytree``
+alike, so a state passes through ``jax.jit``, ``jax.vmap`` and checkpointing unchanged.
+
+:func:`method_state` marks a NamedTuple class as the state of a method: it records the method's
+name and lets ``state["damping"]`` read a field by name (the dict-style access of earlier
+releases). :func:`check_state` turns a state from another method or backend into a
+:class:`~secondorder.errors.StateError` that says which is which; :func:`every` runs periodic work
+(statistics every T1 steps, inverses every T2) through ``backend.cond``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .._pytree import flatten
+from ..backends import Backend
+from ..errors import StateError
+
+T = TypeVar("T")
+
+
+def _getitem(self: tuple, key: Any) -> Any:
+    if isinstance(key, str):
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(f"{type(self).__name__} has no field {key!r}; its fields are "
+                           f"{', '.join(self._fields)}") from None
+    return tuple.__getitem__(self, key)
+
+
+def method_state(method: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: ``@method_state("CurveBall")`` on the NamedTuple of CurveBall's state."""
+    def mark(cls: type[T]) -> type[T]:
+        if "count" not in getattr(cls, "_fields", ()):
+            raise TypeError(f"{cls.__name__} must be a NamedTuple with a 'count' field")
+        cls.method = method  # type: ignore[attr-defined]
+        cls.__getitem__ = _getitem  # type: ignore[method-assign, assignment]
+        return cls
+
+    return mark
+
+
+def initial_count(backend: Backend, device: Any = None) -> Any:
+    """The step count before the first step: a 0-d int32 zero."""
+    xp = backend.xp
+    kwargs = {} if device is None else {"device": device}
+    return xp.asarray(0, dtype=xp.int32, **kwargs)
+
+
+def check_state(state: Any, expected: type, backend: Backend, method: str) -> None:
+    """Raise :class:`StateError` unless ``state`` is an ``expected`` made on ``backend``.
+
+    Only the type and the first array of the state are inspected, so the check costs nothing
+    next to a step.
+    """
+    if not isinstance(state, expected):
+        owner = getattr(type(state), "method", None)
+        if owner is not None:
+            made = f"a state of {owner} ({type(state).__name__})"
+        elif isinstance(state, dict):
+            made = "a dict (the state format of earlier releases, or a hand-made one)"
+        else:
+            made = f"a {type(state).__name__}"
+        raise StateError(
+            f"{method}.step got {made}, but needs a {expected.__name__}: create it with "
+            f"{method}(...).init(params) and pass the state that {method}.step returns"
+        )
+    for leaf in flatten(state)[0]:
+        if hasattr(leaf, "shape"):
+            if not backend.is_array(leaf):
+                raise StateError(
+                    f"the {method} state holds {type(leaf).__module__}.{type(leaf).__name__} "
+                    f"arrays but the parameters are {backend.name} arrays: initialise the "
+                    f"state from the parameters you step (opt.init(params)), or convert both "
+                    "to one backend"
+                )
+            return
+
+
+def every(backend: Backend, count: Any, period: int, fn: Callable[..., T],
+          otherwise: Callable[..., T], *operands: Any) -> T:
+    """``fn(*operands)`` on the steps whose ``count`` is a multiple of ``period``, else
+    ``otherwise(*operands)``, through ``backend.cond`` (a Python branch on eager backends, one
+    compiled conditional under ``jax.jit``). ``period=1`` always runs ``fn``."""
+    if period == 1:
+        return fn(*operands)
+    return backend.cond(count % period == 0, fn, otherwise, *operands)
