@@ -1,14 +1,34 @@
 """Flattening of nested containers into leaves and back, with no array framework involved.
 
-A *tree* is a leaf (any object that is not a container below) or a tuple, list, namedtuple or
-dict of trees. Dict entries are visited in sorted key order, as JAX does, so that the order of the
-leaves is the same on every backend. This module is the bottom of the stack: backends use it to
-differentiate with respect to parameter trees, and :mod:`secondorder.tree` builds the vector
-arithmetic on top of it.
+A *tree* is one of
+
+* a dict (keys must be sortable, e.g. all strings), a tuple, a namedtuple or a list of trees;
+* ``None``, an empty node with no leaves (as in JAX and ``torch.utils._pytree``), so that
+  ``eqx.partition(model, eqx.is_array)`` output, whose non-array fields are ``None``, is a tree;
+* any other JAX pytree node (equinox modules, flax ``FrozenDict`` and struct dataclasses, types
+  registered with ``jax.tree_util.register_pytree_node``), when ``jax`` is already imported: it is
+  flattened one level by :func:`jax.tree_util.tree_flatten` and rebuilt by JAX. JAX is never
+  imported here; an object of a type JAX does not know is a leaf;
+* anything else is a leaf (arrays, Python scalars).
+
+Leaf order is canonical: dict entries are visited in sorted key order, as JAX does, so the leaves
+come out in the same order on every backend, whatever order the user inserted the keys in. The
+:class:`TreeDef` still remembers each dict's own key order (and whether it was an
+``OrderedDict``), and :func:`unflatten` rebuilds the user's order: ``torch.func`` compares dicts
+by key order, so a tangent must have the parameters' order. Two dicts with the same keys in
+different orders have the same structure (JAX returns sorted dicts for an insertion-ordered
+input); binary tree operations keep the order of the first operand that has one
+(:func:`check_same_structure`).
+
+This module is the bottom of the stack: backends use it to differentiate with respect to parameter
+trees, and :mod:`secondorder.tree` builds the vector arithmetic on top of it. Flattening is on hot
+paths, so the kind of node is looked up per type in a cache.
 """
 
 from __future__ import annotations
 
+import sys
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,19 +36,30 @@ from .errors import StructureError
 
 
 class TreeDef:
-    """The nesting of a tree without its leaves; hashable and comparable."""
+    """The nesting of a tree without its leaves; hashable and comparable.
 
-    __slots__ = ("_hash", "children", "kind", "meta", "num_leaves")
+    ``kind`` is ``"leaf"``, ``"dict"``, ``"tuple"``, ``"namedtuple"``, ``"list"``, ``"none"`` or
+    ``"jax"``; ``meta`` is the sorted keys of a dict, the class of a namedtuple or the one-level
+    ``jax.tree_util.PyTreeDef`` of a JAX node. ``order`` (dicts only) is ``None`` for a plain dict
+    whose keys were inserted in sorted order, else ``(dict class, keys in the user's order)``;
+    it is not part of equality or the hash. ``custom_order`` says whether this node or one below
+    it has such an order.
+    """
 
-    def __init__(self, kind: str, meta: Any = None, children: tuple[TreeDef, ...] = ()):
+    __slots__ = ("_hash", "children", "custom_order", "kind", "meta", "num_leaves", "order")
+
+    def __init__(self, kind: str, meta: Any = None, children: tuple[TreeDef, ...] = (),
+                 order: tuple[type, tuple[Any, ...]] | None = None):
         self.kind = kind
         self.meta = meta
         self.children = children
+        self.order = order
         self.num_leaves = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
+        self.custom_order = order is not None or any(c.custom_order for c in children)
         self._hash = hash((kind, meta, children))
 
     def __eq__(self, other: object) -> bool:
-        return (
+        return self is other or (
             isinstance(other, TreeDef)
             and self._hash == other._hash
             and (self.kind, self.meta, self.children) == (other.kind, other.meta, other.children)
@@ -40,77 +71,162 @@ class TreeDef:
     def __repr__(self) -> str:
         if self.kind == "leaf":
             return "*"
+        if self.kind == "none":
+            return "None"
         if self.kind == "dict":
-            inner = ", ".join(f"{k!r}: {c!r}" for k, c in zip(self.meta, self.children))
-            return "{" + inner + "}"
+            by_key = dict(zip(self.meta, self.children))
+            keys = self.meta if self.order is None else self.order[1]
+            return "{" + ", ".join(f"{k!r}: {by_key[k]!r}" for k in keys) + "}"
         inner = ", ".join(repr(c) for c in self.children)
         if self.kind == "list":
             return f"[{inner}]"
         if self.kind == "namedtuple":
             return f"{self.meta.__name__}({inner})"
+        if self.kind == "jax":
+            return f"{self.meta}({inner})"
         return f"({inner},)" if len(self.children) == 1 else f"({inner})"
 
 
 LEAF = TreeDef("leaf")
+NONE = TreeDef("none")
 
 
-def _is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+# ------------------------------------------------------------------------------- flattening
+Flattener = Callable[[Any, list[Any]], TreeDef]
+
+
+def _flatten_leaf(tree: Any, leaves: list[Any]) -> TreeDef:
+    leaves.append(tree)
+    return LEAF
+
+
+def _flatten_none(tree: Any, leaves: list[Any]) -> TreeDef:
+    return NONE
+
+
+def _flatten_dict(tree: dict, leaves: list[Any]) -> TreeDef:
+    keys = tuple(tree)
+    try:
+        canonical = tuple(sorted(keys))
+    except TypeError as err:
+        raise StructureError(
+            "dict keys of a parameter tree must be sortable (e.g. all strings); got "
+            f"{[type(k).__name__ for k in keys]}"
+        ) from err
+    cls = OrderedDict if isinstance(tree, OrderedDict) else dict
+    order = None if cls is dict and keys == canonical else (cls, keys)
+    children = tuple(_flatten_into(tree[k], leaves) for k in canonical)
+    return TreeDef("dict", canonical, children, order)
+
+
+def _flatten_tuple(tree: tuple, leaves: list[Any]) -> TreeDef:
+    return TreeDef("tuple", None, tuple(_flatten_into(c, leaves) for c in tree))
+
+
+def _flatten_namedtuple(tree: tuple, leaves: list[Any]) -> TreeDef:
+    return TreeDef("namedtuple", type(tree), tuple(_flatten_into(c, leaves) for c in tree))
+
+
+def _flatten_list(tree: list, leaves: list[Any]) -> TreeDef:
+    return TreeDef("list", None, tuple(_flatten_into(c, leaves) for c in tree))
+
+
+def _flatten_jax(tree: Any, leaves: list[Any]) -> TreeDef:
+    # one level: every child is a leaf for JAX (None included), a subtree for us
+    children, jax_def = sys.modules["jax"].tree_util.tree_flatten(
+        tree, is_leaf=lambda node: node is not tree
+    )
+    return TreeDef("jax", jax_def, tuple(_flatten_into(c, leaves) for c in children))
+
+
+#: type -> how to flatten it; filled on first sight of each type
+_KIND: dict[type, Flattener] = {
+    dict: _flatten_dict,
+    tuple: _flatten_tuple,
+    list: _flatten_list,
+    type(None): _flatten_none,
+}
+#: types classified as leaves while jax was not imported: JAX may know them once it is
+_PROVISIONAL: list[type] = []
+
+
+def _classify(cls: type) -> Flattener:
+    if issubclass(cls, dict):
+        kind: Flattener = _flatten_dict
+    elif issubclass(cls, tuple):
+        kind = _flatten_namedtuple if hasattr(cls, "_fields") else _flatten_tuple
+    elif issubclass(cls, list):
+        kind = _flatten_list
+    elif "jax" not in sys.modules:
+        _PROVISIONAL.append(cls)
+        kind = _flatten_leaf
+    elif sys.modules["jax"].tree_util.is_tree_node(cls):
+        kind = _flatten_jax
+    else:
+        kind = _flatten_leaf
+    _KIND[cls] = kind
+    return kind
+
+
+def _flatten_into(tree: Any, leaves: list[Any]) -> TreeDef:
+    kind = _KIND.get(type(tree))
+    if kind is None:
+        kind = _classify(type(tree))
+    return kind(tree, leaves)
 
 
 def flatten(tree: Any) -> tuple[list[Any], TreeDef]:
-    """``(leaves, treedef)`` with the leaves in a deterministic order."""
+    """``(leaves, treedef)`` with the leaves in canonical order (dict keys sorted)."""
+    if _PROVISIONAL and "jax" in sys.modules:
+        for cls in _PROVISIONAL:  # classify again now that JAX can be asked
+            _KIND.pop(cls, None)
+        _PROVISIONAL.clear()
     leaves: list[Any] = []
     treedef = _flatten_into(tree, leaves)
     return leaves, treedef
 
 
-def _flatten_into(tree: Any, leaves: list[Any]) -> TreeDef:
-    if isinstance(tree, dict):
-        try:
-            keys = tuple(sorted(tree))
-        except TypeError as err:
-            raise StructureError(
-                "dict keys of a parameter tree must be sortable (e.g. all strings)"
-            ) from err
-        return TreeDef("dict", keys, tuple(_flatten_into(tree[k], leaves) for k in keys))
-    if _is_namedtuple(tree):
-        return TreeDef("namedtuple", type(tree), tuple(_flatten_into(c, leaves) for c in tree))
-    if isinstance(tree, tuple):
-        return TreeDef("tuple", None, tuple(_flatten_into(c, leaves) for c in tree))
-    if isinstance(tree, list):
-        return TreeDef("list", None, tuple(_flatten_into(c, leaves) for c in tree))
-    leaves.append(tree)
-    return LEAF
-
-
+# ------------------------------------------------------------------------------- rebuilding
 def unflatten(treedef: TreeDef, leaves: Sequence[Any]) -> Any:
-    """Rebuild the tree described by ``treedef`` from ``leaves``."""
-    leaves = list(leaves)
+    """Rebuild the tree described by ``treedef`` from ``leaves`` (in canonical order); dicts
+    get the key order (and ``OrderedDict`` class) recorded in ``treedef``."""
+    if not isinstance(leaves, list | tuple):
+        leaves = list(leaves)
     if len(leaves) != treedef.num_leaves:
         raise StructureError(
             f"the tree structure {treedef!r} has {treedef.num_leaves} leaves but "
             f"{len(leaves)} were given"
         )
-    it = iter(leaves)
-    return _build(treedef, it)
+    if treedef is LEAF:
+        return leaves[0]
+    return _build(treedef, iter(leaves))
 
 
 def _build(treedef: TreeDef, it: Any) -> Any:
-    if treedef.kind == "leaf":
+    kind = treedef.kind
+    if kind == "leaf":
         return next(it)
+    if kind == "none":
+        return None
     children = [_build(c, it) for c in treedef.children]
-    if treedef.kind == "dict":
-        return dict(zip(treedef.meta, children))
-    if treedef.kind == "list":
+    if kind == "dict":
+        if treedef.order is None:
+            return dict(zip(treedef.meta, children))
+        cls, keys = treedef.order
+        by_key = dict(zip(treedef.meta, children))
+        return cls((k, by_key[k]) for k in keys)
+    if kind == "list":
         return children
-    if treedef.kind == "namedtuple":
+    if kind == "namedtuple":
         return treedef.meta(*children)
+    if kind == "jax":
+        return treedef.meta.unflatten(children)
     return tuple(children)
 
 
 def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
-    """Apply ``fn`` leaf by leaf to trees of one structure."""
+    """Apply ``fn`` leaf by leaf to trees of one structure (the result has ``tree``'s dict key
+    order)."""
     leaves, treedef = flatten(tree)
     others = []
     for other in rest:
@@ -120,10 +236,13 @@ def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     return unflatten(treedef, [fn(*args) for args in zip(leaves, *others)])
 
 
-def check_same_structure(treedef: TreeDef, other_def: TreeDef) -> None:
-    """Raise :class:`StructureError` unless two trees have the same structure."""
+def check_same_structure(treedef: TreeDef, other_def: TreeDef) -> TreeDef:
+    """Raise :class:`StructureError` unless two trees have the same structure; return the one
+    to rebuild results with: ``treedef``, unless only ``other_def`` carries a user's dict key
+    order (the first operand's order wins; a user's order wins over the canonical one)."""
     if other_def != treedef:
         raise StructureError(
             f"parameter trees do not match: {treedef!r} and {other_def!r}; pass trees with "
             "the same nesting (same container types, keys and number of leaves)"
         )
+    return other_def if other_def.custom_order and not treedef.custom_order else treedef
