@@ -97,6 +97,15 @@ class Backend(ABC):
     def supports_float64(self) -> bool:
         return True
 
+    @property
+    def random(self) -> Any:
+        """Counter-based random numbers on this backend (:class:`secondorder.random.Random`):
+        ``backend.random.key(seed)``, then ``split``, ``uniform``, ``normal``, ... of that key.
+        The same bits on every backend, and traced (new noise per step) under ``jax.jit``."""
+        from ..random import Random  # the module sits above the backends layer
+
+        return Random(self)
+
     # ---------------------------------------------------------------- autodiff
     def _no_autodiff(self, what: str) -> AutodiffUnavailableError:
         return AutodiffUnavailableError(
