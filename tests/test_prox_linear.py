@@ -317,7 +317,7 @@ def test_direction_handed_to_sgd_tends_to_sgd(ad_backend):
     a, _, _ = sgd.step(p, sgd.init(p), batch)
     b, state, info = wrapped.step(p, wrapped.init(p), batch)
     assert_close(raveled(ad_backend, b), raveled(ad_backend, a), rtol=1e-7)
-    assert "inner" in state and bool(info.finite)
+    assert "inner" in state._fields and bool(info.finite)
     adam = ProxLinear(MODEL.apply, LOSSES["mse"], gamma=1.0, inner_steps=2,
                       optimizer=Adam(MODEL.apply, LOSSES["mse"], lr=1e-2))
     q, _, info = adam.step(p, adam.init(p), batch)

@@ -80,3 +80,8 @@ class RandomKeyError(SecondOrderError, ValueError):
 
 class StateError(SecondOrderError, TypeError):
     """An optimiser state that another method, or another backend, created."""
+
+
+class HyperparameterError(SecondOrderError, ValueError):
+    """A hyperparameter outside its valid range (a negative learning rate, a momentum >= 1,
+    an unknown option name)."""

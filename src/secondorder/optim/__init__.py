@@ -1,18 +1,19 @@
 """Optimisers on one interface: ``opt = Method(apply, loss, ...)``, ``state = opt.init(params)``,
 ``params, state, info = opt.step(params, state, batch)``."""
 
-from .adam import Adam, AdamW
+from . import transforms
 from .base import Optimizer, StepInfo
 from .bfgs import BFGS
 from .curveball import CurveBall
+from .gradient_descent import SGD, Adam, AdamW, GradientDescent
 from .grouped_newton import GroupedNewton
 from .hessian_free import HessianFree
 from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
 from .prox_linear import ProxLinear
-from .sgd import SGD
 
 __all__ = ["SGD", "Adam", "AdamW", "CurveBall", "HessianFree", "Optimizer", "StepInfo"]
 __all__ += ["BFGS", "LevenbergMarquardt", "Newton"]
 __all__ += ["ProxLinear"]
 __all__ += ["GroupedNewton"]
+__all__ += ["GradientDescent", "transforms"]

@@ -48,18 +48,20 @@ projection on the simplex by bisection on the threshold).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .._pytree import tree_map
 from ..backends import backend_of
 from ..curvature import Linearization
+from ..errors import HyperparameterError
 from ..linalg import cg
 from ..losses import MSE, Loss, SigmoidBCE, SoftmaxCrossEntropy
-from ..tree import axpy, norm, scale, sub, vdot
+from ..tree import add, axpy, norm, scale, sub, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
 from .line_search import backtracking, check_line_search
+from .state import initial_count, method_state
+from .transforms import GradientTransformation
 
 SOLVERS = ("dual", "primal", "exact-dual")
 UPDATES = ("spl", "armijo")
@@ -383,6 +385,15 @@ def prox_linear_direction(apply: Callable, loss: Loss, params: Tree, batch: Batc
 # ------------------------------------------------------------------------------ optimiser
 
 
+@method_state("ProxLinear")
+class ProxLinearState(NamedTuple):
+    """Step count, the last accepted Armijo step eta, and the update transform's state."""
+
+    count: Array
+    eta: Array
+    inner: Any
+
+
 class ProxLinear(Optimizer):
     """Stochastic prox-linear (SPL) steps from the dual or primal Gauss-Newton direction.
 
@@ -401,12 +412,14 @@ class ProxLinear(Optimizer):
       h(w - eta d) <= h(w) - c1 eta <d, grad h> with c1 = 1e-4, at most ``max_trials`` (30)
       evaluations of the batch loss (a backend while_loop). If no trial passes, or
       <d, grad h> is not positive, the step is rejected and the parameters kept.
-    * ``optimizer=SGD(...)`` or ``Adam(...)`` (with ``update="spl"``): the direction divided by
-      gamma (which tends to the gradient as gamma -> 0) is handed to that optimiser in place of
-      the gradient; its state lives under ``state["inner"]``. Works for any optimiser whose step
-      obtains its gradient from ``self.value_and_grad`` (SGD, Adam, AdamW).
+    * ``transform=chain(...)`` (with ``update="spl"``): the direction divided by gamma (which
+      tends to the gradient as gamma -> 0) goes through an update transform
+      (:mod:`secondorder.optim.transforms`: momentum, Adam scaling, clipping, schedules) in place
+      of the gradient; ``optimizer=SGD(...)``, ``Adam(...)`` or any
+      :class:`~secondorder.optim.GradientDescent` hands over its transform chain.
 
-    State: ``{"eta": last accepted Armijo step (0-d)}`` or ``{"inner": ...}``. ``info.damping``
+    State: a :class:`ProxLinearState` with the step count, ``eta`` (the last accepted Armijo
+    step, 0-d) and ``inner`` (the transform's state, or an empty tuple). ``info.damping``
     is the Levenberg-Marquardt damping 1/gamma of the mean-loss model, ``info.inner_iterations``
     the CG iterations and ``info.inner_residual`` the final CG residual. A non-finite loss,
     direction or update keeps the old parameters (on eager backends a batch with NaN or inf is
@@ -417,7 +430,8 @@ class ProxLinear(Optimizer):
                  inner_steps: int = 2, gamma: float | None = None, update: str = "spl",
                  scaled: bool = False, l1: float = 0.0, optimizer: Optimizer | None = None,
                  c1: float = 1e-4, eta0: float = 1.0, shrink: float = 0.5,
-                 max_trials: int = 30, tol: float = 1e-10):
+                 max_trials: int = 30, tol: float = 1e-10,
+                 transform: GradientTransformation | None = None):
         super().__init__(apply, loss)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -432,10 +446,18 @@ class ProxLinear(Optimizer):
         check_line_search("halve", c1, shrink, max_trials, eta0)
         if is_number(l1) and l1 < 0:
             raise ValueError(f"l1 must be >= 0, got {l1}")
-        if (l1 or optimizer is not None) and update != "spl":
-            raise ValueError("l1 and optimizer= work with update='spl' only")
-        if l1 and optimizer is not None:
-            raise ValueError("l1 and optimizer= cannot be combined")
+        if optimizer is not None:
+            if transform is not None:
+                raise HyperparameterError("give optimizer= or transform=, not both")
+            transform = getattr(optimizer, "transform", None)
+            if transform is None:
+                raise HyperparameterError(
+                    f"optimizer={optimizer!r} has no update transform: pass a GradientDescent "
+                    "method (SGD, Adam, AdamW) or transform=chain(...)")
+        if (l1 or transform is not None) and update != "spl":
+            raise ValueError("l1 and optimizer= / transform= work with update='spl' only")
+        if l1 and transform is not None:
+            raise ValueError("l1 and optimizer= / transform= cannot be combined")
         if scaled and solver != "dual":
             raise ValueError("scaled=True is a change of variables of the dual solver")
         if solver == "exact-dual" and not isinstance(loss, SoftmaxCrossEntropy):
@@ -443,20 +465,24 @@ class ProxLinear(Optimizer):
                              f"SoftmaxCrossEntropy, got {loss!r}")
         self.solver, self.inner_steps, self.gamma, self.update = solver, int(inner_steps), \
             gamma, update
-        self.scaled, self.l1, self.optimizer, self.tol = bool(scaled), l1, optimizer, tol
+        self.scaled, self.l1, self.transform, self.tol = bool(scaled), l1, transform, tol
         self.c1, self.eta0, self.shrink, self.max_trials = c1, eta0, shrink, int(max_trials)
+
+    State = ProxLinearState
 
     def __repr__(self) -> str:
         return (f"ProxLinear(solver={self.solver!r}, inner_steps={self.inner_steps}, "
                 f"gamma={self.gamma}, update={self.update!r})")
 
-    def init(self, params: Tree) -> dict[str, Array]:
-        if self.optimizer is not None:
-            return {"inner": self.optimizer.init(params)}
-        return {"eta": self.scalar(params, self.eta0 if self.update == "armijo" else 1.0)}
+    def init(self, params: Tree) -> ProxLinearState:
+        inner = () if self.transform is None else self.transform.init(params)
+        eta = self.scalar(params, self.eta0 if self.update == "armijo" else 1.0)
+        return ProxLinearState(initial_count(self.backend(params), self.backend(params).device(
+            eta)), eta, inner)
 
-    def step(self, params: Tree, state: dict[str, Array], batch: Batch
-             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+    def step(self, params: Tree, state: ProxLinearState, batch: Batch
+             ) -> tuple[Tree, ProxLinearState, StepInfo]:
+        self.check_state(params, state)
         x, y = batch
         lin = Linearization(self.apply, params, x, validate=False)  # the guard rejects NaN
         loss = self.loss.value(lin.outputs, y)
@@ -466,26 +492,26 @@ class ProxLinear(Optimizer):
                                     scaled=self.scaled, tol=self.tol, lin=lin)
         d = res.direction
         checks = (d,)
-        if self.optimizer is not None:
-            shim = copy.copy(self.optimizer)
+        eta = state.eta
+        if self.transform is not None:
             scaled_d = tree_map(lambda a: a / self.gamma, d)
-            shim.value_and_grad = lambda p, b: (loss, scaled_d)
-            new, inner, _ = shim.step(params, state["inner"], batch)
-            new_state = {"inner": inner}
-        elif self.update == "spl":
-            new = sub(params, d)
-            if self.l1:
-                new = soft_threshold(new, self.gamma * self.l1)
-            new_state = state
+            updates, inner = self.transform.update(scaled_d, state.inner, params)
+            new = add(params, updates)
+            new_state = ProxLinearState(state.count + 1, eta, inner)
         else:
-            slope = vdot(d, res.grad) / m  # <d, grad h> with h the mean loss
-            eta = backtracking(
-                lin.backend,
-                lambda e: self.objective(tree_map(lambda w, a: w - e * a, params, d), batch),
-                loss, -slope, self.scalar(params, self.eta0), c1=self.c1,
-                max_trials=self.max_trials, shrink=self.shrink).step
-            new = tree_map(lambda w, a: w - eta * a, params, d)
-            new_state = {"eta": eta}
+            if self.update == "spl":
+                new = sub(params, d)
+                if self.l1:
+                    new = soft_threshold(new, self.gamma * self.l1)
+            else:
+                slope = vdot(d, res.grad) / m  # <d, grad h> with h the mean loss
+                eta = backtracking(
+                    lin.backend,
+                    lambda e: self.objective(tree_map(lambda w, a: w - e * a, params, d), batch),
+                    loss, -slope, self.scalar(params, self.eta0), c1=self.c1,
+                    max_trials=self.max_trials, shrink=self.shrink).step
+                new = tree_map(lambda w, a: w - eta * a, params, d)
+            new_state = ProxLinearState(state.count + 1, eta, state.inner)
         params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, *checks)
         return params, state, self.info(params, loss, step_norm, 1.0 / self.gamma, ok,
                                         res.iterations, res.residual)

@@ -1,0 +1,167 @@
+"""Gradient methods assembled from a direction and a transform: the direction is the gradient
+of the mean batch loss, a chain of update transforms (:mod:`secondorder.optim.transforms`) turns
+it into the update, and the guard of :class:`~secondorder.optim.base.Optimizer` accepts or
+rejects the step. SGD, Adam and AdamW are this class with their chains."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .._pytree import flatten
+from ..backends import backend_of
+from ..losses import Loss
+from ..tree import add
+from .base import Array, Batch, Optimizer, StepInfo, Tree
+from .state import initial_count, method_state
+from .transforms import (
+    GradientTransformation,
+    add_decayed_weights,
+    chain,
+    scale_by_adam,
+    scale_by_learning_rate,
+    trace,
+)
+
+
+@method_state("GradientDescent")
+class GradientDescentState(NamedTuple):
+    """Step count and the state of the transform chain."""
+
+    count: Array
+    transform: Any
+
+
+class GradientDescent(Optimizer):
+    """w <- w + T(grad L(w)) for an optax-shaped transform T (``init``/``update``).
+
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`.
+    transform:
+        The update transform, e.g. ``chain(clip_by_global_norm(1.0), trace(0.9),
+        scale_by_learning_rate(0.1))``; it must end by scaling with a negative step
+        (``scale_by_learning_rate``), as in optax.
+    """
+
+    State = GradientDescentState
+
+    def __init__(self, apply: Callable, loss: Loss, transform: GradientTransformation):
+        super().__init__(apply, loss)
+        self.transform = transform
+
+    def init(self, params: Tree) -> Any:
+        first = flatten(params)[0][0]
+        backend = backend_of(first)
+        return self.State(initial_count(backend, backend.device(first)),
+                          self.transform.init(params))
+
+    def step(self, params: Tree, state: Any, batch: Batch) -> tuple[Tree, Any, StepInfo]:
+        self.check_state(params, state)
+        loss, grad = self.value_and_grad(params, batch)
+        updates, inner = self.transform.update(grad, state.transform, params)
+        new = add(params, updates)
+        new_state = self.State(state.count + 1, inner)
+        params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, grad,
+                                                  update=updates)
+        return params, state, self.info(params, loss, step_norm, finite=ok)
+
+
+@method_state("SGD")
+class SGDState(NamedTuple):
+    """Step count and the state of SGD's transform chain (the momentum buffer)."""
+
+    count: Array
+    transform: Any
+
+
+class SGD(GradientDescent):
+    """Stochastic gradient descent: g = grad + wd w;  b <- mu b + g;
+    w <- w - lr (g + mu b if nesterov else b).
+
+    The chain ``add_decayed_weights(weight_decay)`` (when non-zero), ``trace(momentum,
+    nesterov)`` (when momentum is non-zero), ``scale_by_learning_rate(lr)``.
+
+    Parameters
+    ----------
+    lr: float or callable, default 0.01
+        Step size, or a schedule t -> lr(t) of the step count t = 0, 1, ...
+    momentum: float, default 0.0
+        Heavy-ball coefficient mu.
+    nesterov: bool, default False
+        Nesterov's variant (needs momentum > 0).
+    weight_decay: float, default 0.0
+        L2 coefficient wd added to the gradient.
+    """
+
+    State = SGDState
+
+    def __init__(self, apply: Callable, loss: Loss, *, lr: Any = 0.01, momentum: Any = 0.0,
+                 nesterov: bool = False, weight_decay: Any = 0.0):
+        parts = []
+        if not _is_zero(weight_decay):
+            parts.append(add_decayed_weights(weight_decay))
+        if not _is_zero(momentum) or nesterov:
+            parts.append(trace(momentum, nesterov))
+        parts.append(scale_by_learning_rate(lr))
+        super().__init__(apply, loss, chain(*parts))
+        self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, \
+            weight_decay
+
+
+@method_state("Adam")
+class AdamState(NamedTuple):
+    """Step count and the state of Adam's transform chain (moments and their count)."""
+
+    count: Array
+    transform: Any
+
+
+class Adam(GradientDescent):
+    """Adam (Kingma & Ba 2015) with L2 weight decay added to the gradient:
+    g = grad + wd w, then ``scale_by_adam`` and ``scale_by_learning_rate(lr)``.
+
+    Parameters
+    ----------
+    lr: float or callable, default 1e-3
+        Step size, or a schedule of the step count.
+    b1, b2: float, default 0.9, 0.999
+        Decay rates of the first and second moment estimates.
+    eps: float, default 1e-8
+        Added to the square root of the second moment.
+    weight_decay: float, default 0.0
+        L2 coefficient (decoupled in :class:`AdamW`).
+    """
+
+    State = AdamState
+    decoupled = False
+
+    def __init__(self, apply: Callable, loss: Loss, *, lr: Any = 1e-3, b1: Any = 0.9,
+                 b2: Any = 0.999, eps: Any = 1e-8, weight_decay: Any = 0.0):
+        decay = [] if _is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
+        adam = [scale_by_adam(b1, b2, eps)]
+        parts = adam + decay if self.decoupled else decay + adam
+        super().__init__(apply, loss, chain(*parts, scale_by_learning_rate(lr)))
+        self.lr, self.b1, self.b2, self.eps, self.weight_decay = lr, b1, b2, eps, weight_decay
+
+
+@method_state("AdamW")
+class AdamWState(NamedTuple):
+    """Step count and the state of AdamW's transform chain."""
+
+    count: Array
+    transform: Any
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019):
+    w <- w - lr (adam_step + wd w); the chain ``scale_by_adam``, ``add_decayed_weights``,
+    ``scale_by_learning_rate``. Parameters as :class:`Adam`."""
+
+    State = AdamWState
+    decoupled = True
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and value == 0
