@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import random
 from ..backends import Backend, backend_of
-from ..errors import NonFiniteError, ShapeError
+from ..errors import NonFiniteError, RandomKeyError, ShapeError
 from ..linalg import LinearOperator, Structure
 from ..linalg.operator import placement
 from ..losses import Loss
@@ -31,11 +32,19 @@ def check_batch(backend: Backend, x: Array, what: str = "inputs") -> None:
 
 
 def sample_targets(loss: Loss, f: Array, samples: int, seed: int,
-                   noise: list[Any] | None) -> list[Array]:
+                   noise: list[Any] | None, key: Array | None = None) -> list[Array]:
     """Targets drawn from the model's predictive distribution at the outputs ``f``: one per
-    array in ``noise`` (from ``loss.noise``), or ``samples`` draws with NumPy's
-    Generator(``seed``) when it is None (the same on every backend)."""
+    array in ``noise`` (from ``loss.noise``); or, given a :mod:`secondorder.random` ``key``,
+    ``samples`` draws ``loss.sample(f, key=k)`` for the keys k of ``split(key, samples)`` (traced
+    under ``jax.jit``, so a key in an optimiser state gives new targets at every step); or else
+    ``samples`` draws with NumPy's Generator(``seed``). Every route gives every backend the same
+    targets."""
     backend = backend_of(f)
+    if key is not None:
+        if noise is not None:
+            raise RandomKeyError("give the Monte-Carlo targets either noise or a key, not both")
+        keys = random.split(key, samples)
+        return [loss.sample(f, key=keys[s, :]) for s in range(samples)]
     if noise is None:
         rng = np.random.default_rng(seed)
         noise = [loss.noise(tuple(f.shape), rng) for _ in range(samples)]

@@ -14,21 +14,24 @@ class Fisher(CurvatureOperator):
     """F = (1/(m S)) sum_i sum_s g_is g_is^T with g_is = J_i^T grad l(f_i, y_is).
 
     ``kind="mc"``: S targets per sample drawn from the model's predictive distribution with
-    noise from NumPy's Generator(``seed``) (the same on every backend), or with ``noise`` given as
-    a list of S arrays from ``loss.noise``; in expectation this is the GGN for the losses here.
+    noise from NumPy's Generator(``seed``) (the same on every backend), with ``noise`` given as
+    a list of S arrays from ``loss.noise``, or from a :mod:`secondorder.random` ``key`` (the
+    route that draws new targets per key inside ``jax.jit``); in expectation this is the GGN
+    for the losses here.
     ``kind="empirical"``: the batch labels, S = 1. Products use one JVP and one VJP:
     F v = J^T (R diag(r_s^T (J v)) ) / (m S), with r_is = grad l(f_i, y_is).
     """
 
     def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array], *,
                  kind: str = "mc", samples: int = 1, seed: int = 0,
-                 noise: list[Any] | None = None):
-        super().__init__(apply, loss, params, batch)
+                 noise: list[Any] | None = None, key: Array | None = None,
+                 validate: bool = True):
+        super().__init__(apply, loss, params, batch, validate=validate)
         f = self.outputs
         if kind == "empirical":
             self.targets = [self.y]
         elif kind == "mc":
-            self.targets = sample_targets(loss, f, samples, seed, noise)
+            self.targets = sample_targets(loss, f, samples, seed, noise, key)
         else:
             raise ValueError(f"unknown Fisher kind {kind!r}: use 'mc' or 'empirical'")
         self.kind = kind

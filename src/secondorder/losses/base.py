@@ -8,7 +8,10 @@ Conventions, stated once and used everywhere in ``secondorder``:
   quantities with respect to f_i (not divided by m): the gradient of L with respect to f is
   ``grad(f, y) / m``, and the GGN of L is (1/m) sum_i J_i^T H_i J_i;
 * ``sample(f, noise)`` draws targets from the model's predictive distribution given noise drawn
-  by ``noise(shape, rng)`` with NumPy's Generator, so every backend samples the same labels.
+  by ``noise(shape, rng)`` with NumPy's Generator, so every backend samples the same labels;
+  ``sample(f, key=key)`` draws the same kind of noise from a :mod:`secondorder.random` key
+  (``key_noise``) instead: the same bits on every backend, and new noise per key inside
+  ``jax.jit`` (where NumPy noise would be a compile-time constant).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import Backend, backend_of
-from ..errors import NonFiniteError, ShapeError
+from ..errors import NonFiniteError, RandomKeyError, ShapeError
 
 Array = Any
 
@@ -83,8 +86,27 @@ class Loss(ABC):
         """The NumPy noise that :meth:`sample` turns into targets for outputs of ``shape``."""
 
     @abstractmethod
-    def sample(self, f: Array, noise: Array) -> Array:
+    def key_noise(self, key: Array, f: Array) -> Array:
+        """The noise of :meth:`noise` for outputs ``f``, drawn with :mod:`secondorder.random`
+        from ``key``, in f's dtype and on f's backend."""
+
+    @abstractmethod
+    def _sample(self, f: Array, noise: Array) -> Array:
         """Targets drawn from the predictive distribution p(y | f) given ``noise``."""
+
+    def sample(self, f: Array, noise: Array | None = None, *, key: Array | None = None
+               ) -> Array:
+        """Targets drawn from the predictive distribution p(y | f), given either ``noise``
+        (from :meth:`noise`, converted to f's backend) or a random ``key``
+        (:func:`secondorder.random.key`), which draws that noise with :meth:`key_noise`."""
+        if (noise is None) == (key is None):
+            raise RandomKeyError(
+                f"{self.name}: sample takes exactly one of noise (from loss.noise) or key "
+                "(from secondorder.random.key)"
+            )
+        if key is not None:
+            noise = self.key_noise(key, f)
+        return self._sample(f, noise)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

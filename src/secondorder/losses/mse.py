@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import random
 from ..backends import backend_of
 from .base import Array, Loss
 
@@ -49,5 +50,8 @@ class MSE(Loss):
     def noise(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         return rng.standard_normal(shape)
 
-    def sample(self, f: Array, noise: Array) -> Array:
+    def key_noise(self, key: Array, f: Array) -> Array:
+        return random.normal(key, tuple(f.shape), f.dtype)
+
+    def _sample(self, f: Array, noise: Array) -> Array:
         return f + noise

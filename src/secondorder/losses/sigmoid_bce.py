@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import random
 from ..backends import Backend, backend_of
 from ..errors import LabelError
 from ..functional import sigmoid, softplus
@@ -79,7 +80,10 @@ class SigmoidBCE(Loss):
     def noise(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         return rng.random(shape)
 
-    def sample(self, f: Array, noise: Array) -> Array:
+    def key_noise(self, key: Array, f: Array) -> Array:
+        return random.uniform(key, tuple(f.shape), f.dtype)
+
+    def _sample(self, f: Array, noise: Array) -> Array:
         xp = backend_of(f).xp
         return xp.astype(noise < sigmoid(f), f.dtype)
 

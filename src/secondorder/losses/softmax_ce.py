@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import random
 from ..backends import Backend, backend_of
 from ..errors import LabelError, ShapeError
 from .base import Array, Loss
@@ -103,7 +104,10 @@ class SoftmaxCrossEntropy(Loss):
     def noise(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         return rng.random(shape[0])
 
-    def sample(self, f: Array, noise: Array) -> Array:
+    def key_noise(self, key: Array, f: Array) -> Array:
+        return random.uniform(key, (f.shape[0],), f.dtype)
+
+    def _sample(self, f: Array, noise: Array) -> Array:
         """Integer class labels, shape (m,)."""
         xp = backend_of(f).xp
         s, _ = self._softmax(f)
