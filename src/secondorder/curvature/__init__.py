@@ -7,7 +7,7 @@ from .fisher import Fisher
 from .ggn import GGN
 from .hessian import Hessian
 from .jacobian import Gram, Jacobian
-from .kfac import KFAC, LayerFactors, LayerKronecker, kronecker_factors
+from .kfac import KFAC, KFACOperator, LayerFactors, LayerKronecker, kronecker_factors
 
 __all__ = ["GGN", "KFAC", "CurvatureOperator", "Fisher", "Gram", "Hessian", "Jacobian",
-           "LayerFactors", "LayerKronecker", "Linearization", "kronecker_factors"]
+           "KFACOperator", "LayerFactors", "LayerKronecker", "Linearization", "kronecker_factors"]

@@ -17,6 +17,11 @@ delta_i = J_{s,i}^T u_i. The cotangents set the curvature being approximated:
   GGN block exactly;
 * ``"mc"``: gradients at targets sampled from the model (the true Fisher), one VJP per sample;
 * ``"empirical"``: gradients at the batch labels.
+
+The batch statistics themselves are :func:`~.blocks.kronecker_statistics`, the function the
+curvature blocks use; each :class:`LayerKronecker` holds a :class:`~.blocks.DenseBlock` or
+:class:`~.blocks.ConvBlock` and its state, and its inverse, powers and damped inverses go through
+the block's cache.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ import numpy as np
 
 from .. import tree
 from ..backends import backend_of
-from ..errors import ShapeError
-from ..linalg import BlockDiagonal, Kronecker, LinearOperator, ScaledIdentity, Structure
+from ..errors import NotPositiveDefiniteError, ShapeError
+from ..linalg import BlockDiagonal, LinearOperator, ScaledIdentity, Structure
 from ..linalg.operator import placement
 from ..losses import Loss
 from ..models.base import LayerInfo, Model
 from .base import Array, Tree, check_batch, sample_targets
+from .blocks import BlockOperator, BlockState, ConvBlock, DenseBlock, KroneckerBlock
+from .blocks.statistics import kronecker_statistics
 
 
 @dataclass
@@ -46,14 +53,14 @@ class LayerFactors:
 
 
 def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: int,
-                noise: list[Any] | None, key: Array | None = None) -> list[Array]:
+                noise: list[Any] | None) -> list[Array]:
     if mode == "exact":
         s = loss.hessian_sqrt(f, y)
         return [s[:, :, c] for c in range(f.shape[1])]
     if mode == "empirical":
         return [loss.grad(f, y)]
     if mode == "mc":
-        targets = sample_targets(loss, f, samples, seed, noise, key)
+        targets = sample_targets(loss, f, samples, seed, noise)
         scale = 1.0 / np.sqrt(len(targets))
         return [scale * loss.grad(f, t) for t in targets]
     raise ValueError(f"unknown mode {mode!r}: use 'exact', 'mc' or 'empirical'")
@@ -61,11 +68,8 @@ def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: i
 
 def kronecker_factors(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *,
                       mode: str = "exact", samples: int = 1, seed: int = 0,
-                      noise: list[Any] | None = None, key: Array | None = None
-                      ) -> list[LayerFactors]:
-    """A and G for every tapped layer of ``model`` on ``batch`` (see the module docstring);
-    ``mode="mc"`` samples its targets from ``noise``, a :mod:`secondorder.random` ``key`` or
-    NumPy's Generator(``seed``), as :class:`~secondorder.curvature.Fisher` does."""
+                      noise: list[Any] | None = None) -> list[LayerFactors]:
+    """A and G for every tapped layer of ``model`` on ``batch`` (see the module docstring)."""
     x, y = batch
     backend = backend_of(params, x)
     check_batch(backend, x)
@@ -73,29 +77,23 @@ def kronecker_factors(model: Model, loss: Loss, params: Tree, batch: tuple[Array
     taps = model.zero_taps(x)
     (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
     loss.check(f, y)
-    m = f.shape[0]
     zeros = [xp.zeros_like(a) for a in inputs]
-    sums: list[Array | None] = [None] * len(taps)
-    for u in _cotangents(loss, f, y, mode, samples, seed, noise, key):
-        deltas = pullback((u, zeros))
-        for i, d in enumerate(deltas):
-            d2 = xp.reshape(d, (-1, d.shape[-1]))
-            term = xp.matrix_transpose(d2) @ d2
-            sums[i] = term if sums[i] is None else sums[i] + term
-    factors = []
-    for layer, a, g_sum, tap in zip(model.layers, inputs, sums, taps):
-        positions = tap.shape[1] if tap.ndim == 3 else 1
-        a2 = xp.reshape(a, (-1, a.shape[-1]))
-        factors.append(LayerFactors(layer, xp.matrix_transpose(a2) @ a2 / m,
-                                    g_sum / (m * positions)))
-    return factors
+    deltas: list[list[Array]] = [[] for _ in taps]
+    for u in _cotangents(loss, f, y, mode, samples, seed, noise):
+        for i, d in enumerate(pullback((u, zeros))):
+            deltas[i].append(d)
+    return [LayerFactors(layer, *kronecker_statistics(a, ds))
+            for layer, a, ds in zip(model.layers, inputs, deltas)]
 
 
 class LayerKronecker(LinearOperator):
     """A (x) G on one layer's (bias, weight) leaves: (b, W) -> split(G [W b] A).
 
     The weight may be a conv kernel (C_out, C_in, kh, kw): it is flattened to
-    (C_out, C_in kh kw) row-major, the im2col layout of the taps.
+    (C_out, C_in kh kw) row-major, the im2col layout of the taps. The operator holds a
+    :class:`~.blocks.DenseBlock` or :class:`~.blocks.ConvBlock` (``block``) and its state
+    (``state``, with the factors ``(G, A)``); :meth:`inv`, :meth:`power` and
+    :meth:`damped_inverse` go through the block's cache.
     """
 
     def __init__(self, factors: LayerFactors, bias_like: Array | None, weight_like: Array):
@@ -103,48 +101,98 @@ class LayerKronecker(LinearOperator):
         self.has_bias = bias_like is not None
         self.weight_shape = tuple(weight_like.shape)
         like = (bias_like, weight_like) if self.has_bias else weight_like
-        d_out = self.weight_shape[0]
-        d_in = int(np.prod(self.weight_shape[1:])) + (1 if self.has_bias else 0)
-        if tuple(factors.A.shape) != (d_in, d_in) or tuple(factors.G.shape) != (d_out, d_out):
+        cls = ConvBlock if len(self.weight_shape) == 4 else DenseBlock
+        self.block: KroneckerBlock = cls(self.weight_shape, bias=self.has_bias)
+        if (tuple(factors.A.shape) != (self.block.d_in,) * 2
+                or tuple(factors.G.shape) != (self.block.d_out,) * 2):
             raise ShapeError(
                 f"factors A {tuple(factors.A.shape)} and G {tuple(factors.G.shape)} do not fit "
                 f"a weight {self.weight_shape}{' with bias' if self.has_bias else ''}"
             )
         s = Structure.of(like)
         super().__init__(s, s, *placement(like))
-        self.kron = Kronecker(factors.G, factors.A, symmetric=True)
-
-    def _to_matrix(self, v: Tree) -> Array:
-        xp = self.xp
-        if not self.has_bias:
-            return xp.reshape(v, (self.weight_shape[0], -1))
-        b, w = v
-        return xp.concat([xp.reshape(w, (self.weight_shape[0], -1)), b[:, None]], axis=1)
-
-    def _from_matrix(self, mat: Array) -> Tree:
-        xp = self.xp
-        if not self.has_bias:
-            return xp.reshape(mat, self.weight_shape)
-        return (mat[:, -1], xp.reshape(mat[:, :-1], self.weight_shape))
+        self.state = self.block.with_factors(self.block.init(factors.A), (factors.G, factors.A))
 
     def _matvec(self, v: Tree) -> Tree:
-        return self._from_matrix(self.kron._matvec(self._to_matrix(v)))
+        return self.block.matvec(self.state, v)
 
     _rmatvec = _matvec
 
     def transpose(self) -> LinearOperator:
         return self
 
+    def _cached(self, state: BlockState, **multiply: Any) -> LinearOperator:
+        return BlockOperator(self.block, state, multiply)
+
+    def _eigen(self) -> BlockState:
+        """The state with an ``"eigh"`` cache of the factors."""
+        state = self.block.init(self.factors.A, kind="eigh")
+        return self.block.update_cache(self.block.with_factors(state, self.state.factors),
+                                       kind="eigh")
+
+    def inv(self) -> LinearOperator:
+        """(A (x) G)^{-1} = A^{-1} (x) G^{-1}, by Cholesky (the block's ``"inverse"`` cache);
+        raises :class:`~secondorder.errors.NotPositiveDefiniteError` for singular factors."""
+        return self._cached(self.block.update_cache(self.state, 0.0, kind="inverse"))
+
+    def power(self, p: float) -> LinearOperator:
+        """(A (x) G)^p = A^p (x) G^p through the factors' eigendecompositions."""
+        return self._cached(self._eigen(), power=p, damping=0.0, split="exact")
+
+    def damped_inverse(self, damping: Any, method: str = "pi") -> LinearOperator:
+        """An inverse of A (x) G + lambda I: ``method="exact"`` exactly (eigendecompositions of
+        A and G), ``"pi"`` (K-FAC's pi-split, Algorithm 12) or ``"equal"`` as
+        (A + d_A I)^{-1} (x) (G + d_G I)^{-1} (:func:`~.blocks.split_damping`)."""
+        if method == "exact":
+            return self._cached(self._eigen(), power=-1.0, damping=damping, split="exact")
+        state = self.block.update_cache(self.state, damping, kind="inverse", split=method)
+        return self._cached(state)
+
+
+class KFACOperator(BlockDiagonal):
+    """The block-diagonal K-FAC operator that :func:`KFAC` returns: a :class:`BlockDiagonal` of
+    :class:`LayerKronecker` blocks (zero blocks for parameters outside tapped layers) with
+    :meth:`inv`, :meth:`power` and :meth:`damped_inverse` taken block by block."""
+
+    def _map_blocks(self, layer: Any, zero: Any) -> BlockDiagonal:
+        return self._rebuild([layer(b) if isinstance(b, LayerKronecker) else zero(b)
+                              for b in self.blocks])
+
+    def _singular(self, what: str) -> Any:
+        def fail(_: LinearOperator) -> LinearOperator:
+            raise NotPositiveDefiniteError(
+                f"K-FAC is 0 on the parameters outside dense and conv layers, so {what} does "
+                "not exist; use damped_inverse(damping) instead"
+            )
+        return fail
+
+    def inv(self) -> LinearOperator:
+        """The inverse of every layer's A (x) G (see :meth:`LayerKronecker.inv`)."""
+        return self._map_blocks(lambda b: b.inv(), self._singular("the inverse"))
+
+    def power(self, p: float) -> LinearOperator:
+        """Every layer's (A (x) G)^p; p > 0 keeps the zero blocks at 0."""
+        zero = (lambda b: b) if p > 0 else self._singular(f"the power {p}")
+        return self._map_blocks(lambda b: b.power(p), zero)
+
+    def damped_inverse(self, damping: Any, method: str = "pi") -> LinearOperator:
+        """An inverse of K-FAC + damping I: every layer's
+        :meth:`LayerKronecker.damped_inverse` (``method`` "pi", "equal" or "exact"), and
+        I / damping on the parameters outside tapped layers."""
+        return self._map_blocks(lambda b: b.damped_inverse(damping, method),
+                                lambda b: ScaledIdentity(1.0 / damping, b.like))
+
 
 def KFAC(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *,  # noqa: N802
          mode: str = "exact", samples: int = 1, seed: int = 0,
-         noise: list[Any] | None = None, key: Array | None = None) -> BlockDiagonal:
+         noise: list[Any] | None = None) -> KFACOperator:
     """The K-FAC approximation of the curvature as a block-diagonal operator on ``params``:
     one :class:`LayerKronecker` block per tapped layer; parameters outside dense and conv layers
-    get a zero block."""
+    get a zero block. The result (:class:`KFACOperator`) has ``inv()``, ``power(p)`` and
+    ``damped_inverse(damping, method="pi"|"equal"|"exact")``."""
     leaves = tree.leaves(params)
     factors = kronecker_factors(model, loss, params, batch, mode=mode, samples=samples,
-                                seed=seed, noise=noise, key=key)
+                                seed=seed, noise=noise)
     blocks, groups, covered = [], [], set()
     for lf in factors:
         layer = lf.layer
@@ -157,4 +205,4 @@ def KFAC(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *, 
         if i not in covered:
             blocks.append(ScaledIdentity(0.0, leaf))
             groups.append([i])
-    return BlockDiagonal(blocks, groups=groups, like=params)
+    return KFACOperator(blocks, groups=groups, like=params)

@@ -1,0 +1,25 @@
+"""``DenseBlock``: K-FAC's curvature block of a dense layer (Algorithm 12 of the thesis)."""
+
+from __future__ import annotations
+
+from .kronecker import KroneckerBlock
+
+
+class DenseBlock(KroneckerBlock):
+    """K-FAC block of a dense layer s = W a + b: F ~ A (x) G (Algorithm 12 of the thesis; the
+    Kronecker-family sheet, K-FAC), with
+
+        A = E[a~ a~^T],  a~ = (a, 1) (the bias column last),    G = E[delta delta^T],
+
+    delta = dL/ds the output gradients for the cotangents of the chosen curvature (exact GGN,
+    Monte-Carlo Fisher or empirical Fisher). In K-FAC's column-major notation the block acts on
+    W~ = [W b] as vec(G W~ A); here it is ``Kronecker(G, A)`` on the row-major W~, and the
+    state's factors are ``(G, A)``. The damped inverse with the pi-split (``update_cache``'s
+    default) is (A + pi sqrt(lambda) I)^{-1} (x) (G + sqrt(lambda)/pi I)^{-1},
+    pi = sqrt((tr A / dim A) / (tr G / dim G)).
+
+    Parameters: ``weight_shape`` (d_out, d_in); ``bias`` (default True). Batch statistics take the
+    tapped inputs (m, d_in + 1) and one or several (m, d_out) output gradients.
+    """
+
+    input_ndim = 2
