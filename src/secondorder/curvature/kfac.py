@@ -53,14 +53,14 @@ class LayerFactors:
 
 
 def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: int,
-                noise: list[Any] | None) -> list[Array]:
+                noise: list[Any] | None, key: Array | None = None) -> list[Array]:
     if mode == "exact":
         s = loss.hessian_sqrt(f, y)
         return [s[:, :, c] for c in range(f.shape[1])]
     if mode == "empirical":
         return [loss.grad(f, y)]
     if mode == "mc":
-        targets = sample_targets(loss, f, samples, seed, noise)
+        targets = sample_targets(loss, f, samples, seed, noise, key)
         scale = 1.0 / np.sqrt(len(targets))
         return [scale * loss.grad(f, t) for t in targets]
     raise ValueError(f"unknown mode {mode!r}: use 'exact', 'mc' or 'empirical'")
@@ -68,8 +68,11 @@ def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: i
 
 def kronecker_factors(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *,
                       mode: str = "exact", samples: int = 1, seed: int = 0,
-                      noise: list[Any] | None = None) -> list[LayerFactors]:
-    """A and G for every tapped layer of ``model`` on ``batch`` (see the module docstring)."""
+                      noise: list[Any] | None = None, key: Array | None = None
+                      ) -> list[LayerFactors]:
+    """A and G for every tapped layer of ``model`` on ``batch`` (see the module docstring);
+    ``mode="mc"`` samples its targets from ``noise``, a :mod:`secondorder.random` ``key`` or
+    NumPy's Generator(``seed``), as :class:`~secondorder.curvature.Fisher` does."""
     x, y = batch
     backend = backend_of(params, x)
     check_batch(backend, x)
@@ -79,7 +82,7 @@ def kronecker_factors(model: Model, loss: Loss, params: Tree, batch: tuple[Array
     loss.check(f, y)
     zeros = [xp.zeros_like(a) for a in inputs]
     deltas: list[list[Array]] = [[] for _ in taps]
-    for u in _cotangents(loss, f, y, mode, samples, seed, noise):
+    for u in _cotangents(loss, f, y, mode, samples, seed, noise, key):
         for i, d in enumerate(pullback((u, zeros))):
             deltas[i].append(d)
     return [LayerFactors(layer, *kronecker_statistics(a, ds))
@@ -185,14 +188,14 @@ class KFACOperator(BlockDiagonal):
 
 def KFAC(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *,  # noqa: N802
          mode: str = "exact", samples: int = 1, seed: int = 0,
-         noise: list[Any] | None = None) -> KFACOperator:
+         noise: list[Any] | None = None, key: Array | None = None) -> KFACOperator:
     """The K-FAC approximation of the curvature as a block-diagonal operator on ``params``:
     one :class:`LayerKronecker` block per tapped layer; parameters outside dense and conv layers
     get a zero block. The result (:class:`KFACOperator`) has ``inv()``, ``power(p)`` and
     ``damped_inverse(damping, method="pi"|"equal"|"exact")``."""
     leaves = tree.leaves(params)
     factors = kronecker_factors(model, loss, params, batch, mode=mode, samples=samples,
-                                seed=seed, noise=noise)
+                                seed=seed, noise=noise, key=key)
     blocks, groups, covered = [], [], set()
     for lf in factors:
         layer = lf.layer
