@@ -290,7 +290,7 @@ def test_guards(ad_backend, rng):
     new, state2, info = opt.step(params, state, ((x, y), (bad, y)))
     assert not bool(info.finite)
     assert_close(back(ad_backend, new), back(ad_backend, params), rtol=0)
-    assert int(state2["t"]) == 0
+    assert int(state2["count"]) == 0
 
 
 def test_summaries_of_sum_are_sum_of_summaries(ad_backend, oracle):

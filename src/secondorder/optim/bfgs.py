@@ -6,12 +6,21 @@ The approximation is a (p, p) matrix, p the number of parameters: O(p^2) memory 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..losses import Loss
 from ..tree import axpy, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree
+from .state import initial_count, method_state
 
+
+@method_state("BFGS")
+class BFGSState(NamedTuple):
+    """Step count, the inverse-Hessian estimate H and the number of BFGS updates made."""
+
+    count: Array
+    inv_hessian: Array
+    updates: Array
 
 class BFGS(Optimizer):
     """w <- w + t d with d = -H g, H the inverse-Hessian approximation (state ``"inv_hessian"``).
@@ -39,6 +48,8 @@ class BFGS(Optimizer):
     search and later steps are scaled to the curvature. ``state["updates"]`` counts the updates.
     """
 
+    State = BFGSState
+
     def __init__(self, apply: Callable, loss: Loss, *, c1: float = 1e-4, c2: float = 0.9,
                  max_line_search: int = 20, initial_step: float = 1.0):
         super().__init__(apply, loss)
@@ -52,14 +63,16 @@ class BFGS(Optimizer):
     def __repr__(self) -> str:
         return f"BFGS(c1={self.c1}, c2={self.c2}, max_line_search={self.max_line_search})"
 
-    def init(self, params: Tree) -> dict[str, Array]:
+    def init(self, params: Tree) -> BFGSState:
         flat, _ = ravel(params)
-        xp = self.backend(params).xp
-        eye = xp.eye(flat.shape[0], dtype=flat.dtype, device=self.backend(flat).device(flat))
-        return {"inv_hessian": eye, "updates": self.scalar(params, 0.0)}
+        backend = self.backend(flat)
+        dev = backend.device(flat)
+        eye = backend.xp.eye(flat.shape[0], dtype=flat.dtype, device=dev)
+        return BFGSState(initial_count(backend, dev), eye, self.scalar(params, 0.0))
 
-    def step(self, params: Tree, state: dict[str, Array], batch: Batch
-             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+    def step(self, params: Tree, state: BFGSState, batch: Batch
+             ) -> tuple[Tree, BFGSState, StepInfo]:
+        self.check_state(params, state)
         loss, grad = self.value_and_grad(params, batch)
         backend = self.backend(params)
         xp = backend.xp
@@ -115,6 +128,6 @@ class BFGS(Optimizer):
 
         new = axpy(t, step_dir, params)
         params, state, ok, step_norm = self.guard(
-            params, state, new, {"inv_hessian": h_new, "updates": updates}, loss, grad, h_new)
+            params, state, new, BFGSState(state.count + 1, h_new, updates), loss, grad, h_new)
         return params, state, self.info(params, loss, step_norm, finite=ok,
                                         inner_iterations=evaluations)

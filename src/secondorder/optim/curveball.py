@@ -26,17 +26,56 @@ forward pass, two JVPs and one VJP.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._pytree import tree_map
 from ..backends import backend_of
 from ..losses import Loss
 from ..tree import add, axpy, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree
+from .state import every, initial_count, method_state
+
+
+@method_state("CurveBall")
+class CurveBallState(NamedTuple):
+    """Step count, the carried search direction z and the damping lambda."""
+
+    count: Array
+    z: Tree
+    damping: Array
 
 
 class CurveBall(Optimizer):
-    """CurveBall with automatic (default) or fixed rho and beta; see the module docstring."""
+    """CurveBall (Henriques et al. 2019, eqs. 16-18): z <- rho z - beta Delta, w <- w + z, with
+    Delta = J^T (H_L J z + J_L) + lambda z and (rho, beta) from the 2x2 system of eq. 18.
+
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`.
+    damping: float, default 10.0
+        Initial lambda.
+    rho, beta: float or None, default None
+        Fixed momentum and step (the paper's fixed-hyperparameter variant); both or neither.
+    curvature: {"ggn", "hessian"}, default "ggn"
+        Gauss-Newton products (PSD for convex losses) or Hessian-vector products.
+    adapt_damping: bool or None, default None
+        Adapt lambda from the reduction ratio; None means "when rho and beta are automatic".
+    lambda_interval: int, default 5
+        Adapt every this many steps.
+    lambda_factor: float, default 0.999
+        lambda <- lambda * factor when the ratio exceeds the upper threshold, lambda / factor
+        below the lower one.
+    lambda_thresholds: (float, float), default (0.5, 1.5)
+        The lower and upper thresholds on the ratio gamma.
+    min_damping: float, default 0.0
+        Floor on lambda.
+
+    ``info.extras`` holds ``rho``, ``beta`` and ``predicted`` (the model's predicted change
+    1/2 (rho e - beta d); NaN with fixed rho and beta).
+    """
+
+    State = CurveBallState
 
     def __init__(self, apply: Callable, loss: Loss, *, damping: float = 10.0,
                  rho: float | None = None, beta: float | None = None,
@@ -67,10 +106,11 @@ class CurveBall(Optimizer):
         self.factor, self.low, self.high = lambda_factor, low, high
         self.min_damping = min_damping
 
-    def init(self, params: Tree) -> dict[str, Array]:
-        return {"z": tree_map(lambda a: a * 0.0, params),
-                "damping": self.scalar(params, self.damping),
-                "count": self.scalar(params, 0.0)}
+    def init(self, params: Tree) -> CurveBallState:
+        lam = self.scalar(params, self.damping)
+        backend = backend_of(lam)
+        return CurveBallState(initial_count(backend, backend.device(lam)),
+                              tree_map(lambda a: a * 0.0, params), lam)
 
     # ------------------------------------------------------------------ curvature products
     def _quantities(self, params: Tree, z: Tree, lam: Array, batch: Batch) -> dict[str, Any]:
@@ -138,11 +178,11 @@ class CurveBall(Optimizer):
         return xp.where(ok, rho, xp.zeros_like(rho)), xp.where(ok, beta, xp.zeros_like(beta))
 
     # ------------------------------------------------------------------ step
-    def step(self, params: Tree, state: dict[str, Array], batch: Batch
-             ) -> tuple[Tree, dict[str, Array], StepInfo]:
-        backend = backend_of(params)
+    def step(self, params: Tree, state: CurveBallState, batch: Batch
+             ) -> tuple[Tree, CurveBallState, StepInfo]:
+        backend = self.check_state(params, state)
         xp = backend.xp
-        lam, z = state["damping"], state["z"]
+        lam, z = state.damping, state.z
         q = self._quantities(params, z, lam, batch)
         if self.rho is None:
             rho, beta = self.solve_2x2(q["a"], q["b"], q["c"], q["d"], q["e"])
@@ -150,13 +190,12 @@ class CurveBall(Optimizer):
         else:
             rho = self.scalar(params, self.rho)
             beta = self.scalar(params, self.beta)
+            predicted = self.scalar(params, float("nan"))
         z_new = tree_map(lambda zi, di: rho * zi - beta * di, z, q["delta"])
         new_params = add(params, z_new)
-        count = state["count"] + 1.0
+        count = state.count + 1
         lam_new = lam
         if self.adapt_damping:
-            due = xp.remainder(count, float(self.interval)) == 0
-
             def adapted(_: Any) -> Array:
                 gamma = (self.objective(new_params, batch) - q["loss"]) / predicted
                 up = xp.logical_or(gamma < self.low, xp.logical_not(xp.isfinite(gamma)))
@@ -164,9 +203,11 @@ class CurveBall(Optimizer):
                 return xp.maximum(xp.where(gamma > self.high, lam * self.factor, grown),
                                   self.scalar(params, self.min_damping))
 
-            lam_new = backend.cond(due, adapted, lambda _: lam, None)
-        new_state = {"z": z_new, "damping": lam_new, "count": count}
+            lam_new = every(backend, count, self.interval, adapted, lambda _: lam, None)
+        new_state = CurveBallState(count, z_new, lam_new)
         params, state, ok, step_norm = self.guard(
-            params, state, new_params, new_state, q["loss"], q["grad"], damping_key="damping"
-        )
-        return params, state, self.info(params, q["loss"], step_norm, state["damping"], ok)
+            params, state, new_params, new_state, q["loss"], q["grad"], damping_key="damping",
+            update=z_new)
+        extras = {"rho": rho, "beta": beta, "predicted": predicted}
+        return params, state, self.info(params, q["loss"], step_norm, state.damping, ok,
+                                        extras=extras)

@@ -46,7 +46,7 @@ stand-alone functions return an ``ok`` flag, and :func:`check_step` turns it int
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
@@ -56,6 +56,7 @@ from ..tree import add, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .newton import finite_or_zero
 from .partitions import Partition, make_partition
+from .state import every, initial_count, method_state
 
 __all__ = ["GroupedNewton", "check_step", "cubic_step", "plain_step", "summaries"]
 
@@ -72,7 +73,7 @@ def summaries(f: Callable[[Tree], Array], params: Tree, u: Tree, partition: Part
     """
     backend = backend or backend_of(params)
     if route == "auto":
-        route = "theta" if backend.name in ("torch", "cupy") else "phi"
+        route = backend.subspace_route
     if route == "theta":
         return _summaries_theta(f, params, u, partition, third, backend)
     if route != "phi":
@@ -235,6 +236,19 @@ def check_step(eta: Array, ok: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------- optimiser
+@method_state("GroupedNewton")
+class GroupedNewtonState(NamedTuple):
+    """Step count, the gradient momentum g, the averaged step eta~, and the plateau
+    scheduler's learning-rate scale, best metric and count of epochs without improvement."""
+
+    count: Array
+    g: Tree
+    eta: Array
+    lr_scale: Array
+    best: Array
+    bad_epochs: Array
+
+
 class GroupedNewton(Optimizer):
     """The practical GroupedNewton (Alg. 1 of the conference version, Table 2 defaults).
 
@@ -262,6 +276,8 @@ class GroupedNewton(Optimizer):
     (ReduceLROnPlateau, patience 5, factor 0.5) is the pure :meth:`plateau` to call once per epoch
     with a validation or training loss; it halves ``state["lr_scale"]``.
     """
+
+    State = GroupedNewtonState
 
     def __init__(self, apply: Callable, loss: Loss, *, partition: Any = "canonical",
                  lr_factor: float = 0.1, lambda_int: float = 10.0, mu_g: float = 0.9,
@@ -298,19 +314,19 @@ class GroupedNewton(Optimizer):
     def _plain(self) -> bool:
         return is_number(self.lambda_int) and self.lambda_int == 0
 
-    def init(self, params: Tree) -> dict[str, Array]:
+    def init(self, params: Tree) -> GroupedNewtonState:
         part = self.partition(params)
         leaf = flatten(params)[0][0]
         backend = backend_of(leaf)
         xp, dev = backend.xp, backend.device(leaf)
-        return {
-            "t": xp.asarray(0, device=dev),
-            "g": tree_map(lambda a: a * 0.0, params),
-            "eta": xp.zeros((part.size,), dtype=leaf.dtype, device=dev),
-            "lr_scale": self.scalar(params, 1.0),
-            "best": self.scalar(params, float("inf")),
-            "bad_epochs": xp.asarray(0, device=dev),
-        }
+        return GroupedNewtonState(
+            count=initial_count(backend, dev),
+            g=tree_map(lambda a: a * 0.0, params),
+            eta=xp.zeros((part.size,), dtype=leaf.dtype, device=dev),
+            lr_scale=self.scalar(params, 1.0),
+            best=self.scalar(params, float("inf")),
+            bad_epochs=initial_count(backend, dev),
+        )
 
     @staticmethod
     def _split(batch: Any, summary_batch: Any) -> tuple[Batch, Batch]:
@@ -332,18 +348,17 @@ class GroupedNewton(Optimizer):
         return cubic_step(g_bar, h_bar, d3, self.lambda_int, d_floor=self.d_floor,
                           max_iter=self.max_iter, rcond=self.rcond)
 
-    def step(self, params: Tree, state: dict[str, Array], batch: Any,
-             summary_batch: Batch | None = None) -> tuple[Tree, dict[str, Array], StepInfo]:
+    def step(self, params: Tree, state: GroupedNewtonState, batch: Any,
+             summary_batch: Batch | None = None) -> tuple[Tree, GroupedNewtonState, StepInfo]:
+        backend = self.check_state(params, state)
         grad_batch, sum_batch = self._split(batch, summary_batch)
-        backend = backend_of(params)
         xp = backend.xp
         part = self.partition(params)
         loss, g = self.value_and_grad(params, grad_batch)
-        first = state["t"] == 0
+        first = state.count == 0
         mu_g, mu_eta = self.mu_g, self.mu_eta
         g_mom = tree_map(lambda m, gi: xp.where(first, gi, mu_g * m + (1.0 - mu_g) * gi),
-                         state["g"], g)
-        refresh = (state["t"] % self.tau) == 0
+                         state.g, g)
 
         def compute(u: Tree) -> tuple[Array, Array, Array]:
             g_bar, h_bar, d3 = summaries(lambda p: self.objective(p, sum_batch), params, u,
@@ -352,37 +367,32 @@ class GroupedNewton(Optimizer):
             pos = xp.maximum(eta, xp.zeros_like(eta))  # NaN (failed solve) propagates
             # eta~ exists from the first step on: t = 0 always refreshes (0 % tau == 0), and the
             # guard keeps or rejects t together with eta
-            new = xp.where(state["t"] > 0, mu_eta * state["eta"] + (1.0 - mu_eta) * pos,
-                           pos)
-            return new, xp.astype(iters, state["t"].dtype), xp.astype(residual, loss.dtype)
+            new = xp.where(state.count > 0, mu_eta * state.eta + (1.0 - mu_eta) * pos, pos)
+            return new, xp.astype(iters, state.count.dtype), xp.astype(residual, loss.dtype)
 
         def keep(u: Tree) -> tuple[Array, Array, Array]:
-            return (state["eta"], xp.zeros_like(state["t"]),
-                    xp.full_like(loss, float("nan")))
+            return state.eta, xp.zeros_like(state.count), xp.full_like(loss, float("nan"))
 
-        eta_t, iters, residual = backend.cond(refresh, compute, keep, g_mom)
-        lr = self.lr_factor * state["lr_scale"]
+        eta_t, iters, residual = every(backend, state.count, self.tau, compute, keep, g_mom)
+        lr = self.lr_factor * state.lr_scale
         delta = part.expand(eta_t, g_mom)
         new = tree_map(lambda w, dw: w - lr * dw, params, delta)
-        new_state = dict(state)
-        new_state.update(t=state["t"] + 1, g=g_mom, eta=eta_t)
+        new_state = state._replace(count=state.count + 1, g=g_mom, eta=eta_t)
         params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, g_mom,
                                                   eta_t)
         return params, state, self.info(params, loss, step_norm, finite=ok,
                                         inner_iterations=iters, inner_residual=residual)
 
-    def plateau(self, state: dict[str, Array], metric: Array) -> dict[str, Array]:
+    def plateau(self, state: GroupedNewtonState, metric: Array) -> GroupedNewtonState:
         """ReduceLROnPlateau (mode min, relative threshold): call once per epoch. After more than
         ``patience`` epochs without a relative improvement of ``plateau_threshold``,
         ``lr_scale`` is multiplied by ``plateau_factor`` and the count restarts."""
-        xp = backend_of(state["lr_scale"]).xp
-        better = metric < state["best"] * (1.0 - self.plateau_threshold)
-        best = xp.where(better, metric, state["best"])
-        bad = xp.where(better, xp.zeros_like(state["bad_epochs"]), state["bad_epochs"] + 1)
+        xp = backend_of(state.lr_scale).xp
+        better = metric < state.best * (1.0 - self.plateau_threshold)
+        best = xp.where(better, metric, state.best)
+        bad = xp.where(better, xp.zeros_like(state.bad_epochs), state.bad_epochs + 1)
         reduce = bad > self.patience
-        out = dict(state)
-        out["best"] = xp.astype(best, state["best"].dtype)
-        out["lr_scale"] = xp.where(reduce, state["lr_scale"] * self.plateau_factor,
-                                   state["lr_scale"])
-        out["bad_epochs"] = xp.where(reduce, xp.zeros_like(bad), bad)
-        return out
+        return state._replace(
+            best=xp.astype(best, state.best.dtype),
+            lr_scale=xp.where(reduce, state.lr_scale * self.plateau_factor, state.lr_scale),
+            bad_epochs=xp.where(reduce, xp.zeros_like(bad), bad))

@@ -7,15 +7,25 @@ system solved directly at every step: O(p^2) memory and O(p^3) time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..curvature import GGN
 from ..losses import Loss
 from ..tree import add, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, select
 from .newton import dense_system
+from .state import initial_count, method_state
 
 SCALINGS = ("more", "identity")
 
+
+@method_state("LevenbergMarquardt")
+class LevenbergMarquardtState(NamedTuple):
+    """Step count, the damping lambda and Moré's running diagonal scale."""
+
+    count: Array
+    damping: Array
+    scale: Array
 
 class LevenbergMarquardt(Optimizer):
     """Damped Gauss-Newton steps with the damping adapted by the reduction ratio.
@@ -41,6 +51,8 @@ class LevenbergMarquardt(Optimizer):
     ``info.damping`` is lambda after the update. Memory p^2, time p^3 per step.
     """
 
+    State = LevenbergMarquardtState
+
     def __init__(self, apply: Callable, loss: Loss, *, damping: float = 1.0,
                  scaling: str = "more", increase: float = 2.0, decrease: float = 1.0 / 3.0,
                  min_damping: float = 1e-10, max_damping: float = 1e10):
@@ -58,13 +70,16 @@ class LevenbergMarquardt(Optimizer):
     def __repr__(self) -> str:
         return f"LevenbergMarquardt(damping={self.damping}, scaling={self.scaling!r})"
 
-    def init(self, params: Tree) -> dict[str, Array]:
+    def init(self, params: Tree) -> LevenbergMarquardtState:
         flat, _ = ravel(params)
-        xp = self.backend(params).xp
-        return {"damping": self.scalar(params, self.damping), "scale": xp.zeros_like(flat)}
+        backend = self.backend(flat)
+        return LevenbergMarquardtState(initial_count(backend, backend.device(flat)),
+                                       self.scalar(params, self.damping),
+                                       backend.xp.zeros_like(flat))
 
-    def step(self, params: Tree, state: dict[str, Array], batch: Batch
-             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+    def step(self, params: Tree, state: LevenbergMarquardtState, batch: Batch
+             ) -> tuple[Tree, LevenbergMarquardtState, StepInfo]:
+        self.check_state(params, state)
         loss, grad, g, unravel, ggn, gmat = dense_system(self, GGN, params, batch)
         xp = self.backend(params).xp
         lam = state["damping"]
@@ -91,7 +106,7 @@ class LevenbergMarquardt(Optimizer):
         lam = adapt_damping(rho, lam, self.increase, self.decrease)
         lam = xp.clip(lam, min=self.min_damping, max=self.max_damping)
         params, state, ok, step_norm = self.guard(
-            params, state, new, {"damping": lam, "scale": scale}, loss, grad, ggn, d,
-            damping_key="damping")
-        return params, state, self.info(params, loss, step_norm, damping=state["damping"],
-                                        finite=ok)
+            params, state, new, LevenbergMarquardtState(state.count + 1, lam, scale), loss,
+            grad, ggn, d, damping_key="damping")
+        return params, state, self.info(params, loss, step_norm, damping=state.damping,
+                                        finite=ok, extras={"rho": rho, "predicted": -predicted})

@@ -8,7 +8,7 @@ time, so this is a baseline for problems with at most a few thousand parameters.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..curvature import Hessian
 from ..linalg import eigh
@@ -16,6 +16,7 @@ from ..losses import Loss
 from ..tree import axpy, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .line_search import INTERPOLATIONS, backtracking, check_line_search
+from .state import initial_count, method_state
 
 VARIANTS = ("plain", "abs")
 
@@ -46,6 +47,12 @@ def _xp(a: Array) -> Any:
     return Optimizer.backend(a).xp
 
 
+@method_state("Newton")
+class NewtonState(NamedTuple):
+    """Newton keeps no state but its step count."""
+
+    count: Array
+
 class Newton(Optimizer):
     """w <- w + t d with d = -(H + damping I)^{-1} g, H the dense Hessian of the mean loss.
 
@@ -69,6 +76,8 @@ class Newton(Optimizer):
     The state is empty; ``info.damping`` is the fixed ``damping``. Memory p^2, time p^3 per step.
     """
 
+    State = NewtonState
+
     def __init__(self, apply: Callable, loss: Loss, *, damping: float = 0.0,
                  variant: str = "plain", lr: float = 1.0, min_eigenvalue: float = 1e-8,
                  line_search: str | None = None, c1: float = 1e-4, max_line_search: int = 30):
@@ -91,11 +100,13 @@ class Newton(Optimizer):
         return (f"Newton(variant={self.variant!r}, damping={self.damping}, lr={self.lr}, "
                 f"line_search={self.line_search!r})")
 
-    def init(self, params: Tree) -> dict[str, Array]:
-        return {}
+    def init(self, params: Tree) -> NewtonState:
+        leaf = self.scalar(params, 0.0)
+        return NewtonState(initial_count(self.backend(leaf), self.backend(leaf).device(leaf)))
 
-    def step(self, params: Tree, state: dict[str, Array], batch: Batch
-             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+    def step(self, params: Tree, state: NewtonState, batch: Batch
+             ) -> tuple[Tree, NewtonState, StepInfo]:
+        self.check_state(params, state)
         loss, grad, g, unravel, hess, sym = dense_system(self, Hessian, params, batch)
         xp = self.backend(params).xp
         w, q = eigh(sym)
@@ -112,6 +123,8 @@ class Newton(Optimizer):
                 interpolation=self.line_search)
             t, evaluations = search.step, search.evaluations
         new = axpy(t, step, params)
-        params, state, ok, step_norm = self.guard(params, state, new, {}, loss, grad, hess, d)
+        params, state, ok, step_norm = self.guard(params, state, new,
+                                                  NewtonState(state.count + 1), loss, grad,
+                                                  hess, d)
         return params, state, self.info(params, loss, step_norm, damping=self.damping,
                                         finite=ok, inner_iterations=evaluations)
