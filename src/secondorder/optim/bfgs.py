@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import axpy, ravel
-from .base import Array, Batch, Optimizer, StepInfo, Tree
+from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .state import initial_count, method_state
 
 
@@ -53,10 +54,10 @@ class BFGS(Optimizer):
     def __init__(self, apply: Callable, loss: Loss, *, c1: float = 1e-4, c2: float = 0.9,
                  max_line_search: int = 20, initial_step: float = 1.0):
         super().__init__(apply, loss)
-        if not 0 < c1 < c2 < 1:
-            raise ValueError("BFGS needs 0 < c1 < c2 < 1")
-        if int(max_line_search) < 1 or initial_step <= 0:
-            raise ValueError("BFGS needs max_line_search >= 1 and initial_step > 0")
+        if is_number(c1, c2) and not 0 < c1 < c2 < 1:
+            raise HyperparameterError("BFGS needs 0 < c1 < c2 < 1")
+        if int(max_line_search) < 1 or (is_number(initial_step) and not initial_step > 0):
+            raise HyperparameterError("BFGS needs max_line_search >= 1 and initial_step > 0")
         self.c1, self.c2 = c1, c2
         self.max_line_search, self.initial_step = int(max_line_search), initial_step
 

@@ -30,9 +30,10 @@ from typing import Any, NamedTuple
 
 from .._pytree import tree_map
 from ..backends import backend_of
+from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import add, axpy, vdot
-from .base import Array, Batch, Optimizer, StepInfo, Tree
+from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .state import every, initial_count, method_state
 
 
@@ -85,18 +86,25 @@ class CurveBall(Optimizer):
                  min_damping: float = 0.0):
         super().__init__(apply, loss)
         if (rho is None) != (beta is None):
-            raise ValueError("give both rho and beta (fixed variant) or neither (automatic)")
+            raise HyperparameterError(
+                "give both rho and beta (fixed variant) or neither (automatic)")
         if curvature not in ("ggn", "hessian"):
-            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        if damping < 0 or not 0 < lambda_factor <= 1 or lambda_interval < 1:
-            raise ValueError("CurveBall needs damping >= 0, 0 < lambda_factor <= 1, interval >= 1")
+            raise HyperparameterError(
+                f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        if int(lambda_interval) != lambda_interval or lambda_interval < 1:
+            raise HyperparameterError(
+                f"lambda_interval must be an integer >= 1, got {lambda_interval}")
+        if is_number(damping, lambda_factor, min_damping) and not (
+                damping >= 0 and 0 < lambda_factor <= 1 and min_damping >= 0):
+            raise HyperparameterError("CurveBall needs damping >= 0, 0 < lambda_factor <= 1 and "
+                             "min_damping >= 0")
         low, high = lambda_thresholds
-        if not low < high:
-            raise ValueError("lambda_thresholds must be (low, high) with low < high")
+        if is_number(low, high) and not low < high:
+            raise HyperparameterError("lambda_thresholds must be (low, high) with low < high")
         if adapt_damping is None:
             adapt_damping = rho is None
         if adapt_damping and rho is not None:
-            raise ValueError(
+            raise HyperparameterError(
                 "damping adaptation needs the model's predicted change from the automatic "
                 "rho and beta; use adapt_damping=False with fixed rho and beta"
             )

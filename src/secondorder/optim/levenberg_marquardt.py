@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from ..curvature import GGN
+from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import add, ravel
-from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, select
+from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, is_number, select
 from .newton import dense_system
 from .state import initial_count, method_state
 
@@ -58,11 +59,13 @@ class LevenbergMarquardt(Optimizer):
                  min_damping: float = 1e-10, max_damping: float = 1e10):
         super().__init__(apply, loss)
         if scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {scaling!r}: use 'more' or 'identity'")
-        if not (0 < min_damping <= damping <= max_damping):
-            raise ValueError("LevenbergMarquardt needs 0 < min_damping <= damping <= max_damping")
-        if not (increase > 1 and 0 < decrease < 1):
-            raise ValueError("LevenbergMarquardt needs increase > 1 and 0 < decrease < 1")
+            raise HyperparameterError(f"unknown scaling {scaling!r}: use 'more' or 'identity'")
+        if is_number(min_damping, damping, max_damping) and not (
+                0 < min_damping <= damping <= max_damping):
+            raise HyperparameterError(
+                "LevenbergMarquardt needs 0 < min_damping <= damping <= max_damping")
+        if is_number(increase, decrease) and not (increase > 1 and 0 < decrease < 1):
+            raise HyperparameterError("LevenbergMarquardt needs increase > 1 and 0 < decrease < 1")
         self.damping, self.scaling = damping, scaling
         self.increase, self.decrease = increase, decrease
         self.min_damping, self.max_damping = min_damping, max_damping

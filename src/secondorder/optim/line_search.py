@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ..backends import Backend
+from ..errors import HyperparameterError
 
 Array = Any
 INTERPOLATIONS = ("halve", "cubic")
@@ -50,12 +51,13 @@ class LineSearchResult(NamedTuple):
 
 def check_line_search(interpolation: str, c1: float, shrink: float, max_trials: int,
                       initial: float) -> None:
-    """Raise ``ValueError`` for settings :func:`backtracking` cannot use."""
+    """Raise :class:`~secondorder.errors.HyperparameterError` for settings
+    :func:`backtracking` cannot use."""
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"line search interpolation must be one of {INTERPOLATIONS}, "
+        raise HyperparameterError(f"line search interpolation must be one of {INTERPOLATIONS}, "
                          f"got {interpolation!r}")
     if not (0 < c1 < 1 and 0 < shrink < 1 and int(max_trials) >= 1 and initial > 0):
-        raise ValueError("a backtracking line search needs 0 < c1 < 1, 0 < shrink < 1, "
+        raise HyperparameterError("a backtracking line search needs 0 < c1 < 1, 0 < shrink < 1, "
                          "max_trials >= 1 and an initial step > 0")
 
 

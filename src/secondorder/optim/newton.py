@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ..curvature import Hessian
+from ..errors import HyperparameterError
 from ..linalg import eigh
 from ..losses import Loss
 from ..tree import axpy, ravel
@@ -83,13 +84,13 @@ class Newton(Optimizer):
                  line_search: str | None = None, c1: float = 1e-4, max_line_search: int = 30):
         super().__init__(apply, loss)
         if variant not in VARIANTS:
-            raise ValueError(f"unknown Newton variant {variant!r}: use 'plain' or 'abs'")
+            raise HyperparameterError(f"unknown Newton variant {variant!r}: use 'plain' or 'abs'")
         if is_number(damping, lr, min_eigenvalue) and (damping < 0 or lr <= 0
                                                        or min_eigenvalue <= 0):
-            raise ValueError("Newton needs damping >= 0, lr > 0 and min_eigenvalue > 0")
+            raise HyperparameterError("Newton needs damping >= 0, lr > 0 and min_eigenvalue > 0")
         if line_search is not None:
             if line_search not in INTERPOLATIONS:
-                raise ValueError(f"line_search must be None or one of {INTERPOLATIONS}, "
+                raise HyperparameterError(f"line_search must be None or one of {INTERPOLATIONS}, "
                                  f"got {line_search!r}")
             check_line_search(line_search, c1, 0.5, max_line_search, lr if is_number(lr) else 1)
         self.damping, self.variant, self.lr, self.min_eigenvalue = (damping, variant, lr,

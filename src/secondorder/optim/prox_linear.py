@@ -119,7 +119,8 @@ def dual_scaling(loss: Loss, f: Array, y: Array) -> tuple[Array, Callable[[Array
             return xp.where(ok, v, xp.zeros_like(v))
 
         return root, project_mask
-    raise ValueError(f"scaled=True needs MSE, SoftmaxCrossEntropy or SigmoidBCE, got {loss!r}")
+    raise HyperparameterError(
+        f"scaled=True needs MSE, SoftmaxCrossEntropy or SigmoidBCE, got {loss!r}")
 
 
 def dual_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, inner_steps: int,
@@ -282,10 +283,11 @@ def exact_logistic_dual_direction(apply: Callable, loss: Loss, params: Tree, bat
     mu (and d) are resolved to about sqrt(eps) relative (1e-8 in float64), Phi to eps.
     """
     if not isinstance(loss, SoftmaxCrossEntropy):
-        raise ValueError("the exact logistic dual needs SoftmaxCrossEntropy (its conjugate is the "
-                         f"entropy on the simplex), got {loss!r}")
+        raise HyperparameterError(
+            "the exact logistic dual needs SoftmaxCrossEntropy (its conjugate is the entropy on "
+            f"the simplex), got {loss!r}")
     if int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps}")
+        raise HyperparameterError(f"steps must be an integer >= 0, got {steps}")
     x, y = batch
     if lin is None:
         lin = Linearization(apply, params, x)
@@ -379,7 +381,7 @@ def prox_linear_direction(apply: Callable, loss: Loss, params: Tree, batch: Batc
     if solver == "exact-dual":
         return exact_logistic_dual_direction(apply, loss, params, batch, gamma=gamma,
                                              steps=inner_steps, lin=lin)
-    raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    raise HyperparameterError(f"solver must be one of {SOLVERS}, got {solver!r}")
 
 
 # ------------------------------------------------------------------------------ optimiser
@@ -434,18 +436,18 @@ class ProxLinear(Optimizer):
                  transform: GradientTransformation | None = None):
         super().__init__(apply, loss)
         if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+            raise HyperparameterError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if update not in UPDATES:
-            raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+            raise HyperparameterError(f"update must be one of {UPDATES}, got {update!r}")
         if int(inner_steps) != inner_steps or inner_steps < 0:
-            raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps}")
+            raise HyperparameterError(f"inner_steps must be an integer >= 0, got {inner_steps}")
         if gamma is None:
             gamma = 1.0
         if is_number(gamma) and not gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma}")
+            raise HyperparameterError(f"gamma must be > 0, got {gamma}")
         check_line_search("halve", c1, shrink, max_trials, eta0)
         if is_number(l1) and l1 < 0:
-            raise ValueError(f"l1 must be >= 0, got {l1}")
+            raise HyperparameterError(f"l1 must be >= 0, got {l1}")
         if optimizer is not None:
             if transform is not None:
                 raise HyperparameterError("give optimizer= or transform=, not both")
@@ -455,13 +457,13 @@ class ProxLinear(Optimizer):
                     f"optimizer={optimizer!r} has no update transform: pass a GradientDescent "
                     "method (SGD, Adam, AdamW) or transform=chain(...)")
         if (l1 or transform is not None) and update != "spl":
-            raise ValueError("l1 and optimizer= / transform= work with update='spl' only")
+            raise HyperparameterError("l1 and optimizer= / transform= work with update='spl' only")
         if l1 and transform is not None:
-            raise ValueError("l1 and optimizer= / transform= cannot be combined")
+            raise HyperparameterError("l1 and optimizer= / transform= cannot be combined")
         if scaled and solver != "dual":
-            raise ValueError("scaled=True is a change of variables of the dual solver")
+            raise HyperparameterError("scaled=True is a change of variables of the dual solver")
         if solver == "exact-dual" and not isinstance(loss, SoftmaxCrossEntropy):
-            raise ValueError("solver='exact-dual' (the exact logistic dual) needs "
+            raise HyperparameterError("solver='exact-dual' (the exact logistic dual) needs "
                              f"SoftmaxCrossEntropy, got {loss!r}")
         self.solver, self.inner_steps, self.gamma, self.update = solver, int(inner_steps), \
             gamma, update
