@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import cupy
 import numpy as np
 
-from .._pytree import tree_map
+from .._pytree import flatten, tree_map
 from ..errors import BackendUnavailableError
 from . import get
 from ._base import Array, Backend, Tree
@@ -40,6 +40,7 @@ class CupyBackend(Backend):
     name: ClassVar[str] = "cupy"
     supports_cpu: ClassVar[bool] = False
     supports_gpu: ClassVar[bool] = True
+    subspace_route: ClassVar[str] = "theta"  # its autodiff is torch.func's
     note: ClassVar[str] = "torch.func on the same device, arrays handed over by DLPack"
 
     def __init__(self) -> None:
@@ -89,20 +90,31 @@ class CupyBackend(Backend):
         y, dy = self._torch_backend().jvp(f, _to_torch(x), _to_torch(v))
         return _to_cupy(y), _to_cupy(dy)
 
-    def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
-        y, pullback = self._torch_backend().vjp(f, _to_torch(x))
-        return _to_cupy(y), lambda u: _to_cupy(pullback(_to_torch(u)))
+    def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        result = self._torch_backend().vjp(f, _to_torch(x), has_aux=has_aux)
+        y, pullback = result[0], result[1]
+        back = (_to_cupy(y), lambda u: _to_cupy(pullback(_to_torch(u))))
+        return (*back, _to_cupy(result[2])) if has_aux else back
 
     def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
         y, jvp_fn = self._torch_backend().linearize(f, _to_torch(x))
         return _to_cupy(y), lambda v: _to_cupy(jvp_fn(_to_torch(v)))
 
-    def value_and_grad(self, f: Callable, x: Tree) -> tuple[Array, Tree]:
-        y, g = self._torch_backend().value_and_grad(f, _to_torch(x))
+    def value_and_grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        y, g = self._torch_backend().value_and_grad(f, _to_torch(x), has_aux=has_aux)
         return _to_cupy(y), _to_cupy(g)
 
     def hvp(self, f: Callable, x: Tree, v: Tree) -> Tree:
         return _to_cupy(self._torch_backend().hvp(f, _to_torch(x), _to_torch(v)))
+
+    def synchronize(self, x: Tree = None) -> Tree:
+        """Wait for the current CUDA device (the device of ``x``'s arrays when given)."""
+        device = None
+        if x is not None:
+            device = next((leaf.device for leaf in flatten(x)[0]
+                           if isinstance(leaf, cupy.ndarray)), None)
+        (device or cupy.cuda.Device()).synchronize()
+        return x
 
     # -- linear algebra -------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:

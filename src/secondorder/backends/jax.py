@@ -14,12 +14,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._pytree import TreeDef, flatten, unflatten
 from ..errors import DTypeError
 from ._base import Array, Backend, Tree
 
 
 def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
+
+
+def structure(tree: Tree) -> TreeDef:
+    return flatten(tree)[1]
+
+
+def _recording(f: Callable, out: dict) -> Callable:
+    """``f``, noting the structure (with dict key orders) of what it returns in ``out["def"]``."""
+
+    def g(x: Tree) -> Any:
+        y = f(x)
+        out["def"] = structure(y)
+        return y
+
+    return g
+
+
+def _restore(treedef: TreeDef, tree: Tree) -> Tree:
+    """``tree`` (as JAX returns it, dicts sorted) with the dict key orders of ``treedef``."""
+    if not treedef.custom_order:
+        return tree
+    return unflatten(treedef, flatten(tree)[0])
 
 
 class JaxBackend(Backend):
@@ -69,37 +92,82 @@ class JaxBackend(Backend):
     def devices(self) -> list[str]:
         return [str(d) for d in jax.devices()]
 
-    # -- autodiff -------------------------------------------------------------------------
-    def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
-        return jax.jvp(f, (x,), (v,))
+    def device_from_name(self, name: str) -> Any:
+        """The ``jax.Device`` for a name such as ``"cpu"``, ``"gpu:1"`` or ``"cuda:0"``."""
+        platform, _, index = name.partition(":")
+        return jax.devices(platform)[int(index or 0)]
 
-    def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
-        y, vjp_fn = jax.vjp(f, x)
+    # -- autodiff -------------------------------------------------------------------------
+    # JAX rebuilds every dict it returns in sorted key order; _restore gives the user's order
+    # back (one flatten, at trace time under jax.jit), so trees keep their order end to end.
+    def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
+        out: dict = {}
+        y, dy = jax.jvp(_recording(f, out), (x,), (v,))
+        return _restore(out["def"], y), _restore(out["def"], dy)
+
+    def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        x_def = structure(x)
+        out: dict = {}
+        if has_aux:
+            y, vjp_fn, aux = jax.vjp(_recording(f, out), x, has_aux=True)
+            y, aux = _restore(out["def"], (y, aux))
+        else:
+            y, vjp_fn = jax.vjp(_recording(f, out), x)
+            y = _restore(out["def"], y)
 
         def pullback(u: Tree) -> Tree:
-            return vjp_fn(u)[0]
+            return _restore(x_def, vjp_fn(u)[0])
 
-        return y, pullback
+        return (y, pullback, aux) if has_aux else (y, pullback)
 
     def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
-        return jax.linearize(f, x)
+        out: dict = {}
+        y, jvp_fn = jax.linearize(_recording(f, out), x)
+        y_def = out["def"]
+        if not y_def.custom_order:
+            return y, jvp_fn
+        return _restore(y_def, y), lambda v: _restore(y_def, jvp_fn(v))
 
     def linearize_vjp(
         self, f: Callable, x: Tree
     ) -> tuple[Tree, Callable[[Tree], Tree], Callable[[Tree], Tree]]:
-        y, jvp_fn = jax.linearize(f, x)
+        x_def = structure(x)
+        y, jvp_fn = self.linearize(f, x)
         transpose = jax.linear_transpose(jvp_fn, x)
 
         def pullback(u: Tree) -> Tree:
-            return transpose(u)[0]
+            return _restore(x_def, transpose(u)[0])
 
         return y, jvp_fn, pullback
 
-    def value_and_grad(self, f: Callable, x: Tree) -> tuple[Array, Tree]:
-        return jax.value_and_grad(f)(x)
+    def value_and_grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        out: dict = {}
+        value, g = jax.value_and_grad(_recording(f, out), has_aux=has_aux)(x)
+        return _restore(out["def"], value), _restore(structure(x), g)
 
-    def grad(self, f: Callable, x: Tree) -> Tree:
-        return jax.grad(f)(x)
+    def grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        value, g = self.value_and_grad(f, x, has_aux=has_aux)
+        return (g, value[1]) if has_aux else g
+
+    # -- transformations ------------------------------------------------------------------
+    def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
+        """``jax.vmap``."""
+        if isinstance(in_axes, list):
+            in_axes = tuple(in_axes)
+        return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
+
+    def jit(self, f: Callable, **options: Any) -> Callable:
+        """``jax.jit(f, **options)``."""
+        return jax.jit(f, **options)
+
+    def synchronize(self, x: Tree = None) -> Tree:
+        """``jax.block_until_ready`` on the arrays of ``x`` (on every live array when ``x`` is
+        None); returns ``x``."""
+        arrays = jax.live_arrays() if x is None else [
+            leaf for leaf in flatten(x)[0] if isinstance(leaf, jax.Array)
+        ]
+        jax.block_until_ready(arrays)
+        return x
 
     # -- control flow ---------------------------------------------------------------------
     def fori_loop(self, lower: int, upper: int, body: Callable, init: Any) -> Any:

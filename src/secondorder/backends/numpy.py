@@ -14,21 +14,36 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._pytree import LEAF, TreeDef, flatten, unflatten
+from .._pytree import LEAF, TreeDef, flatten, tree_map, unflatten
 from ..errors import AutodiffUnavailableError, StructureError
 from ._base import Array, Backend, Tree
 
 
-def _traced(f: Callable, treedef: TreeDef, out: dict) -> Callable:
-    """``f`` as a function of a tuple of leaves, returning one array or an autograd tuple."""
+def _traced(f: Callable, treedef: TreeDef, out: dict, has_aux: bool = False) -> Callable:
+    """``f`` as a function of a tuple of leaves, returning one array or an autograd tuple; with
+    ``has_aux``, ``f`` returns ``(y, aux)`` and ``aux`` (unboxed) is kept in ``out["aux"]``."""
     from autograd.builtins import tuple as ag_tuple
 
     def g(leaves: Any) -> Any:
         y = f(unflatten(treedef, [leaves[i] for i in range(treedef.num_leaves)]))
+        if has_aux:
+            from autograd.tracer import getval
+
+            y, aux = _split_aux(y)
+            out["aux"] = tree_map(getval, aux)
         y_leaves, out["treedef"] = flatten(y)
         return y_leaves[0] if out["treedef"] is LEAF else ag_tuple(y_leaves)
 
     return g
+
+
+def _split_aux(result: Any) -> tuple[Any, Any]:
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise StructureError(
+            "with has_aux=True the function must return a pair (value, aux); got "
+            f"{type(result).__name__}"
+        )
+    return result
 
 
 def _pack(tree: Tree) -> Any:
@@ -77,18 +92,20 @@ class NumpyBackend(Backend):
         return np.asarray(getattr(x, "_value", x))
 
     # -- autodiff: a tree becomes a tuple of leaves for autograd ----------------------------
-    def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+    def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
         self._require_autograd("vjp")
         from autograd import make_vjp
 
         leaves, treedef = flatten(x)
         out: dict = {}
-        vjp_fn, y = make_vjp(_traced(f, treedef, out))(tuple(leaves))
+        vjp_fn, y = make_vjp(_traced(f, treedef, out, has_aux))(tuple(leaves))
         out_def = out["treedef"]
 
         def pullback(u: Tree) -> Tree:
             return unflatten(treedef, list(vjp_fn(_pack(u))))
 
+        if has_aux:
+            return _unpack(out_def, y), pullback, out["aux"]
         return _unpack(out_def, y), pullback
 
     def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:

@@ -15,12 +15,14 @@ import numpy as np
 import torch
 import torch.func
 
+from .._pytree import check_same_structure, flatten, unflatten
 from ._base import Array, Backend, Tree
 
 
 class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     supports_gpu: ClassVar[bool] = True
+    subspace_route: ClassVar[str] = "theta"
     note: ClassVar[str] = "torch.func (jvp, vjp, linearize; hvp forward over reverse)"
 
     @property
@@ -53,27 +55,71 @@ class TorchBackend(Backend):
 
     # -- autodiff -------------------------------------------------------------------------
     def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
-        return torch.func.jvp(f, (x,), (v,))
+        try:
+            return torch.func.jvp(f, (x,), (v,))
+        except RuntimeError as err:
+            if not _order_mismatch(err):
+                raise
+            # torch.func compares dict key order; ours does not: give v the order of x
+            return torch.func.jvp(f, (x,), (_like(x, v),))
 
-    def vjp(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
-        y, vjp_fn = torch.func.vjp(f, x)
+    def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        if has_aux:
+            y, vjp_fn, aux = torch.func.vjp(f, x, has_aux=True)
+        else:
+            y, vjp_fn = torch.func.vjp(f, x)
 
         def pullback(u: Tree) -> Tree:
-            return vjp_fn(u)[0]
+            try:
+                return vjp_fn(u)[0]
+            except RuntimeError as err:
+                if not _order_mismatch(err):
+                    raise
+                return vjp_fn(_like(y, u))[0]
 
-        return y, pullback
+        return (y, pullback, aux) if has_aux else (y, pullback)
 
     def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
         with warnings.catch_warnings():  # torch.fx's constant folding warns on closures
             warnings.simplefilter("ignore", UserWarning)
-            return torch.func.linearize(f, x)
+            y, jvp_fn = torch.func.linearize(f, x)
 
-    def value_and_grad(self, f: Callable, x: Tree) -> tuple[Array, Tree]:
-        g, y = torch.func.grad_and_value(f)(x)
-        return y, g
+        def linear(v: Tree) -> Tree:
+            try:
+                return jvp_fn(v)
+            except RuntimeError as err:
+                if not _order_mismatch(err):
+                    raise
+                return jvp_fn(_like(x, v))
 
-    def grad(self, f: Callable, x: Tree) -> Tree:
-        return torch.func.grad(f)(x)
+        return y, linear
+
+    def value_and_grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        g, value = torch.func.grad_and_value(f, has_aux=has_aux)(x)
+        return value, g
+
+    def grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        return torch.func.grad(f, has_aux=has_aux)(x)
+
+    # -- transformations ------------------------------------------------------------------
+    def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
+        """``torch.func.vmap`` (``in_axes`` / ``out_axes`` are its ``in_dims`` / ``out_dims``)."""
+        if isinstance(in_axes, list):
+            in_axes = tuple(in_axes)
+        return torch.func.vmap(f, in_dims=in_axes, out_dims=out_axes)
+
+    def synchronize(self, x: Tree = None) -> Tree:
+        """``torch.cuda.synchronize`` on the device of ``x`` (every CUDA device in use when
+        ``x`` is None); nothing for CPU tensors."""
+        if x is None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            return x
+        for leaf in flatten(x)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+                torch.cuda.synchronize(leaf.device)
+                break
+        return x
 
     # -- linear algebra -------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:
@@ -94,3 +140,18 @@ class TorchBackend(Backend):
         if b.ndim == 1:
             return torch.cholesky_solve(b[:, None], factor)[:, 0]
         return torch.cholesky_solve(b, factor)
+
+
+def _like(x: Tree, v: Tree) -> Tree:
+    """``v`` rebuilt with the dict key order of ``x`` (a named error if the structures differ)."""
+    x_def = flatten(x)[1]
+    v_leaves, v_def = flatten(v)
+    check_same_structure(x_def, v_def)
+    return unflatten(x_def, v_leaves)
+
+
+def _order_mismatch(err: RuntimeError) -> bool:
+    """Whether ``err`` is torch.func's complaint about two trees' structures (which, for trees
+    that are equal to us, can only be dict key order)."""
+    msg = str(err)
+    return "same python structure" in msg or "same argspec" in msg or "pytree structure" in msg
