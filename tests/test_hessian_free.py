@@ -277,7 +277,7 @@ def test_non_finite_batch_keeps_params_and_boosts_damping(ad_backend):
 
 def test_validates_hyperparameters():
     with pytest.raises(ValueError, match="curvature"):
-        HessianFree(linear_apply, MSE(), curvature="fisher")
+        HessianFree(linear_apply, MSE(), curvature="newton")
     with pytest.raises(ValueError, match="cg_iters"):
         HessianFree(linear_apply, MSE(), cg_iters=0)
     with pytest.raises(ValueError, match="backtrack_base"):

@@ -3,8 +3,12 @@
 One step at parameters w on a batch, with g the gradient and lambda the damping:
 
 1. B = C + lambda I with C the generalised Gauss-Newton matrix (``curvature="ggn"``, PSD for
-   convex losses) or the Hessian (``curvature="hessian"``) of the mean loss on the batch; one
-   linearisation of the network is shared by every product.
+   convex losses), the Hessian (``curvature="hessian"``) or the one-sample Monte-Carlo Fisher
+   (``curvature="fisher"``: J^T g g^T J / m with g the loss gradients at targets drawn from the
+   model, an unbiased estimate of the GGN for the losses here) of the mean loss on the batch;
+   one linearisation of the network is shared by every product. The Fisher's targets come from
+   a :mod:`secondorder.random` key in the state (``random.key(seed)`` at ``init``), split at
+   every step, so a jitted step draws new targets every step and every backend draws the same.
 2. CG on B d = -g, warm-started from ``warm_start_decay`` times the previous CG solution (kept in
    the state), run for at most ``cg_iters`` iterations.
 3. CG-iterate backtracking: the iterates after ceil(backtrack_base^k) <= cg_iters iterations (and
@@ -28,7 +32,8 @@ under ``cg_tol``; eager backends leave the loop there. ``cg_tol=0`` (or None) ru
 ``cg_iters``. The backtracking candidates are a Python loop over the static ``save_at`` tuple,
 unrolled at trace time, not a data-dependent loop.
 
-The state is ``{"direction": previous CG solution (a tree like params), "damping": 0-d array}``.
+The state is ``{"direction": previous CG solution (a tree like params), "damping": 0-d array}``,
+with ``"key"`` (the random key, an int32 array of shape (2,)) for ``curvature="fisher"``.
 ``info.inner_iterations`` is the number of CG iterations and ``info.inner_residual`` the final CG
 residual norm ||B d + g||. A non-finite loss, gradient, CG solution or new parameters keeps the old
 parameters and state and multiplies the damping by :attr:`Optimizer.damping_boost_on_failure`; on
@@ -40,15 +45,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from .. import random
 from .._pytree import tree_map
 from ..backends import backend_of
-from ..curvature import GGN, Hessian
+from ..curvature import GGN, Fisher, Hessian
 from ..linalg import cg
 from ..losses import Loss
 from ..tree import add, axpy, neg, norm, scale, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, select
 
-CURVATURES = {"ggn": GGN, "hessian": Hessian}
+CURVATURES = {"ggn": GGN, "hessian": Hessian, "fisher": Fisher}
 
 
 def backtrack_points(cg_iters: int, base: float) -> tuple[int, ...]:
@@ -72,7 +78,7 @@ class HessianFree(Optimizer):
                  damping: float = 1.0, cg_iters: int = 50, cg_tol: float | None = 5e-4,
                  warm_start_decay: float = 0.95, backtrack: bool = True,
                  backtrack_base: float = 1.3, increase: float = 1.5, decrease: float = 2 / 3,
-                 lr: float = 1.0):
+                 lr: float = 1.0, seed: int = 0):
         super().__init__(apply, loss)
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
@@ -98,6 +104,8 @@ class HessianFree(Optimizer):
         self.backtrack = bool(backtrack)
         self.backtrack_base = float(backtrack_base)
         self.increase, self.decrease, self.lr = float(increase), float(decrease), float(lr)
+        #: seed of the random key in the state (``curvature="fisher"`` only)
+        self.seed = int(seed)
         #: CG iteration counts whose iterates are candidates for the step
         self.save_at = (backtrack_points(self.cg_iters, self.backtrack_base) if self.backtrack
                         else (self.cg_iters,))
@@ -107,15 +115,26 @@ class HessianFree(Optimizer):
                 f"cg_iters={self.cg_iters}, cg_tol={self.cg_tol}, backtrack={self.backtrack})")
 
     def init(self, params: Tree) -> dict[str, Array]:
-        return {"direction": tree_map(lambda a: a * 0.0, params),
-                "damping": self.scalar(params, self.damping)}
+        state = {"direction": tree_map(lambda a: a * 0.0, params),
+                 "damping": self.scalar(params, self.damping)}
+        if self.curvature == "fisher":
+            like = self.scalar(params, 0.0)
+            backend = backend_of(like)
+            state["key"] = random.key(self.seed, backend, backend.device(like))
+        return state
 
     def step(self, params: Tree, state: dict[str, Array], batch: Batch
              ) -> tuple[Tree, dict[str, Array], StepInfo]:
         loss, grad = self.value_and_grad(params, batch)
         xp = backend_of(loss).xp
         lam = state["damping"]
-        op = CURVATURES[self.curvature](self.apply, self.loss, params, batch, validate=False)
+        sampling = {}
+        if self.curvature == "fisher":  # one Monte-Carlo sample from a fresh key every step
+            keys = random.split(state["key"])
+            next_key, sample_key = keys[0, :], keys[1, :]
+            sampling = {"kind": "mc", "samples": 1, "key": sample_key}
+        op = CURVATURES[self.curvature](self.apply, self.loss, params, batch, validate=False,
+                                        **sampling)
 
         def damped(v: Tree) -> Tree:
             return axpy(lam, v, op.matvec(v))
@@ -153,6 +172,8 @@ class HessianFree(Optimizer):
         accept = best_value < loss
         new_params = select(accept, add(params, step), params)
         new_state = {"direction": direction, "damping": new_lam}
+        if self.curvature == "fisher":
+            new_state["key"] = next_key
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
                                                   grad, direction, damping_key="damping")
         return params, state, self.info(params, loss, step_norm, state["damping"], ok,
