@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from itertools import islice
 from typing import Any
 
 from .errors import StructureError
@@ -41,31 +42,37 @@ class TreeDef:
     ``kind`` is ``"leaf"``, ``"dict"``, ``"tuple"``, ``"namedtuple"``, ``"list"``, ``"none"`` or
     ``"jax"``; ``meta`` is the sorted keys of a dict, the class of a namedtuple or the one-level
     ``jax.tree_util.PyTreeDef`` of a JAX node. ``order`` (dicts only) is ``None`` for a plain dict
-    whose keys were inserted in sorted order, else ``(dict class, keys in the user's order)``;
-    it is not part of equality or the hash. ``custom_order`` says whether this node or one below
-    it has such an order.
+    whose keys were inserted in sorted order, else ``(dict class, keys in the user's order,
+    their positions in the sorted order)``; it is not part of equality or the hash.
+    ``custom_order`` says whether this node or one below it has such an order; ``flat`` that
+    every child is a leaf.
     """
 
-    __slots__ = ("_hash", "children", "custom_order", "kind", "meta", "num_leaves", "order")
+    __slots__ = ("_hash", "children", "custom_order", "flat", "kind", "meta", "num_leaves",
+                 "order")
 
     def __init__(self, kind: str, meta: Any = None, children: tuple[TreeDef, ...] = (),
-                 order: tuple[type, tuple[Any, ...]] | None = None):
+                 order: tuple[type, tuple[Any, ...], tuple[int, ...]] | None = None):
         self.kind = kind
         self.meta = meta
         self.children = children
         self.order = order
         self.num_leaves = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
+        self.flat = all(c is LEAF for c in children)  # only leaves below: rebuilt in one go
         self.custom_order = order is not None or any(c.custom_order for c in children)
-        self._hash = hash((kind, meta, children))
+        self._hash: int | None = None  # computed when first asked: flatten never needs it
 
     def __eq__(self, other: object) -> bool:
         return self is other or (
             isinstance(other, TreeDef)
-            and self._hash == other._hash
-            and (self.kind, self.meta, self.children) == (other.kind, other.meta, other.children)
+            and self.kind == other.kind
+            and self.meta == other.meta
+            and self.children == other.children
         )
 
     def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash((self.kind, self.meta, self.children))
         return self._hash
 
     def __repr__(self) -> str:
@@ -106,6 +113,34 @@ def _flatten_none(tree: Any, leaves: list[Any]) -> TreeDef:
 
 def _flatten_dict(tree: dict, leaves: list[Any]) -> TreeDef:
     keys = tuple(tree)
+    known = _SORTED.get(keys)
+    if known is None:
+        known = _SORTED[keys] = _sort_keys(keys)
+        if len(_SORTED) > 4096:  # a program with ever new key sets: start again
+            _SORTED.clear()
+    canonical, positions = known
+    if isinstance(tree, OrderedDict):
+        order = (OrderedDict, keys, positions or tuple(range(len(keys))))
+    else:
+        order = None if positions is None else (dict, keys, positions)
+    children = []
+    for k in canonical:  # _flatten_into inlined: most values are leaves
+        value = tree[k]
+        kind = _KIND.get(type(value)) or _classify(type(value))
+        if kind is _flatten_leaf:
+            leaves.append(value)
+            children.append(LEAF)
+        else:
+            children.append(kind(value, leaves))
+    return TreeDef("dict", canonical, tuple(children), order)
+
+
+#: dict keys in insertion order -> (sorted keys, positions of the keys in the sorted order, or
+#: None when they are sorted already)
+_SORTED: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[int, ...] | None]] = {}
+
+
+def _sort_keys(keys: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[int, ...] | None]:
     try:
         canonical = tuple(sorted(keys))
     except TypeError as err:
@@ -113,10 +148,10 @@ def _flatten_dict(tree: dict, leaves: list[Any]) -> TreeDef:
             "dict keys of a parameter tree must be sortable (e.g. all strings); got "
             f"{[type(k).__name__ for k in keys]}"
         ) from err
-    cls = OrderedDict if isinstance(tree, OrderedDict) else dict
-    order = None if cls is dict and keys == canonical else (cls, keys)
-    children = tuple(_flatten_into(tree[k], leaves) for k in canonical)
-    return TreeDef("dict", canonical, children, order)
+    if canonical == keys:
+        return canonical, None
+    position = {k: i for i, k in enumerate(canonical)}
+    return canonical, tuple(position[k] for k in keys)
 
 
 def _flatten_tuple(tree: tuple, leaves: list[Any]) -> TreeDef:
@@ -208,13 +243,15 @@ def _build(treedef: TreeDef, it: Any) -> Any:
         return next(it)
     if kind == "none":
         return None
-    children = [_build(c, it) for c in treedef.children]
+    if treedef.flat:
+        children = list(islice(it, len(treedef.children)))
+    else:
+        children = [_build(c, it) for c in treedef.children]
     if kind == "dict":
         if treedef.order is None:
             return dict(zip(treedef.meta, children))
-        cls, keys = treedef.order
-        by_key = dict(zip(treedef.meta, children))
-        return cls((k, by_key[k]) for k in keys)
+        cls, keys, positions = treedef.order
+        return cls(zip(keys, [children[i] for i in positions]))
     if kind == "list":
         return children
     if kind == "namedtuple":
