@@ -3,11 +3,12 @@
 ``from_torch`` calls the module through ``torch.func.functional_call`` with a parameter dict (one
 entry per named parameter, in the module's order, which every tree operation and optimiser step
 keeps; the canonical leaf order, and so the layer table's leaf indices, sorts the names), so the
-result differentiates with ``torch.func`` like any other function of a parameter tree. Its ``nn.Linear`` and ``nn.Conv2d``
-layers are tappable through forward hooks: the hook adds the tap to the layer's output and records
-its input (im2col patches for convolutions, by ``torch.nn.functional.unfold``), with the same
-layouts as the reference models. ``from_jax`` wraps any pure JAX apply function (flax
-``Module.apply``, an equinox model split into arrays and static parts, ...) as it is.
+result differentiates with ``torch.func`` like any other function of a parameter tree. Its
+``nn.Linear`` and ``nn.Conv2d`` layers are tappable through forward hooks: the hook adds the tap
+to the layer's output and records its input (im2col patches for convolutions, by
+``torch.nn.functional.unfold``), with the same layouts as the reference models. ``from_jax``
+wraps any pure JAX apply function (flax ``Module.apply``, an equinox model split into arrays and
+static parts, ...) as it is.
 """
 
 from __future__ import annotations
