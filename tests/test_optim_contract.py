@@ -75,11 +75,11 @@ def test_non_finite_batch_keeps_parameters_and_state(ad_backend, rng, method):
                                                            to(ad_backend, y_bad)))
     assert not bool(info.finite) and float(info.step_norm) == 0.0
     assert_close(new_params, back(ad_backend, params), rtol=0.0, backend=ad_backend)
-    for key in state:
+    for key, value in state._asdict().items():
         if key == "damping":
-            assert float(new_state[key]) == 10.0 * float(state[key])
+            assert float(new_state[key]) == 10.0 * float(value)
         else:
-            assert_close(new_state[key], back(ad_backend, state[key]), rtol=0.0,
+            assert_close(new_state[key], back(ad_backend, value), rtol=0.0,
                          backend=ad_backend)
 
 

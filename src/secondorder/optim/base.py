@@ -130,6 +130,9 @@ class Optimizer(ABC):
         """A 0-d array of ``value`` with the dtype and device of the leaves of ``like``."""
         leaf = flatten(like)[0][0]
         backend = backend_of(leaf)
+        if hasattr(value, "shape") and not backend.is_concrete(value):
+            # a hyperparameter traced by jax.vmap / jax.jit: its placement is the trace's
+            return backend.xp.astype(value, leaf.dtype)
         return backend.xp.asarray(value, dtype=leaf.dtype, device=backend.device(leaf))
 
     def info(self, like: Tree, loss: Array, step_norm: Any = float("nan"),
