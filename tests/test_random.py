@@ -470,4 +470,3 @@ def test_hessian_free_fisher_state_holds_the_key():
     params = MODEL.init(0, b)
     state = opt.init(params)
     np.testing.assert_array_equal(_key(state), np.asarray(random.key(4, b)))
-    assert _key(HessianFree(MODEL.apply, MSE()).init(params)) is None
