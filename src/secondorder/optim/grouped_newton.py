@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
-from ..errors import NotPositiveDefiniteError
+from ..errors import HyperparameterError, NotPositiveDefiniteError
 from ..losses import Loss
 from ..tree import add, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
@@ -77,7 +77,7 @@ def summaries(f: Callable[[Tree], Array], params: Tree, u: Tree, partition: Part
     if route == "theta":
         return _summaries_theta(f, params, u, partition, third, backend)
     if route != "phi":
-        raise ValueError(f"unknown route {route!r}: use 'auto', 'phi' or 'theta'")
+        raise HyperparameterError(f"unknown route {route!r}: use 'auto', 'phi' or 'theta'")
     xp = backend.xp
     leaf = flatten(params)[0][0]
     size = partition.size
@@ -287,10 +287,10 @@ class GroupedNewton(Optimizer):
         super().__init__(apply, loss)
         if is_number(lr_factor, lambda_int, mu_g, mu_eta) and (
                 lr_factor <= 0 or lambda_int < 0 or not 0 <= mu_g < 1 or not 0 <= mu_eta < 1):
-            raise ValueError("GroupedNewton needs lr_factor > 0, lambda_int >= 0 and momenta "
-                             "in [0, 1)")
+            raise HyperparameterError(
+                "GroupedNewton needs lr_factor > 0, lambda_int >= 0 and momenta in [0, 1)")
         if int(tau) < 1:
-            raise ValueError("GroupedNewton needs tau >= 1")
+            raise HyperparameterError("GroupedNewton needs tau >= 1")
         self.partition_spec, self.model = partition, model
         self.lr_factor, self.lambda_int, self.mu_g, self.mu_eta = lr_factor, lambda_int, mu_g, \
             mu_eta

@@ -32,8 +32,9 @@ under ``cg_tol``; eager backends leave the loop there. ``cg_tol=0`` (or None) ru
 ``cg_iters``. The backtracking candidates are a Python loop over the static ``save_at`` tuple,
 unrolled at trace time, not a data-dependent loop.
 
-The state is ``{"direction": previous CG solution (a tree like params), "damping": 0-d array}``,
-with ``"key"`` (the random key, an int32 array of shape (2,)) for ``curvature="fisher"``.
+The state is a :class:`HessianFreeState`: the step count, the previous CG solution (a tree like
+params), the damping (0-d) and the random key (an int32 array of shape (2,); drawn from only by
+``curvature="fisher"``). ``info.extras`` has the reduction ratio ``rho`` and the model's change.
 ``info.inner_iterations`` is the number of CG iterations and ``info.inner_residual`` the final CG
 residual norm ||B d + g||. A non-finite loss, gradient, CG solution or new parameters keeps the old
 parameters and state and multiplies the damping by :attr:`Optimizer.damping_boost_on_failure`; on
@@ -44,15 +45,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from .. import random
 from .._pytree import tree_map
 from ..backends import backend_of
 from ..curvature import GGN, Fisher, Hessian
+from ..errors import HyperparameterError
 from ..linalg import cg
 from ..losses import Loss
 from ..tree import add, axpy, neg, norm, scale, vdot
-from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, select
+from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, is_number, select
+from .state import initial_count, method_state
 
 CURVATURES = {"ggn": GGN, "hessian": Hessian, "fisher": Fisher}
 
@@ -71,8 +75,21 @@ def backtrack_points(cg_iters: int, base: float) -> tuple[int, ...]:
     return tuple(sorted(points))
 
 
+@method_state("HessianFree")
+class HessianFreeState(NamedTuple):
+    """Step count, the previous CG solution (warm start), the damping lambda and the random
+    key of the Monte-Carlo Fisher (split every step; unused by the other curvatures)."""
+
+    count: Array
+    direction: Tree
+    damping: Array
+    key: Array
+
+
 class HessianFree(Optimizer):
     """Martens' Hessian-free method: see the module docstring for the algorithm."""
+
+    State = HessianFreeState
 
     def __init__(self, apply: Callable, loss: Loss, *, curvature: str = "ggn",
                  damping: float = 1.0, cg_iters: int = 50, cg_tol: float | None = 5e-4,
@@ -81,29 +98,32 @@ class HessianFree(Optimizer):
                  lr: float = 1.0, seed: int = 0):
         super().__init__(apply, loss)
         if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
-        if not damping >= 0:
-            raise ValueError(f"HessianFree needs damping >= 0, got {damping}")
+            raise HyperparameterError(
+                f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
+        if is_number(damping) and not damping >= 0:
+            raise HyperparameterError(f"HessianFree needs damping >= 0, got {damping}")
         if int(cg_iters) != cg_iters or cg_iters < 1:
-            raise ValueError(f"cg_iters must be a positive integer, got {cg_iters}")
+            raise HyperparameterError(f"cg_iters must be a positive integer, got {cg_iters}")
         if cg_tol is not None and not cg_tol >= 0:
-            raise ValueError(f"cg_tol must be >= 0 or None, got {cg_tol}")
+            raise HyperparameterError(f"cg_tol must be >= 0 or None, got {cg_tol}")
         if not 0 <= warm_start_decay <= 1:
-            raise ValueError(f"warm_start_decay must lie in [0, 1], got {warm_start_decay}")
+            raise HyperparameterError(
+                f"warm_start_decay must lie in [0, 1], got {warm_start_decay}")
         if backtrack and not backtrack_base > 1:
-            raise ValueError(f"backtrack_base must be > 1, got {backtrack_base}")
+            raise HyperparameterError(f"backtrack_base must be > 1, got {backtrack_base}")
         if not (increase >= 1 and 0 < decrease <= 1):
-            raise ValueError("HessianFree needs increase >= 1 and 0 < decrease <= 1")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise HyperparameterError("HessianFree needs increase >= 1 and 0 < decrease <= 1")
+        if is_number(lr) and not lr > 0:
+            raise HyperparameterError(f"lr must be > 0, got {lr}")
         self.curvature = curvature
-        self.damping = float(damping)
+        self.damping = float(damping) if is_number(damping) else damping
         self.cg_iters = int(cg_iters)
         self.cg_tol = 0.0 if cg_tol is None else float(cg_tol)
         self.warm_start_decay = float(warm_start_decay)
         self.backtrack = bool(backtrack)
         self.backtrack_base = float(backtrack_base)
-        self.increase, self.decrease, self.lr = float(increase), float(decrease), float(lr)
+        self.increase, self.decrease = float(increase), float(decrease)
+        self.lr = float(lr) if is_number(lr) else lr
         #: seed of the random key in the state (``curvature="fisher"`` only)
         self.seed = int(seed)
         #: CG iteration counts whose iterates are candidates for the step
@@ -114,23 +134,23 @@ class HessianFree(Optimizer):
         return (f"HessianFree(curvature={self.curvature!r}, damping={self.damping}, "
                 f"cg_iters={self.cg_iters}, cg_tol={self.cg_tol}, backtrack={self.backtrack})")
 
-    def init(self, params: Tree) -> dict[str, Array]:
-        state = {"direction": tree_map(lambda a: a * 0.0, params),
-                 "damping": self.scalar(params, self.damping)}
-        if self.curvature == "fisher":
-            like = self.scalar(params, 0.0)
-            backend = backend_of(like)
-            state["key"] = random.key(self.seed, backend, backend.device(like))
-        return state
+    def init(self, params: Tree) -> HessianFreeState:
+        lam = self.scalar(params, self.damping)
+        backend = backend_of(lam)
+        dev = backend.device(lam)
+        return HessianFreeState(initial_count(backend, dev), tree_map(lambda a: a * 0.0, params),
+                                lam, random.key(self.seed, backend, dev))
 
-    def step(self, params: Tree, state: dict[str, Array], batch: Batch
-             ) -> tuple[Tree, dict[str, Array], StepInfo]:
+    def step(self, params: Tree, state: HessianFreeState, batch: Batch
+             ) -> tuple[Tree, HessianFreeState, StepInfo]:
+        self.check_state(params, state)
         loss, grad = self.value_and_grad(params, batch)
         xp = backend_of(loss).xp
-        lam = state["damping"]
+        lam = state.damping
         sampling = {}
+        next_key = state.key
         if self.curvature == "fisher":  # one Monte-Carlo sample from a fresh key every step
-            keys = random.split(state["key"])
+            keys = random.split(state.key)
             next_key, sample_key = keys[0, :], keys[1, :]
             sampling = {"kind": "mc", "samples": 1, "key": sample_key}
         op = CURVATURES[self.curvature](self.apply, self.loss, params, batch, validate=False,
@@ -140,7 +160,7 @@ class HessianFree(Optimizer):
             return axpy(lam, v, op.matvec(v))
 
         rhs = neg(grad)
-        x0 = scale(self.warm_start_decay, state["direction"])
+        x0 = scale(self.warm_start_decay, state.direction)
         atol = self.cg_tol * norm(grad)
         direction, cg_info = cg(damped, rhs, x0, tol=None, maxiter=self.cg_iters, atol=atol,
                                 save_at=self.save_at)
@@ -171,10 +191,9 @@ class HessianFree(Optimizer):
 
         accept = best_value < loss
         new_params = select(accept, add(params, step), params)
-        new_state = {"direction": direction, "damping": new_lam}
-        if self.curvature == "fisher":
-            new_state["key"] = next_key
+        new_state = HessianFreeState(state.count + 1, direction, new_lam, next_key)
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
                                                   grad, direction, damping_key="damping")
-        return params, state, self.info(params, loss, step_norm, state["damping"], ok,
-                                        cg_info.iterations, cg_info.residual_norm)
+        return params, state, self.info(params, loss, step_norm, state.damping, ok,
+                                        cg_info.iterations, cg_info.residual_norm,
+                                        extras={"rho": rho, "model": model})
