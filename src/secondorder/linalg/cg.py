@@ -13,7 +13,17 @@ CG stops with reason ``"nonpositive_curvature"`` (the Hessian-free convention: t
 returned); a non-finite or negative <r, z> (an indefinite preconditioner) stops it with
 ``"breakdown"``. Both modes compile under ``jax.jit``: ``tol`` (relative to ||P b||, with an
 absolute floor ``atol``) loops with ``while_loop``; ``tol=None`` runs exactly ``maxiter``
-iterations (``fori_loop`` on JAX, so it is reverse-differentiable there) unless a guard fires.
+iterations (``fori_loop`` on JAX, so it is reverse-differentiable there) unless a guard fires or
+the residual falls under ``atol``. With ``tol=None`` and ``atol=0`` the loop is a ``fori_loop`` on
+every backend: eager frameworks run it as a Python loop that never reads a value back to the host
+(no device synchronisation per iteration), and iterations after a guard fires change nothing that
+is returned; with a residual threshold, eager frameworks check it after every iteration and leave
+the loop there.
+
+Speed: the tree is flattened once per solve and the iteration runs on lists of leaves (the
+operator, preconditioner and projector get trees: one unflatten and flatten per product); the
+placement of b, x0 and operators is checked once on entry, not per iteration; without a
+preconditioner or projector z = r, so <r, z> is the squared residual norm computed once.
 
 ``save_at`` (static iteration counts) keeps copies of the iterate x after those many iterations in
 ``info.saved``, one tree per entry, for Hessian-free CG backtracking; an entry past the last
@@ -26,10 +36,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .._pytree import tree_map
+from .._pytree import check_same_structure, flatten, unflatten
 from ..backends import backend_of
 from ..errors import MixedBackendError, ShapeError
-from ..tree import axpy, vdot
 from .operator import LinearOperator
 from .structure import Structure
 
@@ -37,7 +46,7 @@ Tree = Any
 
 #: meaning of ``CGInfo.status``
 REASONS = ("maxiter", "converged", "nonpositive_curvature", "breakdown")
-MAXITER, CONVERGED, NONPOSITIVE_CURVATURE, BREAKDOWN = range(4)
+MAXITER, CONVERGED, NONPOSITIVE_CURVATURE, BREAKDOWN = range(4)  # cg relies on the first two
 
 
 class CGInfo(NamedTuple):
@@ -61,14 +70,50 @@ class CGInfo(NamedTuple):
         return int(self.status) == CONVERGED
 
 
-def _as_function(op: Any) -> Callable[[Tree], Tree] | None:
+Leaves = list[Any]
+
+
+def _as_function(op: Any, leaves: Leaves, what: str) -> Callable[[Tree], Tree] | None:
+    """The product of ``op`` as a function of trees; a LinearOperator's structure and placement
+    are checked here once (against the leaves of b), so the loop calls its unchecked product."""
     if op is None:
         return None
     if isinstance(op, LinearOperator):
-        return op.matvec
+        op._check_placement(leaves, what)
+        return op._matvec
     if callable(op):
         return op
     raise TypeError(f"expected a LinearOperator or a function, got {type(op).__name__}")
+
+
+def _on_leaves(fn: Callable[[Tree], Tree] | None, treedef: Any
+               ) -> Callable[[Leaves], Leaves] | None:
+    """``fn`` on lists of leaves: unflatten, apply, flatten (a result of another structure
+    raises :class:`StructureError`)."""
+    if fn is None:
+        return None
+
+    def apply(leaves: Leaves) -> Leaves:
+        out, out_def = flatten(fn(unflatten(treedef, leaves)))
+        if out_def is not treedef:
+            check_same_structure(treedef, out_def)
+        return out
+
+    return apply
+
+
+def _dot(xp: Any, xs: Leaves, ys: Leaves) -> Any:
+    """sum_i sum(x_i * y_i), in the order of :func:`secondorder.tree.vdot` (same bits)."""
+    total = None
+    for a, b in zip(xs, ys):
+        term = xp.sum(a * b)
+        total = term if total is None else total + term
+    return total
+
+
+def _axpy(alpha: Any, xs: Leaves, ys: Leaves) -> Leaves:
+    """alpha x + y leaf by leaf (:func:`secondorder.tree.axpy`)."""
+    return [alpha * a + b for a, b in zip(xs, ys)]
 
 
 def cg(
@@ -91,9 +136,10 @@ def cg(
     arithmetic's n iterations too few on ill-conditioned systems). ``save_at``: iteration
     counts (Python ints >= 0) whose iterates are returned in ``info.saved``.
     """
-    backend = backend_of(b, x0)
+    backend = backend_of(b, x0)  # placement of the data, checked once per solve
     xp = backend.xp
     b_struct = Structure.of(b)
+    b_leaves, treedef = flatten(b)
     if isinstance(op, LinearOperator):
         if not op.is_square:
             raise ShapeError(f"cg needs a square operator, got {op!r}")
@@ -103,101 +149,122 @@ def cg(
                 "build the operator and the right-hand side in one framework"
             )
         op.in_structure.check(b, "right-hand side b")
-    if x0 is not None:
-        b_struct.check(x0, "initial guess x0")
+    x0_leaves = None if x0 is None else b_struct.check(x0, "initial guess x0")
     if maxiter is None:
         maxiter = 10 * b_struct.size
     maxiter = int(maxiter)
     save_at = tuple(int(s) for s in save_at)
     if any(s < 0 for s in save_at):
         raise ValueError(f"save_at needs iteration counts >= 0, got {save_at}")
-    matvec = _as_function(op)
-    precond = _as_function(M)
-    project = _as_function(projector)
+    matvec = _on_leaves(_as_function(op, b_leaves, "right-hand side b"), treedef)
+    precond = _on_leaves(_as_function(M, b_leaves, "right-hand side b"), treedef)
+    project = _on_leaves(_as_function(projector, b_leaves, "right-hand side b"), treedef)
     where = xp.where
+    # how x follows the iterations (see body): "select" in a traced fixed-length loop, "mask" in
+    # an eager one (no host synchronisation), "defer" in a loop that stops at a stop
+    if tol is None and backend.has_jit:
+        x_update = "select"
+    elif tol is None and isinstance(atol, int | float) and atol == 0:
+        x_update = "mask"
+    else:
+        x_update = "defer"
+    # without a preconditioner, ||p||^2 for the curvature guard follows the CG recurrence
+    # ||p_k||^2 = <r_k, z_k> + beta_k^2 ||p_{k-1}||^2 (r_k is orthogonal to p_{k-1}; P r_k too)
+    track_pp = precond is None
 
-    def preconditioned(r: Tree) -> tuple[Tree, Any]:
-        """z = P M P r and the residual norm ||P r||."""
+    def preconditioned(r: Leaves) -> tuple[Leaves, Any, Any]:
+        """z = P M P r, <r, z> and the residual norm ||P r||."""
         pr = r if project is None else project(r)
+        rr = _dot(xp, pr, pr)
+        if precond is None and project is None:
+            return pr, rr, xp.sqrt(rr)  # z = r: <r, z> is ||r||^2
         z = pr
         if precond is not None:
             z = precond(pr)
             if project is not None:
                 z = project(z)
-        return z, xp.sqrt(vdot(pr, pr))
+        return z, _dot(xp, r, z), xp.sqrt(rr)
 
-    x = tree_map(xp.zeros_like, b) if x0 is None else x0
-    r = b if x0 is None else tree_map(lambda bi, ai: bi - ai, b, matvec(x0))
-    z, res = preconditioned(r)
-    rz = vdot(r, z)
-    pb = b if project is None else project(b)
-    b_norm = xp.sqrt(vdot(pb, pb))
+    if x0_leaves is None:
+        x, r = [xp.zeros_like(a) for a in b_leaves], b_leaves
+    else:
+        x = x0_leaves
+        r = [bi - ai for bi, ai in zip(b_leaves, matvec(x0_leaves))]
+    z, rz, res = preconditioned(r)
+    pb = b_leaves if project is None else project(b_leaves)
+    b_norm = xp.sqrt(_dot(xp, pb, pb))
     threshold = atol if tol is None else xp.maximum(tol * b_norm, atol)
     eps = xp.finfo(res.dtype).eps
     device = backend.device(res)
     k0 = xp.asarray(0, device=device)
+    codes = [xp.asarray(c, dtype=k0.dtype, device=device) for c in range(len(REASONS))]
 
-    def code(c: int) -> Any:
-        return xp.asarray(c, dtype=k0.dtype, device=device)
-
-    status0 = where(res <= threshold, code(CONVERGED), code(MAXITER))
+    status0 = where(res <= threshold, codes[CONVERGED], codes[MAXITER])
     hist0 = None
     if history:
         steps = xp.arange(maxiter + 1, device=device)
         hist0 = where(steps == 0, res, xp.full((maxiter + 1,), float("nan"), dtype=res.dtype,
                                                device=device))
 
-    def body(state: tuple) -> tuple:
-        k, x, r, z, p, rz, res, status, hist, saved = state
-        active = status == MAXITER
+    def body(state: tuple, x_update: str) -> tuple:
+        # Only x, res, k, status, hist and saved are returned, and an iteration that takes no
+        # step ends the run (status leaves MAXITER for good), so r, z, p and <r, z> need no
+        # selection: after such an iteration they are never used for anything returned. x:
+        #   "defer"  the loop ends after the first iteration without a step, so x_new is
+        #            carried with the x before it and chosen once after the loop;
+        #   "select" a fixed loop runs on: x is kept by a select per leaf (fused when traced);
+        #   "mask"   x += where(step, alpha, 0) p, exact while p is finite; when a guard has
+        #            fired (p may not be), cg re-runs the solve with "defer" (one check at the end).
+        k, x, x_prev, r, z, p, rz, pp, res, status, hist, saved, last_step = state
+        active = status == codes[MAXITER]
         ap = matvec(p)
-        pap = vdot(p, ap)
-        curved = pap > eps * vdot(p, p)
+        pap = _dot(xp, p, ap)
+        curved = pap > eps * (pp if track_pp else _dot(xp, p, p))
         alpha = where(curved, rz / where(curved, pap, 1.0), 0.0)
-        x_new = axpy(alpha, p, x)
-        r_new = axpy(-alpha, ap, r)
-        z_new, res_new = preconditioned(r_new)
-        rz_new = vdot(r_new, z_new)
-        ok = xp.logical_and(xp.isfinite(rz_new), rz_new >= 0)
-        beta = where(rz > 0, rz_new / where(rz > 0, rz, 1.0), 0.0)
-        p_new = axpy(beta, p, z_new)
-        new_status = where(
-            xp.logical_not(curved),
-            code(NONPOSITIVE_CURVATURE),
-            where(
-                xp.logical_not(ok),
-                code(BREAKDOWN),
-                where(res_new <= threshold, code(CONVERGED), code(MAXITER)),
-            ),
-        )
-        step = xp.logical_and(active, xp.logical_and(curved, ok))
-
-        def pick(new: Any, old: Any) -> Any:
-            return tree_map(lambda a, c: where(step, a, c), new, old)
-
+        if x_update != "mask":
+            x_new = _axpy(alpha, p, x)
+        r_new = [b - alpha * a for a, b in zip(ap, r)]  # the bits of axpy(-alpha, ap, r)
+        z_new, rz_new, res_new = preconditioned(r_new)
+        ok = xp.isfinite(rz_new) & (rz_new >= 0)
+        positive = rz > 0
+        beta = where(positive, rz_new / where(positive, rz, 1.0), 0.0)
+        p_new = _axpy(beta, p, z_new)
+        # MAXITER = 0, CONVERGED = 1: the comparison as an integer is the code of a good step
+        new_status = where(curved, where(ok, xp.astype(res_new <= threshold, k.dtype),
+                                         codes[BREAKDOWN]), codes[NONPOSITIVE_CURVATURE])
+        step = active & curved & ok
+        if x_update == "mask":
+            x_new, x = _axpy(where(step, alpha, 0.0), p, x), None
+        elif x_update == "select":
+            x_new, x = [where(step, a, c) for a, c in zip(x_new, x)], None
         k_next = k + xp.astype(step, k.dtype)
         if hist is not None:
-            hist = where(xp.logical_and(step, steps == k_next), res_new, hist)
-        status = where(active, new_status, status)
-        saved = tuple(
-            tree_map(lambda a, c, s=s: where(xp.logical_and(step, k_next == s), a, c), x_new, old)
-            for s, old in zip(save_at, saved)
-        )
-        return (k_next, pick(x_new, x), pick(r_new, r), pick(z_new, z), pick(p_new, p),
-                where(step, rz_new, rz), where(step, res_new, res), status, hist, saved)
+            hist = where(step & (steps == k_next), res_new, hist)
+        saved = tuple([where(step & (k_next == s), a, c) for a, c in zip(x_new, old)]
+                      for s, old in zip(save_at, saved))
+        pp_new = rz_new + beta * beta * pp if track_pp else None
+        return (k_next, x_new, x, r_new, z_new, p_new, rz_new, pp_new,
+                where(step, res_new, res), where(active, new_status, status), hist, saved, step)
 
     def running(state: tuple) -> Any:
-        k, status = state[0], state[7]
-        return xp.logical_and(k < maxiter, status == MAXITER)
+        k, status = state[0], state[9]
+        return (k < maxiter) & (status == codes[MAXITER])
 
-    saved0 = tuple(x for _ in save_at)
-    state = (k0, x, r, z, z, rz, res, status0, hist0, saved0)
-    if tol is None and backend.has_jit:
-        state = backend.fori_loop(0, maxiter, lambda i, s: body(s), state)
-    else:
-        state = backend.while_loop(running, body, state)
-    k, x, _, _, _, _, res, status, hist, saved = state
+    def solve(x_update: str) -> tuple:
+        pp0 = _dot(xp, z, z) if track_pp else None
+        state = (k0, x, x if x_update == "defer" else None, r, z, z, rz, pp0, res, status0,
+                 hist0, tuple(x for _ in save_at), xp.asarray(True, device=device))
+        if x_update == "defer":
+            state = backend.while_loop(running, lambda s: body(s, x_update), state)
+            last, prev, step = state[1], state[2], state[12]
+            return (*state[:1], [where(step, a, c) for a, c in zip(last, prev)], *state[2:])
+        return backend.fori_loop(0, maxiter, lambda i, s: body(s, x_update), state)
+
+    state = solve(x_update)
+    if x_update == "mask" and bool(state[9] >= NONPOSITIVE_CURVATURE):
+        state = solve("defer")  # a guard fired: the exact iterate where it did
+    k, x, _, _, _, _, _, _, res, status, hist, saved, _ = state
     # counts never reached (CG stopped or maxiter is smaller) hold the final iterate
-    saved = tuple(tree_map(lambda a, c, s=s: where(k < s, a, c), x, old)
+    saved = tuple(unflatten(treedef, [where(k < s, a, c) for a, c in zip(x, old)])
                   for s, old in zip(save_at, saved))
-    return x, CGInfo(k, res, status, hist, saved)
+    return unflatten(treedef, x), CGInfo(k, res, status, hist, saved)
