@@ -81,6 +81,11 @@ def _is_number(*values: Any) -> bool:
     return all(isinstance(v, int | float) for v in values)
 
 
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds (arrays and tracers are kept)."""
+    return float(value) if isinstance(value, float) else value
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise HyperparameterError(message)
@@ -101,6 +106,7 @@ def _as_float(count: Array, like: Tree) -> Array:
 def trace(momentum: float | Array, nesterov: bool = False) -> GradientTransformation:
     """Heavy-ball momentum b <- mu b + d, giving b (or d + mu b with ``nesterov=True``); with
     ``momentum=0`` the buffer is the direction itself."""
+    momentum = _plain(momentum)
     if _is_number(momentum):
         _check(momentum >= 0, f"momentum must be >= 0, got {momentum}")
         _check(not (nesterov and momentum == 0), "Nesterov momentum needs momentum > 0")
@@ -120,6 +126,7 @@ def trace(momentum: float | Array, nesterov: bool = False) -> GradientTransforma
 def scale_by_adam(b1: float | Array = 0.9, b2: float | Array = 0.999,
                   eps: float | Array = 1e-8) -> GradientTransformation:
     """Adam's bias-corrected scaling (Kingma & Ba 2015, Algorithm 1) of the direction."""
+    b1, b2, eps = _plain(b1), _plain(b2), _plain(eps)
     if _is_number(b1, b2, eps):
         _check(0 <= b1 < 1 and 0 <= b2 < 1 and eps > 0,
                f"Adam needs 0 <= b1, b2 < 1 and eps > 0, got b1={b1}, b2={b2}, eps={eps}")
@@ -146,6 +153,7 @@ def scale_by_adam(b1: float | Array = 0.9, b2: float | Array = 0.999,
 def add_decayed_weights(weight_decay: float | Array) -> GradientTransformation:
     """d + wd w: L2 regularisation when placed before momentum or Adam, decoupled weight decay
     (AdamW) when placed after them."""
+    weight_decay = _plain(weight_decay)
     if _is_number(weight_decay):
         _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
 
@@ -164,6 +172,7 @@ def add_decayed_weights(weight_decay: float | Array) -> GradientTransformation:
 
 def clip_by_global_norm(max_norm: float | Array) -> GradientTransformation:
     """d min(1, max_norm / ||d||), ||d|| the Euclidean norm of the whole tree."""
+    max_norm = _plain(max_norm)
     if _is_number(max_norm):
         _check(max_norm > 0, f"max_norm must be > 0, got {max_norm}")
 
@@ -183,6 +192,8 @@ def clip_by_global_norm(max_norm: float | Array) -> GradientTransformation:
 
 def scale(factor: float | Array) -> GradientTransformation:
     """factor d."""
+    factor = _plain(factor)
+
     def init(params: Tree) -> EmptyState:
         return EmptyState()
 
@@ -194,13 +205,15 @@ def scale(factor: float | Array) -> GradientTransformation:
 
 
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
-    """schedule(t) d, with t = 0, 1, ... the number of updates made so far."""
+    """schedule(t) d, with t = 0, 1, ... the number of updates made so far, given to the
+    schedule as a 0-d array of the updates' floating dtype (so that ``0.1 / (1 + t)`` is computed
+    in that precision on every backend)."""
     def init(params: Tree) -> ScaleByScheduleState:
         return ScaleByScheduleState(_count(params))
 
     def update(updates: Tree, state: ScaleByScheduleState, params: Tree = None
                ) -> tuple[Tree, ScaleByScheduleState]:
-        factor = schedule(state.count)
+        factor = schedule(_as_float(state.count, updates))
         return tree_map(lambda g: factor * g, updates), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
@@ -210,6 +223,7 @@ def scale_by_learning_rate(lr: float | Array | Schedule) -> GradientTransformati
     """-lr d, or -lr(t) d for a schedule (a callable of the step count t = 0, 1, ...)."""
     if callable(lr):
         return scale_by_schedule(lambda t: -1.0 * lr(t))
+    lr = _plain(lr)
     if _is_number(lr):
         _check(lr > 0, f"the learning rate must be > 0, got {lr}")
     return scale(-lr)
@@ -219,7 +233,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """The transforms applied one after the other; the state is a :class:`ChainState`."""
     for t in transforms:
         if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
-            raise SecondOrderError(
+            raise HyperparameterError(
                 f"chain() takes transforms with init and update methods, got {t!r}")
 
     def init(params: Tree) -> ChainState:
