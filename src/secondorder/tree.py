@@ -5,6 +5,14 @@ a tree as one vector in R^p, p the total number of entries, so that solvers and 
 scale and take inner products of parameters without knowing how they are nested. Everything is
 plain Python over the leaves plus array-API calls, so it works on every backend and inside
 ``jax.jit``, ``jax.grad`` and ``torch.func`` transforms.
+
+Each operation flattens its operands once. Arrays of two frameworks still raise
+:class:`~secondorder.errors.MixedBackendError` (decided per type of leaf: one look-up for a tree
+of one array type), but devices are not compared here: placement is checked where data enters
+the library (:func:`secondorder.backends.backend_of` in the entry points), not in the loops
+that call these operations. Solvers flatten once per solve and work on leaf lists with the
+unchecked helpers :func:`_dot_leaves` and :func:`_axpy_leaves` (the same arithmetic, the same
+bits).
 """
 
 from __future__ import annotations
@@ -62,13 +70,12 @@ def size(tree: Tree) -> int:
 
 
 def _leaves_of_pair(x: Tree, y: Tree) -> tuple[list[Any], list[Any], TreeDef]:
-    """Flatten ``x`` and ``y`` once: named errors for mixed frameworks or devices, then for
-    different structures; returns both leaf lists and the common structure."""
+    """Flatten ``x`` and ``y`` once: a named error for mixed frameworks, then for different
+    structures; returns both leaf lists and the structure to rebuild results with."""
     x_leaves, x_def = flatten(x)
     y_leaves, y_def = flatten(y)
-    _backend_of_leaves(x_leaves + y_leaves)
-    check_same_structure(x_def, y_def)
-    return x_leaves, y_leaves, x_def
+    _backend_of_leaves(x_leaves + y_leaves, check_device=False)
+    return x_leaves, y_leaves, check_same_structure(x_def, y_def)
 
 
 def add(x: Tree, y: Tree) -> Tree:
@@ -96,7 +103,12 @@ def scale(alpha: Any, x: Tree) -> Tree:
 def axpy(alpha: Any, x: Tree, y: Tree) -> Tree:
     """alpha x + y (the BLAS name)."""
     x_leaves, y_leaves, treedef = _leaves_of_pair(x, y)
-    return unflatten(treedef, [alpha * a + b for a, b in zip(x_leaves, y_leaves)])
+    return unflatten(treedef, _axpy_leaves(alpha, x_leaves, y_leaves))
+
+
+def _axpy_leaves(alpha: Any, x_leaves: Sequence[Any], y_leaves: Sequence[Any]) -> list[Any]:
+    """alpha x + y on leaf lists, unchecked."""
+    return [alpha * a + b for a, b in zip(x_leaves, y_leaves)]
 
 
 def vdot(x: Tree, y: Tree) -> Any:
@@ -105,15 +117,17 @@ def vdot(x: Tree, y: Tree) -> Any:
     y_leaves, y_def = flatten(y)
     if x_def != y_def:
         raise StructureError(f"vdot of trees with different structures: {x_def!r} and {y_def!r}")
-    return _vdot_leaves(x_leaves, y_leaves)
-
-
-def _vdot_leaves(x_leaves: list[Any], y_leaves: list[Any]) -> Any:
-    xp = _backend_of_leaves(x_leaves + y_leaves).xp
-    total = None
+    xp = _backend_of_leaves(x_leaves + y_leaves, check_device=False).xp
     for a, b in zip(x_leaves, y_leaves):
         if a.shape != b.shape:
             raise StructureError(f"vdot of leaves with shapes {a.shape} and {b.shape}")
+    return _dot_leaves(xp, x_leaves, y_leaves)
+
+
+def _dot_leaves(xp: Any, x_leaves: Sequence[Any], y_leaves: Sequence[Any]) -> Any:
+    """sum_i sum(x_i * y_i) on leaf lists, unchecked (the arithmetic of :func:`vdot`)."""
+    total = None
+    for a, b in zip(x_leaves, y_leaves):
         term = xp.sum(a * b)
         total = term if total is None else total + term
     return total
@@ -122,18 +136,22 @@ def _vdot_leaves(x_leaves: list[Any], y_leaves: list[Any]) -> Any:
 def norm(x: Tree) -> Any:
     """Euclidean norm sqrt(<x, x>) of the whole tree."""
     x_leaves, _ = flatten(x)
-    xp = namespace(x_leaves[0])
-    return xp.sqrt(_vdot_leaves(x_leaves, x_leaves))
+    xp = _backend_of_leaves(x_leaves, check_device=False).xp
+    return xp.sqrt(_dot_leaves(xp, x_leaves, x_leaves))
 
 
 def zeros_like(x: Tree) -> Tree:
     """A tree of zeros with the shapes, dtypes and devices of ``x``."""
-    return tree_map(lambda a: namespace(a).zeros_like(a), x)
+    x_leaves, treedef = flatten(x)
+    xp = _backend_of_leaves(x_leaves, check_device=False).xp
+    return unflatten(treedef, [xp.zeros_like(a) for a in x_leaves])
 
 
 def ones_like(x: Tree) -> Tree:
     """A tree of ones with the shapes, dtypes and devices of ``x``."""
-    return tree_map(lambda a: namespace(a).ones_like(a), x)
+    x_leaves, treedef = flatten(x)
+    xp = _backend_of_leaves(x_leaves, check_device=False).xp
+    return unflatten(treedef, [xp.ones_like(a) for a in x_leaves])
 
 
 def ravel(x: Tree) -> tuple[Any, Callable[[Any], Tree]]:
@@ -142,7 +160,7 @@ def ravel(x: Tree) -> tuple[Any, Callable[[Any], Tree]]:
     ``unravel(flat)`` splits a vector of length ``size(x)`` back into a tree shaped like ``x``.
     """
     x_leaves, treedef = flatten(x)
-    xp = _backend_of_leaves(x_leaves).xp
+    xp = _backend_of_leaves(x_leaves, check_device=False).xp
     flat = xp.concat([xp.reshape(a, (-1,)) for a in x_leaves]) if x_leaves else None
     shapes = [tuple(a.shape) for a in x_leaves]
     return flat, _unraveler(treedef, shapes)

@@ -124,10 +124,24 @@ class use:  # noqa: N801 - used like a function: secondorder.use("jax")
             _CHOSEN.reset(self._token)
 
 
+#: array type -> backend name, filled on first sight of each type (the answer never changes)
+_TYPE_OWNER: dict[type, str] = {}
+
+
 def _owner(x: Any) -> str | None:
     """Name of the backend whose framework owns ``x``; None for Python scalars and None."""
+    name = _TYPE_OWNER.get(type(x))
+    if name is not None:
+        return name
     if x is None or isinstance(x, bool | int | float | complex):
         return None
+    name = _find_owner(x)
+    if name is not None:
+        _TYPE_OWNER[type(x)] = name
+    return name
+
+
+def _find_owner(x: Any) -> str | None:
     top = type(x).__module__.split(".", 1)[0]
     name = _OWNER.get(top)
     if name is not None:
@@ -152,8 +166,13 @@ def backend_of(*trees: Any, check_device: bool = True) -> Backend:
 
     Raises :class:`MixedBackendError` for arrays of two frameworks and
     :class:`DeviceMismatchError` for arrays on two devices. With no arrays at all, returns
-    :func:`current`.
+    :func:`current`. This is where placement is checked: library entry points call it once on
+    the data they are given; loops inside the library (CG, tree arithmetic) do not.
     """
+    if len(trees) == 1:  # one array: no flattening, no device to compare
+        name = _TYPE_OWNER.get(type(trees[0]))
+        if name is not None:
+            return get(name)
     leaves: list[Any] = []
     for tree in trees:
         leaves.extend(flatten(tree)[0])
@@ -161,9 +180,18 @@ def backend_of(*trees: Any, check_device: bool = True) -> Backend:
 
 
 def _backend_of_leaves(leaves: list[Any], *, check_device: bool = True) -> Backend:
-    """:func:`backend_of` for leaves that are already flattened (same checks, same errors)."""
-    found: dict[str, Any] = {}
+    """:func:`backend_of` for leaves that are already flattened (same checks, same errors).
+
+    The framework is decided per type of leaf (one look-up for a tree of one array type);
+    ``check_device=False`` skips the device comparison, for operations on data whose
+    placement was checked where it entered.
+    """
+    by_type: dict[type, Any] = {}
     for leaf in leaves:
+        if type(leaf) not in by_type:
+            by_type[type(leaf)] = leaf
+    found: dict[str, Any] = {}
+    for leaf in by_type.values():
         name = _owner(leaf)
         if name is not None and name not in found:
             found[name] = leaf

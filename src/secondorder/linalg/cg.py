@@ -39,6 +39,8 @@ from typing import Any, NamedTuple
 from .._pytree import check_same_structure, flatten, unflatten
 from ..backends import backend_of
 from ..errors import MixedBackendError, ShapeError
+from ..tree import _axpy_leaves as _axpy
+from ..tree import _dot_leaves as _dot
 from .operator import LinearOperator
 from .structure import Structure
 
@@ -100,20 +102,6 @@ def _on_leaves(fn: Callable[[Tree], Tree] | None, treedef: Any
         return out
 
     return apply
-
-
-def _dot(xp: Any, xs: Leaves, ys: Leaves) -> Any:
-    """sum_i sum(x_i * y_i), in the order of :func:`secondorder.tree.vdot` (same bits)."""
-    total = None
-    for a, b in zip(xs, ys):
-        term = xp.sum(a * b)
-        total = term if total is None else total + term
-    return total
-
-
-def _axpy(alpha: Any, xs: Leaves, ys: Leaves) -> Leaves:
-    """alpha x + y leaf by leaf (:func:`secondorder.tree.axpy`)."""
-    return [alpha * a + b for a, b in zip(xs, ys)]
 
 
 def cg(
