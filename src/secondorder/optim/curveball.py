@@ -32,18 +32,24 @@ from .._pytree import tree_map
 from ..backends import backend_of
 from ..errors import HyperparameterError
 from ..losses import Loss
-from ..tree import add, axpy, vdot
+from ..tree import add
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .directions import curveball_2x2, curveball_direction, curveball_quantities
 from .state import every, initial_count, method_state
+from .step_rules import apply_transform, check_transform, curveball_damping, init_transform
+
+__all__ = ["CurveBall", "CurveBallState"]
 
 
 @method_state("CurveBall")
 class CurveBallState(NamedTuple):
-    """Step count, the carried search direction z and the damping lambda."""
+    """Step count, the carried search direction z, the damping lambda and the update
+    transform's state (``()`` without a transform)."""
 
     count: Array
     z: Tree
     damping: Array
+    transform: Any = ()
 
 
 class CurveBall(Optimizer):
@@ -71,6 +77,14 @@ class CurveBall(Optimizer):
         The lower and upper thresholds on the ratio gamma.
     min_damping: float, default 0.0
         Floor on lambda.
+    transform: optional
+        An update transform (:mod:`secondorder.optim.transforms`: clipping, a schedule,
+        momentum) applied to the step z before it is added to the parameters, w <- w + T(z);
+        the carried direction z, the ratio gamma and the damping follow z itself.
+
+    Assembled from :func:`~secondorder.optim.directions.curveball_direction` (Delta, the 2x2
+    subproblem and the predicted change) and
+    :func:`~secondorder.optim.step_rules.curveball_damping`.
 
     ``info.extras`` holds ``rho``, ``beta`` and ``predicted`` (the model's predicted change
     1/2 (rho e - beta d); NaN with fixed rho and beta).
@@ -83,8 +97,9 @@ class CurveBall(Optimizer):
                  curvature: str = "ggn", adapt_damping: bool | None = None,
                  lambda_interval: int = 5,
                  lambda_factor: float = 0.999, lambda_thresholds: tuple[float, float] = (0.5, 1.5),
-                 min_damping: float = 0.0):
+                 min_damping: float = 0.0, transform: Any = None):
         super().__init__(apply, loss)
+        check_transform(transform, "CurveBall")
         if (rho is None) != (beta is None):
             raise HyperparameterError(
                 "give both rho and beta (fixed variant) or neither (automatic)")
@@ -113,109 +128,52 @@ class CurveBall(Optimizer):
         self.adapt_damping, self.interval = adapt_damping, int(lambda_interval)
         self.factor, self.low, self.high = lambda_factor, low, high
         self.min_damping = min_damping
+        self.transform = transform
 
     def init(self, params: Tree) -> CurveBallState:
         lam = self.scalar(params, self.damping)
         backend = backend_of(lam)
         return CurveBallState(initial_count(backend, backend.device(lam)),
-                              tree_map(lambda a: a * 0.0, params), lam)
+                              tree_map(lambda a: a * 0.0, params), lam,
+                              init_transform(self.transform, params))
 
-    # ------------------------------------------------------------------ curvature products
     def _quantities(self, params: Tree, z: Tree, lam: Array, batch: Batch) -> dict[str, Any]:
-        """Delta and the coefficients a..e of eq. 18, plus the loss and gradient."""
-        backend = backend_of(params)
-        x, y = batch
-        xp = backend.xp
-        if self.curvature == "ggn":
-            f, jvp, vjp = backend.linearize_vjp(lambda p: self.apply(p, x), params)
-            m = f.shape[0]
-            loss = self.loss.value(f, y)
-            jl = self.loss.grad(f, y) / m
+        """Delta and the coefficients a..e of eq. 18, plus the loss and gradient, by name
+        (:func:`~secondorder.optim.directions.curveball_quantities`)."""
+        q = curveball_quantities(self.apply, self.loss, params, z, lam, batch,
+                                 curvature=self.curvature, coefficients=self.rho is None)
+        return {k: v for k, v in q._asdict().items() if v is not None}
 
-            def h_out(t: Array) -> Array:
-                return self.loss.hvp(f, y, t) / m
+    #: (rho, beta) from eq. 18 (:func:`~secondorder.optim.directions.curveball_2x2`)
+    solve_2x2 = staticmethod(curveball_2x2)
 
-            u = jvp(z)
-            hu = h_out(u)
-            grad = vjp(jl)
-            delta = axpy(lam, z, add(vjp(hu), grad))
-            if self.rho is not None:
-                return {"loss": loss, "grad": grad, "delta": delta}
-            v = jvp(delta)
-            hv = h_out(v)
-            a = xp.sum(v * hv) + lam * vdot(delta, delta)
-            b = xp.sum(u * hv) + lam * vdot(z, delta)
-            c = xp.sum(u * hu) + lam * vdot(z, z)
-            d = xp.sum(jl * v)
-            e = xp.sum(jl * u)
-        else:
-            def objective(p: Tree) -> Array:
-                return self.objective(p, batch)
-
-            loss, grad = backend.value_and_grad(objective, params)
-            hz = backend.hvp(objective, params, z)
-            delta = axpy(lam, z, add(hz, grad))
-            if self.rho is not None:
-                return {"loss": loss, "grad": grad, "delta": delta}
-            hd = backend.hvp(objective, params, delta)
-            a = vdot(delta, hd) + lam * vdot(delta, delta)
-            b = vdot(z, hd) + lam * vdot(z, delta)
-            c = vdot(z, hz) + lam * vdot(z, z)
-            d = vdot(grad, delta)
-            e = vdot(grad, z)
-        return {"loss": loss, "grad": grad, "delta": delta, "a": a, "b": b, "c": c, "d": d,
-                "e": e}
-
-    @staticmethod
-    def solve_2x2(a: Array, b: Array, c: Array, d: Array, e: Array) -> tuple[Array, Array]:
-        """(rho, beta) from eq. 18; the pseudo-inverse branch (beta = d / a, rho = 0) when the
-        system is singular (z = 0), and (0, 0) when nothing finite comes out."""
-        xp = backend_of(a).xp
-        det = a * c - b * b
-        eps = xp.finfo(a.dtype).eps
-        regular = det > eps * xp.abs(a * c)
-        safe_det = xp.where(regular, det, xp.ones_like(det))
-        beta_full = (c * d - b * e) / safe_det
-        rho_full = (b * d - a * e) / safe_det
-        positive = a > 0
-        beta_pinv = xp.where(positive, d / xp.where(positive, a, xp.ones_like(a)),
-                             xp.zeros_like(a))
-        beta = xp.where(regular, beta_full, beta_pinv)
-        rho = xp.where(regular, rho_full, xp.zeros_like(a))
-        ok = xp.logical_and(xp.isfinite(beta), xp.isfinite(rho))
-        return xp.where(ok, rho, xp.zeros_like(rho)), xp.where(ok, beta, xp.zeros_like(beta))
-
-    # ------------------------------------------------------------------ step
     def step(self, params: Tree, state: CurveBallState, batch: Batch
              ) -> tuple[Tree, CurveBallState, StepInfo]:
         backend = self.check_state(params, state)
-        xp = backend.xp
-        lam, z = state.damping, state.z
-        q = self._quantities(params, z, lam, batch)
-        if self.rho is None:
-            rho, beta = self.solve_2x2(q["a"], q["b"], q["c"], q["d"], q["e"])
-            predicted = 0.5 * (rho * q["e"] - beta * q["d"])
-        else:
-            rho = self.scalar(params, self.rho)
-            beta = self.scalar(params, self.beta)
-            predicted = self.scalar(params, float("nan"))
-        z_new = tree_map(lambda zi, di: rho * zi - beta * di, z, q["delta"])
-        new_params = add(params, z_new)
+        lam = state.damping
+        fixed = {}
+        if self.rho is not None:
+            fixed = {"rho": self.scalar(params, self.rho), "beta": self.scalar(params, self.beta)}
+        q = curveball_direction(self.apply, self.loss, params, state.z, lam, batch,
+                                curvature=self.curvature, **fixed)
+        z_new = q.z
+        trial = add(params, z_new)
         count = state.count + 1
         lam_new = lam
         if self.adapt_damping:
             def adapted(_: Any) -> Array:
-                gamma = (self.objective(new_params, batch) - q["loss"]) / predicted
-                up = xp.logical_or(gamma < self.low, xp.logical_not(xp.isfinite(gamma)))
-                grown = xp.where(up, lam / self.factor, lam)
-                return xp.maximum(xp.where(gamma > self.high, lam * self.factor, grown),
-                                  self.scalar(params, self.min_damping))
+                gamma = (self.objective(trial, batch) - q.loss) / q.predicted
+                return curveball_damping(gamma, lam, self.factor, self.low, self.high,
+                                         self.scalar(params, self.min_damping))
 
             lam_new = every(backend, count, self.interval, adapted, lambda _: lam, None)
-        new_state = CurveBallState(count, z_new, lam_new)
+        new_params, inner, update = trial, state.transform, z_new
+        if self.transform is not None:
+            new_params, update, inner = apply_transform(self.transform, z_new, inner, params)
+        new_state = CurveBallState(count, z_new, lam_new, inner)
         params, state, ok, step_norm = self.guard(
-            params, state, new_params, new_state, q["loss"], q["grad"], damping_key="damping",
-            update=z_new)
-        extras = {"rho": rho, "beta": beta, "predicted": predicted}
-        return params, state, self.info(params, q["loss"], step_norm, state.damping, ok,
+            params, state, new_params, new_state, q.loss, q.grad, damping_key="damping",
+            update=update)
+        extras = {"rho": q.rho, "beta": q.beta, "predicted": q.predicted}
+        return params, state, self.info(params, q.loss, step_norm, state.damping, ok,
                                         extras=extras)

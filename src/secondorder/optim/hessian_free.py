@@ -33,8 +33,9 @@ under ``cg_tol``; eager backends leave the loop there. ``cg_tol=0`` (or None) ru
 unrolled at trace time, not a data-dependent loop.
 
 The state is a :class:`HessianFreeState`: the step count, the previous CG solution (a tree like
-params), the damping (0-d) and the random key (an int32 array of shape (2,); drawn from only by
-``curvature="fisher"``). ``info.extras`` has the reduction ratio ``rho`` and the model's change.
+params), the damping (0-d), the random key (an int32 array of shape (2,); drawn from only by
+``curvature="fisher"``) and the update transform's state (``()`` without ``transform``).
+``info.extras`` has the reduction ratio ``rho`` and the model's change.
 ``info.inner_iterations`` is the number of CG iterations and ``info.inner_residual`` the final CG
 residual norm ||B d + g||. A non-finite loss, gradient, CG solution or new parameters keeps the old
 parameters and state and multiplies the damping by :attr:`Optimizer.damping_boost_on_failure`; on
@@ -45,20 +46,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .. import random
 from .._pytree import tree_map
 from ..backends import backend_of
-from ..curvature import GGN, Fisher, Hessian
 from ..errors import HyperparameterError
-from ..linalg import cg
 from ..losses import Loss
-from ..tree import add, axpy, neg, norm, scale, vdot
-from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, is_number, select
+from ..tree import add, scale, vdot
+from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
+from .directions import CURVATURES, curvature_operator, damped_cg_direction
 from .state import initial_count, method_state
+from .step_rules import (
+    apply_transform,
+    best_cg_iterate,
+    check_transform,
+    init_transform,
+    more_damping,
+    reduction_ratio,
+    zero_where_rejected,
+)
 
-CURVATURES = {"ggn": GGN, "hessian": Hessian, "fisher": Fisher}
+__all__ = ["CURVATURES", "HessianFree", "HessianFreeState", "backtrack_points"]
 
 
 def backtrack_points(cg_iters: int, base: float) -> tuple[int, ...]:
@@ -84,10 +93,22 @@ class HessianFreeState(NamedTuple):
     direction: Tree
     damping: Array
     key: Array
+    transform: Any = ()
 
 
 class HessianFree(Optimizer):
-    """Martens' Hessian-free method: see the module docstring for the algorithm."""
+    """Martens' Hessian-free method: see the module docstring for the algorithm.
+
+    ``transform`` (optional): an update transform (:mod:`secondorder.optim.transforms`) applied
+    to the step taken (s = lr d if accepted, 0 if not) before it is added to the parameters; the
+    damping, the reduction ratio and the warm start follow s and d themselves.
+
+    Assembled from :func:`~secondorder.optim.directions.curvature_operator`,
+    :func:`~secondorder.optim.directions.damped_cg_direction` and the step rules
+    :func:`~secondorder.optim.step_rules.best_cg_iterate`,
+    :func:`~secondorder.optim.step_rules.reduction_ratio` (non-finite ratios fail) and
+    :func:`~secondorder.optim.step_rules.more_damping`.
+    """
 
     State = HessianFreeState
 
@@ -95,8 +116,9 @@ class HessianFree(Optimizer):
                  damping: float = 1.0, cg_iters: int = 50, cg_tol: float | None = 5e-4,
                  warm_start_decay: float = 0.95, backtrack: bool = True,
                  backtrack_base: float = 1.3, increase: float = 1.5, decrease: float = 2 / 3,
-                 lr: float = 1.0, seed: int = 0):
+                 lr: float = 1.0, seed: int = 0, transform: Any = None):
         super().__init__(apply, loss)
+        check_transform(transform, "HessianFree")
         if curvature not in CURVATURES:
             raise HyperparameterError(
                 f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
@@ -126,6 +148,7 @@ class HessianFree(Optimizer):
         self.lr = float(lr) if is_number(lr) else lr
         #: seed of the random key in the state (``curvature="fisher"`` only)
         self.seed = int(seed)
+        self.transform = transform
         #: CG iteration counts whose iterates are candidates for the step
         self.save_at = (backtrack_points(self.cg_iters, self.backtrack_base) if self.backtrack
                         else (self.cg_iters,))
@@ -139,61 +162,41 @@ class HessianFree(Optimizer):
         backend = backend_of(lam)
         dev = backend.device(lam)
         return HessianFreeState(initial_count(backend, dev), tree_map(lambda a: a * 0.0, params),
-                                lam, random.key(self.seed, backend, dev))
+                                lam, random.key(self.seed, backend, dev),
+                                init_transform(self.transform, params))
 
     def step(self, params: Tree, state: HessianFreeState, batch: Batch
              ) -> tuple[Tree, HessianFreeState, StepInfo]:
         self.check_state(params, state)
         loss, grad = self.value_and_grad(params, batch)
-        xp = backend_of(loss).xp
         lam = state.damping
-        sampling = {}
-        next_key = state.key
-        if self.curvature == "fisher":  # one Monte-Carlo sample from a fresh key every step
-            keys = random.split(state.key)
-            next_key, sample_key = keys[0, :], keys[1, :]
-            sampling = {"kind": "mc", "samples": 1, "key": sample_key}
-        op = CURVATURES[self.curvature](self.apply, self.loss, params, batch, validate=False,
-                                        **sampling)
+        op, next_key = curvature_operator(self.curvature, self.apply, self.loss, params, batch,
+                                          state.key)
+        direction, cg_info = damped_cg_direction(
+            op.matvec, grad, lam, state.direction, warm_start_decay=self.warm_start_decay,
+            maxiter=self.cg_iters, tol=self.cg_tol, save_at=self.save_at)
 
-        def damped(v: Tree) -> Tree:
-            return axpy(lam, v, op.matvec(v))
+        def objective(p: Tree) -> Array:
+            return self.objective(p, batch)
 
-        rhs = neg(grad)
-        x0 = scale(self.warm_start_decay, state.direction)
-        atol = self.cg_tol * norm(grad)
-        direction, cg_info = cg(damped, rhs, x0, tol=None, maxiter=self.cg_iters, atol=atol,
-                                save_at=self.save_at)
-
-        # backtracking over the saved iterates, from the last backwards; ties keep the later one
-        inf = self.scalar(params, float("inf"))
-        lr = self.lr
-        best_value, best = None, None
-        for candidate in reversed(cg_info.saved):
-            trial = axpy(lr, candidate, params)
-            value = self.objective(trial, batch)
-            value = xp.where(xp.isfinite(value), value, inf)
-            if best is None:
-                best_value, best = value, candidate
-                continue
-            better = value < best_value
-            best = select(better, candidate, best)
-            best_value = xp.where(better, value, best_value)
-
+        best_value, best = best_cg_iterate(objective, params, cg_info.saved, self.lr)
         # reduction ratio against the undamped quadratic model of the step s = lr d
-        step = scale(lr, best)
+        step = scale(self.lr, best)
         model = vdot(grad, step) + 0.5 * vdot(step, op.matvec(step))
-        predicts_decrease = model < 0
-        rho = xp.where(predicts_decrease,
-                       (best_value - loss) / xp.where(predicts_decrease, model, 1.0), -inf)
-        rho = xp.where(xp.isfinite(rho), rho, -inf)
-        new_lam = adapt_damping(rho, lam, self.increase, self.decrease)
+        rho = reduction_ratio(best_value, loss, model, nonfinite_fails=True)
+        new_lam = more_damping(rho, lam, self.increase, self.decrease)
 
         accept = best_value < loss
-        new_params = select(accept, add(params, step), params)
-        new_state = HessianFreeState(state.count + 1, direction, new_lam, next_key)
+        inner, update = state.transform, None
+        if self.transform is None:
+            new_params = select(accept, add(params, step), params)
+        else:
+            new_params, update, inner = apply_transform(
+                self.transform, zero_where_rejected(accept, step), inner, params)
+        new_state = HessianFreeState(state.count + 1, direction, new_lam, next_key, inner)
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
-                                                  grad, direction, damping_key="damping")
+                                                  grad, direction, damping_key="damping",
+                                                  update=update)
         return params, state, self.info(params, loss, step_norm, state.damping, ok,
                                         cg_info.iterations, cg_info.residual_norm,
                                         extras={"rho": rho, "model": model})

@@ -7,26 +7,36 @@ system solved directly at every step: O(p^2) memory and O(p^3) time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ..curvature import GGN
 from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import add, ravel
-from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, is_number, select
-from .newton import dense_system
+from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
+from .directions import dense_system, newton_direction
 from .state import initial_count, method_state
+from .step_rules import (
+    apply_transform,
+    check_transform,
+    init_transform,
+    more_damping,
+    reduction_ratio,
+    zero_where_rejected,
+)
 
 SCALINGS = ("more", "identity")
 
 
 @method_state("LevenbergMarquardt")
 class LevenbergMarquardtState(NamedTuple):
-    """Step count, the damping lambda and Moré's running diagonal scale."""
+    """Step count, the damping lambda, Moré's running diagonal scale and the update
+    transform's state (``()`` without a transform)."""
 
     count: Array
     damping: Array
     scale: Array
+    transform: Any = ()
 
 class LevenbergMarquardt(Optimizer):
     """Damped Gauss-Newton steps with the damping adapted by the reduction ratio.
@@ -50,14 +60,24 @@ class LevenbergMarquardt(Optimizer):
     diag(G)) (kept in the state as ``"scale"``; entries still 0 are replaced by 1, as MINPACK
     does for zero Jacobian columns). ``scaling="identity"`` uses D = I (classical LM).
     ``info.damping`` is lambda after the update. Memory p^2, time p^3 per step.
+
+    ``transform`` (optional): an update transform (:mod:`secondorder.optim.transforms`) applied
+    to the step the rule takes (d if accepted, 0 if not) before it is added to the parameters;
+    the ratio rho and the damping follow d itself.
+
+    Assembled from :func:`~secondorder.optim.directions.dense_system`,
+    :func:`~secondorder.optim.directions.newton_direction` (``method="solve"`` with the scale
+    D), :func:`~secondorder.optim.step_rules.reduction_ratio` and
+    :func:`~secondorder.optim.step_rules.more_damping`.
     """
 
     State = LevenbergMarquardtState
 
     def __init__(self, apply: Callable, loss: Loss, *, damping: float = 1.0,
                  scaling: str = "more", increase: float = 2.0, decrease: float = 1.0 / 3.0,
-                 min_damping: float = 1e-10, max_damping: float = 1e10):
+                 min_damping: float = 1e-10, max_damping: float = 1e10, transform: Any = None):
         super().__init__(apply, loss)
+        check_transform(transform, "LevenbergMarquardt")
         if scaling not in SCALINGS:
             raise HyperparameterError(f"unknown scaling {scaling!r}: use 'more' or 'identity'")
         if is_number(min_damping, damping, max_damping) and not (
@@ -69,6 +89,7 @@ class LevenbergMarquardt(Optimizer):
         self.damping, self.scaling = damping, scaling
         self.increase, self.decrease = increase, decrease
         self.min_damping, self.max_damping = min_damping, max_damping
+        self.transform = transform
 
     def __repr__(self) -> str:
         return f"LevenbergMarquardt(damping={self.damping}, scaling={self.scaling!r})"
@@ -78,38 +99,41 @@ class LevenbergMarquardt(Optimizer):
         backend = self.backend(flat)
         return LevenbergMarquardtState(initial_count(backend, backend.device(flat)),
                                        self.scalar(params, self.damping),
-                                       backend.xp.zeros_like(flat))
+                                       backend.xp.zeros_like(flat),
+                                       init_transform(self.transform, params))
 
     def step(self, params: Tree, state: LevenbergMarquardtState, batch: Batch
              ) -> tuple[Tree, LevenbergMarquardtState, StepInfo]:
-        self.check_state(params, state)
-        loss, grad, g, unravel, ggn, gmat = dense_system(self, GGN, params, batch)
-        xp = self.backend(params).xp
-        lam = state["damping"]
+        backend = self.check_state(params, state)
+        xp = backend.xp
+        system = dense_system(self.apply, self.loss, GGN, params, batch)
+        loss, g, gmat = system.loss, system.g, system.sym
+        lam = state.damping
 
-        scale = state["scale"]
+        scale = state.scale
         if self.scaling == "more":
             scale = xp.maximum(scale, xp.linalg.diagonal(gmat))
             diag = xp.where(scale > 0, scale, xp.ones_like(scale))
         else:
             diag = xp.ones_like(scale)
-        system = gmat + lam * (xp.eye(g.shape[0], dtype=g.dtype, device=self.backend(g).device(g))
-                               * diag[None, :])
-        d = -xp.linalg.solve(system, g[:, None])[:, 0]
+        d = newton_direction(g, gmat, lam, method="solve", diag=diag)
 
-        trial = add(params, unravel(d))
-        new_loss = self.objective(trial, batch)
-        predicted = -(xp.sum(g * d) + 0.5 * xp.sum(d * (gmat @ d)))
-        ratio = (loss - new_loss) / xp.where(predicted > 0, predicted, xp.ones_like(predicted))
-        minus_inf = self.scalar(params, -float("inf"))
-        rho = xp.where(xp.logical_and(predicted > 0, xp.isfinite(new_loss)), ratio, minus_inf)
-
+        step = system.unravel(d)
+        trial = add(params, step)
+        model = xp.sum(g * d) + 0.5 * xp.sum(d * (gmat @ d))
+        rho = reduction_ratio(self.objective(trial, batch), loss, model)
         accept = rho > 0
-        new = select(accept, trial, params)
-        lam = adapt_damping(rho, lam, self.increase, self.decrease)
-        lam = xp.clip(lam, min=self.min_damping, max=self.max_damping)
+        lam = more_damping(rho, lam, self.increase, self.decrease,
+                           min_damping=self.min_damping, max_damping=self.max_damping)
+        inner, update = state.transform, None
+        if self.transform is None:
+            new = select(accept, trial, params)
+        else:
+            new, update, inner = apply_transform(self.transform,
+                                                 zero_where_rejected(accept, step), inner,
+                                                 params)
         params, state, ok, step_norm = self.guard(
-            params, state, new, LevenbergMarquardtState(state.count + 1, lam, scale), loss,
-            grad, ggn, d, damping_key="damping")
+            params, state, new, LevenbergMarquardtState(state.count + 1, lam, scale, inner),
+            loss, system.grad, system.raw, d, damping_key="damping", update=update)
         return params, state, self.info(params, loss, step_norm, damping=state.damping,
-                                        finite=ok, extras={"rho": rho, "predicted": -predicted})
+                                        finite=ok, extras={"rho": rho, "predicted": model})

@@ -12,47 +12,24 @@ from typing import Any, NamedTuple
 
 from ..curvature import Hessian
 from ..errors import HyperparameterError
-from ..linalg import eigh
 from ..losses import Loss
-from ..tree import axpy, ravel
+from ..tree import axpy, scale
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
-from .line_search import INTERPOLATIONS, backtracking, check_line_search
+from .directions import NEWTON_VARIANTS as VARIANTS
+from .directions import dense_system, finite_or_zero, newton_direction
+from .line_search import INTERPOLATIONS, check_line_search
 from .state import initial_count, method_state
+from .step_rules import apply_transform, armijo_step, check_transform, fixed_step, init_transform
 
-VARIANTS = ("plain", "abs")
-
-
-def dense_system(opt: Optimizer, operator: Callable, params: Tree, batch: Batch
-                 ) -> tuple[Array, Tree, Array, Callable, Array, Array]:
-    """What the dense small-problem methods share: ``(loss, grad, g, unravel, raw, sym)`` with
-    g the flat gradient, ``raw`` the dense curvature of ``operator(apply, loss, params, batch)``
-    (built without validation: a non-finite batch gives non-finite entries, which the caller
-    passes to the guard) and ``sym`` its symmetric part with non-finite entries zeroed (safe to
-    decompose)."""
-    loss, grad = opt.value_and_grad(params, batch)
-    xp = opt.backend(params).xp
-    g, unravel = ravel(grad)
-    raw = operator(opt.apply, opt.loss, params, batch, validate=False).to_dense()
-    sym = finite_or_zero(0.5 * (raw + xp.linalg.matrix_transpose(raw)))
-    return loss, grad, g, unravel, raw, sym
-
-
-def finite_or_zero(a: Array) -> Array:
-    """``a`` with its non-finite entries replaced by 0, so that a decomposition or solve never
-    raises; the raw array is checked by the guard, which then rejects the step."""
-    xp = _xp(a)
-    return xp.where(xp.isfinite(a), a, xp.zeros_like(a))
-
-
-def _xp(a: Array) -> Any:
-    return Optimizer.backend(a).xp
+__all__ = ["VARIANTS", "Newton", "NewtonState", "dense_system", "finite_or_zero"]
 
 
 @method_state("Newton")
 class NewtonState(NamedTuple):
-    """Newton keeps no state but its step count."""
+    """The step count and the update transform's state (``()`` without a transform)."""
 
     count: Array
+    transform: Any = ()
 
 class Newton(Optimizer):
     """w <- w + t d with d = -(H + damping I)^{-1} g, H the dense Hessian of the mean loss.
@@ -74,15 +51,25 @@ class Newton(Optimizer):
     parameters are kept (``info.step_norm`` is 0). ``info.inner_iterations`` counts the loss
     evaluations of the search.
 
-    The state is empty; ``info.damping`` is the fixed ``damping``. Memory p^2, time p^3 per step.
+    ``transform`` (optional): an update transform (:mod:`secondorder.optim.transforms`, e.g.
+    ``clip_by_global_norm(c)``, a schedule or momentum) applied to the step t d before it is
+    added to the parameters, w <- w + T(t d); its state is the last field of the state.
+
+    Assembled from :func:`~secondorder.optim.directions.dense_system`,
+    :func:`~secondorder.optim.directions.newton_direction` and the step rules
+    :func:`~secondorder.optim.step_rules.fixed_step` /
+    :func:`~secondorder.optim.step_rules.armijo_step`. The state holds the step count (and the
+    transform's state); ``info.damping`` is the fixed ``damping``. Memory p^2, time p^3 per step.
     """
 
     State = NewtonState
 
     def __init__(self, apply: Callable, loss: Loss, *, damping: float = 0.0,
                  variant: str = "plain", lr: float = 1.0, min_eigenvalue: float = 1e-8,
-                 line_search: str | None = None, c1: float = 1e-4, max_line_search: int = 30):
+                 line_search: str | None = None, c1: float = 1e-4, max_line_search: int = 30,
+                 transform: Any = None):
         super().__init__(apply, loss)
+        check_transform(transform, "Newton")
         if variant not in VARIANTS:
             raise HyperparameterError(f"unknown Newton variant {variant!r}: use 'plain' or 'abs'")
         if is_number(damping, lr, min_eigenvalue) and (damping < 0 or lr <= 0
@@ -96,6 +83,7 @@ class Newton(Optimizer):
         self.damping, self.variant, self.lr, self.min_eigenvalue = (damping, variant, lr,
                                                                     min_eigenvalue)
         self.line_search, self.c1, self.max_line_search = line_search, c1, int(max_line_search)
+        self.transform = transform
 
     def __repr__(self) -> str:
         return (f"Newton(variant={self.variant!r}, damping={self.damping}, lr={self.lr}, "
@@ -103,29 +91,31 @@ class Newton(Optimizer):
 
     def init(self, params: Tree) -> NewtonState:
         leaf = self.scalar(params, 0.0)
-        return NewtonState(initial_count(self.backend(leaf), self.backend(leaf).device(leaf)))
+        return NewtonState(initial_count(self.backend(leaf), self.backend(leaf).device(leaf)),
+                           init_transform(self.transform, params))
 
     def step(self, params: Tree, state: NewtonState, batch: Batch
              ) -> tuple[Tree, NewtonState, StepInfo]:
-        self.check_state(params, state)
-        loss, grad, g, unravel, hess, sym = dense_system(self, Hessian, params, batch)
-        xp = self.backend(params).xp
-        w, q = eigh(sym)
-        if self.variant == "abs":
-            w = xp.maximum(xp.abs(w), self.scalar(params, self.min_eigenvalue))
-        d = -(q @ ((xp.linalg.matrix_transpose(q) @ g) / (w + self.damping)))
-        step = unravel(d)
-        t, evaluations = self.scalar(params, self.lr), 0
+        backend = self.check_state(params, state)
+        system = dense_system(self.apply, self.loss, Hessian, params, batch)
+        loss, g = system.loss, system.g
+        d = newton_direction(g, system.sym, self.damping, variant=self.variant,
+                             min_eigenvalue=self.scalar(params, self.min_eigenvalue))
+        step = system.unravel(d)
+        search = fixed_step(loss, self.scalar(params, self.lr))
         if self.line_search is not None:
-            search = backtracking(
-                self.backend(params),
-                lambda s: self.objective(axpy(s, step, params), batch),
-                loss, xp.sum(g * d), t, c1=self.c1, max_trials=self.max_line_search,
-                interpolation=self.line_search)
-            t, evaluations = search.step, search.evaluations
-        new = axpy(t, step, params)
-        params, state, ok, step_norm = self.guard(params, state, new,
-                                                  NewtonState(state.count + 1), loss, grad,
-                                                  hess, d)
+            search = armijo_step(backend, lambda p: self.objective(p, batch), params, step, loss,
+                                 backend.xp.sum(g * d), search.step, c1=self.c1,
+                                 max_trials=self.max_line_search,
+                                 interpolation=self.line_search)
+        t = search.step
+        inner, update = state.transform, None
+        if self.transform is None:
+            new = axpy(t, step, params)
+        else:
+            new, update, inner = apply_transform(self.transform, scale(t, step), inner, params)
+        params, state, ok, step_norm = self.guard(
+            params, state, new, NewtonState(state.count + 1, inner), loss, system.grad,
+            system.raw, d, update=update)
         return params, state, self.info(params, loss, step_norm, damping=self.damping,
-                                        finite=ok, inner_iterations=evaluations)
+                                        finite=ok, inner_iterations=search.evaluations)
