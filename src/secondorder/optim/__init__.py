@@ -1,7 +1,7 @@
 """Optimisers on one interface: ``opt = Method(apply, loss, ...)``, ``state = opt.init(params)``,
 ``params, state, info = opt.step(params, state, batch)``."""
 
-from . import transforms
+from . import directions, step_rules, transforms
 from .base import Optimizer, StepInfo
 from .bfgs import BFGS
 from .curveball import CurveBall
@@ -17,3 +17,4 @@ __all__ += ["BFGS", "LevenbergMarquardt", "Newton"]
 __all__ += ["ProxLinear"]
 __all__ += ["GroupedNewton"]
 __all__ += ["GradientDescent", "transforms"]
+__all__ += ["directions", "step_rules"]
