@@ -285,6 +285,27 @@ class Backend(ABC):
         """
         return x
 
+    # ---------------------------------------------------------- fused network primitives
+    # Each has a plain array-API definition here; a framework with a fused kernel overrides it
+    # (one kernel forward and backward instead of several), with the same value to rounding.
+    def linear(self, a: Array, w: Array, b: Array | None = None) -> Array:
+        """a W^T + b, for a (..., in), W (out, in) and b (out,)."""
+        out = a @ self.xp.matrix_transpose(w)
+        return out if b is None else out + b
+
+    def logsumexp(self, f: Array, axis: int = -1) -> Array:
+        """log sum_j exp(f_j) along ``axis`` (kept as a size-1 axis), shifted by the maximum."""
+        xp = self.xp
+        shift = xp.max(f, axis=axis, keepdims=True)
+        return xp.log(xp.sum(xp.exp(f - shift), axis=axis, keepdims=True)) + shift
+
+    def take_labels(self, f: Array, labels: Array) -> Array:
+        """f[i, labels[i]] for every row i: the entries of integer class labels."""
+        xp = self.xp
+        classes = xp.arange(f.shape[1], device=self.device(f))
+        onehot = xp.astype(labels[:, None] == classes[None, :], f.dtype)
+        return xp.sum(f * onehot, axis=1)
+
     # ---------------------------------------------------------- linear algebra
     @abstractmethod
     def einsum(self, subscripts: str, *operands: Array) -> Array:

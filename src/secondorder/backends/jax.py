@@ -179,6 +179,13 @@ class JaxBackend(Backend):
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
         return jax.lax.cond(pred, true_fn, false_fn, *operands)
 
+    # -- fused network primitives ---------------------------------------------------------
+    def logsumexp(self, f: Array, axis: int = -1) -> Array:
+        return jax.nn.logsumexp(f, axis=axis, keepdims=True)
+
+    def take_labels(self, f: Array, labels: Array) -> Array:
+        return jnp.take_along_axis(f, labels[:, None], axis=1)[:, 0]
+
     # -- linear algebra -------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:
         return jnp.einsum(subscripts, *operands)

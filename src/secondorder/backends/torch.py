@@ -19,6 +19,30 @@ from .._pytree import check_same_structure, flatten, unflatten
 from ._base import Array, Backend, Tree
 
 
+def _eager() -> bool:
+    """True outside every torch.func transform and forward-mode AD level (``torch.func.linearize``
+    traces through dual tensors), with gradients enabled: there a gradient can be taken by
+    ``torch.autograd.grad`` on the tape, which costs less than ``torch.func.grad``'s wrapping of
+    every tensor (the same kernels, the same numbers)."""
+    from torch.autograd import forward_ad
+
+    return (torch.is_grad_enabled() and forward_ad._current_level < 0
+            and torch._C._functorch.peek_interpreter_stack() is None)
+
+
+def _autograd_value_and_grad(f: Callable, x: Tree) -> tuple[Array, Tree]:
+    """``(f(x), grad f(x))`` by reverse mode on the autograd tape, for a scalar ``f``; the
+    results are detached, like ``torch.func``'s."""
+    leaves, treedef = flatten(x)
+    inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    value = f(unflatten(treedef, inputs))
+    if not value.requires_grad:  # f does not depend on x
+        return value, unflatten(treedef, [torch.zeros_like(leaf) for leaf in leaves])
+    grads = torch.autograd.grad(value, inputs, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    return value.detach(), unflatten(treedef, grads)
+
+
 class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     supports_gpu: ClassVar[bool] = True
@@ -95,10 +119,14 @@ class TorchBackend(Backend):
         return y, linear
 
     def value_and_grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        if not has_aux and _eager():
+            return _autograd_value_and_grad(f, x)
         g, value = torch.func.grad_and_value(f, has_aux=has_aux)(x)
         return value, g
 
     def grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        if not has_aux and _eager():
+            return _autograd_value_and_grad(f, x)[1]
         return torch.func.grad(f, has_aux=has_aux)(x)
 
     # -- transformations ------------------------------------------------------------------
@@ -120,6 +148,16 @@ class TorchBackend(Backend):
                 torch.cuda.synchronize(leaf.device)
                 break
         return x
+
+    # -- fused network primitives ---------------------------------------------------------
+    def linear(self, a: Array, w: Array, b: Array | None = None) -> Array:
+        return torch.nn.functional.linear(a, w, b)
+
+    def logsumexp(self, f: Array, axis: int = -1) -> Array:
+        return torch.logsumexp(f, dim=axis, keepdim=True)
+
+    def take_labels(self, f: Array, labels: Array) -> Array:
+        return torch.gather(f, 1, labels[:, None].long())[:, 0]
 
     # -- linear algebra -------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:

@@ -45,9 +45,11 @@ class SoftmaxCrossEntropy(Loss):
         return xp.astype(y[:, None] == classes[None, :], f.dtype)
 
     def per_sample(self, f: Array, y: Array) -> Array:
-        xp = backend_of(f).xp
-        _, lse = self._softmax(f)
-        return lse[:, 0] - xp.sum(f * self.targets(f, y), axis=1)
+        backend = backend_of(f)
+        lse = backend.logsumexp(f, axis=1)[:, 0]
+        if y.ndim == 1:  # integer labels: pick the entries instead of a one-hot product
+            return lse - backend.take_labels(f, y)
+        return lse - backend.xp.sum(f * y, axis=1)
 
     def grad(self, f: Array, y: Array) -> Array:
         s, _ = self._softmax(f)

@@ -28,8 +28,7 @@ def homogeneous(a: Array) -> Array:
 
 def dense(p: dict, a: Array, tap: Array | None = None) -> tuple[Array, Array | None]:
     """s = a W^T + b for a (batch, in) and W (out, in); returns (s + tap, a~ or None)."""
-    xp = namespace(a)
-    s = a @ xp.matrix_transpose(p["w"]) + p["b"]
+    s = backend_of(a).linear(a, p["w"], p["b"])
     if tap is None:
         return s, None
     return s + tap, homogeneous(a)
@@ -75,7 +74,7 @@ def conv2d(p: dict, x: Array, *, stride: int = 1, padding: int = 0,
     ho, wo = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     patches = im2col(x, kh, kw, stride, padding)
     kernel = xp.reshape(p["w"], (c_out, c_in * kh * kw))
-    s = patches @ xp.matrix_transpose(kernel) + p["b"]  # (m, Ho Wo, C_out)
+    s = backend_of(x).linear(patches, kernel, p["b"])  # (m, Ho Wo, C_out)
     if tap is not None:
         s = s + tap
     out = xp.permute_dims(xp.reshape(s, (m, ho, wo, c_out)), (0, 3, 1, 2))

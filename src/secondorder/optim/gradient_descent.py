@@ -63,7 +63,9 @@ class GradientDescent(Optimizer):
         updates, inner = self.transform.update(grad, state.transform, params)
         new = add(params, updates)
         new_state = self.State(state.count + 1, inner)
-        params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, grad,
+        # a non-finite gradient makes the new parameters non-finite through every transform,
+        # so the guard checks the loss and the new parameters only
+        params, state, ok, step_norm = self.guard(params, state, new, new_state, loss,
                                                   update=updates)
         return params, state, self.info(params, loss, step_norm, finite=ok)
 
