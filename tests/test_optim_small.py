@@ -116,8 +116,8 @@ def test_newton_step_on_an_indefinite_hessian(ad_backend, variant, damping):
     if variant == "abs":
         assert g @ (expected - p) < 0  # a descent direction
     opt = Newton(rosenbrock_apply, MSE(), variant=variant, damping=damping)
-    p = to(ad_backend, p)
-    params, _, info = opt.step(p, opt.init(p), rosen_batch(ad_backend))
+    start = to(ad_backend, p)
+    params, _, info = opt.step(start, opt.init(start), rosen_batch(ad_backend))
     assert_close(params, expected, rtol=1e-12, backend=ad_backend)
     assert float(info.loss) == pytest.approx(rosen(p), rel=1e-14)
 
@@ -178,8 +178,8 @@ def test_newton_line_search_keeps_params_on_an_ascent_direction(ad_backend):
     d = -np.linalg.solve(hess, g)
     assert g @ d > 0
     opt = Newton(rosenbrock_apply, MSE(), variant="plain", line_search="cubic")
-    p = to(ad_backend, p)
-    params, _, info = opt.step(p, opt.init(p), rosen_batch(ad_backend))
+    start = to(ad_backend, p)
+    params, _, info = opt.step(start, opt.init(start), rosen_batch(ad_backend))
     assert_close(params, p, rtol=0.0, backend=ad_backend)
     assert float(info.step_norm) == 0.0 and bool(info.finite)
     assert int(info.inner_iterations) == opt.max_line_search
