@@ -57,9 +57,17 @@ class TreeDef:
         self.meta = meta
         self.children = children
         self.order = order
-        self.num_leaves = 1 if kind == "leaf" else sum(c.num_leaves for c in children)
-        self.flat = all(c is LEAF for c in children)  # only leaves below: rebuilt in one go
-        self.custom_order = order is not None or any(c.custom_order for c in children)
+        # one plain loop instead of three generator expressions: a step builds dozens of these
+        num, flat, custom = 0, True, order is not None
+        for c in children:
+            num += c.num_leaves
+            if c.kind != "leaf":
+                flat = False  # only leaves below: rebuilt in one go
+            if c.custom_order:
+                custom = True
+        self.num_leaves = 1 if kind == "leaf" else num
+        self.flat = flat
+        self.custom_order = custom
         self._hash: int | None = None  # computed when first asked: flatten never needs it
 
     def __eq__(self, other: object) -> bool:

@@ -166,20 +166,33 @@ class Optimizer(ABC):
         """Accept ``(new_params, new_state)`` only if the loss, the new parameters and the
         ``checks`` (trees) are all finite; otherwise keep the old ones and, for damped methods
         (``damping_key``, a field of the state), multiply the old damping by
-        :attr:`damping_boost_on_failure`. ``update`` (new_params - params, when the method has
-        it) saves one pass over the parameters for the step norm.
+        :attr:`damping_boost_on_failure`.
+
+        ``update``, when the method has it, is ``new_params - params``: then the step norm
+        ||update|| also serves as the finiteness test of the new parameters (it is finite exactly
+        when every entry of the update is, unless the step is astronomically long, |u| >
+        sqrt(max float), which is rejected too; finite parameters plus a finite update stay
+        finite), which saves two passes over the parameters.
 
         Returns ``(params, state, finite, step_norm)``. On eager backends this is one Python
         branch on one flag; in traced code every leaf is selected with ``where``.
         """
         backend = backend_of(loss)
         xp = backend.xp
-        ok = xp.logical_and(xp.all(xp.isfinite(loss)), all_finite(new_params, *checks))
+        ok = xp.all(xp.isfinite(loss))
+        step_norm = None
+        if update is not None:
+            step_norm = norm(update)
+            ok = xp.logical_and(ok, xp.isfinite(step_norm))
+            if checks:
+                ok = xp.logical_and(ok, all_finite(*checks))
+        else:
+            ok = xp.logical_and(ok, all_finite(new_params, *checks))
         if backend.is_concrete(ok):
             if bool(ok):
-                step = update if update is not None else tree_map(
-                    lambda a, b: a - b, new_params, params)
-                return new_params, new_state, ok, norm(step)
+                if step_norm is None:
+                    step_norm = norm(tree_map(lambda a, b: a - b, new_params, params))
+                return new_params, new_state, ok, step_norm
             if damping_key is not None:
                 state = _replace(state, damping_key,
                                  _field(state, damping_key) * self.damping_boost_on_failure)
@@ -190,8 +203,8 @@ class Optimizer(ABC):
             out_state = _replace(out_state, damping_key, xp.where(
                 ok, _field(new_state, damping_key),
                 _field(state, damping_key) * self.damping_boost_on_failure))
-        if update is not None:
-            return out_params, out_state, ok, xp.where(ok, norm(update), xp.zeros_like(loss))
+        if step_norm is not None:
+            return out_params, out_state, ok, xp.where(ok, step_norm, xp.zeros_like(loss))
         diff = tree_map(lambda a, b: xp.where(ok, a - b, xp.zeros_like(a)), new_params, params)
         return out_params, out_state, ok, norm(diff)
 
