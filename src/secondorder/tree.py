@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._pytree import LEAF, TreeDef, check_same_structure, flatten, tree_map, unflatten
-from .backends import _backend_of_leaves, namespace
+from .backends import _backend_of_leaves, backend_of, namespace
 from .errors import StructureError
 
 __all__ = [
@@ -107,8 +107,12 @@ def axpy(alpha: Any, x: Tree, y: Tree) -> Tree:
 
 
 def _axpy_leaves(alpha: Any, x_leaves: Sequence[Any], y_leaves: Sequence[Any]) -> list[Any]:
-    """alpha x + y on leaf lists, unchecked."""
-    return [alpha * a + b for a, b in zip(x_leaves, y_leaves)]
+    """alpha x + y on leaf lists, unchecked (one fused kernel per leaf where the backend has
+    one: :meth:`Backend.axpy`)."""
+    if not x_leaves:
+        return []
+    axpy_leaf = backend_of(x_leaves[0]).axpy
+    return [axpy_leaf(alpha, a, b) for a, b in zip(x_leaves, y_leaves)]
 
 
 def vdot(x: Tree, y: Tree) -> Any:
@@ -126,9 +130,12 @@ def vdot(x: Tree, y: Tree) -> Any:
 
 def _dot_leaves(xp: Any, x_leaves: Sequence[Any], y_leaves: Sequence[Any]) -> Any:
     """sum_i sum(x_i * y_i) on leaf lists, unchecked (the arithmetic of :func:`vdot`)."""
+    if not x_leaves:
+        return None
+    dot = backend_of(x_leaves[0]).dot  # one fused kernel per leaf where the backend has one
     total = None
     for a, b in zip(x_leaves, y_leaves):
-        term = xp.sum(a * b)
+        term = dot(a, b)
         total = term if total is None else total + term
     return total
 

@@ -299,6 +299,14 @@ class Backend(ABC):
         shift = xp.max(f, axis=axis, keepdims=True)
         return xp.log(xp.sum(xp.exp(f - shift), axis=axis, keepdims=True)) + shift
 
+    def axpy(self, alpha: Any, x: Array, y: Array) -> Array:
+        """alpha x + y for a scalar alpha (a Python number or a 0-d array)."""
+        return alpha * x + y
+
+    def dot(self, x: Array, y: Array) -> Array:
+        """sum(x * y) over all entries, as a 0-d array."""
+        return self.xp.sum(x * y)
+
     def take_labels(self, f: Array, labels: Array) -> Array:
         """f[i, labels[i]] for every row i: the entries of integer class labels."""
         xp = self.xp

@@ -159,6 +159,16 @@ class TorchBackend(Backend):
     def take_labels(self, f: Array, labels: Array) -> Array:
         return torch.gather(f, 1, labels[:, None].long())[:, 0]
 
+    def axpy(self, alpha: Any, x: Array, y: Array) -> Array:
+        if isinstance(alpha, int | float):
+            return torch.add(y, x, alpha=alpha)  # one kernel instead of two
+        if isinstance(alpha, torch.Tensor) and alpha.ndim == 0 and alpha.dtype == x.dtype:
+            return torch.addcmul(y, x, alpha)
+        return alpha * x + y
+
+    def dot(self, x: Array, y: Array) -> Array:
+        return torch.vdot(x.reshape(-1), y.reshape(-1))
+
     # -- linear algebra -------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:
         return torch.einsum(subscripts, *operands)

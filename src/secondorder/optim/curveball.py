@@ -142,6 +142,8 @@ class CurveBall(Optimizer):
         (:func:`~secondorder.optim.directions.curveball_quantities`)."""
         q = curveball_quantities(self.apply, self.loss, params, z, lam, batch,
                                  curvature=self.curvature, coefficients=self.rho is None)
+        if q.grad is None:  # the step does without it (one fused pullback); this view has it
+            q = q._replace(grad=self.value_and_grad(params, batch)[1])
         return {k: v for k, v in q._asdict().items() if v is not None}
 
     #: (rho, beta) from eq. 18 (:func:`~secondorder.optim.directions.curveball_2x2`)
@@ -172,8 +174,8 @@ class CurveBall(Optimizer):
             new_params, update, inner = apply_transform(self.transform, z_new, inner, params)
         new_state = CurveBallState(count, z_new, lam_new, inner)
         params, state, ok, step_norm = self.guard(
-            params, state, new_params, new_state, q.loss, q.grad, damping_key="damping",
-            update=update)
+            params, state, new_params, new_state, q.loss,
+            *(() if q.grad is None else (q.grad,)), damping_key="damping", update=update)
         extras = {"rho": q.rho, "beta": q.beta, "predicted": q.predicted}
         return params, state, self.info(params, q.loss, step_norm, state.damping, ok,
                                         extras=extras)

@@ -209,7 +209,8 @@ def damped_cg_direction(curvature: Callable[[Tree], Tree], grad: Tree, damping: 
 # ---------------------------------------------------------------------------- CurveBall
 class CurveBallQuantities(NamedTuple):
     """Delta and the coefficients of CurveBall's 2x2 system (eqs. 16-18), with the loss and the
-    gradient; a..e are None when only Delta was asked for."""
+    gradient (None on the GGN route, where one pullback gives C z + g without it); a..e are None
+    when only Delta was asked for."""
 
     loss: Array
     grad: Tree
@@ -249,8 +250,9 @@ def curveball_quantities(apply: Apply, loss: Loss, params: Tree, z: Tree, dampin
 
         u = jvp(z)
         hu = h_out(u)
-        grad = vjp(jl)
-        delta = axpy(lam, z, add(vjp(hu), grad))
+        # one pullback of H_L u + J_L gives C z + g (eq. 16); the gradient alone is not needed
+        delta = axpy(lam, z, vjp(hu + jl))
+        grad = None
         if not coefficients:
             return CurveBallQuantities(value, grad, delta)
         v = jvp(delta)

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from .._pytree import flatten, tree_map
 from ..backends import backend_of
 from ..errors import HyperparameterError, SecondOrderError
-from ..tree import norm, zeros_like
+from ..tree import axpy, norm, zeros_like
 from .state import initial_count
 
 Tree = Any
@@ -116,8 +116,8 @@ def trace(momentum: float | Array, nesterov: bool = False) -> GradientTransforma
 
     def update(updates: Tree, state: TraceState, params: Tree = None
                ) -> tuple[Tree, TraceState]:
-        buf = tree_map(lambda b, g: momentum * b + g, state.trace, updates)
-        out = tree_map(lambda g, b: g + momentum * b, updates, buf) if nesterov else buf
+        buf = axpy(momentum, state.trace, updates)
+        out = axpy(momentum, buf, updates) if nesterov else buf
         return out, TraceState(buf)
 
     return GradientTransformation(init, update)
