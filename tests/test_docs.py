@@ -15,7 +15,7 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 def test_architecture_examples_run():
     pytest.importorskip("autograd")
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     scope: dict = {}
     printed = []
     for block in blocks:
@@ -27,3 +27,5 @@ def test_architecture_examples_run():
     assert printed[0] == ["AdamWState", "5", "0.0"]
     # the prox-linear direction through clipping, momentum and a schedule trains
     assert printed[1] == ["True", "True"]
+    # Newton = dense Hessian system + |eigenvalue| direction + cubic Armijo, to the last bit
+    assert printed[2] == ["0.0"]
