@@ -69,9 +69,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Full test suite with every CPU backend installed (backends/all.txt)."""
+    """Full test suite with every CPU backend installed (backends/all.txt), spread over every
+    core by pytest-xdist (``nox -s tests -- -n 0`` runs it in one process)."""
     install_with(session, "all")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-n", "auto", *session.posargs)
 
 
 def _make_backend_session(backend: str) -> None:
