@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import to
+from helpers import assert_close, back, to
 from secondorder import backends, losses, tree
 from secondorder.models import MLP
 from secondorder.optim import CurveBall
@@ -113,3 +113,28 @@ def test_damping_rule(ad_backend, rng):
         expected = lam * 0.9 if gamma > 1.5 else (lam / 0.9 if gamma < 0.5 else lam)
         assert abs(float(state["damping"]) - expected) <= 1e-12 * expected
         params = new_params
+
+
+def test_extras_report_the_models_predicted_change(ad_backend, rng):
+    """On least squares the GGN is the Hessian, so the loss change of a step s = z' is exactly
+    the undamped quadratic model: f(w + s) - f(w) = predicted - lambda |s|^2 / 2, with predicted
+    the damped model's change that info.extras reports (and rho, beta those of the step)."""
+    model, x, y = _quadratic(rng)
+    loss = losses.MSE()
+    params = model.init(0, ad_backend)
+    batch = (to(ad_backend, x), to(ad_backend, y))
+    opt = CurveBall(model, loss, damping=0.3, adapt_damping=False)
+    state = opt.init(params)
+    for _ in range(3):
+        z_old = state.z
+        new_params, new_state, info = opt.step(params, state, batch)
+        rho, beta, predicted = (float(info.extras[k]) for k in ("rho", "beta", "predicted"))
+        s = new_state.z
+        change = float(opt.objective(new_params, batch)) - float(opt.objective(params, batch))
+        lam = float(state.damping)
+        assert change == pytest.approx(predicted - 0.5 * lam * float(tree.vdot(s, s)),
+                                       rel=1e-9, abs=1e-14)
+        q = opt._quantities(params, z_old, state.damping, batch)
+        expected_z = tree.map(lambda zi, di, r=rho, b=beta: r * zi - b * di, z_old, q["delta"])
+        assert_close(s, back(ad_backend, expected_z), rtol=1e-12, backend=ad_backend)
+        params, state = new_params, new_state

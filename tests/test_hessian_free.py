@@ -327,3 +327,21 @@ def test_jit_step_rejects_non_finite_batch():
                  backend=backend)
     assert float(new_state["damping"]) == pytest.approx(10 * float(state["damping"]),
                                                         rel=1e-15)
+
+
+def test_extras_report_the_reduction_ratio(ad_backend, rng):
+    """info.extras["rho"] is the actual change over the model's: rho * model equals
+    f(w_new) - f(w), both read off the returned parameters."""
+    model = MLP([3, 5, 2], "tanh")
+    params = model.init(0, ad_backend)
+    x, y = rng.standard_normal((16, 3)), rng.standard_normal((16, 2))
+    batch = (to(ad_backend, x), to(ad_backend, y))
+    opt = HessianFree(model, MSE(), cg_iters=5, damping=1.0)
+    state = opt.init(params)
+    for _ in range(3):
+        new_params, new_state, info = opt.step(params, state, batch)
+        change = float(opt.objective(new_params, batch)) - float(opt.objective(params, batch))
+        assert float(info.step_norm) > 0  # every step here is accepted
+        assert float(info.extras["rho"]) * float(info.extras["model"]) == pytest.approx(
+            change, rel=1e-9)
+        params, state = new_params, new_state

@@ -158,7 +158,7 @@ class Optimizer(ABC):
         fin = finite if hasattr(finite, "shape") else xp.asarray(
             bool(finite), device=backend_of(loss).device(loss))
         return StepInfo(loss, as_array(step_norm), as_array(damping), fin, iters,
-                        as_array(inner_residual))
+                        as_array(inner_residual), dict(extras or {}))
 
     def guard(self, params: Tree, state: Any, new_params: Tree, new_state: Any, loss: Array,
               *checks: Any, damping_key: str | None = None, update: Tree | None = None
