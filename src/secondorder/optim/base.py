@@ -194,26 +194,16 @@ class Optimizer(ABC):
                     step_norm = norm(tree_map(lambda a, b: a - b, new_params, params))
                 return new_params, new_state, ok, step_norm
             if damping_key is not None:
-                state = _replace(state, damping_key,
-                                 _field(state, damping_key) * self.damping_boost_on_failure)
+                boosted = getattr(state, damping_key) * self.damping_boost_on_failure
+                state = state._replace(**{damping_key: boosted})
             return params, state, ok, xp.zeros_like(loss)
         out_params = select(ok, new_params, params)
         out_state = select(ok, new_state, state)
         if damping_key is not None:
-            out_state = _replace(out_state, damping_key, xp.where(
-                ok, _field(new_state, damping_key),
-                _field(state, damping_key) * self.damping_boost_on_failure))
+            out_state = out_state._replace(**{damping_key: xp.where(
+                ok, getattr(new_state, damping_key),
+                getattr(state, damping_key) * self.damping_boost_on_failure)})
         if step_norm is not None:
             return out_params, out_state, ok, xp.where(ok, step_norm, xp.zeros_like(loss))
         diff = tree_map(lambda a, b: xp.where(ok, a - b, xp.zeros_like(a)), new_params, params)
         return out_params, out_state, ok, norm(diff)
-
-
-def _field(state: Any, key: str) -> Any:
-    return state[key] if isinstance(state, dict) else getattr(state, key)
-
-
-def _replace(state: Any, key: str, value: Any) -> Any:
-    if isinstance(state, dict):
-        return {**state, key: value}
-    return state._replace(**{key: value})
