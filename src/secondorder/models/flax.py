@@ -1,0 +1,437 @@
+"""flax.linen models as pure functions, with mutable collections, dropout keys and layer taps.
+
+``model, params = from_flax(module, variables, kwargs={"train": True})`` turns a linen module and
+the variables of ``module.init`` into an ``apply(params, x)`` that every optimiser takes, with
+``params = variables["params"]`` unchanged (same tree, same leaves, so the result goes straight back
+into ``module.apply``).
+
+Per-step state. A second-order step calls ``apply`` many times on one batch (JVPs, VJPs, line
+searches, trial points). For a model in train mode:
+
+* BatchNorm normalises with the statistics of the batch it is given, so every call on the step's
+  batch uses that batch's statistics;
+* Dropout draws its mask from the key in ``rngs``. The key travels *with the inputs*:
+  ``x = model.inputs(x, rng=key, collections=batch_stats)`` is a :class:`FlaxInputs` (a
+  NamedTuple, so a pytree: under ``jax.jit`` the key and the collections are traced arguments,
+  not constants). Every call of the step sees the same key, hence the same mask;
+* the running statistics are updated once per step, from that step's batch, by
+  :meth:`FlaxModel.update_collections` (one ``module.apply(..., mutable=[...])`` at the step's
+  starting parameters, as a first-order training loop does in its loss evaluation). The
+  optimiser's own calls run with the collections mutable and discard the updates.
+
+:meth:`FlaxModel.make_step` puts the three together in one jitted function.
+
+Layer taps. ``nn.Dense`` and ``nn.Conv`` calls are intercepted with ``flax.linen.intercept_methods``
+to add a tap to their outputs and record their inputs in the layouts of the reference models
+(:mod:`secondorder.models.layers`): a dense layer's input (m, d_in [+1]) and tap (m, d_out); a
+convolution's im2col patches (m, Ho Wo, C_in kh kw [+1]), channel-major within a patch as a
+(C_out, C_in, kh, kw) kernel flattened row-major, and tap (m, Ho Wo, C_out). So
+:func:`secondorder.curvature.kronecker_factors` gives the same A and G as on the reference models.
+Note that flax stores a dense kernel as (d_in, d_out) and a convolution kernel as
+(kh, kw, C_in, C_out), the transposes of the reference layouts: the factors are the same, but an
+operator that reshapes the weights itself (``secondorder.curvature.KFAC``'s blocks) expects the
+reference layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..errors import RandomKeyError, SecondOrderError, ShapeError
+from .base import Array, LayerInfo, Model
+
+
+class FlaxInputs(NamedTuple):
+    """A batch with the state one training step shares across its forward calls.
+
+    Fields: ``x`` the batch (any pytree the module takes as its first argument); ``rngs`` a dict
+    stream name -> JAX key (``None``: no randomness); ``collections`` the non-parameter variables,
+    e.g. ``{"batch_stats": ...}`` (``None``: those given to :func:`from_flax`). Build it with
+    :meth:`FlaxModel.inputs`. ``np.asarray`` of it is the batch ``x``, so the library's checks of
+    a batch (NaN, inf) look at the data.
+    """
+
+    x: Any
+    rngs: dict[str, Array] | None = None
+    collections: dict[str, Any] | None = None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self.x, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class _Tapped:
+    """One intercepted Dense or Conv call: where it sits and how to rebuild its patches."""
+
+    path: tuple[str, ...]
+    kind: str
+    bias: bool
+    tap_shape: tuple[int, ...]
+    kernel_size: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    padding: Any = None
+    input_dilation: tuple[int, ...] = ()
+    kernel_dilation: tuple[int, ...] = ()
+
+
+def _as_jax_key(key: Any) -> Any:
+    """A JAX typed or raw (uint32) key as it is; a :mod:`secondorder.random` key (int32 (2,))
+    reinterpreted as the raw uint32 key with the same bits."""
+    import jax
+    import jax.numpy as jnp
+
+    key = jnp.asarray(key)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if key.dtype == jnp.uint32:
+        return key
+    if key.dtype == jnp.int32 and key.shape[-1:] == (2,):
+        return jax.lax.bitcast_convert_type(key, jnp.uint32)
+    raise RandomKeyError(
+        f"expected a JAX key (jax.random.key or PRNGKey) or a secondorder.random key, got an "
+        f"array of dtype {key.dtype} and shape {key.shape}"
+    )
+
+
+def _tuple(value: Any, n: int, default: int = 1) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * n
+    if isinstance(value, int):
+        return (value,) * n
+    return tuple(int(v) for v in value)
+
+
+class FlaxModel(Model):
+    """A ``flax.linen`` module as ``apply(params, x, taps=None)``; see the module docstring.
+
+    Parameters:
+
+    * ``module``: the linen module;
+    * ``variables``: the result of ``module.init`` (or any variables dict): ``"params"`` are the
+      parameters the optimiser trains, every other collection (``"batch_stats"``, ...) is held in
+      :attr:`collections` as the starting state;
+    * ``method`` (default ``None``: ``__call__``): the module method to apply, as in
+      ``module.apply(..., method=...)``;
+    * ``kwargs`` (default ``None``: none): keyword arguments for every call, e.g.
+      ``{"train": True}`` for a module whose BatchNorm and Dropout read a ``train`` flag;
+    * ``rng_streams`` (default ``("dropout",)``): the rng stream names a single key given to
+      :meth:`inputs` is spread over (split when there are several);
+    * ``mutable`` (default ``None``: every collection in ``variables`` other than ``"params"``):
+      the collections the module may write in train mode (kept mutable in every call, the
+      writes discarded but in :meth:`update_collections`);
+    * ``example`` (default ``None``): a batch (or :class:`FlaxInputs`) used to find the Dense and
+      Conv layers at construction; without it they are found at the first call that needs them
+      (:meth:`tap_shapes`, ``layers``).
+    """
+
+    def __init__(self, module: Any, variables: Mapping[str, Any], *,
+                 method: Callable | str | None = None, kwargs: Mapping[str, Any] | None = None,
+                 rng_streams: Sequence[str] = ("dropout",),
+                 mutable: Sequence[str] | None = None, example: Any = None):
+        if "params" not in variables:
+            raise SecondOrderError(
+                f"the flax variables have no 'params' collection (found {sorted(variables)}); "
+                "pass the result of module.init(key, x)"
+            )
+        self.module = module
+        self.method = method
+        self.kwargs = dict(kwargs or {})
+        self.rng_streams = tuple(rng_streams)
+        #: the starting non-parameter collections (``variables`` minus ``"params"``)
+        self.collections = {k: v for k, v in variables.items() if k != "params"}
+        self.mutable = tuple(self.collections) if mutable is None else tuple(mutable)
+        self._params = variables["params"]
+        self._tapped: tuple[_Tapped, ...] | None = None
+        self._layers: tuple[LayerInfo, ...] | None = None
+        self._shapes: dict[Any, list[tuple[int, ...]]] = {}
+        if example is not None:
+            self.tap_shapes(example)
+
+    def __repr__(self) -> str:
+        return f"FlaxModel({type(self.module).__name__}, mutable={list(self.mutable)})"
+
+    # ------------------------------------------------------------------ per-step state
+    def inputs(self, x: Any, rng: Any = None, collections: Mapping[str, Any] | None = None
+               ) -> FlaxInputs:
+        """The batch ``x`` with this step's randomness and collections (a :class:`FlaxInputs`).
+
+        ``rng`` (default ``None``): a JAX key (``jax.random.key``, ``PRNGKey`` or a
+        :mod:`secondorder.random` key), spread over ``rng_streams``, or a dict stream -> key;
+        use a new key every step (``jax.random.split``). ``collections`` (default ``None``: the
+        starting :attr:`collections`): the current non-parameter variables, e.g. the
+        ``batch_stats`` returned by the previous :meth:`update_collections`.
+        """
+        rngs = None
+        if isinstance(rng, Mapping):
+            rngs = {name: _as_jax_key(k) for name, k in rng.items()}
+        elif rng is not None:
+            import jax
+
+            key = _as_jax_key(rng)
+            if len(self.rng_streams) == 1:
+                rngs = {self.rng_streams[0]: key}
+            else:
+                keys = jax.random.split(key, len(self.rng_streams))
+                rngs = dict(zip(self.rng_streams, keys))
+        cols = dict(self.collections if collections is None else collections)
+        return FlaxInputs(x, rngs, cols)
+
+    def _call(self, params: Any, x: Any, interceptor: Callable | None = None,
+              mutable: Sequence[str] | None = None) -> tuple[Any, dict[str, Any]]:
+        """``module.apply`` on ``x`` (an array or :class:`FlaxInputs`): (outputs, updates)."""
+        import flax.errors
+        import flax.linen as nn
+
+        if isinstance(x, FlaxInputs):
+            data, rngs, cols = x.x, x.rngs, x.collections
+        else:
+            data, rngs, cols = x, None, None
+        if cols is None:
+            cols = self.collections
+        variables = {**cols, "params": params}
+        mut = list(self.mutable if mutable is None else mutable)
+        kwargs = dict(self.kwargs)
+        if self.method is not None:
+            kwargs["method"] = self.method
+        ctx = nn.intercept_methods(interceptor) if interceptor is not None else nullcontext()
+        try:
+            with ctx:
+                res = self.module.apply(variables, data, rngs=rngs, mutable=mut or False,
+                                        **kwargs)
+        except flax.errors.InvalidRngError as err:
+            raise RandomKeyError(
+                f"the flax module needs a random key ({err}); pass the batch as "
+                "model.inputs(x, rng=key) with a new key every step"
+            ) from err
+        if mut:
+            out, updates = res
+            return out, dict(updates)
+        return res, {}
+
+    def update_collections(self, params: Any, x: Any) -> dict[str, Any]:
+        """The collections after one train-mode forward pass of ``params`` on ``x`` (an array or
+        the step's :class:`FlaxInputs`): BatchNorm's running statistics updated from that batch,
+        exactly one ``module.apply(..., mutable=[...])`` call. Pass the parameters the step
+        started from (the ones its forward calls were linearised at)."""
+        cols = x.collections if isinstance(x, FlaxInputs) and x.collections is not None \
+            else self.collections
+        _, updates = self._call(params, x)
+        return {**cols, **updates}
+
+    def make_step(self, opt: Any, *, jit: bool = True) -> Callable:
+        """A training step ``step(params, opt_state, collections, batch, key=None)`` that returns
+        ``(params, opt_state, collections, info)``.
+
+        It wraps ``batch = (x, y)`` as ``(self.inputs(x, key, collections), y)``, takes
+        ``opt.step`` on it (every forward call of the step with the batch's statistics and
+        one dropout mask from ``key``) and updates the collections once from that batch at the
+        starting parameters. ``opt``: an optimiser built on this model
+        (``METHODS[name](model, loss)``); ``jit`` (default ``True``): compile with ``jax.jit``.
+        """
+        def step(params: Any, opt_state: Any, collections: Mapping[str, Any], batch: Any,
+                 key: Any = None) -> tuple[Any, Any, dict[str, Any], Any]:
+            x, y = batch
+            inputs = self.inputs(x, rng=key, collections=collections)
+            new_params, opt_state, info = opt.step(params, opt_state, (inputs, y))
+            return new_params, opt_state, self.update_collections(params, inputs), info
+
+        if not jit:
+            return step
+        import jax
+
+        return jax.jit(step)
+
+    # ------------------------------------------------------------------ apply and taps
+    def apply(self, params: Any, x: Any, taps: list[Array] | None = None) -> Any:
+        """f = apply(params, x) for a batch ``x`` or a :class:`FlaxInputs`; with ``taps`` (one
+        per entry of :attr:`layers`), ``(f, inputs)`` with each tapped layer's homogeneous input
+        (see the module docstring)."""
+        if taps is None:
+            return self._call(params, x)[0]
+        tapped = self._discover(x)
+        index = {t.path: k for k, t in enumerate(tapped)}
+        recorded: list[Array] = [None] * len(tapped)
+
+        def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+            if context.method_name != "__call__" or _kind(context.module) is None:
+                return next_fun(*args, **kwargs)
+            k = index[tuple(context.module.path)]
+            info = tapped[k]
+            out = next_fun(*args, **kwargs)
+            a = args[0] if args else kwargs["inputs"]
+            recorded[k] = _layer_input(info, a)
+            return out + taps[k].reshape(out.shape)
+
+        out = self._call(params, x, interceptor)[0]
+        return out, recorded
+
+    def _discover(self, x: Any) -> tuple[_Tapped, ...]:
+        """The Dense and Conv calls of one forward pass on a batch shaped like ``x`` (cached)."""
+        import jax
+
+        data = x.x if isinstance(x, FlaxInputs) else x
+        key = jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), data)
+        key = tuple(jax.tree_util.tree_leaves(key))
+        if key in self._shapes and self._tapped is not None:
+            return self._tapped
+        found: list[_Tapped] = []
+
+        def record(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+            out = next_fun(*args, **kwargs)
+            kind = _kind(context.module) if context.method_name == "__call__" else None
+            if kind is not None:
+                a = args[0] if args else kwargs["inputs"]
+                found.append(_describe(context.module, kind, a, out))
+            return out
+
+        if isinstance(x, FlaxInputs) and x.rngs is not None:
+            probe = x
+        else:
+            dummy = {name: jax.random.key(0) for name in self.rng_streams}
+            probe = FlaxInputs(data, dummy, x.collections if isinstance(x, FlaxInputs) else None)
+        jax.eval_shape(lambda p, inp: self._call(p, inp, record)[0], self._params, probe)
+        paths = [t.path for t in found]
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise SecondOrderError(
+                f"the layers {['/'.join(p) for p in repeated]} are called more than once in one "
+                "forward pass; layer taps need one call per Dense or Conv"
+            )
+        tapped = tuple(found)
+        if self._tapped is None:
+            self._tapped = tapped
+            self._layers = self._layer_table(tapped)
+        elif [t.path for t in self._tapped] != paths:
+            raise SecondOrderError("the module calls different layers for different input "
+                                   "shapes; layer taps need the same layers for every batch")
+        self._shapes[key] = [t.tap_shape for t in tapped]
+        return self._tapped
+
+    def _layer_table(self, tapped: Sequence[_Tapped]) -> tuple[LayerInfo, ...]:
+        import jax
+
+        flat, _ = jax.tree_util.tree_flatten_with_path(self._params)
+        index = {}
+        for i, (path, leaf) in enumerate(flat):
+            index[tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = (i, leaf)
+        layers = []
+        for t in tapped:
+            w, kernel = index[(*t.path, "kernel")]
+            b = index[(*t.path, "bias")][0] if t.bias else None
+            shape = tuple(kernel.shape)
+            fan_in = int(np.prod(shape[:-1]))
+            layers.append(LayerInfo(t.kind, w, b, fan_in, int(shape[-1])))
+        return tuple(layers)
+
+    @property
+    def layers(self) -> tuple[LayerInfo, ...]:  # type: ignore[override]
+        """One :class:`LayerInfo` per Dense or Conv call, in call order (leaf indices in the
+        canonical sorted-leaf order of ``params``); found at the first forward pass that
+        needs them (or at construction with ``example=``)."""
+        if self._layers is None:
+            raise SecondOrderError(
+                "the flax model's layers are found from a forward pass: pass example=x to "
+                "from_flax, or call model.tap_shapes(x) first"
+            )
+        return self._layers
+
+    def tap_shapes(self, x: Any) -> list[tuple[int, ...]]:
+        """The tap shapes for a batch ``x`` (array or :class:`FlaxInputs`), one per layer."""
+        self._discover(x)
+        import jax
+
+        data = x.x if isinstance(x, FlaxInputs) else x
+        key = tuple(jax.tree_util.tree_leaves(
+            jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), data)))
+        return self._shapes[key]
+
+    def zero_taps(self, x: Any) -> list[Array]:
+        """Zero taps for a batch ``x`` (array or :class:`FlaxInputs`), in the dtype of the
+        parameters."""
+        import jax
+        import jax.numpy as jnp
+
+        dtype = jax.tree_util.tree_leaves(self._params)[0].dtype
+        return [jnp.zeros(s, dtype=dtype) for s in self.tap_shapes(x)]
+
+
+def _kind(module: Any) -> str | None:
+    import flax.linen as nn
+
+    if isinstance(module, nn.Dense):
+        return "dense"
+    if isinstance(module, nn.Conv):
+        return "conv"
+    return None
+
+
+def _describe(module: Any, kind: str, a: Any, out: Any) -> _Tapped:
+    """What the taps need to know about one Dense or Conv call (from its input and output)."""
+    path = tuple(module.path)
+    name = "/".join(path) or "the root module"
+    if kind == "dense":
+        if a.ndim != 2:
+            raise ShapeError(
+                f"layer taps take Dense layers on (batch, features) inputs; {name} gets "
+                f"{tuple(a.shape)}"
+            )
+        return _Tapped(path, kind, bool(module.use_bias), tuple(out.shape))
+    if a.ndim != 4:
+        raise ShapeError(f"layer taps take 2-D convolutions on (batch, H, W, C) inputs; {name} "
+                         f"gets {tuple(a.shape)}")
+    if module.feature_group_count != 1 or module.mask is not None:
+        raise SecondOrderError(f"layer taps do not support grouped or masked convolutions "
+                               f"({name})")
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
+            raise SecondOrderError(f"layer taps do not support padding {padding!r} ({name}); "
+                                   "use 'SAME', 'VALID' or explicit pairs")
+        padding = padding.upper()
+    else:
+        from flax.linen.linear import canonicalize_padding
+
+        padding = tuple(tuple(int(v) for v in p) for p in canonicalize_padding(padding, 2))
+    m, ho, wo, c_out = out.shape
+    return _Tapped(path, kind, bool(module.use_bias), (m, ho * wo, c_out),
+                   kernel_size=_tuple(module.kernel_size, 2),
+                   strides=_tuple(module.strides, 2), padding=padding,
+                   input_dilation=_tuple(module.input_dilation, 2),
+                   kernel_dilation=_tuple(module.kernel_dilation, 2))
+
+
+def _layer_input(info: _Tapped, a: Array) -> Array:
+    """A tapped layer's homogeneous input: (m, d_in [+1]), or the patches (m, Ho Wo, C kh kw
+    [+1]) channel-major, as the reference models record them."""
+    import jax
+    import jax.numpy as jnp
+
+    if info.kind == "conv":
+        patches = jax.lax.conv_general_dilated_patches(
+            a, info.kernel_size, info.strides, info.padding, lhs_dilation=info.input_dilation,
+            rhs_dilation=info.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        m, ho, wo, p = patches.shape
+        a = patches.reshape(m, ho * wo, p)
+    if info.bias:
+        a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), dtype=a.dtype)], axis=-1)
+    return a
+
+
+def from_flax(module: Any, variables: Mapping[str, Any], **options: Any
+              ) -> tuple[FlaxModel, Any]:
+    """``(model, params)`` for a ``flax.linen`` module and its variables (from ``module.init``):
+    ``model(params, x)`` is the module's forward pass, ``params = variables["params"]``.
+
+    ``options`` are those of :class:`FlaxModel`: ``method=None``, ``kwargs=None`` (e.g.
+    ``{"train": True}``), ``rng_streams=("dropout",)``, ``mutable=None`` (every non-params
+    collection), ``example=None``. Models with BatchNorm or Dropout take their per-step state
+    through :meth:`FlaxModel.inputs` and :meth:`FlaxModel.update_collections`, or all at once
+    through :meth:`FlaxModel.make_step`.
+    """
+    model = FlaxModel(module, variables, **options)
+    return model, variables["params"]
