@@ -9,11 +9,28 @@ to the layer's output and records its input (im2col patches for convolutions, by
 ``torch.nn.functional.unfold``), with the same layouts as the reference models. ``from_jax``
 wraps any pure JAX apply function (flax ``Module.apply``, an equinox model split into arrays and
 static parts, ...) as it is.
+
+Modules with state (``from_torch``). An optimiser calls ``apply`` many times per step, inside
+``torch.func`` transforms, so ``apply`` itself never writes to the module:
+
+- normalisation layers in train mode (``BatchNorm*``, ``InstanceNorm*`` with running statistics)
+  normalise with the batch statistics, as in any train-mode forward pass, but leave their
+  running statistics and ``num_batches_tracked`` untouched (in-place updates of captured buffers
+  are impossible under ``torch.func`` and would count every call of a step). Layers in eval mode
+  use their running statistics, as usual. :meth:`TorchModel.update_buffers` is the one
+  train-mode forward pass per step that updates them;
+- random layers (``Dropout``, ...) draw from torch's generator; inside
+  ``with model.randomness(seed):`` every call of ``apply`` starts from the same generator state,
+  so all the forward passes of one step use one dropout mask, and the caller's generator is
+  restored afterwards. Outside that context each call draws afresh.
+
+:class:`secondorder.integrations.torch.Optimizer` does both for every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import SecondOrderError
@@ -21,10 +38,20 @@ from .base import Array, LayerInfo, Model
 
 
 class TorchModel(Model):
-    """A ``torch.nn.Module`` as ``apply(params, x, taps=None)``."""
+    """A ``torch.nn.Module`` as ``apply(params, x, taps=None)``.
+
+    ``apply`` never mutates the module (see the module docstring): normalisation layers in train
+    mode use batch statistics without updating their running statistics, and inside
+    :meth:`randomness` every call draws the same random numbers. :meth:`update_buffers` runs the
+    one forward pass that updates the running statistics.
+    """
+
+    #: buffers of a normalisation layer that its train-mode forward pass updates in place
+    _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
     def __init__(self, module: Any):
         import torch
+        from torch.nn.modules.batchnorm import _NormBase
 
         self.module = module
         names = sorted(name for name, _ in module.named_parameters())
@@ -32,6 +59,7 @@ class TorchModel(Model):
         self.names = names
         self._tapped = []
         layers = []
+        norms = []
         for prefix, sub in module.named_modules():
             if isinstance(sub, torch.nn.Linear | torch.nn.Conv2d):
                 kind = "dense" if isinstance(sub, torch.nn.Linear) else "conv"
@@ -41,27 +69,102 @@ class TorchModel(Model):
                 fan_in = sub.weight[0].numel()
                 layers.append(LayerInfo(kind, w, b, fan_in, sub.weight.shape[0]))
                 self._tapped.append(sub)
+            if isinstance(sub, _NormBase):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+                buffers = [f"{prefix}.{b}" if prefix else b for b in self._STAT_BUFFERS
+                           if getattr(sub, b, None) is not None]
+                if buffers:
+                    norms.append((sub, buffers))
         self.layers = tuple(layers)
+        self._norms = norms
+        self._rng: tuple[Any, list[tuple[int, Any]]] | None = None
         self._shapes: dict[tuple, list[tuple[int, ...]]] = {}
 
     def params(self) -> dict[str, Array]:
         """The module's current parameters, detached copies keyed by name."""
         return {n: p.detach().clone() for n, p in self.module.named_parameters()}
 
-    def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
+    @property
+    def has_running_stats(self) -> bool:
+        """True when some normalisation layer is in train mode and tracks running statistics
+        (then :meth:`update_buffers` has work to do)."""
+        return any(sub.training for sub, _ in self._norms)
+
+    def _frozen_stats(self) -> dict[str, None]:
+        """Overrides for ``functional_call`` that hide the running statistics of train-mode
+        normalisation layers: with ``running_mean = running_var = None`` a layer normalises with
+        the batch statistics and updates nothing."""
+        return {name: None for sub, names in self._norms if sub.training for name in names}
+
+    def _call(self, params: Any, x: Array) -> Any:
         from torch.func import functional_call
 
+        if self._rng is not None and self.module.training:
+            self._restore_rng()
+        overrides = self._frozen_stats()
+        if overrides:
+            params = {**params, **overrides}
+        return functional_call(self.module, params, (x,))
+
+    def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
         if taps is None:
-            return functional_call(self.module, params, (x,))
+            return self._call(params, x)
         inputs: list[Array] = [None] * len(self._tapped)  # by layer, whatever the call order
         handles = [sub.register_forward_hook(self._hook(k, tap, inputs))
                    for k, (sub, tap) in enumerate(zip(self._tapped, taps))]
         try:
-            out = functional_call(self.module, params, (x,))
+            out = self._call(params, x)
         finally:
             for h in handles:
                 h.remove()
         return out, inputs
+
+    # ------------------------------------------------------------------ state of the module
+    @contextmanager
+    def randomness(self, seed: int) -> Iterator[None]:
+        """Within the block, every call of :meth:`apply` (and :meth:`update_buffers`) on a module
+        in train mode starts from the generator state of ``torch.manual_seed(seed)``: all
+        forward passes draw the same dropout masks. The generators of the CPU and of the CUDA
+        devices that hold parameters are restored on exit, so the caller's random stream is
+        untouched."""
+        import torch
+
+        devices = sorted({p.device.index or 0 for p in self.module.parameters() if p.is_cuda})
+        previous = self._rng
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self._rng = (torch.get_rng_state(),
+                         [(d, torch.cuda.get_rng_state(d)) for d in devices])
+            try:
+                yield
+            finally:
+                self._rng = previous
+
+    def _restore_rng(self) -> None:
+        import torch
+
+        cpu, cuda = self._rng
+        torch.set_rng_state(cpu)
+        for device, state in cuda:
+            torch.cuda.set_rng_state(state, device)
+
+    def update_buffers(self, x: Array, params: Any = None) -> None:
+        """One train-mode forward pass over ``x`` without gradients, at ``params`` (the module's
+        own parameters when None), that updates the running statistics of the normalisation
+        layers in train mode once (``num_batches_tracked`` += 1). Inside :meth:`randomness` it
+        draws the masks every :meth:`apply` of the block draws. Nothing to do (and no forward
+        pass) when no such layer is in train mode."""
+        import torch
+        from torch.func import functional_call
+
+        if not self.has_running_stats:
+            return
+        if self._rng is not None and self.module.training:
+            self._restore_rng()
+        with torch.no_grad():
+            if params is None:
+                self.module(x)
+            else:
+                functional_call(self.module, params, (x,))
 
     @staticmethod
     def _hook(k: int, tap: Array, inputs: list[Array]) -> Callable:
@@ -85,6 +188,7 @@ class TorchModel(Model):
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
         import torch
+        from torch.func import functional_call
 
         key = tuple(x.shape)
         if key not in self._shapes:
@@ -99,8 +203,9 @@ class TorchModel(Model):
 
             handles = [sub.register_forward_hook(record) for sub in self._tapped]
             try:
-                with torch.no_grad():
-                    self.module(x)
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    # the module's own parameters; running statistics left as they are
+                    functional_call(self.module, self._frozen_stats(), (x,))
             finally:
                 for h in handles:
                     h.remove()
