@@ -1,4 +1,4 @@
-"""The ``secondorder`` command line.
+"""The ``secondorder`` command line (``python -m secondorder`` runs the same).
 
     secondorder list                 backends found (and what each supports), methods, problems
     secondorder compare [--method M] [--problem P] [--json OUT] [--plot OUT.png]
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__, backends
 from .bench.table import format_table
@@ -58,52 +61,61 @@ def _list_all(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unknown_backends(names: list[str] | None, *, list_known: bool = False) -> bool:
-    """Whether ``names`` holds a backend that does not exist; if so, say which on stderr
-    (followed by the known ones with ``list_known``)."""
-    unknown = [n for n in names or () if n not in backends.names()]
-    if unknown:
-        known = f"; known: {', '.join(backends.names())}" if list_known else ""
-        print(f"unknown backend(s): {', '.join(unknown)}{known}", file=sys.stderr)
-    return bool(unknown)
-
-
 def _compare(args: argparse.Namespace) -> int:
     from .bench.compare import TOLERANCE, compare, plot
-    from .optim.registry import DEFAULT_METHODS, METHODS
+    from .optim.registry import DEFAULT_METHODS
     from .problems import PROBLEMS
 
     methods = args.method or list(DEFAULT_METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or args.problem not in PROBLEMS:
-        print(f"unknown method(s) {unknown} or problem {args.problem!r}; see 'secondorder list'",
-              file=sys.stderr)
-        return 2
-    names = args.backends.split(",") if args.backends else None
-    if _unknown_backends(names):
-        return 2
+    plot_path = None if args.no_plot else (args.plot or "compare.png")
+    if plot_path is not None:
+        try:
+            _writable(plot_path)
+        except argparse.ArgumentTypeError as err:
+            print(f"secondorder compare: --plot: {err}", file=sys.stderr)
+            return 2
     show = not args.quiet and sys.stderr.isatty()
-    runs = compare(methods, args.problem, names, steps=args.steps, batch_size=args.batch_size,
-                   dtype=args.dtype, seed=args.seed, device=args.device, progress=show)
-    rows = [[r.method, r.backend, r.dtype,
-             "-" if r.final_loss is None else r.final_loss,
-             "-" if r.step_ms is None else r.step_ms,
-             "-" if r.step_vs_sgd is None else r.step_vs_sgd,
-             "-" if r.max_rel_deviation is None else r.max_rel_deviation,
-             r.status] for r in runs]
-    print(f"\n{args.problem}: {args.steps} steps, {args.dtype}, seed {args.seed}; deviation = "
-          f"max over leaves ||w - w_numpy64|| / ||w_numpy64|| (tolerance "
-          f"{TOLERANCE[args.dtype]:g})")
-    print(format_table(["method", "backend", "dtype", "final loss", "step ms", "vs sgd",
-                        "max rel dev", "status"], rows))
+    try:
+        problem = PROBLEMS[args.problem]()  # loads the data: a missing package shows here
+    except ImportError as err:
+        print(f"secondorder compare: {err}", file=sys.stderr)
+        return 2
+    runs = compare(methods, args.problem, args.backends, steps=args.steps,
+                   batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
+                   device=args.device, progress=show)
+    n_train = getattr(problem, "x", None)
+    on = (f"the whole training set ({n_train.shape[0]} samples)" if n_train is not None
+          else "the noise-free objective")
+
+    def cell(value: Any) -> Any:
+        return "-" if value is None else value
+
+    rows = [[r.method, r.backend, r.dtype, cell(r.final_loss), cell(r.final_accuracy),
+             cell(r.step_ms), cell(r.compile_ms), cell(r.step_vs_sgd),
+             cell(r.max_rel_deviation), r.status] for r in runs]
+    print(f"\n{args.problem}: {args.steps} steps, {args.dtype}, seed {args.seed}; final loss "
+          f"and accuracy on {on} after training; step ms = median step time after the first; "
+          f"compile ms = first step less the median (compiling backends only); deviation = max "
+          f"over leaves ||w - w_numpy64|| / ||w_numpy64|| (tolerance {TOLERANCE[args.dtype]:g})")
+    print(format_table(["method", "backend", "dtype", "final loss", "accuracy", "step ms",
+                        "compile ms", "vs sgd", "max rel dev", "status"], rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"problem": args.problem, "steps": args.steps,
+            json.dump({"problem": args.problem, "steps": args.steps, "dtype": args.dtype,
+                       "seed": args.seed, "batch_size": getattr(problem, "batch_size", None)
+                       if args.batch_size is None else args.batch_size,
+                       "train_size": None if n_train is None else int(n_train.shape[0]),
                        "tolerance": TOLERANCE[args.dtype],
                        "runs": [r.summary() for r in runs]}, fh, indent=2)
-    if args.plot:
-        plot(runs, args.plot, f"{args.problem}, {args.dtype}")
-        print(f"plot: {args.plot}")
+    if plot_path is not None:
+        try:
+            plot(runs, plot_path, f"{args.problem}, {args.dtype}, {args.steps} steps")
+            print(f"plot: {plot_path}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+        except OSError as err:
+            print(f"no plot: {plot_path} could not be written ({err})", file=sys.stderr)
     failed = [r for r in runs if not r.ok]
     if failed:
         print(f"\n{len(failed)} run(s) failed", file=sys.stderr)
@@ -114,11 +126,9 @@ def _compare(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from .bench.consistency import TOLERANCE, run_check
 
-    names = args.backends.split(",") if args.backends else None
-    if _unknown_backends(names, list_known=True):
-        return 2
     _list(args)
-    results = run_check(names, repeats=args.repeats, seed=args.seed, n_a=args.n_a, n_g=args.n_g)
+    results = run_check(args.backends, repeats=args.repeats, seed=args.seed, n_a=args.n_a,
+                        n_g=args.n_g)
     rows = [[r.backend, r.device, r.task, r.deviation, r.time_ms,
              "-" if r.iterations is None else r.iterations,
              "ok" if r.ok else ("FAIL " + r.error)[:60]] for r in results]
@@ -142,9 +152,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .bench.curveball_table1 import SETTINGS, reproduce, table
 
     quiet = args.quiet or not sys.stdout.isatty()
-    methods = args.methods.split(",") if args.methods else None
-    settings = tuple(args.settings.split(",")) if args.settings else SETTINGS
-    results = reproduce(runs=args.runs, tune_runs=args.tune_runs, methods=methods,
+    settings = tuple(args.settings) if args.settings else SETTINGS
+    results = reproduce(runs=args.runs, tune_runs=args.tune_runs, methods=args.methods,
                         settings=settings, criterion=args.criterion,
                         progress=None if quiet else print)
     print(f"\nCurveBall paper, Table 1: iterations to an objective below 1e-4 "
@@ -156,50 +165,202 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = "Second-order optimisers on NumPy, PyTorch and JAX: the command line."
+EPILOG = "'secondorder COMMAND --help' describes a command and its options."
+
+#: device names --device accepts: a platform with an optional index (cuda:1, gpu:0)
+_DEVICE = re.compile(r"(cpu|cuda|gpu|mps|xpu|tpu|rocm)(:\d+)?")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's layout, with every option's default appended to its help unless the help
+    already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text + " (default: off)" if action.default is False else text
+        return text + " (default: %(default)s)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; use cpu, cuda, cuda:N, gpu:N, mps, xpu or tpu")
+    return text
+
+
+def _backend_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in backends.names()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s): {', '.join(unknown) or repr(text)}; known: "
+            f"{', '.join(backends.names())}")
+    return names
+
+
+def _choice_list(choices: Sequence[str]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown: {', '.join(unknown) or repr(text)}; choose from {', '.join(choices)}")
+        return names
+    return parse
+
+
+def _writable(text: str) -> str:
+    """An output path that can be written, checked before a long run rather than after it: its
+    folder must exist, and opening it for appending must succeed (a file the check creates is
+    removed again)."""
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} cannot be written ({err.strerror or err})") from None
+    if not existed:
+        os.remove(path)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="secondorder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"secondorder {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="backends, methods and problems").set_defaults(func=_list_all)
-    cmp_ = sub.add_parser("compare", help="optimisers on every backend: loss, speed, agreement")
-    cmp_.add_argument("--method", action="append", help="a method (repeatable); see 'list'")
-    cmp_.add_argument("--problem", default="digits-mlp")
-    cmp_.add_argument("--backends", help="comma-separated backends (default: every installed)")
-    cmp_.add_argument("--steps", type=int, default=100)
-    cmp_.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    cmp_.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    cmp_.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
-    cmp_.add_argument("--seed", type=int, default=0)
-    cmp_.add_argument("--json", metavar="OUT", help="write the runs as JSON")
-    cmp_.add_argument("--plot", metavar="OUT.png", default="compare.png",
-                      help="loss against step and wall time (default: compare.png)")
+    """The argument parser of every command (also walked by the tests: every option has help
+    text and its default)."""
+    from .bench.curveball_table1 import PAPER, SETTINGS
+    from .optim.registry import DEFAULT_METHODS, METHODS
+    from .problems import PROBLEMS
+
+    fmt = {"formatter_class": _HelpFormatter}
+    parser = argparse.ArgumentParser(prog="secondorder", description=DESCRIPTION, epilog=EPILOG,
+                                     **fmt)
+    parser.add_argument("--version", action="version", version=f"secondorder {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+    sub.add_parser("list", help="the backends found (and what each supports), the methods and "
+                   "the problems",
+                   description="The backends secondorder knows (installed or not, what each "
+                   "supports, its devices), the registered methods and the problems.",
+                   **fmt).set_defaults(func=_list_all)
+
+    cmp_ = sub.add_parser(
+        "compare", help="optimisers on every backend from the same weights and batches: final "
+        "loss and accuracy on the whole training set, time per step, compilation time, "
+        "deviation from the float64 NumPy run",
+        description="Train each method on each backend from the same initial weights (drawn "
+        "from --seed) and the same mini-batches, then report the final loss (and accuracy, for "
+        "classification) on the whole training set, the median time per step, the compilation "
+        "time of the first step on compiling backends (JAX), and the largest relative "
+        "deviation of the parameters from the float64 NumPy run. Exits 1 if a run fails or "
+        "deviates beyond the tolerance (1e-8 in float64, 1e-4 in float32).", **fmt)
+    cmp_.add_argument("--method", action="append", choices=list(METHODS), metavar="METHOD",
+                      help="a method to run, repeatable: " + ", ".join(METHODS)
+                      + " (default: " + ", ".join(DEFAULT_METHODS) + ")")
+    cmp_.add_argument("--problem", default="digits-mlp", choices=list(PROBLEMS),
+                      metavar="PROBLEM",
+                      help="the training problem: " + ", ".join(PROBLEMS))
+    cmp_.add_argument("--backends", type=_backend_list, metavar="B1,B2",
+                      help="comma-separated backends (default: every installed backend with "
+                      "autodiff)")
+    cmp_.add_argument("--steps", type=_positive_int, default=100,
+                      help="optimiser steps per run, one mini-batch each")
+    cmp_.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=None,
+                      metavar="N",
+                      help="samples per mini-batch (default: the problem's own, 64 for the "
+                      "digits and teacher-student problems)")
+    cmp_.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                      help="floating-point precision of weights and data")
+    cmp_.add_argument("--device", type=_device, default=None,
+                      help="device to run on, e.g. cuda, cuda:1 or gpu:0 (default: cpu)")
+    cmp_.add_argument("--seed", type=int, default=0,
+                      help="seed of the initial weights and of the mini-batch order")
+    cmp_.add_argument("--json", metavar="OUT", type=_writable,
+                      help="also write the runs as JSON to OUT (default: no JSON)")
+    cmp_.add_argument("--plot", metavar="OUT.png", type=_writable, default="compare.png",
+                      help="write the figure (loss per step, one line per method; time per "
+                      "step per backend) to OUT.png; needs matplotlib")
+    cmp_.add_argument("--no-plot", dest="no_plot", action="store_true",
+                      help="draw no figure")
     cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
     cmp_.set_defaults(func=_compare)
-    check = sub.add_parser("check", help="cross-backend Kronecker and CG solve vs a float64 oracle")
-    check.add_argument("--backends", help="comma-separated backends (default: every installed)")
-    check.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    check.add_argument("--repeats", type=int, default=5, help="timed repeats after a warm-up")
-    check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--n-a", dest="n_a", type=int, default=24, help="size of factor A")
-    check.add_argument("--n-g", dest="n_g", type=int, default=32, help="size of factor G")
+
+    check = sub.add_parser(
+        "check", help="the same Kronecker and CG solves on every backend against a float64 "
+        "NumPy oracle; exits 1 on a deviation",
+        description="Solve (A (x) G + lambda I) X = B with random SPD factors on every backend, "
+        "by the exact damped Kronecker inverse and by conjugate gradients, in float64, and "
+        "compare each X with numpy.linalg.solve on the dense system. Exits 1 if a deviation "
+        "exceeds 1e-10.", **fmt)
+    check.add_argument("--backends", type=_backend_list, metavar="B1,B2",
+                       help="comma-separated backends (default: every installed backend)")
+    check.add_argument("--json", metavar="OUT", type=_writable,
+                       help="also write the results as JSON to OUT (default: no JSON)")
+    check.add_argument("--repeats", type=_positive_int, default=5,
+                       help="timed repeats after a warm-up; the median time is reported")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random system")
+    check.add_argument("--n-a", dest="n_a", type=_positive_int, default=24, metavar="N",
+                       help="size of the factor A")
+    check.add_argument("--n-g", dest="n_g", type=_positive_int, default=32, metavar="N",
+                       help="size of the factor G")
     check.set_defaults(func=_check)
-    rep = sub.add_parser("reproduce", help="reproduce a paper's experiment")
-    rep.add_argument("experiment", choices=["curveball-table1"])
-    rep.add_argument("--runs", type=int, default=100, help="random starts per cell")
-    rep.add_argument("--tune-runs", type=int, default=20,
+
+    rep = sub.add_parser(
+        "reproduce", help="a paper's experiment: curveball-table1 (the CurveBall paper's "
+        "Table 1, needs jax)",
+        description="curveball-table1: iterations to reach an objective below 1e-4 on the "
+        "stochastic Rosenbrock function and the linear network, for the methods of the "
+        "CurveBall paper's Table 1, next to the paper's numbers. Needs jax.", **fmt)
+    rep.add_argument("experiment", choices=["curveball-table1"],
+                     help="the experiment: curveball-table1")
+    rep.add_argument("--runs", type=_positive_int, default=100,
+                     help="random starts per cell")
+    rep.add_argument("--tune-runs", type=_positive_int, default=20,
                      help="runs per grid point when tuning SGD and Adam")
-    rep.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    rep.add_argument("--json", metavar="OUT", type=_writable,
+                     help="also write the results as JSON to OUT (default: no JSON)")
     rep.add_argument("--criterion", choices=["exact", "noisy"], default="exact",
-                     help="tolerance on the noise-free objective or on a fresh noisy draw")
-    rep.add_argument("--methods", help="comma-separated subset of the table's methods")
-    rep.add_argument("--settings", help="comma-separated subset of the settings")
+                     help="apply the tolerance to the noise-free objective (exact) or to the "
+                     "loss on a fresh noisy draw (noisy)")
+    rep.add_argument("--methods", type=_choice_list(list(PAPER)), metavar="M1,M2",
+                     help="comma-separated subset of the table's methods: " + ", ".join(PAPER)
+                     + " (default: all)")
+    rep.add_argument("--settings", type=_choice_list(list(SETTINGS)), metavar="S1,S2",
+                     help="comma-separated subset of the settings: " + ", ".join(SETTINGS)
+                     + " (default: all)")
     rep.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     rep.set_defaults(func=_reproduce)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status:
+    0 on success, 1 when a run or check fails, 2 on a usage error (argparse prints the
+    message)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version and usage errors
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     return int(args.func(args))
 
 

@@ -1,11 +1,24 @@
 """``secondorder compare``: the same optimisers, weights and batches on every backend.
 
 For each (method, backend) the run starts from the weights of ``problem.init(seed)`` and sees
-the same sequence of batches, drawn once with NumPy's Generator. Reported per run: the final
-training loss, the median step time (after the first step, which includes compilation on JAX),
-the step time relative to SGD on the same backend, and the largest relative deviation
-max_leaf ||w - w_ref|| / ||w_ref|| of the parameters from the float64 NumPy run of the same method
-after the same number of steps. A deviation above the dtype's tolerance is a failure.
+the same sequence of mini-batches, drawn once before any run with
+``rng = numpy.random.default_rng(seed)`` and ``problem._numpy_batch(rng)`` per step. Reported per
+run:
+
+* ``final_loss``: after training, the loss of the final parameters on the whole training set
+  (the mean of the per-sample losses over every sample, evaluated in one pass in chunks of
+  ``EVAL_CHUNK`` samples), and ``final_accuracy``, the fraction of samples whose largest output is
+  the label, where the problem is a classification (integer labels); ``None`` otherwise. A problem
+  without a data set in memory (Rosenbrock) reports its noise-free objective instead;
+  ``final_loss_on`` says which. ``final_batch_loss`` is the loss of the last mini-batch, as
+  reported by the last step;
+* ``step_ms``: the median time of one step after the first;
+* ``compile_ms``: on a backend that compiles (``has_jit``, JAX), the time of the first step less
+  the median step time, i.e. tracing and compilation; ``None`` on eager backends;
+* ``step_vs_sgd``: the step time relative to SGD on the same backend;
+* ``max_rel_deviation``: max over leaves of ||w - w_ref|| / ||w_ref||, the parameters against the
+  float64 NumPy run of the same method after the same number of steps. A deviation above the
+  dtype's tolerance (``TOLERANCE``) is a failure.
 """
 
 from __future__ import annotations
@@ -25,10 +38,16 @@ from ._sync import wait
 
 #: relative deviation from the float64 NumPy run that counts as agreement
 TOLERANCE = {"float64": 1e-8, "float32": 1e-4}
+#: samples per chunk when the final loss is evaluated on the whole training set
+EVAL_CHUNK = 4096
 
 
 @dataclass
 class Run:
+    """One (method, backend) run; see the module docstring for the fields. ``losses`` (the
+    mini-batch loss after each step) and ``wall`` (cumulative step time, compilation excluded)
+    are the curves; they stay out of :meth:`summary`."""
+
     method: str
     backend: str
     dtype: str
@@ -38,6 +57,10 @@ class Run:
     max_rel_deviation: float | None = None
     ok: bool = True
     status: str = "ok"
+    final_accuracy: float | None = None
+    final_loss_on: str | None = None
+    final_batch_loss: float | None = None
+    compile_ms: float | None = None
     losses: list[float] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)
 
@@ -68,7 +91,8 @@ class Progress:
 def train(problem: Any, method: str, backend: backends.Backend, dtype: str,
           batches: list[tuple[np.ndarray, np.ndarray]], seed: int, device: Any = None,
           progress: Progress | None = None) -> tuple[Run, Any]:
-    """One run; returns the report and the final parameters."""
+    """One run over ``batches``; returns the report and the final parameters. The final loss
+    and accuracy are those of :func:`evaluate` on the final parameters."""
     run = Run(method, backend.name, dtype)
     params = problem.init(seed, backend, dtype)
     if device is not None:
@@ -88,9 +112,48 @@ def train(problem: Any, method: str, backend: backends.Backend, dtype: str,
         run.wall.append(sum(times[1:]))  # step time only: no compilation, no data transfer
         if progress:
             progress.update(f"{method} / {backend.name} ({dtype})", i + 1, len(batches))
-    run.final_loss = run.losses[-1]
-    run.step_ms = 1e3 * float(np.median(times[1:] if len(times) > 1 else times))
+    run.final_batch_loss = run.losses[-1] if run.losses else None
+    steady = times[1:] if len(times) > 1 else times
+    run.step_ms = 1e3 * float(np.median(steady))
+    if backend.has_jit and len(times) > 1:
+        run.compile_ms = max(1e3 * times[0] - run.step_ms, 0.0)
+    run.final_loss, run.final_accuracy, run.final_loss_on = evaluate(
+        problem, backend, params, dtype, device)
     return run, params
+
+
+def evaluate(problem: Any, backend: backends.Backend, params: Any, dtype: str = "float64",
+             device: Any = None, chunk: int = EVAL_CHUNK
+             ) -> tuple[float, float | None, str]:
+    """The loss of ``params`` on the whole training set, and the accuracy where the problem is
+    a classification; returns ``(loss, accuracy or None, what the loss was measured on)``.
+
+    A problem with its data in memory (``problem.x``, ``problem.y``: the digits and
+    teacher-student problems) is evaluated in one pass over its samples, ``chunk`` at a time:
+    the loss is the sum of the per-sample losses over all N samples divided by N (the same mean
+    the training loss takes over a batch), the accuracy the fraction of samples whose largest
+    output is the integer label. A problem without a data set (Rosenbrock) reports its
+    noise-free ``objective(params)``.
+    """
+    x_all, y_all = getattr(problem, "x", None), getattr(problem, "y", None)
+    if x_all is None or y_all is None:
+        value = backend.to_numpy(problem.objective(params))
+        return float(np.asarray(value, dtype=np.float64)), None, "objective"
+    n = x_all.shape[0]
+    labels = y_all.dtype.kind in "iu"
+    total, correct = 0.0, 0
+    for start in range(0, n, max(int(chunk), 1)):
+        x = backend.asarray(x_all[start:start + chunk], dtype=dtype, device=device)
+        y = backend.asarray(y_all[start:start + chunk], dtype=None if labels else dtype,
+                            device=device)
+        f = problem.apply(params, x)
+        per_sample = np.asarray(backend.to_numpy(problem.loss.per_sample(f, y)),
+                                dtype=np.float64)
+        total += float(per_sample.sum())
+        if labels:
+            pred = np.argmax(np.asarray(backend.to_numpy(f)), axis=-1)
+            correct += int((pred == y_all[start:start + chunk]).sum())
+    return total / n, (correct / n if labels else None), "training set"
 
 
 def _to_device(backend: backends.Backend, params: Any, device: Any) -> Any:
@@ -181,31 +244,103 @@ def _device_for(backend: backends.Backend, device: str | None) -> Any:
     return backend.device_from_name(device)
 
 
-def plot(runs: list[Run], path: str, title: str) -> None:
-    """Loss against step and against wall time, one line per (method, backend)."""
+def curve_deviation(losses: list[float], reference: list[float]) -> float:
+    """max over steps of |l - l_ref| / |l_ref| between two loss curves (inf where their lengths
+    differ or a value is not finite)."""
+    if len(losses) != len(reference) or not losses:
+        return float("inf")
+    a, r = np.asarray(losses, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    err = np.abs(a - r) / np.maximum(np.abs(r), np.finfo(np.float64).tiny)
+    return float(err.max()) if np.all(np.isfinite(err)) else float("inf")
+
+
+def plot(runs: list[Run], path: str, title: str,
+         tolerance: float | None = None) -> list[str]:
+    """Write the comparison figure to ``path``; returns the legend labels of the loss panel.
+
+    Left: the mini-batch loss against the step, one line per method, drawn from the method's
+    first run (NumPy where it ran), with its final whole-training-set loss as a star. Every
+    other backend of the method is compared with that line; one whose curve deviates by more
+    than ``tolerance`` (relative, at any step; default the consistency tolerance of the runs'
+    dtype) or whose parameters failed the consistency check is drawn as its own dashed line
+    with markers and labelled "DEVIATES"; the title names the backends that coincide. Right:
+    the median time per step of each method on each backend as horizontal bars on a log axis,
+    with the compilation time of the first step of compiling backends written beside its bar
+    (it is not part of the bar).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (by_step, timing) = plt.subplots(1, 2, figsize=(13, 4.8),
+                                          gridspec_kw={"width_ratios": [1.2, 1]})
     methods = list(dict.fromkeys(r.method for r in runs))
-    colours = {m: f"C{i}" for i, m in enumerate(methods)}
-    styles = {"numpy": "-", "torch": "--", "jax": ":", "cupy": "-."}
-    for r in runs:
-        if not r.losses:
+    names = list(dict.fromkeys(r.backend for r in runs))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    coincide: set[str] = set()
+    for method in methods:
+        mine = [r for r in runs if r.method == method and r.losses]
+        if not mine:
             continue
-        kw = {"color": colours[r.method], "linestyle": styles.get(r.backend, "-"),
-              "label": f"{r.method} / {r.backend}"}
-        by_step.plot(np.arange(1, len(r.losses) + 1), r.losses, **kw)
-        by_time.plot(r.wall, r.losses, **kw)
-    for ax, xlabel in ((by_step, "step"), (by_time, "time in steps (s, compilation excluded)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("training loss (batch)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    by_time.legend(fontsize=7, ncol=2)
+        base = next((r for r in mine if r.backend == "numpy"), mine[0])
+        tol = TOLERANCE.get(base.dtype, 1e-8) if tolerance is None else tolerance
+        steps = np.arange(1, len(base.losses) + 1)
+        by_step.plot(steps, base.losses, color=colours[method], label=method)
+        if base.final_loss is not None:
+            by_step.plot([steps[-1]], [base.final_loss], marker="*", markersize=11,
+                         color=colours[method], linestyle="none")
+        for r in mine:
+            if r is base:
+                coincide.add(r.backend)
+                continue
+            dev = curve_deviation(r.losses, base.losses)
+            if r.ok and dev <= tol:
+                coincide.add(r.backend)
+                continue
+            by_step.plot(np.arange(1, len(r.losses) + 1), r.losses, color=colours[method],
+                         linestyle="--", marker="x", markevery=max(len(r.losses) // 10, 1),
+                         label=f"{method} / {r.backend}: DEVIATES ({dev:.1e})")
+    by_step.plot([], [], marker="*", color="grey", linestyle="none",
+                 label="final loss, whole training set")
+    by_step.set_xlabel("step")
+    by_step.set_ylabel("mini-batch loss")
+    by_step.set_yscale("log")
+    by_step.grid(alpha=0.3)
+    by_step.legend(fontsize=7)
+    shown = [n for n in names if n in coincide]
+    tol_text = "the consistency tolerance" if tolerance is None else f"{tolerance:g}"
+    if runs and tolerance is None and len({r.dtype for r in runs}) == 1:
+        tol_text = f"{TOLERANCE.get(runs[0].dtype, 1e-8):g}"
+    by_step.set_title(f"one line per method: {', '.join(shown) or 'no backend'} coincide "
+                      f"(relative {tol_text} at every step)", fontsize=9)
+
+    height = 0.8 / max(len(names), 1)
+    slowest = max((r.step_ms for r in runs if r.step_ms), default=1.0)
+    for j, name in enumerate(names):
+        ys, widths = [], []
+        for i, method in enumerate(methods):
+            r = next((r for r in runs if r.method == method and r.backend == name), None)
+            if r is None or not r.step_ms:
+                continue
+            y = i + (j - (len(names) - 1) / 2) * height
+            ys.append(y)
+            widths.append(r.step_ms)
+            note = f" {r.step_ms:.3g} ms"
+            if r.compile_ms is not None:
+                note += f" (+ compile {r.compile_ms / 1e3:.2g} s, once)"
+            timing.text(r.step_ms, y, note, va="center", fontsize=6)
+        timing.barh(ys, widths, height=height, color=f"C{j % 10}", alpha=0.7, label=name)
+    timing.set_yticks(range(len(methods)), methods, fontsize=8)
+    timing.invert_yaxis()
+    timing.set_xscale("log")
+    timing.set_xlim(right=slowest * 30)  # room for the labels beside the bars
+    timing.set_xlabel("median time per step (ms, log scale; compilation excluded)")
+    timing.grid(alpha=0.3, axis="x")
+    timing.legend(fontsize=7, title="backend", title_fontsize=7)
+    timing.set_title("time per step", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return [t.get_text() for t in by_step.get_legend().get_texts()]
