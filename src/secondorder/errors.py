@@ -85,3 +85,9 @@ class StateError(SecondOrderError, TypeError):
 class HyperparameterError(SecondOrderError, ValueError):
     """A hyperparameter outside its valid range (a negative learning rate, a momentum >= 1,
     an unknown option name)."""
+
+
+class MissingBatchError(SecondOrderError, TypeError):
+    """An optimiser step called without the batch it must differentiate (for example
+    ``torch.optim``-style ``step(closure)``): second-order methods need the model output and the
+    loss separately, so the torch integration takes ``step((x, y))``."""

@@ -1,0 +1,417 @@
+"""Any registered method as a ``torch.optim.Optimizer`` on your own ``nn.Module``.
+
+Your loop changes in two lines, the constructor and the step, which takes the batch::
+
+    from secondorder.integrations.torch import Optimizer
+
+    opt = Optimizer(model, nn.CrossEntropyLoss(), method="curveball")   # was torch.optim.SGD(...)
+    for x, y in loader:
+        opt.zero_grad()                      # harmless (the method takes its own derivatives)
+        loss = criterion(model(x), y)        # harmless, if you want the number
+        loss.backward()                      # harmless
+        opt.step((x, y))                     # was opt.step()
+
+Why the batch and not a closure: ``torch.optim.LBFGS``'s closure returns a scalar loss after
+``backward()``, but second-order methods need the network output and the loss separately
+(curvature products J^T H_L J v, forward-mode derivatives, the GGN), evaluated many times at
+parameters of their own choosing. So ``step`` takes the batch ``(x, y)`` and calls the module
+itself through :func:`~secondorder.models.from_torch`; ``step(closure)`` raises
+:class:`~secondorder.errors.MissingBatchError`.
+
+After each step the new parameters are copied into the module's own tensors in place, so
+``model.state_dict()``, ``model(x)``, other references to the parameters and checkpoints all see
+the trained weights.
+
+Modules in train mode: all the forward passes of one step (there are many, inside ``torch.func``
+transforms) use the same dropout mask, drawn from a per-step seed derived from ``dropout_seed``
+and the step number (your global generator is left untouched); normalisation layers normalise
+with the batch statistics, and their running statistics are updated once per step by one
+train-mode forward pass over the step's batch at the parameters the step started from (under
+``torch.no_grad``, with the step's dropout mask). In eval mode the module runs as it is.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from .._pytree import flatten, unflatten
+from ..errors import HyperparameterError, MissingBatchError, StateError, StructureError
+from ..models.adapters import TorchModel
+from ..optim.base import StepInfo
+
+__all__ = ["Optimizer"]
+
+_SKIP = ("self", "apply", "loss")
+
+
+def _is_plain(value: Any) -> bool:
+    """A value that a state dict can hold and ``torch.load(weights_only=True)`` can read."""
+    if isinstance(value, bool | int | float | str | type(None)):
+        return True
+    if isinstance(value, tuple | list):
+        return all(_is_plain(v) for v in value)
+    return False
+
+
+def _hyperparameters(factory: Any) -> tuple[dict[str, Any], set[str], bool]:
+    """The defaults of every hyperparameter a method factory accepts (its class signature,
+    overridden by the registry's defaults), the accepted names, and whether it also takes
+    arbitrary keywords."""
+    target = getattr(factory, "cls", factory)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin or an opaque callable: trust the user
+        return dict(getattr(factory, "defaults", {})), set(), True
+    defaults: dict[str, Any] = {}
+    names: set[str] = set()
+    open_keywords = False
+    for name, p in signature.parameters.items():
+        if p.kind is p.VAR_KEYWORD:
+            open_keywords = True
+            continue
+        if name in _SKIP or p.kind is p.VAR_POSITIONAL:
+            continue
+        names.add(name)
+        if p.default is not p.empty:
+            defaults[name] = p.default
+    registry_defaults = dict(getattr(factory, "defaults", {}))
+    names |= set(registry_defaults)
+    return {**defaults, **registry_defaults}, names, open_keywords
+
+
+def _to_loss(loss: Any) -> Any:
+    """A library loss for ``loss`` (a library loss, or a torch loss module mapped with its exact
+    scale by :func:`secondorder.losses.as_loss`)."""
+    from ..losses import Loss
+
+    if isinstance(loss, Loss):
+        return loss
+    try:
+        from ..losses import as_loss
+    except ImportError:  # pragma: no cover - the converter ships with the losses
+        raise HyperparameterError(
+            f"Optimizer needs a secondorder loss (secondorder.losses.MSE(), "
+            f"SoftmaxCrossEntropy(), SigmoidBCE()); got {loss!r}") from None
+    return as_loss(loss)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    """A seed for step ``step``: distinct steps get distinct, well-mixed seeds (splitmix64)."""
+    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that trains ``model`` with any registered second-order (or
+    first-order) method of :data:`secondorder.optim.registry.METHODS`.
+
+    Usage::
+
+        opt = Optimizer(model, nn.CrossEntropyLoss(), method="curveball")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+        for x, y in loader:
+            loss = opt.step((x, y))   # the mean loss before the step, like a closure's value
+        sched.step()
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network to train. Every parameter of ``model.named_parameters()`` is optimised (one
+        parameter group); the new values are copied into these tensors in place after every
+        step. Train mode and eval mode are honoured as described in the module docstring.
+    loss : secondorder.losses.Loss or torch loss module
+        The objective on the module's output: a library loss (``MSE()``,
+        ``SoftmaxCrossEntropy()``, ``SigmoidBCE()``) or ``nn.MSELoss``, ``nn.CrossEntropyLoss``,
+        ``nn.BCEWithLogitsLoss`` (mean or sum reduction), mapped to the library's loss with the
+        same scale by :func:`secondorder.losses.as_loss`.
+    method : str, default ``"curveball"``
+        A name in :data:`~secondorder.optim.registry.METHODS` (``"sgd"``, ``"adam"``,
+        ``"curveball"``, ``"hessian-free"``, ``"newton"``, ``"levenberg-marquardt"``,
+        ``"bfgs"``, ``"prox-linear"``, ``"grouped-newton"``, and any method registered later).
+    dropout_seed : int or None, default None
+        Seed of the random draws (dropout masks) of the module's forward passes: step ``t``
+        uses one mask, drawn from a seed mixed from ``dropout_seed`` and ``t``, for all its
+        forward passes. ``None`` takes ``torch.initial_seed()`` (so ``torch.manual_seed``
+        makes runs reproducible); the generator itself is neither advanced nor reseeded. Saved
+        in :meth:`state_dict`.
+    update_buffers : bool, default True
+        After each accepted step, run one train-mode forward pass over the step's batch, at the
+        parameters the step started from and without gradients, to update the running
+        statistics of the normalisation layers in train mode (``num_batches_tracked`` += 1).
+        Skipped when no such layer is in train mode. Set it to False when your loop already
+        runs ``model(x)`` in train mode on every batch (that pass updates them), or to keep the
+        statistics fixed.
+    lr : float, default: the method's
+        The learning rate, a key of the parameter group that ``torch.optim.lr_scheduler``
+        schedules. For methods with a learning rate (``sgd``, ``adam``, ``newton``,
+        ``hessian-free``) it is that hyperparameter, with its default (the registry's or the
+        class's). For methods that take a step of their own length (``curveball``,
+        ``levenberg-marquardt``, ``prox-linear``) it is a multiplier on that step, default 1.0,
+        applied through the method's ``transform=`` as ``scale(lr)`` (after your own
+        ``transform``, if you give one); at exactly 1.0 without a transform no transform is
+        added, so the step is bit-identical to the method's own. ``bfgs`` and
+        ``grouped-newton`` have neither (their line search or cubic model sets the step):
+        their ``lr`` is 1.0 and any other value raises
+        :class:`~secondorder.errors.HyperparameterError`.
+    **hyperparameters
+        The method's own hyperparameters (``damping``, ``cg_iters``, ``momentum``, ...; see its
+        class docstring), overriding the registry's defaults. Numbers, strings, booleans and
+        tuples of them go into ``param_groups[0]`` next to ``lr``, where a scheduler or your
+        code may change them between steps: the method object is then rebuilt with the new
+        values (cheap in eager mode) and keeps its state. Hyperparameters that also seed the
+        state (the initial ``damping`` of the damped methods) take effect at the first step;
+        later the state's own, adapted value is used. Objects (a ``transform`` chain, an inner
+        ``optimizer``, a partition) are kept on the optimiser, not in the parameter group, so
+        :meth:`state_dict` stays loadable with ``weights_only=True``; pass them again when you
+        rebuild the optimiser to resume.
+
+    Attributes
+    ----------
+    method : str
+        The method's name.
+    info : StepInfo or None
+        What the last step did (loss, step norm, damping, inner iterations, extras).
+    method_state : NamedTuple or None
+        The method's typed state (None before the first step).
+
+    Notes
+    -----
+    ``step((x, y))`` returns the mean loss at the parameters the step started from (a 0-d
+    tensor). ``zero_grad()`` works as in any optimiser; ``.grad`` is not read. One parameter
+    group only: :meth:`step` raises :class:`~secondorder.errors.HyperparameterError` if more
+    were added. :meth:`state_dict` holds the parameter group (hyperparameters), the step count,
+    the dropout seed and the method's state as a flat list of tensors, so
+    ``torch.save(opt.state_dict(), f)`` and ``opt.load_state_dict(torch.load(f))`` (with the
+    default ``weights_only=True``) resume bit-identically when the module's state is restored
+    as well.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: Any, method: str = "curveball", *,
+                 dropout_seed: int | None = None, update_buffers: bool = True,
+                 **hyperparameters: Any):
+        from ..optim.registry import METHODS
+
+        if not isinstance(model, torch.nn.Module):
+            raise StructureError(
+                f"Optimizer takes the nn.Module itself, Optimizer(model, loss, method=...), not "
+                f"{type(model).__name__}: second-order methods call the network's forward pass, "
+                "so model.parameters() alone is not enough")
+        if method not in METHODS:
+            raise HyperparameterError(
+                f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))} "
+                "(secondorder.optim.registry.METHODS), or register your own with "
+                "secondorder.optim.registry.register")
+        named = list(model.named_parameters())
+        if not named:
+            raise StructureError(
+                f"the module {type(model).__name__} has no parameters to optimise")
+        factory = METHODS[method]
+        defaults, names, open_keywords = _hyperparameters(factory)
+        if "lr" in names:
+            self._lr_mode = "native"
+        elif "transform" in names:
+            self._lr_mode = "transform"
+        else:
+            self._lr_mode = "none"
+        unknown = set(hyperparameters) - names - {"lr"}
+        if unknown and not open_keywords:
+            raise HyperparameterError(
+                f"method {method!r} has no hyperparameter {', '.join(sorted(unknown))}; it takes "
+                f"{', '.join(sorted(names))} (and lr)")
+        self._user_transform = hyperparameters.pop("transform", None)
+        values = {**defaults, **hyperparameters}
+        values.pop("transform", None)
+        if self._lr_mode != "native":
+            values.setdefault("lr", 1.0)
+        self._fixed = {k: v for k, v in values.items() if not _is_plain(v)}
+        group = {k: v for k, v in values.items() if _is_plain(v)}
+        self._names = (names | set(group) | set(self._fixed)) - {"transform"}
+        super().__init__([{"params": [p for _, p in named], **group}], dict(group))
+
+        self.method = method
+        self.model = model
+        self.loss = _to_loss(loss)
+        self.update_buffers = bool(update_buffers)
+        self.dropout_seed = int(torch.initial_seed() if dropout_seed is None else dropout_seed)
+        self.info: StepInfo | None = None
+        self._factory = factory
+        self._adapter = TorchModel(model)
+        self._param_names = [n for n, _ in named]
+        self._state: Any = None
+        self._steps = 0
+        self._built: tuple[Any, Any] | None = None  # (hyperparameters, method object)
+        self._current_method()  # bad hyperparameter values fail here, not at the first step
+
+    # ---------------------------------------------------------------- the method object
+    @property
+    def method_state(self) -> Any:
+        """The method's typed state (a NamedTuple of tensors), None before the first step."""
+        return self._state
+
+    def _group(self) -> dict[str, Any]:
+        if len(self.param_groups) != 1:
+            raise HyperparameterError(
+                f"secondorder's Optimizer runs one method on the whole module and supports one "
+                f"parameter group, got {len(self.param_groups)}; build one Optimizer per module "
+                "instead of add_param_group")
+        return self.param_groups[0]
+
+    def _current_method(self) -> Any:
+        """The method object for the parameter group's current hyperparameters, rebuilt when
+        a value changed (a scheduler, or user code)."""
+        group = self._group()
+        values = {k: group[k] for k in self._names if k in group}
+        if self._built is not None:
+            try:
+                same = values == self._built[0]
+            except RuntimeError:  # tensors of several elements compared by ==
+                same = False
+            if same:
+                return self._built[1]
+        hp = {**{k: v for k, v in values.items() if k != "lr"}, **self._fixed}
+        lr = values.get("lr", 1.0)
+        if self._lr_mode == "native":
+            hp["lr"] = lr
+            if self._user_transform is not None:
+                hp["transform"] = self._user_transform
+        elif self._lr_mode == "transform":
+            hp["transform"] = self._lr_transform(lr)
+        elif not (isinstance(lr, int | float) and lr == 1.0):
+            raise HyperparameterError(
+                f"method {self.method!r} has no learning rate (its line search or model sets the "
+                f"length of each step), so its parameter group's lr must stay 1.0, got {lr!r}; "
+                "schedule it with a method that has one")
+        method = self._factory(self._adapter, self.loss, **hp)
+        self._built = (dict(values), method)
+        if self._state is not None:
+            self._state = self._restructure(method, self._state)
+        return method
+
+    def _lr_transform(self, lr: Any) -> Any:
+        from ..optim.transforms import chain, scale
+
+        if self._user_transform is None:
+            if isinstance(lr, int | float) and lr == 1.0:
+                return None  # the method's own step, to the last bit
+            return scale(lr)
+        return chain(self._user_transform, scale(lr))
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        """Copies of the module's current parameters (the method may keep references to the
+        parameters it is given; the module's tensors are overwritten in place)."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def _restructure(self, method: Any, state: Any) -> Any:
+        """``state`` with the transform state of ``method`` where the lr multiplier appeared
+        or vanished (() <-> the stateless ``scale``'s state; neither holds arrays)."""
+        if "transform" not in getattr(state, "_fields", ()):
+            return state
+        template = method.init(self._params())
+        old_leaves, old_def = flatten(state.transform)
+        new_leaves, new_def = flatten(template.transform)
+        if old_def == new_def:
+            return state
+        if old_leaves or new_leaves:
+            raise StateError(
+                f"the transform state of {self.method} changed structure from {old_def!r} to "
+                f"{new_def!r} between steps")
+        return state._replace(transform=template.transform)
+
+    # ---------------------------------------------------------------- stepping
+    def step(self, batch: Any = None, closure: Any = None) -> torch.Tensor:  # type: ignore[override]
+        """One step of the method on the batch ``(x, y)``: the module's parameters are
+        replaced in place by the new ones, running statistics of train-mode normalisation
+        layers updated once (see ``update_buffers``). Returns the mean loss at the parameters
+        the step started from (a 0-d tensor, detached).
+
+        ``closure`` exists only to explain that it cannot be used: pass the batch instead.
+        """
+        if closure is not None or callable(batch):
+            raise MissingBatchError(
+                "secondorder's Optimizer.step takes the batch, not a closure: second-order "
+                "methods need the model output and the loss separately, at parameters of their "
+                "own choosing. Call opt.step((x, y)) with the inputs and targets of the batch")
+        if batch is None:
+            raise MissingBatchError(
+                "Optimizer.step needs the batch: call opt.step((x, y)) with the inputs and "
+                "targets the loss compares the module's output with")
+        if not (isinstance(batch, tuple | list) and len(batch) == 2):
+            raise MissingBatchError(
+                f"Optimizer.step takes the batch as a pair (x, y), got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""))
+        x, y = batch
+        method = self._current_method()
+        params = self._params()
+        if self._state is None:
+            self._state = method.init(params)
+        training = self.model.training
+        context = (self._adapter.randomness(_step_seed(self.dropout_seed, self._steps))
+                   if training else nullcontext())
+        with context:
+            new, state, info = method.step(params, self._state, (x, y))
+            accepted = bool(info.finite)
+            if accepted and training and self.update_buffers:
+                self._adapter.update_buffers(x)  # the module still holds the old parameters
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(new[name])
+        self._state = state
+        self._steps += 1
+        self.info = info
+        return info.loss.detach()
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict (the parameter group with its hyperparameters) plus, under
+        ``state["secondorder"]``, the method's name, the step count, the dropout seed and the
+        method's state as a flat list of tensors (None before the first step): only tensors,
+        numbers, strings, lists and dicts, so ``torch.load`` with ``weights_only=True`` reads
+        it."""
+        out = super().state_dict()
+        leaves = None if self._state is None else list(flatten(self._state)[0])
+        out["state"]["secondorder"] = {"method": self.method, "step": self._steps,
+                                       "dropout_seed": self.dropout_seed, "leaves": leaves}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, into an optimiser built with the same method
+        on a module of the same structure (restore the module with its own
+        ``load_state_dict``)."""
+        state = dict(state_dict.get("state", {}))
+        ours = state.pop("secondorder", None)
+        if not isinstance(ours, dict) or "leaves" not in ours:
+            raise StateError(
+                "this state dict was not saved by secondorder.integrations.torch.Optimizer "
+                "(no 'secondorder' entry in its 'state')")
+        if ours.get("method") != self.method:
+            raise StateError(
+                f"the state dict holds a {ours.get('method')!r} state; this optimiser runs "
+                f"{self.method!r}: build it with method={ours.get('method')!r}")
+        super().load_state_dict({**state_dict, "state": state})
+        self.state.clear()
+        self._steps = int(ours["step"])
+        self.dropout_seed = int(ours["dropout_seed"])
+        self._built = None
+        self._state = None
+        method = self._current_method()
+        if ours["leaves"] is None:
+            return
+        params = self._params()
+        template_leaves, treedef = flatten(method.init(params))
+        leaves = list(ours["leaves"])
+        if len(leaves) != len(template_leaves) or any(
+                getattr(a, "shape", None) != getattr(b, "shape", None)
+                for a, b in zip(leaves, template_leaves)):
+            raise StateError(
+                f"the saved {self.method} state does not fit this module's parameters "
+                f"({len(leaves)} arrays saved, {len(template_leaves)} expected, or their shapes "
+                "differ)")
+        device = next(iter(params.values())).device
+        self._state = unflatten(treedef, [v.to(device) if isinstance(v, torch.Tensor) else v
+                                          for v in leaves])
