@@ -218,8 +218,10 @@ def test_matvec_wrong_shape(backend, rng):
 
 def test_matvec_wrong_tree(backend, rng):
     op = Diagonal(to(backend, rand_like(rng, tree_like())))
+    # a 1-D array of the operator's size (8) is its flat coordinates; one of another length is
+    # neither a flat vector nor a tree of the operator's structure
     with pytest.raises(StructureError):
-        op.matvec(to(backend, rng.standard_normal(8)))
+        op.matvec(to(backend, rng.standard_normal(7)))
     with pytest.raises(StructureError):
         op.matvec(to(backend, {"w": rng.standard_normal((2, 3)), "c": rng.standard_normal(2)}))
     with pytest.raises(StructureError):

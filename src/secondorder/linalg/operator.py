@@ -3,8 +3,21 @@
 An operator maps vectors of ``in_structure`` to vectors of ``out_structure``; both may be
 parameter trees. Subclasses implement ``_matvec`` (and ``_rmatvec`` for the adjoint) on trees
 whose structure has already been checked. Everything else (``@``, ``+``, scalar ``*``, ``.T``,
-``to_dense``, ``diagonal``) is defined here in terms of those two, and structured subclasses
-override what they can do faster or exactly (a Kronecker inverse, a diagonal, ...).
+``matmat``, ``to_dense``, ``diagonal``, ``to_scipy``) is defined here in terms of those two, and
+structured subclasses override what they can do faster or exactly (a Kronecker inverse, a
+diagonal, ...).
+
+Flat coordinates. Every product also takes the vector as one flat 1-D array of length
+``in_size``: the leaves of the tree in canonical order (dict entries by sorted key, as
+:func:`secondorder.tree.ravel` and ``jax.flatten_util.ravel_pytree`` order them), each leaf
+unrolled row-major (C order), concatenated. ``op @ v`` with such a ``v`` returns the flat 1-D
+array of the output in the same order, ``matmat`` works on (in_size, k) matrices of such
+columns, and ``to_dense`` is the matrix in these coordinates.
+
+Batched products. ``matmat`` and ``to_dense`` apply the operator to many columns at once with the
+backend's ``vmap`` (``torch.func.vmap``, ``jax.vmap``) in chunks of :attr:`LinearOperator.chunk`
+columns; on backends without a native ``vmap`` (NumPy with autograd, array-api-strict, CuPy) and
+for operators whose product cannot be vectorised they loop over the columns.
 """
 
 from __future__ import annotations
@@ -13,20 +26,46 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from .._pytree import flatten
+from .._pytree import LEAF, flatten
 from ..backends import Backend, backend_of
+from ..backends._base import Backend as _BaseBackend
 from ..errors import DeviceMismatchError, MixedBackendError, ShapeError
 from .structure import Structure
 
 Tree = Any
 
 
+def has_native_vmap(backend: Backend) -> bool:
+    """Whether ``backend`` vectorises with a framework transform (``jax.vmap``,
+    ``torch.func.vmap``) rather than the protocol's default Python loop."""
+    return type(backend).vmap is not _BaseBackend.vmap
+
+
 class LinearOperator(ABC):
-    """A linear map between two vector spaces described by :class:`Structure` objects."""
+    """A linear map between two vector spaces described by :class:`Structure` objects.
+
+    Parameters
+    ----------
+    in_structure, out_structure:
+        The spaces the operator maps from and to (trees, leaf shapes, dtype).
+    backend:
+        The framework of the arrays the operator holds and returns.
+    device:
+        Where new arrays (basis vectors, identities, probes) are created; None (the default)
+        means the framework's default device.
+
+    Products accept a tree of ``in_structure`` or its flat coordinates (see the module
+    docstring): ``op @ v``, :meth:`matvec`, :meth:`rmatvec` (1-D in, 1-D out) and
+    :meth:`matmat` ((in_size, k) in, (out_size, k) out).
+    """
 
     in_structure: Structure
     out_structure: Structure
     backend: Backend
+    #: columns per vectorised call in :meth:`matmat` and :meth:`to_dense` (memory grows with it)
+    chunk: int = 256
+    #: whether the backend's ``vmap`` has worked on this operator (None: not tried yet)
+    _vmap_ok: bool | None = None
 
     def __init__(
         self,
@@ -71,14 +110,33 @@ class LinearOperator(ABC):
 
     # ---------------------------------------------------------------- products
     def matvec(self, v: Tree) -> Tree:
-        """A v."""
+        """A v.
+
+        ``v`` is a tree of :attr:`in_structure`, returning a tree of :attr:`out_structure`, or
+        a flat 1-D array of length ``in_size`` (the order of :func:`secondorder.tree.ravel`),
+        returning a flat 1-D array of length ``out_size``. When the input structure is itself
+        one 1-D array the two coincide and the result has the output structure.
+        """
+        if _is_flat(v, self.in_structure):
+            self._check_placement([v], "matvec argument")
+            return self._flat_matvec(v)
         self._check_placement(self.in_structure.check(v, "matvec argument"), "matvec argument")
         return self._matvec(v)
 
     def rmatvec(self, u: Tree) -> Tree:
-        """A^T u (the adjoint; operators are real)."""
+        """A^T u (the adjoint; operators are real), for a tree of :attr:`out_structure` or its
+        flat coordinates (as in :meth:`matvec`)."""
+        if _is_flat(u, self.out_structure):
+            self._check_placement([u], "rmatvec argument")
+            xp = self.xp
+            return self.in_structure.ravel(self._rmatvec(self.out_structure.unravel(u, xp)), xp)
         self._check_placement(self.out_structure.check(u, "rmatvec argument"), "rmatvec argument")
         return self._rmatvec(u)
+
+    def _flat_matvec(self, v: Any) -> Any:
+        """A v on flat coordinates, unchecked: unravel, ``_matvec``, ravel."""
+        xp = self.xp
+        return self.out_structure.ravel(self._matvec(self.in_structure.unravel(v, xp)), xp)
 
     def _check_placement(self, leaves: list[Any], what: str) -> None:
         """Named errors for a vector of another framework or on another device."""
@@ -106,16 +164,48 @@ class LinearOperator(ABC):
         )
 
     def matmat(self, mat: Any) -> Any:
-        """A M for a flat (in_size, r) matrix M, as a flat (out_size, r) matrix."""
-        xp = self.xp
-        if mat.ndim != 2 or mat.shape[0] != self.in_structure.size:
+        """A M for a flat (in_size, k) matrix M, as a flat (out_size, k) matrix.
+
+        Column j of M holds flat coordinates (the order of :func:`secondorder.tree.ravel`).
+        The columns go through the backend's ``vmap`` in chunks of :attr:`chunk` where the
+        backend has a native one, else one at a time; both give the columns of ``A m_j``.
+        """
+        if getattr(mat, "ndim", None) != 2 or mat.shape[0] != self.in_structure.size:
             raise ShapeError(
-                f"matmat expects a ({self.in_structure.size}, r) matrix, got {tuple(mat.shape)}"
+                f"matmat expects a ({self.in_structure.size}, k) matrix, got "
+                f"{tuple(getattr(mat, 'shape', ()))}"
             )
-        cols = [
-            self.out_structure.ravel(self._matvec(self.in_structure.unravel(mat[:, j], xp)), xp)
-            for j in range(mat.shape[1])
-        ]
+        self._check_placement([mat], "matmat argument")
+        k = int(mat.shape[1])
+        return self._batched(lambda start, stop: mat[:, start:stop], k)
+
+    def _batched(self, columns: Callable[[int, int], Any], k: int) -> Any:
+        """The (out_size, k) matrix whose columns are A c for the columns c of
+        ``columns(start, stop)`` (an (in_size, stop - start) block), block by block."""
+        xp = self.xp
+        if k == 0:
+            return xp.zeros((self.out_structure.size, 0), dtype=self.dtype, device=self.device)
+        if has_native_vmap(self.backend) and self._vmap_ok is not False:
+            mapped = self.backend.vmap(self._flat_matvec, in_axes=1, out_axes=1)
+            step = max(1, int(self.chunk))
+            blocks = []
+            try:
+                for start in range(0, k, step):
+                    blocks.append(mapped(columns(start, min(k, start + step))))
+            except Exception:
+                # a product that cannot be vectorised (data-dependent Python control flow,
+                # an in-place update, a host sync): loop over the columns instead. A failure
+                # after vmap has worked here is a real error and propagates.
+                if self._vmap_ok:
+                    raise
+                self._vmap_ok = False
+            else:
+                self._vmap_ok = True
+                return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1)
+        cols = []
+        for start in range(k):
+            block = columns(start, start + 1)
+            cols.append(self._flat_matvec(block[:, 0]))
         return xp.stack(cols, axis=1)
 
     # ---------------------------------------------------------------- algebra
@@ -165,10 +255,26 @@ class LinearOperator(ABC):
 
     # ---------------------------------------------------------------- dense views
     def to_dense(self) -> Any:
-        """The (out_size, in_size) matrix in flat row-major coordinates (tests, small systems)."""
+        """The (out_size, in_size) matrix in flat coordinates (see the module docstring).
+
+        Column j is A e_j, computed in blocks of :attr:`chunk` columns through the backend's
+        ``vmap`` where it has one (the identity is built one block at a time), else one column
+        at a time. It costs in_size products: meant for tests and small systems.
+        """
         n = self.in_structure.size
-        eye = self.xp.eye(n, dtype=self.dtype, device=self.device)
-        return self.matmat(eye)
+        xp = self.xp
+
+        def eye_block(start: int, stop: int) -> Any:
+            return xp.eye(n, stop - start, k=-start, dtype=self.dtype, device=self.device)
+
+        return self._batched(eye_block, n)
+
+    def to_scipy(self) -> Any:
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` on float64 NumPy vectors
+        (see :func:`secondorder.linalg.to_scipy`)."""
+        from .scipy import to_scipy
+
+        return to_scipy(self)
 
     def diagonal(self) -> Tree:
         """The diagonal, shaped like the input structure (square operators only)."""
@@ -182,6 +288,14 @@ class LinearOperator(ABC):
             f"{type(self).__name__} has no closed-form inverse; solve with "
             "secondorder.linalg.cg instead"
         )
+
+
+def _is_flat(v: Any, structure: Structure) -> bool:
+    """Whether ``v`` is a flat coordinate vector of ``structure`` rather than a tree of it: a
+    1-D array of length ``structure.size`` where the structure is not that array itself."""
+    if getattr(v, "ndim", None) != 1 or tuple(v.shape) != (structure.size,):
+        return False
+    return not (structure.treedef is LEAF and structure.shapes[0] == (structure.size,))
 
 
 def placement(*trees: Any) -> tuple[Backend, Any]:
