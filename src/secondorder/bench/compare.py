@@ -65,6 +65,7 @@ class Run:
     wall: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
+        """The run as a JSON-ready dict: every field but the curves."""
         out = asdict(self)
         out.pop("losses")
         out.pop("wall")
@@ -163,7 +164,8 @@ def _to_device(backend: backends.Backend, params: Any, device: Any) -> Any:
 
 
 def deviation(backend: backends.Backend, params: Any, reference: Any) -> float:
-    """max over leaves of ||w - w_ref|| / ||w_ref|| (float64 on the host)."""
+    """max over leaves of ||w - w_ref|| / ||w_ref|| (Frobenius norms, float64 on the host;
+    ||w - w_ref|| alone for a zero reference leaf; inf for a non-finite one)."""
     worst = 0.0
     for a, r in zip(flatten(params)[0], flatten(reference)[0]):
         a = np.asarray(backend.to_numpy(a), dtype=np.float64)
@@ -178,7 +180,21 @@ def compare(methods: list[str], problem_name: str = "digits-mlp",
             backend_names: list[str] | None = None, steps: int = 100,
             batch_size: int | None = None, dtype: str = "float64", seed: int = 0,
             device: str | None = None, progress: bool = False) -> list[Run]:
-    """Every method on every requested backend; see the module docstring."""
+    """Every method of ``methods`` (names from ``secondorder.optim.registry.METHODS``) on every
+    backend of ``backend_names`` (default: every installed, usable backend with autodiff), on
+    the problem ``problem_name`` (a key of ``secondorder.problems.PROBLEMS``).
+
+    All runs start from ``problem.init(seed)`` and take ``steps`` steps on the same mini-batches
+    (``batch_size`` samples each, default the problem's own), drawn once from
+    ``numpy.random.default_rng(seed)``; weights and data are in ``dtype``, on ``device`` (a name
+    such as ``"cuda:0"``; ``None`` or ``"cpu"`` for the host). Each method also runs on NumPy in
+    float64 as the reference its parameters are compared with (that run is reported as the
+    NumPy run when ``dtype`` is float64). A backend that is not installed is reported as
+    skipped, a run that raises as not run, a deviation above ``TOLERANCE[dtype]`` as failed
+    (``ok`` False); nothing raises. ``progress`` draws a bar on stderr. Returns one
+    :class:`Run` per (method, backend), in that order; the fields are described in the module
+    docstring.
+    """
     problem = PROBLEMS[problem_name]()
     if batch_size is not None and hasattr(problem, "batch_size"):
         problem.batch_size = int(batch_size)

@@ -1,4 +1,6 @@
-"""``secondorder reproduce curveball-table1``: the CurveBall paper's Table 1 protocol.
+"""``secondorder reproduce curveball-table1``: the protocol of Table 1 of the CurveBall paper
+(J. F. Henriques, S. Ehrhardt, S. Albanie, A. Vedaldi, "Small steps and giant leaps: Minimal
+Newton solvers for deep learning", ICCV 2019).
 
 Iterations to reach an objective below 1e-4 on the stochastic Rosenbrock function (deterministic,
 eps ~ U[0, 1], eps ~ U[0, 3]) and the Rahimi & Recht linear network, for SGD with momentum, Adam,
@@ -53,12 +55,16 @@ DEFAULT_CAP = 1000
 
 
 def cap_for(method: str, setting: str) -> int:
+    """The iteration cap of a cell: 20000 for SGD and Adam on the Rosenbrock settings, 1000
+    otherwise; a run that has not reached the tolerance by then counts as a failure."""
     if method in GRIDS and setting != "linear-network":
         return FIRST_ORDER_ROSENBROCK_CAP
     return DEFAULT_CAP
 
 
 def make_problem(setting: str) -> Problem:
+    """The problem of a setting: ``LinearNetwork()`` for ``"linear-network"``, else
+    ``Rosenbrock(setting)`` with that noise (``"deterministic"``, ``"U[0,1]"``, ``"U[0,3]"``)."""
     return LinearNetwork() if setting == "linear-network" else Rosenbrock(setting)
 
 
@@ -164,7 +170,14 @@ def reproduce(runs: int = 100, methods: list[str] | None = None,
               settings: tuple[str, ...] = SETTINGS, tune_runs: int = 20,
               criterion: str = "exact",
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the protocol; returns ``{method: {setting: {mean, std, failures, paper_mean, ...}}}``."""
+    """Run the protocol (see the module docstring) for ``methods`` (default: every row of
+    ``PAPER``) on ``settings``: ``runs`` evaluation starts per cell (seeds 1000, 1001, ...),
+    and ``tune_runs`` starts per grid point (seeds 5000, ...) to pick SGD's and Adam's
+    hyperparameters; ``criterion`` is ``"exact"`` or ``"noisy"``; ``progress`` receives one
+    line per finished cell. Needs jax (float64 is switched on). Returns
+    ``{method: {setting: cell}}`` where a cell holds ``mean`` and ``std`` (None if no run got
+    there), ``failures``, ``runs``, ``paper_mean``, ``cap``, ``criterion``, ``seconds`` and, for
+    SGD and Adam, the chosen ``hyperparameters``."""
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -205,6 +218,8 @@ def _cell(entry: dict[str, Any]) -> str:
 
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows for :func:`secondorder.bench.table.format_table`: one row per method,
+    one column per setting holding "mean +- std (failures) | paper mean"."""
     headers = ["method"] + [f"{s} (ours | paper)" for s in SETTINGS]
     rows = []
     for method, per_setting in results.items():
