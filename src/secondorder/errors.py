@@ -22,6 +22,7 @@ __all__ = [
     "SecondOrderError",
     "ShapeError",
     "StructureError",
+    "UnsupportedLossError",
 ]
 
 
@@ -85,6 +86,12 @@ class StateError(SecondOrderError, TypeError):
 class HyperparameterError(SecondOrderError, ValueError):
     """A hyperparameter outside its valid range (a negative learning rate, a momentum >= 1,
     an unknown option name)."""
+
+
+class UnsupportedLossError(SecondOrderError, TypeError, ValueError):
+    """A loss that :func:`secondorder.losses.as_loss` cannot map exactly to a library loss: an
+    unknown class, a plain callable, or a framework option (class weights, label smoothing,
+    ``reduction="none"``) that the library's losses do not have."""
 
 
 class MissingBatchError(SecondOrderError, TypeError):

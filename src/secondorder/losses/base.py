@@ -29,9 +29,51 @@ Array = Any
 
 
 class Loss(ABC):
-    """Base class; subclasses implement the per-sample formulas."""
+    """Base class; subclasses implement the per-sample formulas.
+
+    Every library loss takes three keyword options, all of which default to the library's
+    convention (the per-sample loss as its class states it, averaged over the batch):
+
+    reduction : {"mean", "sum"}, default "mean"
+        "mean": the batch loss is (1/m) sum_i l_i; "sum": sum_i l_i (PyTorch's and optax's
+        ``reduction="sum"``).
+    scale : float, default 1.0
+        A positive constant c multiplying the per-sample loss: the loss becomes c l_i.
+    outputs : {"sum", "mean"}, default "sum"
+        "mean" divides the per-sample loss by the number of outputs k, as PyTorch's
+        ``MSELoss`` and ``BCEWithLogitsLoss`` average over all m k entries.
+
+    With the defaults the constructor returns the loss itself; with any other value it returns
+    a :class:`~secondorder.losses.Scaled` wrapping it (see :mod:`secondorder.losses.scaled`
+    for how the constant enters each per-sample quantity and the Monte-Carlo Fisher).
+    """
 
     name: str = ""
+    #: The options above; a plain library loss has the defaults (:class:`Scaled` overrides them).
+    reduction: str = "mean"
+    scale: float = 1.0
+    outputs: str = "sum"
+    #: True when grad(f, y) = mu(f) - targets(f, y) with mu(f) the mean of the predictive
+    #: distribution (a canonical link); :class:`Scaled` needs it to sample with a scale.
+    canonical: bool = False
+
+    def __new__(cls, *args: Any, reduction: str = "mean", scale: float = 1.0,
+                outputs: str = "sum", **kwargs: Any) -> Loss:
+        if reduction == "mean" and outputs == "sum" and not isinstance(scale, bool) \
+                and isinstance(scale, (int, float)) and scale == 1:
+            return super().__new__(cls)
+        from .scaled import Scaled
+
+        return Scaled(cls(*args, **kwargs), scale, reduction=reduction, outputs=outputs)
+
+    def __init__(self, *, reduction: str = "mean", scale: float = 1.0, outputs: str = "sum"):
+        """Reached only with the default options (the others return a ``Scaled``)."""
+        del reduction, scale, outputs  # nothing to store: the class attributes hold them
+
+    def factor(self, f: Array) -> float:
+        """The constant c of the per-sample loss c l_i at outputs f: 1 for a plain loss (see
+        :meth:`Scaled.factor <secondorder.losses.Scaled.factor>`)."""
+        return 1.0
 
     # ------------------------------------------------------------------ interface
     @abstractmethod

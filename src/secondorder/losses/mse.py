@@ -18,6 +18,7 @@ class MSE(Loss):
     """
 
     name = "mse"
+    canonical = True
 
     def per_sample(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp

@@ -23,6 +23,7 @@ class SigmoidBCE(Loss):
     """
 
     name = "sigmoid_bce"
+    canonical = True
 
     def per_sample(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp

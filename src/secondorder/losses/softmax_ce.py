@@ -26,6 +26,7 @@ class SoftmaxCrossEntropy(Loss):
     """
 
     name = "softmax_cross_entropy"
+    canonical = True
 
     @staticmethod
     def _softmax(f: Array) -> tuple[Array, Array]:
