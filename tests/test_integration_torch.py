@@ -1,0 +1,332 @@
+"""secondorder.integrations.torch.Optimizer against the pure init/step API and plain torch.
+
+The references are independent of the integration: the pure API (``from_torch`` and
+``METHODS[name](apply, loss)`` stepped by hand), a plain train-mode forward pass of a copy of the
+module for running statistics, and torch's own generator for dropout masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from secondorder import losses  # noqa: E402
+from secondorder.errors import (  # noqa: E402
+    HyperparameterError,
+    MissingBatchError,
+    StateError,
+    StructureError,
+)
+from secondorder.integrations.torch import Optimizer, _step_seed  # noqa: E402
+from secondorder.losses import SoftmaxCrossEntropy  # noqa: E402
+from secondorder.models import from_torch  # noqa: E402
+from secondorder.optim.registry import METHODS  # noqa: E402
+from secondorder.optim.transforms import EmptyState, scale  # noqa: E402
+
+DT = torch.float64
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+
+
+def batches(n: int, m: int = 12, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(m, 4, generator=g, dtype=DT), torch.randint(0, 3, (m,), generator=g))
+            for _ in range(n)]
+
+
+class CNN(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> Dropout -> Linear, on 1 x 6 x 6 images, 3 classes. The
+    normalisation comes before the dropout, so its statistics do not depend on the mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(0.4)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.bn(self.conv(x))))
+        return self.fc(h.flatten(1))
+
+
+def cnn(seed: int = 0) -> CNN:
+    torch.manual_seed(seed)
+    return CNN().to(DT)
+
+
+def image_batches(n: int, m: int = 8, seed: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(m, 1, 6, 6, generator=g, dtype=DT),
+             torch.randint(0, 3, (m,), generator=g)) for _ in range(n)]
+
+
+def pure_run(module: nn.Module, name: str, data: list, **hp: object) -> dict:
+    apply, params = from_torch(module)
+    opt = METHODS[name](apply, SoftmaxCrossEntropy(), **hp)
+    state = opt.init(params)
+    for batch in data:
+        params, state, _ = opt.step(params, state, batch)
+    return params
+
+
+def module_params(module: nn.Module) -> dict:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / max(float(b[k].norm()), 1e-300)) for k in b)
+
+
+# ------------------------------------------------------------------ (a) the pure API, every method
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_matches_the_pure_api(name: str) -> None:
+    data = batches(3)
+    expected = pure_run(mlp(), name, data)
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method=name)
+    losses_seen = [opt.step(batch) for batch in data]
+    assert max_rel_diff(module_params(model), expected) <= 1e-12
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in losses_seen)
+    assert opt.info is not None and opt.method_state is not None
+
+
+def test_parameters_are_written_in_place() -> None:
+    model = mlp()
+    tensors = [p for p in model.parameters()]
+    before = [p.detach().clone() for p in tensors]
+    Optimizer(model, SoftmaxCrossEntropy(), method="curveball").step(batches(1)[0])
+    assert all(a is b for a, b in zip(tensors, model.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, tensors))
+
+
+def test_leftover_backward_and_zero_grad_are_harmless() -> None:
+    data = batches(3)
+    clean = mlp()
+    opt = Optimizer(clean, SoftmaxCrossEntropy(), method="hessian-free")
+    for batch in data:
+        opt.step(batch)
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="hessian-free")
+    criterion = nn.CrossEntropyLoss()
+    for x, y in data:  # a torch loop with only the step line changed
+        opt.zero_grad()
+        loss = criterion(model(x), y)
+        loss.backward()
+        opt.step((x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), clean.parameters()))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(not hasattr(losses, "as_loss"), reason="secondorder.losses.as_loss missing")
+def test_torch_loss_module_is_mapped() -> None:
+    data = batches(2)
+    expected = pure_run(mlp(), "curveball", data)
+    model = mlp()
+    opt = Optimizer(model, nn.CrossEntropyLoss(), method="curveball")
+    for batch in data:
+        opt.step(batch)
+    assert max_rel_diff(module_params(model), expected) <= 1e-12
+
+
+# ------------------------------------------------------------------ (b) checkpoints
+@pytest.mark.parametrize("name", ["curveball", "hessian-free"])
+def test_save_and_load_resume_bit_identically(name: str) -> None:
+    data = image_batches(4)
+    hp = {"cg_iters": 3} if name == "hessian-free" else {}
+    straight = cnn()
+    opt = Optimizer(straight, SoftmaxCrossEntropy(), method=name, dropout_seed=5, **hp)
+    for batch in data:
+        opt.step(batch)
+
+    first = cnn()
+    opt = Optimizer(first, SoftmaxCrossEntropy(), method=name, dropout_seed=5, **hp)
+    for batch in data[:2]:
+        opt.step(batch)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = cnn(seed=9)  # other weights and another dropout seed, overwritten by the load
+    opt = Optimizer(resumed, SoftmaxCrossEntropy(), method=name, dropout_seed=11, **hp)
+    resumed.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    for batch in data[2:]:
+        opt.step(batch)
+    for (k, a), b in zip(resumed.state_dict().items(), straight.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_load_refuses_another_methods_state() -> None:
+    opt = Optimizer(mlp(), SoftmaxCrossEntropy(), method="curveball")
+    opt.step(batches(1)[0])
+    other = Optimizer(mlp(), SoftmaxCrossEntropy(), method="hessian-free")
+    with pytest.raises(StateError, match="curveball"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(StateError, match="not saved"):
+        other.load_state_dict(torch.optim.SGD(mlp().parameters(), lr=0.1).state_dict())
+
+
+# ------------------------------------------------------------------ (c) schedulers
+def test_step_lr_changes_sgds_learning_rate() -> None:
+    data = batches(3)
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="sgd", lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for batch in data:
+        opt.step(batch)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+    apply, params = from_torch(mlp())
+    state = METHODS["sgd"](apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.9).init(params)
+    for t, batch in enumerate(data):
+        method = METHODS["sgd"](apply, SoftmaxCrossEntropy(), lr=0.1 * 0.5**t, momentum=0.9)
+        params, state, _ = method.step(params, state, batch)
+    assert max_rel_diff(module_params(model), params) <= 1e-12
+    unscheduled = pure_run(mlp(), "sgd", data, lr=0.1, momentum=0.9)
+    assert max_rel_diff(module_params(model), unscheduled) > 1e-6
+
+
+def test_step_lr_scales_curveballs_step() -> None:
+    data = batches(3)
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="curveball")
+    assert opt.param_groups[0]["lr"] == 1.0
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for batch in data:
+        opt.step(batch)
+        sched.step()
+
+    apply, params = from_torch(mlp())
+    state = METHODS["curveball"](apply, SoftmaxCrossEntropy()).init(params)
+    for t, batch in enumerate(data):
+        lr = 0.5**t
+        method = METHODS["curveball"](apply, SoftmaxCrossEntropy(),
+                                      transform=None if lr == 1 else scale(lr))
+        if lr != 1:
+            state = state._replace(transform=EmptyState())
+        params, state, _ = method.step(params, state, batch)
+    assert max_rel_diff(module_params(model), params) <= 1e-12
+    unscheduled = pure_run(mlp(), "curveball", data)
+    assert max_rel_diff(module_params(model), unscheduled) > 1e-6
+
+
+def test_changed_group_value_rebuilds_the_method() -> None:
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="hessian-free", cg_iters=3)
+    opt.step(batches(1)[0])
+    assert opt._current_method().cg_iters == 3
+    opt.param_groups[0]["cg_iters"] = 5
+    assert opt._current_method().cg_iters == 5
+
+
+# ------------------------------------------------------------------ (d) BatchNorm and Dropout
+@pytest.mark.parametrize("name", ["curveball", "hessian-free"])
+def test_running_statistics_follow_one_forward_pass(name: str) -> None:
+    model = cnn()
+    hp = {"cg_iters": 3} if name == "hessian-free" else {}
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method=name, **hp)
+    for x, y in image_batches(3):
+        reference = copy.deepcopy(model).train()
+        with torch.no_grad():
+            reference(x)  # one plain train-mode pass at the parameters the step starts from
+        opt.step((x, y))
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(model.bn, key), getattr(reference.bn, key)), key
+    assert int(model.bn.num_batches_tracked) == 3
+
+
+def test_eval_mode_keeps_running_statistics_and_uses_them() -> None:
+    model = cnn()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.3)
+    model.eval()
+    before = {k: v.clone() for k, v in model.bn.named_buffers()}
+    x, y = image_batches(1)[0]
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y)
+    loss = Optimizer(model, SoftmaxCrossEntropy(), method="curveball").step((x, y))
+    assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
+    assert all(torch.equal(b, before[k]) for k, b in model.bn.named_buffers())
+
+
+class Probe(nn.Module):
+    """Records a draw from torch's generator at every forward call, then applies dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[torch.Tensor] = []
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.draws.append(torch.rand(5, dtype=DT))
+        return nn.functional.dropout(h, 0.5, self.training)
+
+
+def test_one_dropout_mask_per_step() -> None:
+    torch.manual_seed(0)
+    probe = Probe()
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), probe, nn.Linear(6, 3)).to(DT)
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="hessian-free", cg_iters=4)
+    first, second = batches(2)
+    generator = torch.get_rng_state()
+    opt.step(first)
+    assert torch.equal(torch.get_rng_state(), generator)  # the caller's stream is untouched
+    calls = list(probe.draws)
+    assert len(calls) > 3  # Hessian-free calls the network many times per step
+    assert all(torch.equal(d, calls[0]) for d in calls)  # with per-call masks these differ
+    probe.draws.clear()
+    opt.step(second)
+    assert all(torch.equal(d, probe.draws[0]) for d in probe.draws)
+    assert not torch.equal(probe.draws[0], calls[0])  # a new mask for the next step
+
+
+def test_the_step_uses_the_dropout_mask_it_draws() -> None:
+    """The loss a step reports is the loss of a plain forward pass with the step's mask."""
+    model = cnn()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="curveball", update_buffers=False)
+    x, y = image_batches(1)[0]
+    reference = copy.deepcopy(model)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_step_seed(opt.dropout_seed, 0))
+        expected = nn.functional.cross_entropy(reference(x), y)
+    assert torch.allclose(opt.step((x, y)), expected, rtol=1e-12, atol=0)
+    assert int(model.bn.num_batches_tracked) == 0  # update_buffers=False
+
+
+# ------------------------------------------------------------------ (e) bad input
+def test_bad_input_raises_named_errors() -> None:
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="curveball")
+    with pytest.raises(MissingBatchError, match=r"opt.step\(\(x, y\)\)"):
+        opt.step(lambda: 0.0)
+    with pytest.raises(MissingBatchError, match="closure"):
+        opt.step(closure=lambda: 0.0)
+    with pytest.raises(MissingBatchError, match="needs the batch"):
+        opt.step()
+    with pytest.raises(MissingBatchError, match="pair"):
+        opt.step((1, 2, 3))
+    with pytest.raises(StructureError, match="no parameters"):
+        Optimizer(nn.ReLU(), SoftmaxCrossEntropy())
+    with pytest.raises(StructureError, match="nn.Module itself"):
+        Optimizer(model.parameters(), SoftmaxCrossEntropy())
+    with pytest.raises(HyperparameterError, match="unknown method 'lbfgs'"):
+        Optimizer(model, SoftmaxCrossEntropy(), method="lbfgs")
+    with pytest.raises(HyperparameterError, match="no hyperparameter learning_rate"):
+        Optimizer(model, SoftmaxCrossEntropy(), method="sgd", learning_rate=0.1)
+    with pytest.raises(HyperparameterError, match="no learning rate"):
+        Optimizer(model, SoftmaxCrossEntropy(), method="bfgs", lr=0.5)
+    extra = nn.Linear(2, 2).to(DT)
+    opt.add_param_group({"params": list(extra.parameters())})
+    with pytest.raises(HyperparameterError, match="one parameter group"):
+        opt.step(batches(1)[0])
