@@ -3,7 +3,10 @@
 Conventions, stated once and used everywhere in ``secondorder``:
 
 * network outputs ``f`` have shape (m, k): m samples, k outputs each;
-* the per-sample loss is l_i = l(f_i, y_i); the **batch loss is the mean** L = (1/m) sum_i l_i;
+* the per-sample loss is l_i = l(f_i, y_i); the **batch loss is the mean** L = (1/m) sum_i l_i
+  (a loss built with ``reduction="sum"`` or a ``scale`` is a :class:`~secondorder.losses.Scaled`
+  whose per-sample loss carries the constant: c l_i with c = m for the sum, so the mean of its
+  per-sample losses is still the batch loss and the rules below hold unchanged);
 * ``grad``, ``hvp``, ``hessian``, ``hessian_sqrt``, ``pinv_hvp`` and ``projector`` are per-sample
   quantities with respect to f_i (not divided by m): the gradient of L with respect to f is
   ``grad(f, y) / m``, and the GGN of L is (1/m) sum_i J_i^T H_i J_i;

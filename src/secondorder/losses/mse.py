@@ -10,11 +10,32 @@ from .base import Array, Loss
 
 
 class MSE(Loss):
-    """1/2 ||f - y||^2 per sample.
+    """Squared error, l(f, y) = 1/2 ||f - y||^2 per sample; the batch loss is the mean over the m
+    samples (with the default options).
 
-    grad = f - y; H = I (so H^+ = I and the projector is I); conjugate
-    l*(a) = 1/2 ||a||^2 + <a, y> (prox-linear sheet, "Losses"); the predictive distribution is
-    N(f, I), so ``sample`` returns f + noise with standard normal noise.
+    Network outputs f and targets y have shape (m, k). Formulas per sample:
+
+    * gradient f - y; Hessian H = I, so H^+ = I, the projector H H^+ = I and the factor S = I;
+    * convex conjugate l*(a) = 1/2 ||a||^2 + <a, y> (Roulet & Blondel, "Dual Gauss-Newton
+      Directions for Deep Learning", 2023, Sec. 3.1, "Examples");
+    * predictive distribution N(f, I): ``sample`` returns f + e with e standard normal (``noise``
+      draws e with NumPy, ``key_noise`` with a :mod:`secondorder.random` key).
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}, default "mean"
+        How the batch is reduced: "mean" gives (1/m) sum_i l_i, "sum" gives sum_i l_i.
+    scale : float, default 1.0
+        A positive constant c multiplying the per-sample loss.
+    outputs : {"sum", "mean"}, default "sum"
+        "mean" divides the per-sample loss by k: ``MSE(scale=2.0, outputs="mean")`` is
+        PyTorch's ``nn.MSELoss()``, (1/(m k)) sum_ij (f_ij - y_ij)^2, and
+        ``MSE(scale=2.0, reduction="sum")`` its ``reduction="sum"``.
+
+    With the defaults the constructor returns this class; any other value returns a
+    :class:`~secondorder.losses.Scaled` wrapping it (not an instance of this class), whose
+    per-sample quantities carry the constant (see :mod:`secondorder.losses.scaled`).
+    A scaled MSE samples from N(f, I/c), the Gaussian with precision c.
     """
 
     name = "mse"

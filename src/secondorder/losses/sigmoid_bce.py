@@ -14,12 +14,36 @@ from .base import Array, Loss
 
 
 class SigmoidBCE(Loss):
-    """sum_j softplus(f_j) - y_j f_j = sum_j -y_j log s_j - (1 - y_j) log(1 - s_j), s = sigmoid(f).
+    """Sigmoid binary cross-entropy summed over k independent outputs,
+    l(f, y) = sum_j softplus(f_j) - y_j f_j = sum_j -y_j log s_j - (1 - y_j) log(1 - s_j) with
+    s = sigmoid(f); the batch loss is the mean over the m samples (with the default options).
 
-    grad = s - y; H = diag(s (1 - s)) (the Kronecker-family sheet's erratum: the thesis writes
-    diag(s)); H^+ inverts the non-zero entries, and the projector is 1 where s (1 - s) > 0.
-    Conjugate: with mu = y + a in [0, 1], l*(a) = sum_j mu_j log mu_j + (1 - mu_j) log(1 - mu_j).
-    ``sample`` draws y_j = 1 with probability s_j.
+    Outputs f (logits) and targets y in [0, 1] (binary labels or probabilities) have shape
+    (m, k). Formulas per sample:
+
+    * gradient s - y; Hessian H = diag(s (1 - s)) (Ren, "Using Second-Order Information in
+      Training Deep Neural Networks", thesis, 2022, eq. 1.5, where H_l is misprinted as
+      diag(sigmoid)); factor S = diag(sqrt(s (1 - s)));
+    * H^+ inverts the non-zero diagonal entries, and the projector H H^+ is 1 where
+      s (1 - s) > 0 (0 where it underflows);
+    * convex conjugate, with mu = y + a in [0, 1]^k:
+      l*(a) = sum_j mu_j log mu_j + (1 - mu_j) log(1 - mu_j), +inf outside;
+    * predictive distribution: independent Bernoulli(s_j); ``sample`` returns y_j = 1 where a
+      uniform noise value is below s_j.
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}, default "mean"
+        How the batch is reduced: "mean" gives (1/m) sum_i l_i, "sum" gives sum_i l_i.
+    scale : float, default 1.0
+        A positive constant c multiplying the per-sample loss.
+    outputs : {"sum", "mean"}, default "sum"
+        "mean" divides the per-sample loss by k: ``SigmoidBCE(outputs="mean")`` is PyTorch's
+        ``nn.BCEWithLogitsLoss()`` (a mean over all m k entries), ``reduction="sum"`` its sum.
+
+    With the defaults the constructor returns this class; any other value returns a
+    :class:`~secondorder.losses.Scaled` wrapping it (not an instance of this class), whose
+    per-sample quantities carry the constant (see :mod:`secondorder.losses.scaled`).
     """
 
     name = "sigmoid_bce"

@@ -13,16 +13,40 @@ from .base import Array, Loss
 
 
 class SoftmaxCrossEntropy(Loss):
-    """logsumexp(f) - <f, y>, with y one-hot (from integer labels) or a probability vector.
+    """Softmax cross-entropy, l(f, y) = logsumexp(f) - <f, y> per sample; the batch loss is the
+    mean over the m samples (with the default options).
 
-    With s = softmax(f): grad = s - y; H = diag(s) - s s^T, so H v = s * v - <v, s> s and H 1 = 0
-    (H is singular); H = S S^T with S = diag(sqrt(s)) - s sqrt(s)^T. Pseudo-inverse
-    H^+ = P D^{-1} P with D = diag(s) and P = I - (1/k) 1 1^T, which is also the projector
-    H H^+ (the prox-linear sheet's corrected Cor. 12: 1/k, not 1/n). A class whose probability
-    underflows to 0 has a zero row and column in H; it is left out of the support, so P centres
-    over the remaining classes and H^+ stays finite. Conjugate:
-    l*(a) = <mu, log mu> for mu = y + a in the simplex, +inf otherwise. ``sample`` draws a class
-    from s by inverting its cumulative sum at a uniform noise value.
+    Outputs f (logits) have shape (m, k); targets y are integer class labels of shape (m,) (read
+    as one-hot rows) or probability rows of shape (m, k). Formulas per sample, with
+    s = softmax(f):
+
+    * gradient s - y; Hessian H = diag(s) - s s^T, so H v = s * v - <v, s> s and H 1 = 0 (H is
+      singular); factor S = diag(sqrt(s)) - s sqrt(s)^T with S S^T = H;
+    * pseudo-inverse H^+ = P diag(s)^{-1} P with P = I - (1/k) 1 1^T, and P is also the
+      projector H H^+ (Roulet & Blondel, "Dual Gauss-Newton Directions for Deep Learning", 2023,
+      App. C, Corollary 12, which writes 1/n where 1/k is meant). A class whose probability
+      underflows to 0 has a zero row and column in H; it is left out of the support, so P
+      centres over the remaining classes and H^+ stays finite;
+    * convex conjugate l*(a) = <mu, log mu> for mu = y + a in the probability simplex, +inf
+      otherwise (same paper, Sec. 3.1, "Examples");
+    * predictive distribution Categorical(s): ``sample`` returns integer labels, found by
+      inverting the cumulative sum of s at a uniform noise value.
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}, default "mean"
+        How the batch is reduced: "mean" gives (1/m) sum_i l_i, "sum" gives sum_i l_i.
+    scale : float, default 1.0
+        A positive constant c multiplying the per-sample loss.
+    outputs : {"sum", "mean"}, default "sum"
+        "mean" divides the per-sample loss by k (rarely wanted here; PyTorch's
+        ``nn.CrossEntropyLoss()`` is the default, ``reduction="sum"`` its sum).
+
+    With the defaults the constructor returns this class; any other value returns a
+    :class:`~secondorder.losses.Scaled` wrapping it (not an instance of this class), whose
+    per-sample quantities carry the constant (see :mod:`secondorder.losses.scaled`).
+    The Monte-Carlo Fisher of a scaled cross-entropy is c times the unscaled one; to get it,
+    ``Scaled.sample`` returns probability-space rows, not labels (see its module).
     """
 
     name = "softmax_cross_entropy"
