@@ -310,11 +310,13 @@ def test_plot_is_one_line_per_method_and_marks_a_deviating_backend(tmp_path):
              Run("adam", "jax", "float64", final_loss=0.2, step_ms=0.2,
                  losses=[1.0, 0.4, 0.21])]  # off by 5 %
     path = tmp_path / "plot.png"
-    labels = plot(runs, str(path), "test")
+    texts = plot(runs, str(path), "test")
+    title, labels = texts["title"], texts["legend"]
     assert path.stat().st_size > 10_000
     lines = [t for t in labels if "final loss" not in t]
     assert lines[:2] == ["sgd", "adam"] and len(lines) == 3
     assert lines[2].startswith("adam / jax: DEVIATES")
+    assert "coincide" in title and "jax" not in title.split("coincide")[0]
 
 
 def test_compare_without_matplotlib_skips_the_plot(monkeypatch, tmp_path, capsys):

@@ -3,7 +3,9 @@
     secondorder list                 backends found (and what each supports), methods, problems
     secondorder compare [--method M] [--problem P] [--json OUT] [--plot OUT.png]
                                      optimisers on every backend from the same weights and
-                                     batches: loss, step time, deviation from float64 NumPy
+                                     batches: final loss and accuracy on the whole training
+                                     set, step time, JAX compilation time, deviation from the
+                                     float64 NumPy run
     secondorder check [--backends numpy,torch] [--json OUT]
                                      the same Kronecker and CG solves on every backend, compared
                                      with a float64 NumPy oracle; exits 1 on a deviation
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,8 +87,9 @@ def _compare(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
                    device=args.device, progress=show)
     n_train = getattr(problem, "x", None)
-    on = (f"the whole training set ({n_train.shape[0]} samples)" if n_train is not None
-          else "the noise-free objective")
+    measured = (f"final loss and accuracy on the whole training set ({n_train.shape[0]} "
+                "samples) after training" if n_train is not None
+                else "final loss = the noise-free objective after training")
 
     def cell(value: Any) -> Any:
         return "-" if value is None else value
@@ -93,10 +97,12 @@ def _compare(args: argparse.Namespace) -> int:
     rows = [[r.method, r.backend, r.dtype, cell(r.final_loss), cell(r.final_accuracy),
              cell(r.step_ms), cell(r.compile_ms), cell(r.step_vs_sgd),
              cell(r.max_rel_deviation), r.status] for r in runs]
-    print(f"\n{args.problem}: {args.steps} steps, {args.dtype}, seed {args.seed}; final loss "
-          f"and accuracy on {on} after training; step ms = median step time after the first; "
-          f"compile ms = first step less the median (compiling backends only); deviation = max "
-          f"over leaves ||w - w_numpy64|| / ||w_numpy64|| (tolerance {TOLERANCE[args.dtype]:g})")
+    print("\n" + textwrap.fill(
+        f"{args.problem}: {args.steps} steps, {args.dtype}, seed {args.seed}; {measured}; "
+        f"step ms = median step time after the first; "
+        f"compile ms = first step less the median (compiling backends only); deviation = max "
+        f"over leaves ||w - w_numpy64|| / ||w_numpy64|| (tolerance {TOLERANCE[args.dtype]:g})",
+        width=100))
     print(format_table(["method", "backend", "dtype", "final loss", "accuracy", "step ms",
                         "compile ms", "vs sgd", "max rel dev", "status"], rows))
     if args.json:

@@ -271,8 +271,9 @@ def curve_deviation(losses: list[float], reference: list[float]) -> float:
 
 
 def plot(runs: list[Run], path: str, title: str,
-         tolerance: float | None = None) -> list[str]:
-    """Write the comparison figure to ``path``; returns the legend labels of the loss panel.
+         tolerance: float | None = None) -> dict[str, Any]:
+    """Write the comparison figure to ``path``; returns the loss panel's texts,
+    ``{"title": ..., "legend": [labels]}``.
 
     Left: the mini-batch loss against the step, one line per method, drawn from the method's
     first run (NumPy where it ran), with its final whole-training-set loss as a star. Every
@@ -295,6 +296,7 @@ def plot(runs: list[Run], path: str, title: str,
     names = list(dict.fromkeys(r.backend for r in runs))
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     coincide: set[str] = set()
+    deviates: set[str] = set()
     for method in methods:
         mine = [r for r in runs if r.method == method and r.losses]
         if not mine:
@@ -314,6 +316,7 @@ def plot(runs: list[Run], path: str, title: str,
             if r.ok and dev <= tol:
                 coincide.add(r.backend)
                 continue
+            deviates.add(r.backend)
             by_step.plot(np.arange(1, len(r.losses) + 1), r.losses, color=colours[method],
                          linestyle="--", marker="x", markevery=max(len(r.losses) // 10, 1),
                          label=f"{method} / {r.backend}: DEVIATES ({dev:.1e})")
@@ -324,12 +327,15 @@ def plot(runs: list[Run], path: str, title: str,
     by_step.set_yscale("log")
     by_step.grid(alpha=0.3)
     by_step.legend(fontsize=7)
-    shown = [n for n in names if n in coincide]
+    shown = [n for n in names if n in coincide and n not in deviates]
     tol_text = "the consistency tolerance" if tolerance is None else f"{tolerance:g}"
     if runs and tolerance is None and len({r.dtype for r in runs}) == 1:
         tol_text = f"{TOLERANCE.get(runs[0].dtype, 1e-8):g}"
-    by_step.set_title(f"one line per method: {', '.join(shown) or 'no backend'} coincide "
-                      f"(relative {tol_text} at every step)", fontsize=9)
+    panel_title = (f"one line per method: {', '.join(shown) or 'no backend'} coincide "
+                   f"(relative {tol_text} at every step)")
+    if deviates:
+        panel_title += f";\n{', '.join(n for n in names if n in deviates)} deviates where marked"
+    by_step.set_title(panel_title, fontsize=9)
 
     height = 0.8 / max(len(names), 1)
     slowest = max((r.step_ms for r in runs if r.step_ms), default=1.0)
@@ -359,4 +365,5 @@ def plot(runs: list[Run], path: str, title: str,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [t.get_text() for t in by_step.get_legend().get_texts()]
+    legend = [t.get_text() for t in by_step.get_legend().get_texts()]
+    return {"title": panel_title, "legend": legend}
