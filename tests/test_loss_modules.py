@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import assert_close, softmax, to
+from helpers import assert_close, raveled, softmax, to
 from secondorder import backends, losses
 from secondorder.curvature import GGN, Fisher
 from secondorder.errors import HyperparameterError, UnsupportedLossError
@@ -327,3 +327,69 @@ def test_as_loss_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimisers take scaled losses unchanged
+
+def _train_setup(kind, rng, m=6):
+    backend = backends.get("torch")
+    model = MLP([3, 4, 3], "tanh")
+    params = model.init(1, backend)
+    x = to(backend, rng.standard_normal((m, 3)))
+    y = _targets(kind, rng, m, 3)
+    y = backend.asarray(y) if y.dtype.kind in "iu" else to(backend, y)
+    return model, params, (x, y)
+
+
+def test_newton_step_is_invariant_to_the_scale(rng):
+    """The undamped Newton step -H^{-1} g does not change when the loss is multiplied by 2m."""
+    torch = pytest.importorskip("torch")
+    from secondorder.optim import Newton
+
+    model, params, batch = _train_setup("real", rng)
+    steps = []
+    for loss in (losses.MSE(), losses.as_loss(torch.nn.MSELoss(reduction="sum"))):
+        opt = Newton(model.apply, loss, variant="abs")
+        new, _, _ = opt.step(params, opt.init(params), batch)
+        steps.append(raveled(backends.get("torch"), new))
+    assert_close(steps[1], steps[0], rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["dual", "primal"])
+def test_prox_linear_with_a_sum_is_the_mean_with_gamma_times_m(rng, solver):
+    """(1/m) sum_i m q_i + |d|^2 / (2 gamma) is (1/m) sum_i q_i + |d|^2 / (2 m gamma): the
+    prox-linear step of CrossEntropyLoss(sum) with gamma is the library's with gamma m."""
+    torch = pytest.importorskip("torch")
+    from secondorder.optim import ProxLinear
+
+    m, gamma = 6, 0.05
+    model, params, batch = _train_setup("labels", rng, m)
+    out = []
+    for loss, g in ((losses.SoftmaxCrossEntropy(), gamma * m),
+                    (losses.as_loss(torch.nn.CrossEntropyLoss(reduction="sum")), gamma)):
+        opt = ProxLinear(model.apply, loss, solver=solver, gamma=g, inner_steps=3)
+        new, _, info = opt.step(params, opt.init(params), batch)
+        out.append((raveled(backends.get("torch"), new), info.loss))
+    assert_close(out[1][0], out[0][0], rtol=1e-10)
+    assert_close(float(out[1][1]), m * float(out[0][1]))
+
+
+def test_code_for_the_unscaled_formulas_refuses_a_scaled_loss(rng):
+    from secondorder.optim import ProxLinear
+
+    model, params, batch = _train_setup("labels", rng)
+    for options in (dict(scaled=True), dict(solver="exact-dual")):
+        with pytest.raises(HyperparameterError):
+            opt = ProxLinear(model.apply, losses.SoftmaxCrossEntropy(reduction="sum"), **options)
+            opt.step(params, opt.init(params), batch)
+
+
+def test_scaled_loss_under_jax_jit(rng):
+    jax = pytest.importorskip("jax")
+    backend = backends.get("jax")
+    loss = losses.MSE(scale=2.0, outputs="mean")
+    f = to(backend, rng.standard_normal((4, 3)))
+    y = to(backend, rng.standard_normal((4, 3)))
+    assert_close(jax.jit(loss.value)(f, y), float(loss.value(f, y)))
+    assert_close(jax.jit(loss.grad)(f, y), loss.grad(f, y), backend=backend)
