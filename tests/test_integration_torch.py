@@ -247,6 +247,31 @@ def test_running_statistics_follow_one_forward_pass(name: str) -> None:
     assert int(model.bn.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize(("update_buffers", "per_step"), [("auto", 1), (True, 2), (False, 1)])
+def test_a_leftover_forward_pass_updates_the_statistics_once(update_buffers: object,
+                                                             per_step: int) -> None:
+    """A torch loop that still runs model(x) in train mode: with "auto" that pass is the one
+    update per step (the statistics equal those of the user's passes alone); True adds the
+    optimiser's own pass, False leaves only the user's."""
+    model = cnn()
+    shadow = cnn()  # the same module, run only by the "user"
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="curveball",
+                    update_buffers=update_buffers)
+    criterion = nn.CrossEntropyLoss()
+    for x, y in image_batches(3):
+        shadow.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            shadow(x)
+        opt.zero_grad()
+        criterion(model(x), y).backward()
+        opt.step((x, y))
+        assert int(model.bn.num_batches_tracked) == int(shadow.bn.num_batches_tracked) + (
+            per_step - 1)
+        if per_step == 1:
+            assert torch.equal(model.bn.running_mean, shadow.bn.running_mean)
+            assert torch.equal(model.bn.running_var, shadow.bn.running_var)
+
+
 def test_eval_mode_keeps_running_statistics_and_uses_them() -> None:
     model = cnn()
     with torch.no_grad():

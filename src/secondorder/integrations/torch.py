@@ -25,9 +25,10 @@ the trained weights.
 Modules in train mode: all the forward passes of one step (there are many, inside ``torch.func``
 transforms) use the same dropout mask, drawn from a per-step seed derived from ``dropout_seed``
 and the step number (your global generator is left untouched); normalisation layers normalise
-with the batch statistics, and their running statistics are updated once per step by one
-train-mode forward pass over the step's batch at the parameters the step started from (under
-``torch.no_grad``, with the step's dropout mask). In eval mode the module runs as it is.
+with the batch statistics, and their running statistics are updated once per step: by your
+own ``model(x)`` if your loop still runs one, else by one train-mode forward pass over the step's
+batch at the parameters the step started from (under ``torch.no_grad``, with the step's dropout
+mask; see ``update_buffers``). In eval mode the module runs as it is.
 """
 
 from __future__ import annotations
@@ -140,13 +141,16 @@ class Optimizer(torch.optim.Optimizer):
         forward passes. ``None`` takes ``torch.initial_seed()`` (so ``torch.manual_seed``
         makes runs reproducible); the generator itself is neither advanced nor reseeded. Saved
         in :meth:`state_dict`.
-    update_buffers : bool, default True
-        After each accepted step, run one train-mode forward pass over the step's batch, at the
-        parameters the step started from and without gradients, to update the running
-        statistics of the normalisation layers in train mode (``num_batches_tracked`` += 1).
-        Skipped when no such layer is in train mode. Set it to False when your loop already
-        runs ``model(x)`` in train mode on every batch (that pass updates them), or to keep the
-        statistics fixed.
+    update_buffers : bool or "auto", default "auto"
+        Whether to run, after an accepted step, one train-mode forward pass over the step's
+        batch, at the parameters the step started from and without gradients, that updates the
+        running statistics of the normalisation layers in train mode once
+        (``num_batches_tracked`` += 1). ``True``: after every step. ``False``: never (the
+        statistics stay as they are unless your own code runs the module in train mode).
+        ``"auto"``: unless the module already ran a train-mode forward pass since the previous
+        step (its ``num_batches_tracked`` moved), as the ``model(x)`` left in a torch loop does;
+        then that pass has updated them, and they are updated once per step either way.
+        Nothing to do when no normalisation layer is in train mode.
     lr : float, default: the method's
         The learning rate, a key of the parameter group that ``torch.optim.lr_scheduler``
         schedules. For methods with a learning rate (``sgd``, ``adam``, ``newton``,
@@ -193,7 +197,7 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: torch.nn.Module, loss: Any, method: str = "curveball", *,
-                 dropout_seed: int | None = None, update_buffers: bool = True,
+                 dropout_seed: int | None = None, update_buffers: bool | str = "auto",
                  **hyperparameters: Any):
         from ..optim.registry import METHODS
 
@@ -237,12 +241,17 @@ class Optimizer(torch.optim.Optimizer):
         self.method = method
         self.model = model
         self.loss = _to_loss(loss)
-        self.update_buffers = bool(update_buffers)
+        if update_buffers not in (True, False, "auto"):
+            raise HyperparameterError(
+                f"update_buffers must be True, False or 'auto', got {update_buffers!r}")
+        self.update_buffers = update_buffers
         self.dropout_seed = int(torch.initial_seed() if dropout_seed is None else dropout_seed)
         self.info: StepInfo | None = None
         self._factory = factory
         self._adapter = TorchModel(model)
         self._param_names = [n for n, _ in named]
+        #: num_batches_tracked of the normalisation layers after the last step ("auto")
+        self._tracked = self._adapter.batches_tracked()
         self._state: Any = None
         self._steps = 0
         self._built: tuple[Any, Any] | None = None  # (hyperparameters, method object)
@@ -302,10 +311,14 @@ class Optimizer(torch.optim.Optimizer):
             return scale(lr)
         return chain(self._user_transform, scale(lr))
 
+    def _named(self) -> zip:
+        """(name, tensor) of the parameters, the tensors as the parameter group holds them."""
+        return zip(self._param_names, self._group()["params"], strict=True)
+
     def _params(self) -> dict[str, torch.Tensor]:
         """Copies of the module's current parameters (the method may keep references to the
         parameters it is given; the module's tensors are overwritten in place)."""
-        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        return {n: p.detach().clone() for n, p in self._named()}
 
     def _restructure(self, method: Any, state: Any) -> Any:
         """``state`` with the transform state of ``method`` where the lr multiplier appeared
@@ -356,15 +369,22 @@ class Optimizer(torch.optim.Optimizer):
         with context:
             new, state, info = method.step(params, self._state, (x, y))
             accepted = bool(info.finite)
-            if accepted and training and self.update_buffers:
+            if accepted and training and self._should_update_buffers():
                 self._adapter.update_buffers(x)  # the module still holds the old parameters
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
+            for name, p in self._named():
                 p.copy_(new[name])
         self._state = state
         self._steps += 1
         self.info = info
+        if self.update_buffers == "auto":
+            self._tracked = self._adapter.batches_tracked()
         return info.loss.detach()
+
+    def _should_update_buffers(self) -> bool:
+        if self.update_buffers != "auto":
+            return bool(self.update_buffers)
+        return self._adapter.has_running_stats and self._adapter.batches_tracked() == self._tracked
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -376,7 +396,8 @@ class Optimizer(torch.optim.Optimizer):
         out = super().state_dict()
         leaves = None if self._state is None else list(flatten(self._state)[0])
         out["state"]["secondorder"] = {"method": self.method, "step": self._steps,
-                                       "dropout_seed": self.dropout_seed, "leaves": leaves}
+                                       "dropout_seed": self.dropout_seed,
+                                       "batches_tracked": list(self._tracked), "leaves": leaves}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -397,6 +418,7 @@ class Optimizer(torch.optim.Optimizer):
         self.state.clear()
         self._steps = int(ours["step"])
         self.dropout_seed = int(ours["dropout_seed"])
+        self._tracked = list(ours.get("batches_tracked", self._adapter.batches_tracked()))
         self._built = None
         self._state = None
         method = self._current_method()

@@ -76,7 +76,7 @@ class TorchModel(Model):
                     norms.append((sub, buffers))
         self.layers = tuple(layers)
         self._norms = norms
-        self._rng: tuple[Any, list[tuple[int, Any]]] | None = None
+        self._rng: list[tuple[Any, Any]] | None = None  # (generator, state) pairs
         self._shapes: dict[tuple, list[tuple[int, ...]]] = {}
 
     def params(self) -> dict[str, Array]:
@@ -88,6 +88,15 @@ class TorchModel(Model):
         """True when some normalisation layer is in train mode and tracks running statistics
         (then :meth:`update_buffers` has work to do)."""
         return any(sub.training for sub, _ in self._norms)
+
+    def batches_tracked(self) -> list[int]:
+        """``num_batches_tracked`` of every normalisation layer that has it, in module order
+        (how many train-mode forward passes updated its running statistics)."""
+        import torch
+
+        counts = [sub.num_batches_tracked for sub, _ in self._norms
+                  if getattr(sub, "num_batches_tracked", None) is not None]
+        return torch.stack(counts).tolist() if counts else []  # one device read for all
 
     def _frozen_stats(self) -> dict[str, None]:
         """Overrides for ``functional_call`` that hide the running statistics of train-mode
@@ -122,30 +131,34 @@ class TorchModel(Model):
     @contextmanager
     def randomness(self, seed: int) -> Iterator[None]:
         """Within the block, every call of :meth:`apply` (and :meth:`update_buffers`) on a module
-        in train mode starts from the generator state of ``torch.manual_seed(seed)``: all
-        forward passes draw the same dropout masks. The generators of the CPU and of the CUDA
-        devices that hold parameters are restored on exit, so the caller's random stream is
-        untouched."""
+        in train mode starts from the state that seeding the default generators with ``seed``
+        gives: all forward passes draw the same dropout masks. The generators of the CPU and of
+        the CUDA devices that hold parameters are restored on exit, so the caller's random
+        stream is untouched."""
         import torch
 
         devices = sorted({p.device.index or 0 for p in self.module.parameters() if p.is_cuda})
+        if devices:
+            torch.cuda.init()
+        generators = [torch.default_generator,
+                      *(torch.cuda.default_generators[d] for d in devices)]
+        saved = [g.get_state() for g in generators]
         previous = self._rng
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            self._rng = (torch.get_rng_state(),
-                         [(d, torch.cuda.get_rng_state(d)) for d in devices])
-            try:
-                yield
-            finally:
-                self._rng = previous
+        try:
+            states = []
+            for g in generators:  # Generator.manual_seed: torch.manual_seed costs ~2 ms a call
+                g.manual_seed(seed)
+                states.append(g.get_state())
+            self._rng = list(zip(generators, states))
+            yield
+        finally:
+            self._rng = previous
+            for g, state in zip(generators, saved):
+                g.set_state(state)
 
     def _restore_rng(self) -> None:
-        import torch
-
-        cpu, cuda = self._rng
-        torch.set_rng_state(cpu)
-        for device, state in cuda:
-            torch.cuda.set_rng_state(state, device)
+        for generator, state in self._rng:
+            generator.set_state(state)
 
     def update_buffers(self, x: Array, params: Any = None) -> None:
         """One train-mode forward pass over ``x`` without gradients, at ``params`` (the module's
