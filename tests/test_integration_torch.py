@@ -26,7 +26,13 @@ from secondorder.integrations.torch import Optimizer, _step_seed  # noqa: E402
 from secondorder.losses import SoftmaxCrossEntropy  # noqa: E402
 from secondorder.models import from_torch  # noqa: E402
 from secondorder.optim.registry import METHODS  # noqa: E402
-from secondorder.optim.transforms import EmptyState, scale  # noqa: E402
+from secondorder.optim.transforms import (  # noqa: E402
+    EmptyState,
+    chain,
+    clip_by_global_norm,
+    scale,
+    scale_by_schedule,
+)
 
 DT = torch.float64
 
@@ -220,6 +226,35 @@ def test_step_lr_scales_curveballs_step() -> None:
     assert max_rel_diff(module_params(model), params) <= 1e-12
     unscheduled = pure_run(mlp(), "curveball", data)
     assert max_rel_diff(module_params(model), unscheduled) > 1e-6
+
+
+def test_user_transform_and_a_schedule_as_lr() -> None:
+    """A transform of the user's own is applied before the lr multiplier; an lr given as a
+    schedule (a callable of the step count) is kept on the optimiser, not in the group."""
+    data = batches(3)
+
+    def schedule(t: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (1.0 + t)
+
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="curveball",
+                    transform=clip_by_global_norm(0.05), lr=schedule)
+    for batch in data:
+        opt.step(batch)
+    assert "lr" not in opt.param_groups[0] and "transform" not in opt.param_groups[0]
+    expected = pure_run(mlp(), "curveball", data,
+                        transform=chain(clip_by_global_norm(0.05), scale_by_schedule(schedule)))
+    assert max_rel_diff(module_params(model), expected) <= 1e-12
+
+
+def test_float32_module_trains_in_float32() -> None:
+    model = mlp().float()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="curveball")
+    x, y = batches(1)[0]
+    loss = opt.step((x.float(), y))
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all())
+               for p in model.parameters())
 
 
 def test_changed_group_value_rebuilds_the_method() -> None:

@@ -284,7 +284,7 @@ class Optimizer(torch.optim.Optimizer):
             if same:
                 return self._built[1]
         hp = {**{k: v for k, v in values.items() if k != "lr"}, **self._fixed}
-        lr = values.get("lr", 1.0)
+        lr = values["lr"] if "lr" in values else hp.pop("lr", 1.0)  # a number, or a schedule
         if self._lr_mode == "native":
             hp["lr"] = lr
             if self._user_transform is not None:
@@ -303,13 +303,16 @@ class Optimizer(torch.optim.Optimizer):
         return method
 
     def _lr_transform(self, lr: Any) -> Any:
-        from ..optim.transforms import chain, scale
+        """The transform that multiplies the method's step by ``lr`` (a number, or a schedule
+        of the step count), after the user's own transform."""
+        from ..optim.transforms import chain, scale, scale_by_schedule
 
+        multiplier = scale_by_schedule(lr) if callable(lr) else scale(lr)
         if self._user_transform is None:
             if isinstance(lr, int | float) and lr == 1.0:
                 return None  # the method's own step, to the last bit
-            return scale(lr)
-        return chain(self._user_transform, scale(lr))
+            return multiplier
+        return chain(self._user_transform, multiplier)
 
     def _named(self) -> zip:
         """(name, tensor) of the parameters, the tensors as the parameter group holds them."""
