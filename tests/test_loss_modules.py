@@ -261,6 +261,11 @@ def test_mc_fisher_of_cross_entropy_sum_is_m_times_fisher(rng):
     fp = Fisher(model.apply, losses.SoftmaxCrossEntropy(), params, batch, samples=3,
                 seed=4).to_dense()
     assert_close(fs.numpy(), 4 * fp.numpy())
+    # the empirical Fisher uses the gradients of the scaled loss: c^2 = m^2 times
+    es = Fisher(model.apply, mapped, params, batch, kind="empirical").to_dense()
+    ep = Fisher(model.apply, losses.SoftmaxCrossEntropy(), params, batch,
+                kind="empirical").to_dense()
+    assert_close(es.numpy(), 16 * ep.numpy())
 
 
 def test_sampling_with_a_key_on_jax():

@@ -39,9 +39,12 @@ distribution of the likelihood exp(-c l) (for torch's ``nn.MSELoss()``, c = 2/k)
 cross-entropy and BCE with c != 1, t' are rows in the output space with the mean and
 covariance of the sampled labels divided by sqrt(c), not labels: they are meant for
 ``grad`` (the Monte-Carlo Fisher, K-FAC), not for ``value`` or ``check``. With c = 1 ``sample``
-returns the unscaled loss's own samples (integer labels for cross-entropy). The empirical
-Fisher uses the gradients of the scaled loss at the batch targets, c grad l(f, y), so it is c^2
-times that of l, as the gradients of the framework's loss are.
+returns the unscaled loss's own samples (integer labels for cross-entropy).
+
+The empirical Fisher (``Fisher(kind="empirical")``, K-FAC's ``mode="empirical"``) uses the
+gradients of the scaled loss at the batch targets, c grad l(f, y), so it is c^2 times that of l
+(for ``reduction="sum"``: m sum_i g_i g_i^T). curvlinops and BackPACK apply the reduction
+factor once there too (sum_i g_i g_i^T for a sum); divide by c to compare with them.
 """
 
 from __future__ import annotations
