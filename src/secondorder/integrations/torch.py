@@ -116,9 +116,10 @@ class Optimizer(torch.optim.Optimizer):
 
         opt = Optimizer(model, nn.CrossEntropyLoss(), method="curveball")
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
-        for x, y in loader:
-            loss = opt.step((x, y))   # the mean loss before the step, like a closure's value
-        sched.step()
+        for epoch in range(epochs):
+            for x, y in loader:
+                loss = opt.step((x, y))  # the mean loss before the step, like a closure's value
+            sched.step()
 
     Parameters
     ----------
@@ -140,7 +141,8 @@ class Optimizer(torch.optim.Optimizer):
         uses one mask, drawn from a seed mixed from ``dropout_seed`` and ``t``, for all its
         forward passes. ``None`` takes ``torch.initial_seed()`` (so ``torch.manual_seed``
         makes runs reproducible); the generator itself is neither advanced nor reseeded. Saved
-        in :meth:`state_dict`.
+        in :meth:`state_dict`. The CPU generator and those of the CUDA devices holding
+        parameters are handled; random draws on other devices are not fixed per step.
     update_buffers : bool or "auto", default "auto"
         Whether to run, after an accepted step, one train-mode forward pass over the step's
         batch, at the parameters the step started from and without gradients, that updates the
@@ -162,7 +164,8 @@ class Optimizer(torch.optim.Optimizer):
         added, so the step is bit-identical to the method's own. ``bfgs`` and
         ``grouped-newton`` have neither (their line search or cubic model sets the step):
         their ``lr`` is 1.0 and any other value raises
-        :class:`~secondorder.errors.HyperparameterError`.
+        :class:`~secondorder.errors.HyperparameterError`. A schedule (a callable of the step
+        count) instead of a number is kept on the optimiser, outside the parameter group.
     **hyperparameters
         The method's own hyperparameters (``damping``, ``cg_iters``, ``momentum``, ...; see its
         class docstring), overriding the registry's defaults. Numbers, strings, booleans and
