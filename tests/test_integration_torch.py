@@ -390,3 +390,35 @@ def test_bad_input_raises_named_errors() -> None:
     opt.add_param_group({"params": list(extra.parameters())})
     with pytest.raises(HyperparameterError, match="one parameter group"):
         opt.step(batches(1)[0])
+
+
+@pytest.mark.parametrize("name", ["curveball", "sgd"])
+def test_frozen_parameters_stay_fixed(name):
+    """A layer with requires_grad=False is a constant of the forward pass: it keeps its values,
+    and the trainable ones equal the pure API on a hand-written function in which the frozen
+    weights are captured constants."""
+    model = mlp(3)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model[0].state_dict().items()}
+    data = batches(3)
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method=name)
+    for batch in data:
+        opt.step(batch)
+    for k, v in model[0].state_dict().items():
+        assert torch.equal(v, frozen[k])
+
+    reference = mlp(3)
+    w0, b0 = reference[0].weight.detach(), reference[0].bias.detach()
+
+    def apply(p, x):
+        return torch.tanh(x @ w0.T + b0) @ p["2.weight"].T + p["2.bias"]
+
+    params = {n: t.detach().clone() for n, t in reference[2].named_parameters()}
+    params = {"2.weight": params["weight"], "2.bias": params["bias"]}
+    pure = METHODS[name](apply, SoftmaxCrossEntropy())
+    state = pure.init(params)
+    for batch in data:
+        params, state, _ = pure.step(params, state, batch)
+    assert torch.allclose(model[2].weight, params["2.weight"], rtol=0, atol=1e-12)
+    assert torch.allclose(model[2].bias, params["2.bias"], rtol=0, atol=1e-12)

@@ -124,9 +124,10 @@ class Optimizer(torch.optim.Optimizer):
     Parameters
     ----------
     model : torch.nn.Module
-        The network to train. Every parameter of ``model.named_parameters()`` is optimised (one
-        parameter group); the new values are copied into these tensors in place after every
-        step. Train mode and eval mode are honoured as described in the module docstring.
+        The network to train. Every parameter of ``model.named_parameters()`` with
+        ``requires_grad=True`` is optimised (one parameter group; frozen parameters stay
+        constants of the forward pass); the new values are copied into these tensors in place
+        after every step. Train mode and eval mode are honoured as the module docstring says.
     loss : secondorder.losses.Loss or torch loss module
         The objective on the module's output: a library loss (``MSE()``,
         ``SoftmaxCrossEntropy()``, ``SigmoidBCE()``) or ``nn.MSELoss``, ``nn.CrossEntropyLoss``,
@@ -214,10 +215,11 @@ class Optimizer(torch.optim.Optimizer):
                 f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))} "
                 "(secondorder.optim.registry.METHODS), or register your own with "
                 "secondorder.optim.registry.register")
-        named = list(model.named_parameters())
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise StructureError(
-                f"the module {type(model).__name__} has no parameters to optimise")
+                f"the module {type(model).__name__} has no parameters to optimise (none with "
+                "requires_grad=True)")
         factory = METHODS[method]
         defaults, names, open_keywords = _hyperparameters(factory)
         if "lr" in names:
@@ -251,7 +253,7 @@ class Optimizer(torch.optim.Optimizer):
         self.dropout_seed = int(torch.initial_seed() if dropout_seed is None else dropout_seed)
         self.info: StepInfo | None = None
         self._factory = factory
-        self._adapter = TorchModel(model)
+        self._adapter = TorchModel(model, trainable_only=True)
         self._param_names = [n for n, _ in named]
         #: num_batches_tracked of the normalisation layers after the last step ("auto")
         self._tracked = self._adapter.batches_tracked()

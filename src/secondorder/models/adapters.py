@@ -49,19 +49,22 @@ class TorchModel(Model):
     #: buffers of a normalisation layer that its train-mode forward pass updates in place
     _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, trainable_only: bool = False):
         import torch
         from torch.nn.modules.batchnorm import _NormBase
 
         self.module = module
-        names = sorted(name for name, _ in module.named_parameters())
+        self.trainable_only = trainable_only
+        names = sorted(name for name, p in module.named_parameters()
+                       if p.requires_grad or not trainable_only)
         index = {name: i for i, name in enumerate(names)}
         self.names = names
         self._tapped = []
         layers = []
         norms = []
         for prefix, sub in module.named_modules():
-            if isinstance(sub, torch.nn.Linear | torch.nn.Conv2d):
+            weight = f"{prefix}.weight" if prefix else "weight"
+            if isinstance(sub, torch.nn.Linear | torch.nn.Conv2d) and weight in index:
                 kind = "dense" if isinstance(sub, torch.nn.Linear) else "conv"
                 w = index[f"{prefix}.weight" if prefix else "weight"]
                 b_name = f"{prefix}.bias" if prefix else "bias"
@@ -80,8 +83,10 @@ class TorchModel(Model):
         self._shapes: dict[tuple, list[tuple[int, ...]]] = {}
 
     def params(self) -> dict[str, Array]:
-        """The module's current parameters, detached copies keyed by name."""
-        return {n: p.detach().clone() for n, p in self.module.named_parameters()}
+        """The module's current parameters, detached copies keyed by name (only those with
+        ``requires_grad`` when the model was built with ``trainable_only``)."""
+        return {n: p.detach().clone() for n, p in self.module.named_parameters()
+                if p.requires_grad or not self.trainable_only}
 
     @property
     def has_running_stats(self) -> bool:
@@ -226,10 +231,15 @@ class TorchModel(Model):
         return self._shapes[key]
 
 
-def from_torch(module: Any) -> tuple[TorchModel, dict[str, Array]]:
+def from_torch(module: Any, trainable_only: bool = False
+               ) -> tuple[TorchModel, dict[str, Array]]:
     """``(apply, params)`` for a ``torch.nn.Module``: ``apply(params, x)`` is the module's
-    forward pass with ``params`` (a dict name -> tensor) in place of its own parameters."""
-    model = TorchModel(module)
+    forward pass with ``params`` (a dict name -> tensor) in place of its own parameters.
+
+    ``trainable_only`` (default False): when True, ``params`` holds only the parameters with
+    ``requires_grad`` (frozen ones stay the module's own constants inside ``apply``, and a
+    layer whose weight is frozen is not tapped); when False, every parameter."""
+    model = TorchModel(module, trainable_only)
     return model, model.params()
 
 
