@@ -95,6 +95,8 @@ class Optimizer(ABC):
     damping_boost_on_failure: float = 10.0
     #: the NamedTuple class of this method's state (see :mod:`secondorder.optim.state`)
     State: type = tuple
+    #: the keys of ``info.extras`` that every step of this method reports
+    info_extras: tuple[str, ...] = ()
 
     def __init__(self, apply: Callable[[Tree, Any], Array], loss: Loss):
         self.apply = apply

@@ -12,6 +12,7 @@ from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import axpy, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .schedules import Schedule, resolve
 from .state import initial_count, method_state
 
 
@@ -52,7 +53,7 @@ class BFGS(Optimizer):
     State = BFGSState
 
     def __init__(self, apply: Callable, loss: Loss, *, c1: float = 1e-4, c2: float = 0.9,
-                 max_line_search: int = 20, initial_step: float = 1.0):
+                 max_line_search: int = 20, initial_step: float | Schedule = 1.0):
         super().__init__(apply, loss)
         if is_number(c1, c2) and not 0 < c1 < c2 < 1:
             raise HyperparameterError("BFGS needs 0 < c1 < c2 < 1")
@@ -105,7 +106,8 @@ class BFGS(Optimizer):
             return k + 1, t, lo, hi, done, g_lo
 
         dev = backend.device(g)
-        init = (xp.asarray(0, device=dev), self.scalar(params, self.initial_step),
+        init = (xp.asarray(0, device=dev),
+                self.scalar(params, resolve(self.initial_step, state.count, params)),
                 self.scalar(params, 0.0), self.scalar(params, float("inf")),
                 xp.asarray(False, device=dev), g)
         evaluations, _, t, _, _, g_new = backend.while_loop(searching, bisect, init)

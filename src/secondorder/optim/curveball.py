@@ -35,6 +35,7 @@ from ..losses import Loss
 from ..tree import add
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .directions import curveball_2x2, curveball_direction, curveball_quantities
+from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
 from .state import every, initial_count, method_state
 from .step_rules import apply_transform, check_transform, curveball_damping, init_transform
 
@@ -91,9 +92,10 @@ class CurveBall(Optimizer):
     """
 
     State = CurveBallState
+    info_extras = ("rho", "beta", "predicted")
 
-    def __init__(self, apply: Callable, loss: Loss, *, damping: float = 10.0,
-                 rho: float | None = None, beta: float | None = None,
+    def __init__(self, apply: Callable, loss: Loss, *, damping: float | Schedule = 10.0,
+                 rho: float | Schedule | None = None, beta: float | Schedule | None = None,
                  curvature: str = "ggn", adapt_damping: bool | None = None,
                  lambda_interval: int = 5,
                  lambda_factor: float = 0.999, lambda_thresholds: tuple[float, float] = (0.5, 1.5),
@@ -116,8 +118,9 @@ class CurveBall(Optimizer):
         low, high = lambda_thresholds
         if is_number(low, high) and not low < high:
             raise HyperparameterError("lambda_thresholds must be (low, high) with low < high")
-        if adapt_damping is None:
-            adapt_damping = rho is None
+        if adapt_damping is None and rho is not None:
+            adapt_damping = False
+        adapt_damping = resolve_adaptation(adapt_damping, damping, "CurveBall")
         if adapt_damping and rho is not None:
             raise HyperparameterError(
                 "damping adaptation needs the model's predicted change from the automatic "
@@ -131,10 +134,12 @@ class CurveBall(Optimizer):
         self.transform = transform
 
     def init(self, params: Tree) -> CurveBallState:
-        lam = self.scalar(params, self.damping)
+        lam = self.scalar(params, 0.0 if is_schedule(self.damping) else self.damping)
         backend = backend_of(lam)
-        return CurveBallState(initial_count(backend, backend.device(lam)),
-                              tree_map(lambda a: a * 0.0, params), lam,
+        count = initial_count(backend, backend.device(lam))
+        if is_schedule(self.damping):  # the value the first step will use
+            lam = resolve(self.damping, count, params)
+        return CurveBallState(count, tree_map(lambda a: a * 0.0, params), lam,
                               init_transform(self.transform, params))
 
     def _quantities(self, params: Tree, z: Tree, lam: Array, batch: Batch) -> dict[str, Any]:
@@ -152,10 +157,12 @@ class CurveBall(Optimizer):
     def step(self, params: Tree, state: CurveBallState, batch: Batch
              ) -> tuple[Tree, CurveBallState, StepInfo]:
         backend = self.check_state(params, state)
-        lam = state.damping
+        scheduled = is_schedule(self.damping)
+        lam = resolve(self.damping, state.count, params) if scheduled else state.damping
         fixed = {}
         if self.rho is not None:
-            fixed = {"rho": self.scalar(params, self.rho), "beta": self.scalar(params, self.beta)}
+            fixed = {"rho": self.scalar(params, resolve(self.rho, state.count, params)),
+                     "beta": self.scalar(params, resolve(self.beta, state.count, params))}
         q = curveball_direction(self.apply, self.loss, params, state.z, lam, batch,
                                 curvature=self.curvature, **fixed)
         z_new = q.z
@@ -175,7 +182,8 @@ class CurveBall(Optimizer):
         new_state = CurveBallState(count, z_new, lam_new, inner)
         params, state, ok, step_norm = self.guard(
             params, state, new_params, new_state, q.loss,
-            *(() if q.grad is None else (q.grad,)), damping_key="damping", update=update)
+            *(() if q.grad is None else (q.grad,)),
+            damping_key=None if scheduled else "damping", update=update)
         extras = {"rho": q.rho, "beta": q.beta, "predicted": q.predicted}
         return params, state, self.info(params, q.loss, step_norm, state.damping, ok,
                                         extras=extras)

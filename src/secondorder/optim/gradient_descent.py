@@ -60,13 +60,29 @@ class GradientDescent(Optimizer):
     def step(self, params: Tree, state: Any, batch: Batch) -> tuple[Tree, Any, StepInfo]:
         self.check_state(params, state)
         loss, grad = self.value_and_grad(params, batch)
+        return self._apply_gradient(params, state, grad, loss)
+
+    def step_with_gradient(self, params: Tree, state: Any, grad: Tree, loss: Array = None
+                           ) -> tuple[Tree, Any, StepInfo]:
+        """The step from a gradient computed elsewhere (``step`` is ``value_and_grad`` followed
+        by this): w <- w + T(grad). ``loss``, the loss at ``params``, is only reported and
+        checked for finiteness; without it ``info.loss`` is NaN and only the update is checked.
+        """
+        self.check_state(params, state)
+        return self._apply_gradient(params, state, grad, loss)
+
+    def _apply_gradient(self, params: Tree, state: Any, grad: Tree, loss: Array
+                        ) -> tuple[Tree, Any, StepInfo]:
         updates, inner = self.transform.update(grad, state.transform, params)
         new = add(params, updates)
         new_state = self.State(state.count + 1, inner)
+        checked = self.scalar(params, 0.0) if loss is None else loss
         # a non-finite gradient makes the new parameters non-finite through every transform,
         # so the guard checks the loss and the new parameters only
-        params, state, ok, step_norm = self.guard(params, state, new, new_state, loss,
+        params, state, ok, step_norm = self.guard(params, state, new, new_state, checked,
                                                   update=updates)
+        if loss is None:
+            loss = self.scalar(params, float("nan"))
         return params, state, self.info(params, loss, step_norm, finite=ok)
 
 

@@ -56,6 +56,7 @@ from ..tree import add, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .newton import finite_or_zero
 from .partitions import Partition, make_partition
+from .schedules import Schedule, resolve
 from .state import every, initial_count, method_state
 
 __all__ = ["GroupedNewton", "check_step", "cubic_step", "plain_step", "summaries"]
@@ -280,13 +281,15 @@ class GroupedNewton(Optimizer):
     State = GroupedNewtonState
 
     def __init__(self, apply: Callable, loss: Loss, *, partition: Any = "canonical",
-                 lr_factor: float = 0.1, lambda_int: float = 10.0, mu_g: float = 0.9,
+                 lr_factor: float | Schedule = 0.1, lambda_int: float | Schedule = 10.0,
+                 mu_g: float = 0.9,
                  mu_eta: float = 0.5, tau: int = 10, model: Any = None, d_floor: float = 1e-5,
                  rcond: float = 1e-12, max_iter: int = 200, patience: int = 5,
                  plateau_factor: float = 0.5, plateau_threshold: float = 1e-4):
         super().__init__(apply, loss)
-        if is_number(lr_factor, lambda_int, mu_g, mu_eta) and (
-                lr_factor <= 0 or lambda_int < 0 or not 0 <= mu_g < 1 or not 0 <= mu_eta < 1):
+        if ((is_number(lr_factor) and lr_factor <= 0)
+                or (is_number(lambda_int) and lambda_int < 0)
+                or (is_number(mu_g, mu_eta) and not (0 <= mu_g < 1 and 0 <= mu_eta < 1))):
             raise HyperparameterError(
                 "GroupedNewton needs lr_factor > 0, lambda_int >= 0 and momenta in [0, 1)")
         if int(tau) < 1:
@@ -337,15 +340,18 @@ class GroupedNewton(Optimizer):
             return tuple(batch[0]), tuple(batch[1])
         return batch, batch
 
-    def direction_step(self, g_bar: Array, h_bar: Array, d3: Array | None
-                       ) -> tuple[Array, Array, Array, Array]:
-        """``(eta, ok, iterations, residual)``: the plain or cubic step from the summaries."""
+    def direction_step(self, g_bar: Array, h_bar: Array, d3: Array | None,
+                       lambda_int: Any = None) -> tuple[Array, Array, Array, Array]:
+        """``(eta, ok, iterations, residual)``: the plain or cubic step from the summaries
+        (``lambda_int``: the value in force, default the constructor's number)."""
+        if lambda_int is None:
+            lambda_int = self.lambda_int
         if self._plain:
             eta, ok = plain_step(g_bar, h_bar, require_pd=True, rcond=self.rcond)
             xp = backend_of(eta).xp
             return eta, ok, xp.asarray(0, device=backend_of(eta).device(eta)), \
                 xp.full_like(eta[0], float("nan"))
-        return cubic_step(g_bar, h_bar, d3, self.lambda_int, d_floor=self.d_floor,
+        return cubic_step(g_bar, h_bar, d3, lambda_int, d_floor=self.d_floor,
                           max_iter=self.max_iter, rcond=self.rcond)
 
     def step(self, params: Tree, state: GroupedNewtonState, batch: Any,
@@ -357,13 +363,14 @@ class GroupedNewton(Optimizer):
         loss, g = self.value_and_grad(params, grad_batch)
         first = state.count == 0
         mu_g, mu_eta = self.mu_g, self.mu_eta
+        lambda_int = resolve(self.lambda_int, state.count, params)
         g_mom = tree_map(lambda m, gi: xp.where(first, gi, mu_g * m + (1.0 - mu_g) * gi),
                          state.g, g)
 
         def compute(u: Tree) -> tuple[Array, Array, Array]:
             g_bar, h_bar, d3 = summaries(lambda p: self.objective(p, sum_batch), params, u,
                                          part, third=not self._plain, backend=backend)
-            eta, ok, iters, residual = self.direction_step(g_bar, h_bar, d3)
+            eta, ok, iters, residual = self.direction_step(g_bar, h_bar, d3, lambda_int)
             pos = xp.maximum(eta, xp.zeros_like(eta))  # NaN (failed solve) propagates
             # eta~ exists from the first step on: t = 0 always refreshes (0 % tau == 0), and the
             # guard keeps or rejects t together with eta
@@ -374,7 +381,7 @@ class GroupedNewton(Optimizer):
             return state.eta, xp.zeros_like(state.count), xp.full_like(loss, float("nan"))
 
         eta_t, iters, residual = every(backend, state.count, self.tau, compute, keep, g_mom)
-        lr = self.lr_factor * state.lr_scale
+        lr = resolve(self.lr_factor, state.count, params) * state.lr_scale
         delta = part.expand(eta_t, g_mom)
         new = tree_map(lambda w, dw: w - lr * dw, params, delta)
         new_state = state._replace(count=state.count + 1, g=g_mom, eta=eta_t)

@@ -56,6 +56,7 @@ from ..losses import Loss
 from ..tree import add, scale, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
 from .directions import CURVATURES, curvature_operator, damped_cg_direction
+from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
 from .state import initial_count, method_state
 from .step_rules import (
     apply_transform,
@@ -111,14 +112,18 @@ class HessianFree(Optimizer):
     """
 
     State = HessianFreeState
+    info_extras = ("rho", "model")
 
     def __init__(self, apply: Callable, loss: Loss, *, curvature: str = "ggn",
-                 damping: float = 1.0, cg_iters: int = 50, cg_tol: float | None = 5e-4,
-                 warm_start_decay: float = 0.95, backtrack: bool = True,
-                 backtrack_base: float = 1.3, increase: float = 1.5, decrease: float = 2 / 3,
-                 lr: float = 1.0, seed: int = 0, transform: Any = None):
+                 damping: float | Schedule = 1.0, cg_iters: int = 50,
+                 cg_tol: float | None = 5e-4, warm_start_decay: float = 0.95,
+                 backtrack: bool = True, backtrack_base: float = 1.3, increase: float = 1.5,
+                 decrease: float = 2 / 3, lr: float | Schedule = 1.0, seed: int = 0,
+                 adapt_damping: bool | None = None, transform: Any = None):
         super().__init__(apply, loss)
         check_transform(transform, "HessianFree")
+        #: whether Moré's rule adapts the damping (off with a damping schedule)
+        self.adapt_damping = resolve_adaptation(adapt_damping, damping, "HessianFree")
         if curvature not in CURVATURES:
             raise HyperparameterError(
                 f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
@@ -158,10 +163,13 @@ class HessianFree(Optimizer):
                 f"cg_iters={self.cg_iters}, cg_tol={self.cg_tol}, backtrack={self.backtrack})")
 
     def init(self, params: Tree) -> HessianFreeState:
-        lam = self.scalar(params, self.damping)
+        lam = self.scalar(params, 0.0 if is_schedule(self.damping) else self.damping)
         backend = backend_of(lam)
         dev = backend.device(lam)
-        return HessianFreeState(initial_count(backend, dev), tree_map(lambda a: a * 0.0, params),
+        count = initial_count(backend, dev)
+        if is_schedule(self.damping):  # the value the first step will use
+            lam = resolve(self.damping, count, params)
+        return HessianFreeState(count, tree_map(lambda a: a * 0.0, params),
                                 lam, random.key(self.seed, backend, dev),
                                 init_transform(self.transform, params))
 
@@ -169,7 +177,9 @@ class HessianFree(Optimizer):
              ) -> tuple[Tree, HessianFreeState, StepInfo]:
         self.check_state(params, state)
         loss, grad = self.value_and_grad(params, batch)
-        lam = state.damping
+        scheduled = is_schedule(self.damping)
+        lam = resolve(self.damping, state.count, params) if scheduled else state.damping
+        lr = resolve(self.lr, state.count, params)
         op, next_key = curvature_operator(self.curvature, self.apply, self.loss, params, batch,
                                           state.key)
         direction, cg_info = damped_cg_direction(
@@ -179,12 +189,13 @@ class HessianFree(Optimizer):
         def objective(p: Tree) -> Array:
             return self.objective(p, batch)
 
-        best_value, best = best_cg_iterate(objective, params, cg_info.saved, self.lr)
+        best_value, best = best_cg_iterate(objective, params, cg_info.saved, lr)
         # reduction ratio against the undamped quadratic model of the step s = lr d
-        step = scale(self.lr, best)
+        step = scale(lr, best)
         model = vdot(grad, step) + 0.5 * vdot(step, op.matvec(step))
         rho = reduction_ratio(best_value, loss, model, nonfinite_fails=True)
-        new_lam = more_damping(rho, lam, self.increase, self.decrease)
+        new_lam = (more_damping(rho, lam, self.increase, self.decrease) if self.adapt_damping
+                   else lam)
 
         accept = best_value < loss
         inner, update = state.transform, None
@@ -195,7 +206,8 @@ class HessianFree(Optimizer):
                 self.transform, zero_where_rejected(accept, step), inner, params)
         new_state = HessianFreeState(state.count + 1, direction, new_lam, next_key, inner)
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
-                                                  grad, direction, damping_key="damping",
+                                                  grad, direction,
+                                                  damping_key=None if scheduled else "damping",
                                                   update=update)
         return params, state, self.info(params, loss, step_norm, state.damping, ok,
                                         cg_info.iterations, cg_info.residual_norm,

@@ -15,6 +15,7 @@ from ..losses import Loss
 from ..tree import add, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
 from .directions import dense_system, newton_direction
+from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
 from .state import initial_count, method_state
 from .step_rules import (
     apply_transform,
@@ -72,12 +73,16 @@ class LevenbergMarquardt(Optimizer):
     """
 
     State = LevenbergMarquardtState
+    info_extras = ("rho", "predicted")
 
-    def __init__(self, apply: Callable, loss: Loss, *, damping: float = 1.0,
+    def __init__(self, apply: Callable, loss: Loss, *, damping: float | Schedule = 1.0,
                  scaling: str = "more", increase: float = 2.0, decrease: float = 1.0 / 3.0,
-                 min_damping: float = 1e-10, max_damping: float = 1e10, transform: Any = None):
+                 min_damping: float = 1e-10, max_damping: float = 1e10,
+                 adapt_damping: bool | None = None, transform: Any = None):
         super().__init__(apply, loss)
         check_transform(transform, "LevenbergMarquardt")
+        #: whether Moré's rule adapts the damping (off with a damping schedule)
+        self.adapt_damping = resolve_adaptation(adapt_damping, damping, "LevenbergMarquardt")
         if scaling not in SCALINGS:
             raise HyperparameterError(f"unknown scaling {scaling!r}: use 'more' or 'identity'")
         if is_number(min_damping, damping, max_damping) and not (
@@ -97,8 +102,9 @@ class LevenbergMarquardt(Optimizer):
     def init(self, params: Tree) -> LevenbergMarquardtState:
         flat, _ = ravel(params)
         backend = self.backend(flat)
-        return LevenbergMarquardtState(initial_count(backend, backend.device(flat)),
-                                       self.scalar(params, self.damping),
+        count = initial_count(backend, backend.device(flat))
+        return LevenbergMarquardtState(count,
+                                       self.scalar(params, resolve(self.damping, count, params)),
                                        backend.xp.zeros_like(flat),
                                        init_transform(self.transform, params))
 
@@ -108,7 +114,8 @@ class LevenbergMarquardt(Optimizer):
         xp = backend.xp
         system = dense_system(self.apply, self.loss, GGN, params, batch)
         loss, g, gmat = system.loss, system.g, system.sym
-        lam = state.damping
+        scheduled = is_schedule(self.damping)
+        lam = resolve(self.damping, state.count, params) if scheduled else state.damping
 
         scale = state.scale
         if self.scaling == "more":
@@ -123,8 +130,9 @@ class LevenbergMarquardt(Optimizer):
         model = xp.sum(g * d) + 0.5 * xp.sum(d * (gmat @ d))
         rho = reduction_ratio(self.objective(trial, batch), loss, model)
         accept = rho > 0
-        lam = more_damping(rho, lam, self.increase, self.decrease,
-                           min_damping=self.min_damping, max_damping=self.max_damping)
+        if self.adapt_damping:
+            lam = more_damping(rho, lam, self.increase, self.decrease,
+                               min_damping=self.min_damping, max_damping=self.max_damping)
         inner, update = state.transform, None
         if self.transform is None:
             new = select(accept, trial, params)
@@ -134,6 +142,7 @@ class LevenbergMarquardt(Optimizer):
                                                  params)
         params, state, ok, step_norm = self.guard(
             params, state, new, LevenbergMarquardtState(state.count + 1, lam, scale, inner),
-            loss, system.grad, system.raw, d, damping_key="damping", update=update)
+            loss, system.grad, system.raw, d, damping_key=None if scheduled else "damping",
+            update=update)
         return params, state, self.info(params, loss, step_norm, damping=state.damping,
                                         finite=ok, extras={"rho": rho, "predicted": model})

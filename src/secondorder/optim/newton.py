@@ -18,6 +18,7 @@ from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
 from .directions import NEWTON_VARIANTS as VARIANTS
 from .directions import dense_system, finite_or_zero, newton_direction
 from .line_search import INTERPOLATIONS, check_line_search
+from .schedules import Schedule, resolve
 from .state import initial_count, method_state
 from .step_rules import apply_transform, armijo_step, check_transform, fixed_step, init_transform
 
@@ -64,16 +65,17 @@ class Newton(Optimizer):
 
     State = NewtonState
 
-    def __init__(self, apply: Callable, loss: Loss, *, damping: float = 0.0,
-                 variant: str = "plain", lr: float = 1.0, min_eigenvalue: float = 1e-8,
+    def __init__(self, apply: Callable, loss: Loss, *, damping: float | Schedule = 0.0,
+                 variant: str = "plain", lr: float | Schedule = 1.0,
+                 min_eigenvalue: float = 1e-8,
                  line_search: str | None = None, c1: float = 1e-4, max_line_search: int = 30,
                  transform: Any = None):
         super().__init__(apply, loss)
         check_transform(transform, "Newton")
         if variant not in VARIANTS:
             raise HyperparameterError(f"unknown Newton variant {variant!r}: use 'plain' or 'abs'")
-        if is_number(damping, lr, min_eigenvalue) and (damping < 0 or lr <= 0
-                                                       or min_eigenvalue <= 0):
+        if ((is_number(damping) and damping < 0) or (is_number(lr) and lr <= 0)
+                or (is_number(min_eigenvalue) and min_eigenvalue <= 0)):
             raise HyperparameterError("Newton needs damping >= 0, lr > 0 and min_eigenvalue > 0")
         if line_search is not None:
             if line_search not in INTERPOLATIONS:
@@ -99,10 +101,11 @@ class Newton(Optimizer):
         backend = self.check_state(params, state)
         system = dense_system(self.apply, self.loss, Hessian, params, batch)
         loss, g = system.loss, system.g
-        d = newton_direction(g, system.sym, self.damping, variant=self.variant,
+        damping = resolve(self.damping, state.count, params)
+        d = newton_direction(g, system.sym, damping, variant=self.variant,
                              min_eigenvalue=self.scalar(params, self.min_eigenvalue))
         step = system.unravel(d)
-        search = fixed_step(loss, self.scalar(params, self.lr))
+        search = fixed_step(loss, self.scalar(params, resolve(self.lr, state.count, params)))
         if self.line_search is not None:
             search = armijo_step(backend, lambda p: self.objective(p, batch), params, step, loss,
                                  backend.xp.sum(g * d), search.step, c1=self.c1,
@@ -117,5 +120,5 @@ class Newton(Optimizer):
         params, state, ok, step_norm = self.guard(
             params, state, new, NewtonState(state.count + 1, inner), loss, system.grad,
             system.raw, d, update=update)
-        return params, state, self.info(params, loss, step_norm, damping=self.damping,
+        return params, state, self.info(params, loss, step_norm, damping=damping,
                                         finite=ok, inner_iterations=search.evaluations)

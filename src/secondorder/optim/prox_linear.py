@@ -60,6 +60,7 @@ from ..losses import MSE, Loss, SigmoidBCE, SoftmaxCrossEntropy
 from ..tree import add, axpy, norm, scale, sub, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
 from .line_search import backtracking, check_line_search
+from .schedules import Schedule, resolve
 from .state import initial_count, method_state
 from .transforms import GradientTransformation
 
@@ -429,9 +430,10 @@ class ProxLinear(Optimizer):
     """
 
     def __init__(self, apply: Callable, loss: Loss, *, solver: str = "dual",
-                 inner_steps: int = 2, gamma: float | None = None, update: str = "spl",
-                 scaled: bool = False, l1: float = 0.0, optimizer: Optimizer | None = None,
-                 c1: float = 1e-4, eta0: float = 1.0, shrink: float = 0.5,
+                 inner_steps: int = 2, gamma: float | Schedule | None = None,
+                 update: str = "spl", scaled: bool = False, l1: float = 0.0,
+                 optimizer: Optimizer | None = None, c1: float = 1e-4,
+                 eta0: float | Schedule = 1.0, shrink: float = 0.5,
                  max_trials: int = 30, tol: float = 1e-10,
                  transform: GradientTransformation | None = None):
         super().__init__(apply, loss)
@@ -445,7 +447,7 @@ class ProxLinear(Optimizer):
             gamma = 1.0
         if is_number(gamma) and not gamma > 0:
             raise HyperparameterError(f"gamma must be > 0, got {gamma}")
-        check_line_search("halve", c1, shrink, max_trials, eta0)
+        check_line_search("halve", c1, shrink, max_trials, eta0 if is_number(eta0) else 1.0)
         if is_number(l1) and l1 < 0:
             raise HyperparameterError(f"l1 must be >= 0, got {l1}")
         if optimizer is not None:
@@ -478,9 +480,11 @@ class ProxLinear(Optimizer):
 
     def init(self, params: Tree) -> ProxLinearState:
         inner = () if self.transform is None else self.transform.init(params)
-        eta = self.scalar(params, self.eta0 if self.update == "armijo" else 1.0)
-        return ProxLinearState(initial_count(self.backend(params), self.backend(params).device(
-            eta)), eta, inner)
+        eta = self.scalar(params, 1.0)
+        count = initial_count(self.backend(params), self.backend(params).device(eta))
+        if self.update == "armijo":
+            eta = self.scalar(params, resolve(self.eta0, count, params))
+        return ProxLinearState(count, eta, inner)
 
     def step(self, params: Tree, state: ProxLinearState, batch: Batch
              ) -> tuple[Tree, ProxLinearState, StepInfo]:
@@ -489,14 +493,15 @@ class ProxLinear(Optimizer):
         lin = Linearization(self.apply, params, x, validate=False)  # the guard rejects NaN
         loss = self.loss.value(lin.outputs, y)
         m = lin.outputs.shape[0]
-        res = prox_linear_direction(self.apply, self.loss, params, batch, gamma=self.gamma,
+        gamma = resolve(self.gamma, state.count, params)
+        res = prox_linear_direction(self.apply, self.loss, params, batch, gamma=gamma,
                                     inner_steps=self.inner_steps, solver=self.solver,
                                     scaled=self.scaled, tol=self.tol, lin=lin)
         d = res.direction
         checks = (d,)
         eta = state.eta
         if self.transform is not None:
-            scaled_d = tree_map(lambda a: a / self.gamma, d)
+            scaled_d = tree_map(lambda a: a / gamma, d)
             updates, inner = self.transform.update(scaled_d, state.inner, params)
             new = add(params, updates)
             new_state = ProxLinearState(state.count + 1, eta, inner)
@@ -504,16 +509,17 @@ class ProxLinear(Optimizer):
             if self.update == "spl":
                 new = sub(params, d)
                 if self.l1:
-                    new = soft_threshold(new, self.gamma * self.l1)
+                    new = soft_threshold(new, gamma * self.l1)
             else:
                 slope = vdot(d, res.grad) / m  # <d, grad h> with h the mean loss
                 eta = backtracking(
                     lin.backend,
                     lambda e: self.objective(tree_map(lambda w, a: w - e * a, params, d), batch),
-                    loss, -slope, self.scalar(params, self.eta0), c1=self.c1,
+                    loss, -slope, self.scalar(params, resolve(self.eta0, state.count, params)),
+                    c1=self.c1,
                     max_trials=self.max_trials, shrink=self.shrink).step
                 new = tree_map(lambda w, a: w - eta * a, params, d)
             new_state = ProxLinearState(state.count + 1, eta, state.inner)
         params, state, ok, step_norm = self.guard(params, state, new, new_state, loss, *checks)
-        return params, state, self.info(params, loss, step_norm, 1.0 / self.gamma, ok,
+        return params, state, self.info(params, loss, step_norm, 1.0 / gamma, ok,
                                         res.iterations, res.residual)

@@ -32,6 +32,7 @@ from .._pytree import flatten, tree_map
 from ..backends import backend_of
 from ..errors import HyperparameterError, SecondOrderError
 from ..tree import axpy, norm, zeros_like
+from .schedules import count_as_float
 from .state import initial_count
 
 Tree = Any
@@ -97,10 +98,8 @@ def _count(params: Tree) -> Array:
     return initial_count(backend, backend.device(leaf))
 
 
-def _as_float(count: Array, like: Tree) -> Array:
-    """The int32 count as a 0-d float of the dtype of the first leaf of ``like``."""
-    leaf = flatten(like)[0][0]
-    return backend_of(leaf).xp.astype(count, leaf.dtype)
+#: the int32 count as a 0-d float of the dtype of the first leaf of ``like``
+_as_float = count_as_float
 
 
 def trace(momentum: float | Array, nesterov: bool = False) -> GradientTransformation:
