@@ -1,10 +1,13 @@
 """Reference models written once over the array namespace (identical on every backend from the
-same seed), with layer taps, and adapters for native torch and JAX models."""
+same seed), with layer taps, and adapters for native torch, JAX, flax.linen and equinox models."""
 
 from .adapters import from_jax, from_torch
 from .base import LayerInfo, Model
 from .convnet import ConvNet
+from .equinox import EquinoxInputs, EquinoxModel, from_equinox
+from .flax import FlaxInputs, FlaxModel, from_flax
 from .mlp import AUTOENCODER_SIZES, MLP, Autoencoder
 
-__all__ = ["AUTOENCODER_SIZES", "MLP", "Autoencoder", "ConvNet", "LayerInfo", "Model",
-           "from_jax", "from_torch"]
+__all__ = ["AUTOENCODER_SIZES", "MLP", "Autoencoder", "ConvNet", "EquinoxInputs",
+           "EquinoxModel", "FlaxInputs", "FlaxModel", "LayerInfo", "Model", "from_equinox",
+           "from_flax", "from_jax", "from_torch"]

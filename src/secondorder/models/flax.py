@@ -52,8 +52,8 @@ class FlaxInputs(NamedTuple):
     Fields: ``x`` the batch (any pytree the module takes as its first argument); ``rngs`` a dict
     stream name -> JAX key (``None``: no randomness); ``collections`` the non-parameter variables,
     e.g. ``{"batch_stats": ...}`` (``None``: those given to :func:`from_flax`). Build it with
-    :meth:`FlaxModel.inputs`. ``np.asarray`` of it is the batch ``x``, so the library's checks of
-    a batch (NaN, inf) look at the data.
+    :meth:`FlaxModel.inputs`. ``np.asarray`` of it is the batch ``x`` (see :func:`batch_array`),
+    so the library's checks of a batch (NaN, inf) look at the data.
     """
 
     x: Any
@@ -61,7 +61,18 @@ class FlaxInputs(NamedTuple):
     collections: dict[str, Any] | None = None
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(self.x, dtype=dtype)
+        return batch_array(self.x, dtype)
+
+
+def batch_array(x: Any, dtype: Any = None) -> np.ndarray:
+    """``np.asarray(x)`` for the batch inside a :class:`FlaxInputs` or an ``EquinoxInputs``; an
+    empty array when ``x`` is traced (under ``jax.jit`` its values cannot be read, and the
+    library's value checks, which call ``np.asarray`` on concrete batches, skip it)."""
+    import jax
+
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x)):
+        return np.zeros((0,), dtype=dtype)
+    return np.asarray(x, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,11 @@ class FlaxModel(Model):
         self._tapped: tuple[_Tapped, ...] | None = None
         self._layers: tuple[LayerInfo, ...] | None = None
         self._shapes: dict[Any, list[tuple[int, ...]]] = {}
+        import jax
+
+        # one compiled forward pass: inlined inside a jitted step, and in eager steps it saves
+        # re-binding the module at each of the step's many calls
+        self._forward = jax.jit(lambda params, x: self._call(params, x)[0])
         if example is not None:
             self.tap_shapes(example)
 
@@ -252,7 +268,7 @@ class FlaxModel(Model):
         per entry of :attr:`layers`), ``(f, inputs)`` with each tapped layer's homogeneous input
         (see the module docstring)."""
         if taps is None:
-            return self._call(params, x)[0]
+            return self._forward(params, x)
         tapped = self._discover(x)
         index = {t.path: k for k, t in enumerate(tapped)}
         recorded: list[Array] = [None] * len(tapped)

@@ -1,0 +1,326 @@
+"""flax.linen and equinox models: per-step BatchNorm statistics and dropout masks under jax.jit,
+layer taps on flax Dense and Conv, and equinox models under every registered method.
+
+The references are independent of the adapters: the same networks written by hand in jax.numpy
+(BatchNorm from its formula, the dropout mask read off flax's own Dropout and applied as a
+constant), the secondorder reference MLP and ConvNet with the flax weights transposed into their
+layouts, and flax's own ``module.apply(..., mutable=["batch_stats"])``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+nn = pytest.importorskip("flax.linen")
+eqx = pytest.importorskip("equinox")
+jnp = jax.numpy
+
+from secondorder import tree  # noqa: E402
+from secondorder.curvature import kronecker_factors  # noqa: E402
+from secondorder.curvature.kfac import LayerFactors  # noqa: E402
+from secondorder.errors import RandomKeyError  # noqa: E402
+from secondorder.losses import MSE, SoftmaxCrossEntropy  # noqa: E402
+from secondorder.models import (  # noqa: E402
+    MLP,
+    ConvNet,
+    FlaxInputs,
+    from_equinox,
+    from_flax,
+    from_jax,
+)
+from secondorder.optim.registry import METHODS  # noqa: E402
+
+F64 = jnp.float64
+RATE = 0.25  # dropout rate
+EPS = 1e-5  # BatchNorm epsilon (flax's and equinox's default)
+
+
+def max_diff(a, b) -> float:
+    """The largest entry of |a - b| over the floating-point leaves of two trees."""
+    pairs = [(u, v) for u, v in zip(tree.leaves(a), tree.leaves(b), strict=True)
+             if jnp.issubdtype(jnp.asarray(u).dtype, jnp.inexact)]
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in pairs)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(20261125)
+    x = rng.standard_normal((16, 3))
+    y = np.stack([np.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=1)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+class BNDropoutNet(nn.Module):
+    """Dense -> BatchNorm -> tanh -> Dropout -> Dense, train mode through ``train``."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        h = nn.Dense(6, param_dtype=F64)(x)
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPS,
+                         param_dtype=F64, dtype=F64)(h)
+        h = nn.Dropout(RATE, deterministic=not train)(jnp.tanh(h))
+        return nn.Dense(2, param_dtype=F64)(h)
+
+
+@pytest.fixture(scope="module")
+def bn_net(data):
+    module = BNDropoutNet()
+    variables = module.init(jax.random.key(0), data[0], train=False)
+    return module, variables
+
+
+def dropout_scale(module, variables, x, key):
+    """The mask flax's Dropout draws from ``key`` on ``x``, scaled by 1 / (1 - rate): read off
+    one train-mode call as output / input."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout):
+            seen["scale"] = out / args[0]
+        return out
+
+    with nn.intercept_methods(record):
+        module.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    return jax.lax.stop_gradient(seen["scale"])
+
+
+def handwritten(scale):
+    """BNDropoutNet in train mode written out, with a fixed dropout ``scale``."""
+    def apply(p, x):
+        h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+        mean = jnp.mean(h, axis=0)
+        var = jnp.mean(h * h, axis=0) - mean * mean
+        h = (h - mean) / jnp.sqrt(var + EPS) * p["BatchNorm_0"]["scale"] + p["BatchNorm_0"]["bias"]
+        h = jnp.tanh(h) * scale
+        return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+    return apply
+
+
+@pytest.mark.parametrize("name", ["sgd", "curveball", "hessian-free"])
+def test_flax_bn_dropout_trains_under_jit(data, bn_net, name):
+    """A jitted training loop through ``make_step``. Its first step equals the same step on the
+    hand-written network with flax's mask for the step's key baked in: CurveBall and Hessian-free
+    call the network many times per step (JVPs, VJPs, CG products, trial points), and with a mask
+    drawn per call (or batch statistics from anything but the step's batch) the gradient,
+    curvature products and trial losses would each see another network and the steps would
+    differ at O(1). The running statistics after the step are those of one flax forward pass
+    over the step's batch, and the loss decreases."""
+    x, y = data
+    module, variables = bn_net
+    model, params = from_flax(module, variables, kwargs={"train": True})
+    opt = METHODS[name](model, MSE())
+    opt_state = opt.init(params)
+    step = model.make_step(opt)
+    collections = model.collections
+    probe = jax.jit(lambda p: MSE().value(model(p, model.inputs(x, rng=jax.random.key(99))), y))
+    start = float(jnp.mean(probe(params)))
+    key = jax.random.key(1)
+    for i in range(3):
+        key, sub = jax.random.split(key)
+        new_params, opt_state, new_collections, info = step(params, opt_state, collections,
+                                                            (x, y), sub)
+        if i == 0:
+            scale = dropout_scale(module, variables, x, sub)
+            assert 0 < int(jnp.sum(scale == 0)) < scale.size  # dropout is active
+            reference, _ = from_jax(handwritten(scale), params)
+            ref_opt = METHODS[name](reference, MSE())
+            want, _, _ = jax.jit(ref_opt.step)(params, ref_opt.init(params), (x, y))
+            assert max_diff(new_params, want) < 1e-12
+            assert max_diff(new_params, params) > 1e-3  # the step moved
+            _, flax_updates = module.apply({"params": params, **collections}, x, train=True,
+                                           rngs={"dropout": sub}, mutable=["batch_stats"])
+            assert max_diff(new_collections["batch_stats"], flax_updates["batch_stats"]) < 1e-14
+            assert max_diff(new_collections["batch_stats"], collections["batch_stats"]) > 1e-3
+        if i == 1:  # flax starts batch_stats in float32, so the float64 update compiles again
+            compiled = step._cache_size()
+        params, collections = new_params, new_collections
+    assert float(jnp.mean(probe(params))) < 0.9 * start
+    assert step._cache_size() == compiled  # keys and statistics are traced, not baked in
+
+
+def test_flax_module_without_a_key_names_the_fix(data, bn_net):
+    module, variables = bn_net
+    model, params = from_flax(module, variables, kwargs={"train": True})
+    with pytest.raises(RandomKeyError, match=r"model\.inputs\(x, rng=key\)"):
+        model(params, data[0])
+    # a secondorder.random key (int32 words) is the raw JAX key with the same bits
+    from secondorder import random
+
+    a = model(params, model.inputs(data[0], rng=random.key(3)))
+    b = model(params, model.inputs(data[0], rng=jax.random.PRNGKey(3)))
+    assert max_diff(a, b) == 0.0
+
+
+class FlaxMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(5, param_dtype=F64)(x))
+        h = jnp.tanh(nn.Dense(4, param_dtype=F64)(h))
+        return nn.Dense(3, param_dtype=F64)(h)
+
+
+class FlaxCNN(nn.Module):
+    """ConvNet((2, 6, 6), channels=(3,), dense=(4, 3)) in flax: NHWC inputs, the features
+    flattened channel-major as the reference does."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(3, (3, 3), padding=1, param_dtype=F64)(x)
+        h = nn.avg_pool(jax.nn.silu(h), (2, 2), (2, 2))
+        h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)
+        h = jax.nn.silu(nn.Dense(4, param_dtype=F64)(h))
+        return nn.Dense(3, param_dtype=F64)(h)
+
+
+def factors(model, loss, params, batch, mode="exact"):
+    """``kronecker_factors`` under one ``jax.jit`` (one compilation instead of one per eager
+    operation), with the layer table of the traced call."""
+    def run(params, batch):
+        return [(f.A, f.G) for f in kronecker_factors(model, loss, params, batch, mode=mode)]
+
+    pairs = jax.jit(run)(params, batch)
+    return [LayerFactors(layer, a, g) for layer, (a, g) in zip(model.layers, pairs, strict=True)]
+
+
+def _reference_layout(p):
+    """The flax parameters in the reference models' layout: a list of {"w", "b"} in call order,
+    dense kernels transposed to (out, in), conv kernels to (C_out, C_in, kh, kw)."""
+    out = []
+    for name in sorted(p, key=lambda n: (not n.startswith("Conv"), int(n.split("_")[1]))):
+        k = p[name]["kernel"]
+        w = k.T if k.ndim == 2 else jnp.transpose(k, (3, 2, 0, 1))
+        out.append({"w": w, "b": p[name]["bias"]})
+    return out
+
+
+def test_flax_dense_taps_give_the_reference_kfac_factors():
+    rng = np.random.default_rng(1)
+    x, y = jnp.asarray(rng.standard_normal((7, 4))), jnp.asarray(rng.standard_normal((7, 3)))
+    module = FlaxMLP()
+    model, params = from_flax(module, module.init(jax.random.key(0), x), example=x)
+    ref_params = _reference_layout(params)
+    ref = MLP([4, 5, 4, 3])
+    assert model.layers == ref.layers  # leaf indices agree: both sort b before w
+    assert max_diff(model(params, x), ref(ref_params, x)) < 1e-14
+    for mode in ("exact", "empirical"):
+        got = factors(model, MSE(), params, (x, y), mode=mode)
+        want = factors(ref, MSE(), ref_params, (x, y), mode=mode)
+        for g, w in zip(got, want, strict=True):
+            assert g.A.shape == w.A.shape and g.G.shape == w.G.shape
+            assert max_diff(g.A, w.A) < 1e-12 and max_diff(g.G, w.G) < 1e-12
+
+
+def test_flax_conv_taps_give_the_reference_kfac_factors():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((5, 2, 6, 6)))  # NCHW for the reference
+    y = jax.nn.one_hot(jnp.arange(5) % 3, 3, dtype=F64)
+    x_nhwc = jnp.transpose(x, (0, 2, 3, 1))
+    module = FlaxCNN()
+    model, params = from_flax(module, module.init(jax.random.key(1), x_nhwc))
+    ref = ConvNet((2, 6, 6), channels=(3,), dense=(4, 3))
+    ref_params = _reference_layout(params)
+    assert max_diff(model(params, x_nhwc), ref(ref_params, x)) < 1e-14
+    assert model.tap_shapes(x_nhwc) == ref.tap_shapes(x)
+    assert model.layers == ref.layers
+    got = factors(model, SoftmaxCrossEntropy(), params, (x_nhwc, y))
+    want = factors(ref, SoftmaxCrossEntropy(), ref_params, (x, y))
+    for g, w in zip(got, want, strict=True):
+        assert max_diff(g.A, w.A) < 1e-12 and max_diff(g.G, w.G) < 1e-12
+
+
+def test_flax_taps_take_the_step_inputs(data, bn_net):
+    """Taps on a model with BatchNorm and Dropout: the factors of the step's inputs (one mask,
+    the batch statistics) are those of the hand-written network's last layer input."""
+    x, y = data
+    module, variables = bn_net
+    model, params = from_flax(module, variables, kwargs={"train": True})
+    key = jax.random.key(5)
+    inputs = model.inputs(x, rng=key)
+    assert isinstance(inputs, FlaxInputs)
+    found = factors(model, MSE(), params, (inputs, y))
+    assert [f.layer.kind for f in found] == ["dense", "dense"]
+    scale = dropout_scale(module, variables, x, key)
+    p = params
+    h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    mean, var = jnp.mean(h, 0), jnp.var(h, 0)
+    h = (h - mean) / jnp.sqrt(var + EPS) * p["BatchNorm_0"]["scale"] + p["BatchNorm_0"]["bias"]
+    a = jnp.concatenate([jnp.tanh(h) * scale, jnp.ones((x.shape[0], 1))], axis=1)
+    assert max_diff(found[1].A, a.T @ a / x.shape[0]) < 1e-12
+
+
+@pytest.fixture(scope="module")
+def equinox_mlp():
+    net = eqx.nn.MLP(3, 2, 4, 1, activation=jnp.tanh, dtype=F64, key=jax.random.key(0))
+
+    def apply(p, x):  # the same network by hand, on a list of (W, b) in equinox's leaf order
+        (w0, b0), (w1, b1) = p
+        return jnp.tanh(x @ w0.T + b0) @ w1.T + b1
+
+    return net, apply, [(lin.weight, lin.bias) for lin in net.layers]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_equinox_mlp_trains_like_the_handwritten_network(data, equinox_mlp, name):
+    x, y = data
+    net, ref_apply, ref_params = equinox_mlp
+    model, params = from_equinox(net)
+    reference, _ = from_jax(jax.jit(ref_apply), ref_params)
+    opt, ref_opt = METHODS[name](model, MSE()), METHODS[name](reference, MSE())
+    state, ref_state = opt.init(params), ref_opt.init(ref_params)
+    start = params
+    for _ in range(2):
+        params, state, _ = opt.step(params, state, (x, y))
+        ref_params, ref_state, _ = ref_opt.step(ref_params, ref_state, (x, y))
+    assert max_diff(params, ref_params) < 1e-12
+    assert max_diff(params, start) > 1e-4
+    trained = model.to_module(params)
+    assert isinstance(trained, eqx.nn.MLP)
+    assert max_diff(jax.vmap(trained)(x), ref_apply(ref_params, x)) < 1e-12
+
+
+class EquinoxBNNet(eqx.Module):
+    first: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    drop: eqx.nn.Dropout
+    last: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.first = eqx.nn.Linear(3, 6, dtype=F64, key=k1)
+        self.norm = eqx.nn.BatchNorm(6, axis_name="batch", momentum=0.9, dtype=F64, mode="ema")
+        self.drop = eqx.nn.Dropout(RATE)
+        self.last = eqx.nn.Linear(6, 2, dtype=F64, key=k2)
+
+    def __call__(self, x, state, *, key):
+        h, state = self.norm(self.first(x), state)
+        return self.last(self.drop(jnp.tanh(h), key=key)), state
+
+
+def test_equinox_batchnorm_dropout_trains_under_jit(data):
+    x, y = data
+    net, state0 = eqx.nn.make_with_state(EquinoxBNNet)(jax.random.key(3))
+    model, params = from_equinox(net, state0)
+    opt = METHODS["curveball"](model, MSE())
+    step = model.make_step(opt)
+    opt_state, state = opt.init(params), state0
+    probe = jax.jit(lambda p: MSE().value(model(p, model.inputs(x, key=jax.random.key(9))), y))
+    start = float(jnp.mean(probe(params)))
+    key = jax.random.key(4)
+    for i in range(4):
+        key, sub = jax.random.split(key)
+        new_params, opt_state, new_state, _ = step(params, opt_state, state, (x, y), sub)
+        if i == 0:  # the state of one equinox forward pass over the step's batch
+            keys = jax.random.split(sub, x.shape[0])
+            _, direct = jax.vmap(net, in_axes=(0, None), out_axes=(0, None),
+                                 axis_name="batch")(x, state, key=keys)
+            assert max_diff(new_state, direct) < 1e-14
+            assert max_diff(new_state, state) > 1e-3
+        if i == 1:  # the first call may see other placements or dtypes than the steps' outputs
+            compiled = step._cache_size()
+        params, state = new_params, new_state
+    assert float(jnp.mean(probe(params))) < 0.9 * start
+    assert step._cache_size() == compiled  # keys and state are traced, not baked in
