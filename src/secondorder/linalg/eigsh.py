@@ -149,8 +149,7 @@ def eigsh(op: LinearOperator, k: int = 1, which: str = "LA", *, v0: Tree | None 
     out: list[Any] = [values]
     if return_eigenvectors:
         xp = op.xp
-        basis = xp.stack(krylov.basis[:m], axis=1)
-        vectors = basis @ backend.asarray(s[:, idx], dtype=dtype_name, device=device)
+        vectors = krylov.vectors() @ backend.asarray(s[:, idx], dtype=dtype_name, device=device)
         if not flat:
             vectors = [op.in_structure.unravel(vectors[:, j], xp) for j in range(k)]
         out.append(vectors)

@@ -55,9 +55,9 @@ class LanczosResult(NamedTuple):
         m = int(self.alpha.shape[0])
         t = self.alpha[:, None] * xp.eye(m, dtype=dtype, device=device)
         if m > 1:
-            off = self.beta[: m - 1]
-            upper = xp.eye(m, k=1, dtype=dtype, device=device)
-            t = t + off[:, None] * upper + xp.linalg.matrix_transpose(off[:, None] * upper)
+            # row i of the superdiagonal identity scaled by beta_i (the last row is zero)
+            upper = self.beta[:, None] * xp.eye(m, k=1, dtype=dtype, device=device)
+            t = t + upper + xp.linalg.matrix_transpose(upper)
         return t
 
 
@@ -79,23 +79,31 @@ def start_vector(op: LinearOperator, v0: Tree | None, seed: int) -> Array:
 class Krylov:
     """The running state of a Lanczos process on ``op`` from the flat vector ``v``, extended one
     step at a time by :meth:`step` (so that :func:`~secondorder.linalg.eigsh` can check
-    convergence as it goes). ``alphas``, ``betas`` and ``basis`` are Python lists of 0-d and
-    1-d arrays; ``invariant`` becomes True when a step finds beta_j <= ``breakdown`` times the
-    largest |alpha| or beta so far (an invariant subspace: T_m's eigenvalues are exact)."""
+    convergence as it goes). ``alphas`` and ``betas`` are lists of 0-d arrays; ``invariant``
+    becomes True when a step finds beta_j <= ``breakdown`` times the largest |alpha| or beta so
+    far (an invariant subspace: T_m's eigenvalues are exact), or after n steps.
+
+    The basis lives in an (n, capacity) array whose unused columns are zero, so the
+    Gram-Schmidt products ``w @ Q`` keep one shape while it fills; the capacity doubles when it
+    is full. Array shapes therefore change O(log m) times in m steps, not m times: JAX, which
+    compiles every eager operation once per shape, would otherwise compile each step anew.
+    """
 
     def __init__(self, op: LinearOperator, v: Array, *, breakdown: float | None = None):
         op._require_square("lanczos")
         self.op, self.xp = op, op.xp
         xp = self.xp
+        n = op.in_structure.size
         norm = xp.linalg.vector_norm(v)
         if op.backend.is_concrete(norm) and not float(norm) > 0.0:
             raise ShapeError("the Lanczos start vector must be nonzero and finite")
-        self.basis: list[Array] = [v / norm]
+        self.q = v / norm
+        self.capacity = min(n, 16)
+        self.basis = xp.zeros((n, self.capacity), dtype=self.q.dtype, device=op.device)
         self.alphas: list[Array] = []
         self.betas: list[Array] = []
         eps = float(np.finfo(op.backend.dtype_name(op.dtype)).eps)
-        self.breakdown = 10.0 * eps * np.sqrt(op.in_structure.size) if breakdown is None \
-            else breakdown
+        self.breakdown = 10.0 * eps * np.sqrt(n) if breakdown is None else breakdown
         self.scale = 0.0
         self.invariant = False
 
@@ -103,17 +111,31 @@ class Krylov:
     def steps(self) -> int:
         return len(self.alphas)
 
+    def _append(self, q: Array) -> Array:
+        """Put ``q`` in column ``steps`` of the basis (growing it when full); returns the
+        one-hot row that selects that column."""
+        xp, j = self.xp, self.steps
+        if j == self.capacity:
+            grow = min(self.capacity, self.op.in_structure.size - self.capacity)
+            pad = xp.zeros((self.basis.shape[0], grow), dtype=self.basis.dtype,
+                           device=self.op.device)
+            self.basis = xp.concat([self.basis, pad], axis=1)
+            self.capacity += grow
+        onehot = xp.astype(xp.arange(self.capacity, device=self.op.device) == j,
+                           self.basis.dtype)
+        self.basis = self.basis + q[:, None] * onehot[None, :]
+        return onehot
+
     def step(self) -> None:
         """One Lanczos step with two passes of classical Gram-Schmidt against the whole basis."""
         xp, op = self.xp, self.op
-        q = self.basis[-1]
-        w = op._flat_matvec(q)
-        basis = xp.stack(self.basis, axis=1)  # (n, j)
-        h = w @ basis
-        w = w - basis @ h
-        h2 = w @ basis
-        w = w - basis @ h2
-        alpha = h[-1] + h2[-1]
+        onehot = self._append(self.q)
+        w = op._flat_matvec(self.q)
+        h = w @ self.basis
+        w = w - self.basis @ h
+        h2 = w @ self.basis
+        w = w - self.basis @ h2
+        alpha = xp.sum((h + h2) * onehot)
         beta = xp.linalg.vector_norm(w)
         self.alphas.append(alpha)
         self.betas.append(beta)
@@ -122,13 +144,15 @@ class Krylov:
             if float(beta) <= self.breakdown * self.scale or self.steps >= op.in_structure.size:
                 self.invariant = True
                 return
-        self.basis.append(w / beta)
+        self.q = w / beta
+
+    def vectors(self) -> Array:
+        """The (n, steps) orthonormal basis Q_m."""
+        return self.basis[:, : self.steps]
 
     def result(self) -> LanczosResult:
         xp = self.xp
-        m = self.steps
-        return LanczosResult(xp.stack(self.alphas), xp.stack(self.betas),
-                             xp.stack(self.basis[:m], axis=1))
+        return LanczosResult(xp.stack(self.alphas), xp.stack(self.betas), self.vectors())
 
 
 def lanczos(op: LinearOperator, k: int, *, v0: Tree | None = None, seed: int = 0,

@@ -52,7 +52,9 @@ def to_scipy(op: LinearOperator) -> Any:
                                device=device)
 
     def to_host(y: Any) -> np.ndarray:
-        return np.asarray(backend.to_numpy(y), dtype=np.float64)
+        # a writable copy: SciPy's solvers update their vectors in place, and JAX hands out
+        # read-only views
+        return np.array(backend.to_numpy(y), dtype=np.float64)
 
     def matvec(x: np.ndarray) -> np.ndarray:
         return to_host(op._flat_matvec(to_backend(np.reshape(x, (n_in,)))))
