@@ -324,3 +324,35 @@ def test_equinox_batchnorm_dropout_trains_under_jit(data):
         params, state = new_params, new_state
     assert float(jnp.mean(probe(params))) < 0.9 * start
     assert step._cache_size() == compiled  # keys and state are traced, not baked in
+
+
+class SquareMLP(nn.Module):
+    """4 -> 5 -> 5 -> 3: the middle kernel is square, so reading it untransposed would fit."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(5, param_dtype=F64)(x))
+        h = jnp.tanh(nn.Dense(5, param_dtype=F64)(h))
+        return nn.Dense(3, param_dtype=F64)(h)
+
+
+def test_flax_kfac_operator_equals_the_reference_operator():
+    """``model.kfac`` acts on flax-layout trees as ``KFAC`` on the reference MLP acts on the
+    transposed trees: products, damped inverses and powers."""
+    from secondorder.curvature import KFAC
+
+    rng = np.random.default_rng(3)
+    x, y = jnp.asarray(rng.standard_normal((9, 4))), jnp.asarray(rng.standard_normal((9, 3)))
+    module = SquareMLP()
+    model, params = from_flax(module, module.init(jax.random.key(2), x))
+    ref_params = _reference_layout(params)
+    op = model.kfac(MSE(), params, (x, y))
+    ref_op = KFAC(MLP([4, 5, 5, 3]), MSE(), ref_params, (x, y))
+    v = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), params)
+    v_ref = _reference_layout(v)
+    for got_op, want_op in ((op, ref_op), (op.damped_inverse(0.1), ref_op.damped_inverse(0.1)),
+                            (op.power(0.5), ref_op.power(0.5)),
+                            (op.damped_inverse(0.1, "exact"), ref_op.damped_inverse(0.1, "exact"))):
+        got, want = _reference_layout(got_op @ v), want_op @ v_ref
+        assert max_diff(got, want) < 1e-12 * (1 + max_diff(want, jax.tree_util.tree_map(
+            jnp.zeros_like, want)))

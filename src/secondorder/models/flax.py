@@ -27,10 +27,10 @@ to add a tap to their outputs and record their inputs in the layouts of the refe
 convolution's im2col patches (m, Ho Wo, C_in kh kw [+1]), channel-major within a patch as a
 (C_out, C_in, kh, kw) kernel flattened row-major, and tap (m, Ho Wo, C_out). So
 :func:`secondorder.curvature.kronecker_factors` gives the same A and G as on the reference models.
-Note that flax stores a dense kernel as (d_in, d_out) and a convolution kernel as
-(kh, kw, C_in, C_out), the transposes of the reference layouts: the factors are the same, but an
-operator that reshapes the weights itself (``secondorder.curvature.KFAC``'s blocks) expects the
-reference layouts.
+Flax stores a dense kernel as (d_in, d_out) and a convolution kernel as (kh, kw, C_in, C_out),
+transposes of the reference layouts: the factors are the same, but ``secondorder.curvature.KFAC``
+reads the weights in the reference layouts, so build the K-FAC operator of a flax model with
+:meth:`FlaxModel.kfac`, which transposes each layer's kernel around the same blocks.
 """
 
 from __future__ import annotations
@@ -366,6 +366,32 @@ class FlaxModel(Model):
             jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), data)))
         return self._shapes[key]
 
+    def kfac(self, loss: Any, params: Any, batch: tuple[Any, Any], **options: Any) -> Any:
+        """The K-FAC operator on the flax parameters (``secondorder.curvature.KFAC`` with each
+        Dense and Conv kernel read in flax's layout): a ``KFACOperator`` with ``inv()``,
+        ``power(p)`` and ``damped_inverse(damping, method)``, acting on trees shaped like
+        ``params``. ``loss``: a library loss; ``batch``: ``(x, y)`` (``x`` may be a
+        :class:`FlaxInputs`); ``options``: those of ``kronecker_factors`` (``mode="exact"``,
+        ``samples=1``, ``seed=0``, ``noise=None``, ``key=None``)."""
+        from .. import tree
+        from ..curvature.kfac import KFACOperator, kronecker_factors
+        from ..linalg import ScaledIdentity
+
+        leaves = tree.leaves(params)
+        blocks, groups, covered = [], [], set()
+        for lf in kronecker_factors(self, loss, params, batch, **options):
+            layer = lf.layer
+            bias = None if layer.bias is None else leaves[layer.bias]
+            blocks.append(_flax_layer_kronecker(lf, bias, leaves[layer.weight]))
+            group = [layer.weight] if layer.bias is None else [layer.bias, layer.weight]
+            groups.append(group)
+            covered.update(group)
+        for i, leaf in enumerate(leaves):
+            if i not in covered:
+                blocks.append(ScaledIdentity(0.0, leaf))
+                groups.append([i])
+        return KFACOperator(blocks, groups=groups, like=params)
+
     def zero_taps(self, x: Any) -> list[Array]:
         """Zero taps for a batch ``x`` (array or :class:`FlaxInputs`), in the dtype of the
         parameters."""
@@ -436,6 +462,68 @@ def _layer_input(info: _Tapped, a: Array) -> Array:
     if info.bias:
         a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), dtype=a.dtype)], axis=-1)
     return a
+
+
+def _to_reference(kernel: Array) -> Array:
+    """A flax kernel in the reference layout: (d_in, d_out) -> (d_out, d_in),
+    (kh, kw, C_in, C_out) -> (C_out, C_in, kh, kw)."""
+    import jax.numpy as jnp
+
+    return kernel.T if kernel.ndim == 2 else jnp.transpose(kernel, (3, 2, 0, 1))
+
+
+def _from_reference(w: Array) -> Array:
+    import jax.numpy as jnp
+
+    return w.T if w.ndim == 2 else jnp.transpose(w, (2, 3, 1, 0))
+
+
+def _relayout(matvec: Callable[[Any], Any], v: Any) -> Any:
+    """``matvec`` (on reference-layout ``(b, W)`` or ``W``) applied to a flax-layout vector."""
+    if isinstance(v, tuple):
+        b, k = v
+        out_b, out_w = matvec((b, _to_reference(k)))
+        return out_b, _from_reference(out_w)
+    return _from_reference(matvec(_to_reference(v)))
+
+
+def _flax_layer_kronecker(factors: Any, bias_like: Array | None, kernel_like: Array) -> Any:
+    """A ``LayerKronecker`` on a flax layer's ``(bias, kernel)`` leaves: the reference block on
+    the transposed kernel, with its products, inverses and powers transposed back."""
+    from ..curvature.kfac import LayerKronecker
+    from ..linalg import LinearOperator, Structure
+    from ..linalg.operator import placement
+
+    class Relayout(LinearOperator):
+        def __init__(self, inner: Any, like: Any):
+            self.inner = inner
+            s = Structure.of(like)
+            super().__init__(s, s, *placement(like))
+
+        def _matvec(self, v: Any) -> Any:
+            return _relayout(self.inner._matvec, v)
+
+        _rmatvec = _matvec
+
+        def transpose(self) -> Any:
+            return self
+
+    class FlaxLayerKronecker(LayerKronecker):
+        def __init__(self) -> None:
+            super().__init__(factors, bias_like, _to_reference(kernel_like))
+            self.like = kernel_like if bias_like is None else (bias_like, kernel_like)
+            s = Structure.of(self.like)
+            LinearOperator.__init__(self, s, s, *placement(self.like))
+
+        def _matvec(self, v: Any) -> Any:
+            return _relayout(super()._matvec, v)
+
+        _rmatvec = _matvec
+
+        def _cached(self, state: Any, **multiply: Any) -> Any:
+            return Relayout(super()._cached(state, **multiply), self.like)
+
+    return FlaxLayerKronecker()
 
 
 def from_flax(module: Any, variables: Mapping[str, Any], **options: Any
