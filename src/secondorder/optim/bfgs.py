@@ -25,7 +25,8 @@ class BFGSState(NamedTuple):
     updates: Array
 
 class BFGS(Optimizer):
-    """w <- w + t d with d = -H g, H the inverse-Hessian approximation (state ``"inv_hessian"``).
+    """BFGS: w <- w + t d with d = -H g, H the inverse-Hessian approximation (state
+    ``"inv_hessian"``), for small problems.
 
     **Line search** (weak Wolfe, bisection/expansion as in Lewis and Overton 2013). With
     phi(t) = f(w + t d), all evaluations on the step's batch, start at t = ``initial_step``,
@@ -43,11 +44,30 @@ class BFGS(Optimizer):
 
     **Update**, with s = t d and y = g(t) - g, only when y^T s > 0 (skipped otherwise):
 
-        H <- (I - r s y^T) H (I - r y s^T) + r s s^T,   r = 1 / (y^T s).
+        H <- (I - r s y^T) H (I - r y s^T) + r s s^T,   r = 1 / (y^T s)
+        (Nocedal and Wright 2006, eq. 6.17).
 
     H starts as I; right before the first update it is replaced by (y^T s / y^T y) I
     (Nocedal and Wright, eq. 6.20), so the first step is a gradient step found by the line
     search and later steps are scaled to the curvature. ``state["updates"]`` counts the updates.
+
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` (or a residual function) and the
+        :class:`~secondorder.losses.Loss`; the objective is the mean loss on the batch.
+    c1, c2: float, default 1e-4 and 0.9
+        The constants of the weak Wolfe conditions, 0 < c1 < c2 < 1 (Nocedal & Wright 2006,
+        eqs. 3.6a-b).
+    max_line_search: int, default 20
+        The most function-and-gradient evaluations of one line search, >= 1.
+    initial_step: float or schedule, default 1.0
+        The first trial step t of every line search, > 0; a schedule (a callable
+        ``t -> step`` of the step count t = 0, 1, ..., evaluated inside ``step`` eagerly, under
+        ``jax.jit`` and under ``jax.vmap``) sets it at every step.
+
+    State: a :class:`BFGSState` with the step count, H (p x p, memory p^2) and the number of
+    updates. A non-finite loss, gradient or H keeps the old parameters and state.
     """
 
     State = BFGSState

@@ -1,26 +1,7 @@
-"""CurveBall (Henriques et al., "Small Steps and Giant Leaps"; curveball sheet, eqs. 16-18).
-
-One step at parameters w with the search direction z carried over from the previous step, on
-the batch (x, y) with outputs f = apply(w, x), J the Jacobian of w -> f, H_L the loss Hessian
-at f and J_L its gradient (both for the mean loss):
-
-    u = J z                                   (JVP)
-    Delta = J^T (H_L u + J_L) + lambda z      (VJP)                         eqs. 16-17
-    v = J Delta                               (JVP)
-    a = v^T H_L v + lambda |Delta|^2,  b = u^T H_L v + lambda z^T Delta,
-    c = u^T H_L u + lambda |z|^2,      d = J_L^T v,  e = J_L^T u
-    [beta; -rho] = [[a, b], [b, c]]^{-1} [d; e]                             eq. 18
-      = ((c d - b e), -(b d - a e)) / (a c - b^2)
-    z <- rho z - beta Delta,   w <- w + z.
-
-At the first step z = 0 makes the 2x2 matrix singular; its pseudo-inverse gives beta = d / a,
-rho = 0. Every ``lambda_interval`` steps the damping follows the reduction ratio
-gamma = (f(w + z) - f(w)) / (1/2 (rho e - beta d)) (the model's predicted change at the optimum
-of eq. 18, on the same batch): gamma > 3/2 multiplies lambda by ``lambda_factor``, gamma < 1/2
-divides it. ``rho`` and ``beta`` may be fixed instead (the paper's fixed-hyperparameter variant;
-the damping then stays fixed, as gamma needs the eq. 18 optimum), and ``curvature="hessian"``
-replaces the GGN by Hessian-vector products (losing the PSD guarantee). Cost with the GGN: the
-forward pass, two JVPs and one VJP.
+"""CurveBall (Henriques et al. 2019, "Small Steps and Giant Leaps: Minimal Newton Solvers for
+Deep Learning"): one interleaved step of a quadratic-model solver per parameter step, with
+automatic momentum and learning rate. The algorithm, its parameters and its state are described
+in the docstring of :class:`CurveBall` (``help(CurveBall)``).
 """
 
 from __future__ import annotations
@@ -54,41 +35,78 @@ class CurveBallState(NamedTuple):
 
 
 class CurveBall(Optimizer):
-    """CurveBall (Henriques et al. 2019, eqs. 16-18): z <- rho z - beta Delta, w <- w + z, with
-    Delta = J^T (H_L J z + J_L) + lambda z and (rho, beta) from the 2x2 system of eq. 18.
+    """CurveBall (Henriques et al. 2019, Algorithm 1): z <- rho z - beta Delta, w <- w + z.
+
+    One step at parameters w, with the search direction z carried over from the previous step,
+    on the batch (x, y): outputs f = apply(w, x), J the Jacobian of w -> f, H_L the Hessian and
+    J_L the gradient of the mean loss with respect to f, lambda the damping::
+
+        u = J z                                      (one JVP)
+        Delta = J^T (H_L u + J_L) + lambda z         (one VJP)           eqs. 16-17
+        v = J Delta                                  (one JVP)
+        a = v^T H_L v + lambda |Delta|^2,   b = u^T H_L v + lambda z^T Delta,
+        c = u^T H_L u + lambda |z|^2,       d = J_L^T v,   e = J_L^T u
+        [beta; -rho] = [[a, b], [b, c]]^{-1} [d; e]                       eq. 18
+        z <- rho z - beta Delta,   w <- w + z.
+
+    (rho, beta) minimise the damped quadratic model along span(z, Delta). At the first step
+    z = 0 makes the 2x2 matrix singular; its pseudo-inverse gives beta = d / a, rho = 0.
+
+    Damping (Sec. 3, "automatic lambda hyper-parameter rescaling"): every ``lambda_interval``
+    steps, gamma = (f(w + z) - f(w)) / (1/2 (rho e - beta d)) compares the loss change on the
+    batch with the model's predicted change at the optimum of eq. 18; gamma > high multiplies
+    lambda by ``lambda_factor``, gamma < low (or not finite) divides it by ``lambda_factor``,
+    and lambda is floored at ``min_damping``. Cost with the GGN: the forward pass, two JVPs
+    and one VJP per step, plus one loss evaluation per adaptation.
 
     Parameters
     ----------
     apply, loss:
-        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`.
-    damping: float, default 10.0
-        Initial lambda.
-    rho, beta: float or None, default None
-        Fixed momentum and step (the paper's fixed-hyperparameter variant); both or neither.
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
+        objective is the mean loss of ``apply(params, x)`` against ``y``.
+    damping: float or schedule, default 10.0
+        lambda (the paper uses 10, or 1 with batch normalisation). A number is the initial
+        damping, adapted as above. A schedule (a callable ``t -> lambda_t`` of the step count
+        t = 0, 1, ..., e.g. an optax schedule) sets lambda at every step and replaces the
+        adaptation (as in kfac-jax).
+    rho, beta: float, schedule or None, default None
+        Fixed momentum and step (the paper's fixed-hyperparameter variant), numbers or
+        schedules of the step count; give both or neither. None: from eq. 18 at every step.
     curvature: {"ggn", "hessian"}, default "ggn"
-        Gauss-Newton products (PSD for convex losses) or Hessian-vector products.
+        H_L is the loss Hessian on the outputs and J^T H_L J the Gauss-Newton matrix (PSD for
+        convex losses); "hessian" uses Hessian-vector products of the loss in the parameters
+        instead (losing the PSD guarantee).
     adapt_damping: bool or None, default None
-        Adapt lambda from the reduction ratio; None means "when rho and beta are automatic".
+        Adapt lambda as above. None: adapt when rho and beta are automatic and the damping is a
+        number. True with fixed rho and beta, or with a damping schedule, raises
+        :class:`~secondorder.errors.HyperparameterError` (gamma needs the eq. 18 optimum; a
+        schedule already sets lambda).
     lambda_interval: int, default 5
         Adapt every this many steps.
     lambda_factor: float, default 0.999
-        lambda <- lambda * factor when the ratio exceeds the upper threshold, lambda / factor
-        below the lower one.
+        The factor of the adaptation, in (0, 1].
     lambda_thresholds: (float, float), default (0.5, 1.5)
-        The lower and upper thresholds on the ratio gamma.
+        The thresholds (low, high) on gamma.
     min_damping: float, default 0.0
-        Floor on lambda.
+        Floor on the adapted lambda.
     transform: optional
         An update transform (:mod:`secondorder.optim.transforms`: clipping, a schedule,
         momentum) applied to the step z before it is added to the parameters, w <- w + T(z);
         the carried direction z, the ratio gamma and the damping follow z itself.
 
+    Schedules are evaluated at the state's step count inside ``step`` (eagerly, under
+    ``jax.jit`` and under ``jax.vmap``); a rejected step keeps the count.
+
+    State and info. The state is a :class:`CurveBallState`: the step count, z (a tree like the
+    parameters), lambda (0-d; with a schedule, the value the last step used) and the
+    transform's state (``()`` without one). ``info.extras`` holds ``rho``, ``beta`` and
+    ``predicted`` (the model's predicted change 1/2 (rho e - beta d); NaN with fixed rho and
+    beta). A non-finite loss or step keeps the old parameters and state and multiplies lambda
+    by :attr:`Optimizer.damping_boost_on_failure` (not with a damping schedule).
+
     Assembled from :func:`~secondorder.optim.directions.curveball_direction` (Delta, the 2x2
     subproblem and the predicted change) and
     :func:`~secondorder.optim.step_rules.curveball_damping`.
-
-    ``info.extras`` holds ``rho``, ``beta`` and ``predicted`` (the model's predicted change
-    1/2 (rho e - beta d); NaN with fixed rho and beta).
     """
 
     State = CurveBallState
@@ -111,8 +129,9 @@ class CurveBall(Optimizer):
         if int(lambda_interval) != lambda_interval or lambda_interval < 1:
             raise HyperparameterError(
                 f"lambda_interval must be an integer >= 1, got {lambda_interval}")
-        if is_number(damping, lambda_factor, min_damping) and not (
-                damping >= 0 and 0 < lambda_factor <= 1 and min_damping >= 0):
+        if ((is_number(damping) and not damping >= 0)
+                or (is_number(lambda_factor, min_damping)
+                    and not (0 < lambda_factor <= 1 and min_damping >= 0))):
             raise HyperparameterError("CurveBall needs damping >= 0, 0 < lambda_factor <= 1 and "
                              "min_damping >= 0")
         low, high = lambda_thresholds

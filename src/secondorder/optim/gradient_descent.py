@@ -33,7 +33,9 @@ class GradientDescentState(NamedTuple):
 
 
 class GradientDescent(Optimizer):
-    """w <- w + T(grad L(w)) for an optax-shaped transform T (``init``/``update``).
+    """w <- w + T(grad L(w)) for an optax-shaped transform T (``init``/``update``): the
+    gradient of the mean batch loss goes through the transform chain, and the result is added
+    to the parameters. A non-finite loss or update keeps the old parameters and state.
 
     Parameters
     ----------
@@ -42,7 +44,8 @@ class GradientDescent(Optimizer):
     transform:
         The update transform, e.g. ``chain(clip_by_global_norm(1.0), trace(0.9),
         scale_by_learning_rate(0.1))``; it must end by scaling with a negative step
-        (``scale_by_learning_rate``), as in optax.
+        (``scale_by_learning_rate``, which takes a number or a schedule of the step count), as
+        in optax.
     """
 
     State = GradientDescentState
@@ -103,8 +106,13 @@ class SGD(GradientDescent):
 
     Parameters
     ----------
-    lr: float or callable, default 0.01
-        Step size, or a schedule t -> lr(t) of the step count t = 0, 1, ...
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
+        objective is the mean loss of ``apply(params, x)`` against ``y``.
+    lr: float or schedule, default 0.01
+        Step size, > 0, or a schedule t -> lr(t) of the step count t = 0, 1, ... (a callable,
+        e.g. an optax schedule, evaluated inside ``step`` eagerly, under ``jax.jit`` and under
+        ``jax.vmap``; it receives t as a 0-d array of the parameters' dtype).
     momentum: float, default 0.0
         Heavy-ball coefficient mu.
     nesterov: bool, default False
@@ -137,13 +145,21 @@ class AdamState(NamedTuple):
 
 
 class Adam(GradientDescent):
-    """Adam (Kingma & Ba 2015) with L2 weight decay added to the gradient:
-    g = grad + wd w, then ``scale_by_adam`` and ``scale_by_learning_rate(lr)``.
+    """Adam (Kingma & Ba 2015, Algorithm 1) with L2 weight decay added to the gradient:
+    g = grad + wd w;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    w <- w - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), t the number of steps taken
+    including this one. The chain ``add_decayed_weights(wd)`` (when non-zero),
+    ``scale_by_adam``, ``scale_by_learning_rate(lr)``.
 
     Parameters
     ----------
-    lr: float or callable, default 1e-3
-        Step size, or a schedule of the step count.
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
+        objective is the mean loss of ``apply(params, x)`` against ``y``.
+    lr: float or schedule, default 1e-3
+        Step size, > 0, or a schedule t -> lr(t) of the step count t = 0, 1, ... (a callable,
+        e.g. an optax schedule, evaluated inside ``step``; it receives t as a 0-d array of the
+        parameters' dtype).
     b1, b2: float, default 0.9, 0.999
         Decay rates of the first and second moment estimates.
     eps: float, default 1e-8
@@ -173,9 +189,27 @@ class AdamWState(NamedTuple):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (Loshchilov & Hutter 2019):
-    w <- w - lr (adam_step + wd w); the chain ``scale_by_adam``, ``add_decayed_weights``,
-    ``scale_by_learning_rate``. Parameters as :class:`Adam`."""
+    """Adam with decoupled weight decay (Loshchilov & Hutter 2019, Algorithm 2):
+    w <- w - lr (m^ / (sqrt(v^) + eps) + wd w), with Adam's bias-corrected moments m^ and v^
+    of the plain gradient; the chain ``scale_by_adam``, ``add_decayed_weights``,
+    ``scale_by_learning_rate``.
+
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
+        objective is the mean loss of ``apply(params, x)`` against ``y``.
+    lr: float or schedule, default 1e-3
+        Step size, > 0, or a schedule t -> lr(t) of the step count t = 0, 1, ... (a callable,
+        e.g. an optax schedule, evaluated inside ``step``; it receives t as a 0-d array of the
+        parameters' dtype). The decay is scaled by the same lr, as in PyTorch and optax.
+    b1, b2: float, default 0.9, 0.999
+        Decay rates of the first and second moment estimates, in [0, 1).
+    eps: float, default 1e-8
+        Added to the square root of the second moment, > 0.
+    weight_decay: float, default 0.0
+        The decoupled decay coefficient wd, >= 0.
+    """
 
     State = AdamWState
     decoupled = True

@@ -276,6 +276,46 @@ class GroupedNewton(Optimizer):
     the cubic step (0 iterations / NaN on steps that reuse eta~). The plateau scheduler
     (ReduceLROnPlateau, patience 5, factor 0.5) is the pure :meth:`plateau` to call once per epoch
     with a validation or training loss; it halves ``state["lr_scale"]``.
+
+    The cubic step (Sec. 4.2 of the conference version) minimises
+    T(eta) = -eta^T g_bar + 1/2 eta^T H_bar eta + (lambda_int / 6) |D eta|^3 with
+    D = Diag(|D3_sss|^{1/3}), g_bar = V^T g, H_bar = V^T H V and D3_sss = D^3 L[u_s, u_s, u_s]
+    the summaries of the loss on the subspace spanned by the groups of u (V = Diag(u) I_{P:S});
+    see :func:`cubic_step` and :func:`summaries`.
+
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
+        objective is the mean loss on the batch.
+    partition: str, list or Partition, default "canonical"
+        The grouping of the parameters into S groups (one per tensor by default).
+    lr_factor: float or schedule, default 0.1
+        lambda_1, the learning-rate factor, > 0. A schedule (a callable ``t -> lr_t`` of the
+        step count t = 0, 1, ...) sets it at every step; the plateau scheduler's ``lr_scale``
+        multiplies it either way.
+    lambda_int: float or schedule, default 10.0
+        The cubic regularisation, >= 0; 0 takes the plain step eta = H_bar^{-1} g_bar. A
+        schedule sets it at every step and must stay > 0 (it always takes the cubic step).
+    mu_g: float, default 0.9
+        Momentum of the gradient, in [0, 1).
+    mu_eta: float, default 0.5
+        Momentum of the step eta~, in [0, 1).
+    tau: int, default 10
+        The summaries and eta_t are recomputed every tau steps, >= 1.
+    model: optional
+        The model whose layer table the ``"layers"`` partition uses.
+    d_floor: float, default 1e-5
+        Relative floor on the entries of D.
+    rcond: float, default 1e-12
+        Relative threshold under which an eigenvalue of H_bar counts as zero.
+    max_iter: int, default 200
+        The most bisection steps of the secular equation.
+    patience, plateau_factor, plateau_threshold: int, float, float, default 5, 0.5, 1e-4
+        The plateau scheduler of :meth:`plateau`.
+
+    Schedules are evaluated at the state's step count inside ``step`` (eagerly, under
+    ``jax.jit`` and under ``jax.vmap``); a rejected step keeps the count.
     """
 
     State = GroupedNewtonState

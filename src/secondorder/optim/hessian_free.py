@@ -1,45 +1,14 @@
 """Hessian-free optimisation (Martens 2010): truncated Newton with CG on a damped curvature.
 
-One step at parameters w on a batch, with g the gradient and lambda the damping:
-
-1. B = C + lambda I with C the generalised Gauss-Newton matrix (``curvature="ggn"``, PSD for
-   convex losses), the Hessian (``curvature="hessian"``) or the one-sample Monte-Carlo Fisher
-   (``curvature="fisher"``: J^T g g^T J / m with g the loss gradients at targets drawn from the
-   model, an unbiased estimate of the GGN for the losses here) of the mean loss on the batch;
-   one linearisation of the network is shared by every product. The Fisher's targets come from
-   a :mod:`secondorder.random` key in the state (``random.key(seed)`` at ``init``), split at
-   every step, so a jitted step draws new targets every step and every backend draws the same.
-2. CG on B d = -g, warm-started from ``warm_start_decay`` times the previous CG solution (kept in
-   the state), run for at most ``cg_iters`` iterations.
-3. CG-iterate backtracking: the iterates after ceil(backtrack_base^k) <= cg_iters iterations (and
-   the last) are kept, and the one with the lowest batch objective f(w + lr d_i) is taken. Martens
-   walks backwards from the last iterate and stops at the first that does not improve; here every
-   saved iterate is evaluated (their number is static and small, about log(cg_iters) /
-   log(backtrack_base)) and the best one is taken, ties going to the later iterate, so the choice
-   is never worse than Martens' and needs no data-dependent loop under ``jax.jit``.
-4. The step s = lr d is taken only if f(w + s) < f(w); otherwise w is kept.
-5. Levenberg-Marquardt damping from the reduction ratio rho = (f(w + s) - f(w)) / q(s), with
-   q(s) = g^T s + 1/2 s^T C s the *undamped* quadratic model (one extra curvature product):
-   rho < 1/4 -> lambda *= ``increase``; rho > 3/4 -> lambda *= ``decrease``. A model that predicts
-   no decrease (q(s) >= 0) or a non-finite f(w + s) counts as rho = -inf. The damping is updated
-   whether or not the step is accepted.
+The algorithm, its parameters and its state are described in the docstring of
+:class:`HessianFree` (``help(HessianFree)``). Implementation notes:
 
 CG mode. CG runs in fixed-iteration mode (``tol=None``, ``maxiter=cg_iters``) with the absolute
 floor ``atol = cg_tol ||g||`` (the threshold tolerance mode would use, ``cg_tol ||b||``): on JAX
 the loop is a ``fori_loop`` of static length, so the jitted step has one static shape and trip
 count (and is reverse-differentiable), while the iterates freeze once the relative residual falls
-under ``cg_tol``; eager backends leave the loop there. ``cg_tol=0`` (or None) runs all
-``cg_iters``. The backtracking candidates are a Python loop over the static ``save_at`` tuple,
-unrolled at trace time, not a data-dependent loop.
-
-The state is a :class:`HessianFreeState`: the step count, the previous CG solution (a tree like
-params), the damping (0-d), the random key (an int32 array of shape (2,); drawn from only by
-``curvature="fisher"``) and the update transform's state (``()`` without ``transform``).
-``info.extras`` has the reduction ratio ``rho`` and the model's change.
-``info.inner_iterations`` is the number of CG iterations and ``info.inner_residual`` the final CG
-residual norm ||B d + g||. A non-finite loss, gradient, CG solution or new parameters keeps the old
-parameters and state and multiplies the damping by :attr:`Optimizer.damping_boost_on_failure`; on
-eager backends a batch the curvature operators refuse as non-finite is handled the same way.
+under ``cg_tol``; eager backends leave the loop there. The backtracking candidates are a Python
+loop over the static ``save_at`` tuple, unrolled at trace time, not a data-dependent loop.
 """
 
 from __future__ import annotations
@@ -98,16 +67,87 @@ class HessianFreeState(NamedTuple):
 
 
 class HessianFree(Optimizer):
-    """Martens' Hessian-free method: see the module docstring for the algorithm.
+    """Martens' (2010) Hessian-free method: truncated Newton steps from conjugate gradients on
+    a damped curvature matrix (Algorithm 1 of the paper).
 
-    ``transform`` (optional): an update transform (:mod:`secondorder.optim.transforms`) applied
-    to the step taken (s = lr d if accepted, 0 if not) before it is added to the parameters; the
-    damping, the reduction ratio and the warm start follow s and d themselves.
+    One step at parameters w on a batch (x, y), with f the mean loss on the batch, g = grad f(w)
+    and lambda the damping:
+
+    1. B = C + lambda I, with C the generalised Gauss-Newton matrix J^T H_L J
+       (``curvature="ggn"``; positive semi-definite for convex losses), the Hessian
+       (``curvature="hessian"``) or the one-sample Monte-Carlo Fisher (``curvature="fisher"``:
+       J^T g~ g~^T J / m with g~ the loss gradients at targets drawn from the model, an unbiased
+       estimate of the GGN for the losses here). One linearisation of the network is shared by
+       every product; the Fisher's targets come from a random key in the state, split at every
+       step (a jitted step draws new targets every step; every backend draws the same).
+    2. CG on B d = -g, started from ``warm_start_decay`` times the previous CG solution (Sec.
+       4.5), at most ``cg_iters`` iterations, leaving early once ||B d + g|| <= cg_tol ||g||.
+    3. CG-iterate backtracking (Sec. 4.6): the iterates after ceil(backtrack_base^k) <=
+       ``cg_iters`` iterations, and the last, are kept, and the one with the lowest batch
+       objective f(w + lr d_i) is taken (every candidate is evaluated and ties go to the later
+       iterate, so the choice is never worse than Martens' backward walk).
+    4. The step s = lr d is taken only if f(w + s) < f(w); otherwise w is kept.
+    5. Damping (Sec. 4.1, the Levenberg-Marquardt heuristic): the reduction ratio
+       rho = (f(w + s) - f(w)) / q(s), with q(s) = g^T s + 1/2 s^T C s the *undamped*
+       quadratic model; rho < 1/4: lambda <- ``increase`` lambda; rho > 3/4:
+       lambda <- ``decrease`` lambda (Martens: 3/2 and 2/3). A model that predicts no decrease
+       or a non-finite f(w + s) counts as rho = -inf. The damping is updated whether or not the
+       step is accepted.
+
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
+        objective is the mean loss of ``apply(params, x)`` against ``y``.
+    curvature: {"ggn", "hessian", "fisher"}, default "ggn"
+        The matrix C.
+    damping: float or schedule, default 1.0
+        lambda. A number is the initial damping, adapted by step 5. A schedule (a callable
+        ``t -> lambda_t`` of the step count t = 0, 1, ..., e.g. an optax schedule) sets the
+        damping at every step and replaces the adaptation (as in kfac-jax).
+    cg_iters: int, default 50
+        The most CG iterations per step.
+    cg_tol: float or None, default 5e-4
+        Relative residual at which CG stops early; 0 or None runs all ``cg_iters``.
+    warm_start_decay: float, default 0.95
+        Factor on the previous CG solution that starts CG, in [0, 1] (0: start from 0).
+    backtrack: bool, default True
+        CG-iterate backtracking (step 3); False takes the last iterate.
+    backtrack_base: float, default 1.3
+        The base of the saved iteration counts ceil(base^k); must be > 1.
+    increase, decrease: float, default 1.5 and 2/3
+        The damping factors of step 5 (increase >= 1, 0 < decrease <= 1).
+    lr: float or schedule, default 1.0
+        Step length on the CG direction, s = lr d; a schedule of the step count sets it at
+        every step.
+    seed: int, default 0
+        Seed of the random key in the state (used by ``curvature="fisher"`` only).
+    adapt_damping: bool or None, default None
+        Whether step 5 adapts lambda. None: adapt unless ``damping`` is a schedule; False keeps
+        a number fixed; True with a schedule raises
+        :class:`~secondorder.errors.HyperparameterError`.
+    transform: optional
+        An update transform (:mod:`secondorder.optim.transforms`: clipping, momentum, a
+        schedule) applied to the step taken (s if accepted, 0 if not) before it is added to the
+        parameters; the damping, the reduction ratio and the warm start follow s and d.
+
+    Schedules are evaluated at the state's step count inside ``step`` (eagerly, under
+    ``jax.jit`` and under ``jax.vmap``); a rejected step keeps the count.
+
+    State and info. The state is a :class:`HessianFreeState`: the step count, the previous CG
+    solution (a tree like the parameters), the damping (0-d; with a schedule, the value the last
+    step used), the random key (int32, shape (2,)) and the transform's state (``()`` without
+    one). ``info.extras`` has the reduction ratio ``rho`` and the model's change ``model``;
+    ``info.inner_iterations`` counts CG iterations and ``info.inner_residual`` is ||B d + g||.
+    A non-finite loss, gradient, CG solution or new parameters keeps the old parameters and
+    state and multiplies the damping by :attr:`Optimizer.damping_boost_on_failure` (not with a
+    damping schedule); on eager backends a batch the curvature operators refuse as non-finite
+    is handled the same way.
 
     Assembled from :func:`~secondorder.optim.directions.curvature_operator`,
     :func:`~secondorder.optim.directions.damped_cg_direction` and the step rules
     :func:`~secondorder.optim.step_rules.best_cg_iterate`,
-    :func:`~secondorder.optim.step_rules.reduction_ratio` (non-finite ratios fail) and
+    :func:`~secondorder.optim.step_rules.reduction_ratio` and
     :func:`~secondorder.optim.step_rules.more_damping`.
     """
 

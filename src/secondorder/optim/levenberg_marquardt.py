@@ -40,31 +40,63 @@ class LevenbergMarquardtState(NamedTuple):
     transform: Any = ()
 
 class LevenbergMarquardt(Optimizer):
-    """Damped Gauss-Newton steps with the damping adapted by the reduction ratio.
+    """Levenberg-Marquardt: damped Gauss-Newton steps with the damping adapted by the
+    reduction ratio (Moré 1978), with the dense Gauss-Newton matrix (small problems only).
 
-    With g the gradient and G = (1/m) J^T H J the GGN of the mean loss f on the batch, each step
-    solves (G + lambda D) d = -g and compares the actual with the predicted decrease, both on the
-    same batch:
+    With g the gradient and G = (1/m) J^T H_L J the generalised Gauss-Newton matrix of the mean
+    loss f on the batch (formed as a p x p matrix: memory p^2, time p^3 per step), each step
+    solves
+
+        (G + lambda D) d = -g
+
+    and compares the actual with the predicted decrease, both on the same batch:
 
         rho = (f(w) - f(w + d)) / (-(g^T d + 1/2 d^T G d)).
 
     * the step is accepted (w <- w + d) if rho > 0, otherwise w is kept;
-    * lambda <- lambda * ``decrease`` if rho > 3/4, lambda <- lambda * ``increase`` if rho < 1/4,
-      then lambda is clipped to [``min_damping``, ``max_damping``].
+    * lambda <- lambda * ``decrease`` if rho > 3/4, lambda <- lambda * ``increase`` if
+      rho < 1/4, then lambda is clipped to [``min_damping``, ``max_damping``].
 
     The thresholds 1/4 and 3/4 are Moré's (1978); the defaults ``increase=2`` and
     ``decrease=1/3`` are the factors of Nielsen's (1999) widely used rule. A trial point with a
     non-finite loss, or a non-positive predicted decrease (g = 0), counts as rho = -inf
     (rejected, lambda increased).
 
-    ``scaling="more"`` is Moré's scale-invariant damping: D = diag(max over the steps so far of
-    diag(G)) (kept in the state as ``"scale"``; entries still 0 are replaced by 1, as MINPACK
-    does for zero Jacobian columns). ``scaling="identity"`` uses D = I (classical LM).
-    ``info.damping`` is lambda after the update. Memory p^2, time p^3 per step.
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` (or a residual function) and the
+        :class:`~secondorder.losses.Loss`; the objective is the mean loss on the batch.
+    damping: float or schedule, default 1.0
+        lambda. A number is the initial damping, adapted as above. A schedule (a callable
+        ``t -> lambda_t`` of the step count t = 0, 1, ..., e.g. an optax schedule) sets lambda at
+        every step and replaces the adaptation (as in kfac-jax); it is not clipped.
+    scaling: {"more", "identity"}, default "more"
+        D. ``"more"`` is Moré's scale-invariant damping: D = diag(max over the steps so far of
+        diag(G)) (kept in the state as ``scale``; entries still 0 are replaced by 1, as MINPACK
+        does for zero Jacobian columns). ``"identity"`` uses D = I (classical LM).
+    increase, decrease: float, default 2.0 and 1/3
+        The damping factors (increase > 1, 0 < decrease < 1).
+    min_damping, max_damping: float, default 1e-10 and 1e10
+        The interval the adapted lambda is clipped to.
+    adapt_damping: bool or None, default None
+        Whether lambda is adapted. None: adapt unless ``damping`` is a schedule; False keeps a
+        number fixed; True with a schedule raises
+        :class:`~secondorder.errors.HyperparameterError`.
+    transform: optional
+        An update transform (:mod:`secondorder.optim.transforms`) applied to the step the rule
+        takes (d if accepted, 0 if not) before it is added to the parameters; the ratio rho and
+        the damping follow d itself.
 
-    ``transform`` (optional): an update transform (:mod:`secondorder.optim.transforms`) applied
-    to the step the rule takes (d if accepted, 0 if not) before it is added to the parameters;
-    the ratio rho and the damping follow d itself.
+    Schedules are evaluated at the state's step count inside ``step`` (eagerly, under
+    ``jax.jit`` and under ``jax.vmap``); a rejected step keeps the count.
+
+    State and info. The state is a :class:`LevenbergMarquardtState`: the step count, lambda
+    (0-d; with a schedule, the value the last step used), Moré's running scale and the
+    transform's state. ``info.damping`` is lambda after the update; ``info.extras`` holds
+    ``rho`` and ``predicted`` (g^T d + 1/2 d^T G d). A non-finite loss, gradient or GGN keeps
+    the old parameters and state and multiplies lambda by
+    :attr:`Optimizer.damping_boost_on_failure` (not with a damping schedule).
 
     Assembled from :func:`~secondorder.optim.directions.dense_system`,
     :func:`~secondorder.optim.directions.newton_direction` (``method="solve"`` with the scale

@@ -33,34 +33,66 @@ class NewtonState(NamedTuple):
     transform: Any = ()
 
 class Newton(Optimizer):
-    """w <- w + t d with d = -(H + damping I)^{-1} g, H the dense Hessian of the mean loss.
+    """Newton's method with the dense Hessian: w <- w + t d, d = -(H + damping I)^{-1} g.
 
-    With H = Q diag(w) Q^T (``eigh``), the two variants are
+    H is the Hessian and g the gradient of the mean loss on the batch; H is formed as a p x p
+    matrix (p the number of parameters) and decomposed as H = Q diag(w) Q^T (``eigh``) at every
+    step: memory p^2, time p^3, a baseline for problems with at most a few thousand parameters.
+    The two variants are
 
-    * ``"plain"``: d = -Q diag(1 / (w + damping)) Q^T g, i.e. -(H + damping I)^{-1} g (not a
-      descent direction where H + damping I is indefinite);
-    * ``"abs"``: d = -Q diag(1 / (max(|w|, min_eigenvalue) + damping)) Q^T g, the "exact Hessian,
-      absolute eigenvalues" baseline of the CurveBall paper (Table 1): always a descent direction.
+    * ``"plain"``: d = -Q diag(1 / (w + damping)) Q^T g = -(H + damping I)^{-1} g (Newton's
+      step with a Levenberg shift; not a descent direction where H + damping I is indefinite);
+    * ``"abs"``: d = -Q diag(1 / (max(|w|, min_eigenvalue) + damping)) Q^T g, the "exact
+      Hessian, absolute eigenvalues" baseline of the CurveBall paper (Henriques et al. 2019,
+      Table 1; Nocedal & Wright Sec. 3.4): always a descent direction.
 
     The step length t is ``lr`` with ``line_search=None`` (the pure method). With
     ``line_search="halve"`` or ``"cubic"`` it is the first step from t = ``lr`` down that meets
-    the Armijo condition f(w + t d) <= f(w) + c1 t g^T d on the step's batch, found by
-    :func:`~secondorder.optim.line_search.backtracking` (halving, or quadratic then cubic
-    interpolation; at most ``max_line_search`` loss evaluations): the globalised Newton method
-    of Nocedal and Wright (2006), Algorithm 3.2 with the absolute-value modification. When no
-    trial passes, or d is not a descent direction (``"plain"`` with an indefinite H), the
-    parameters are kept (``info.step_norm`` is 0). ``info.inner_iterations`` counts the loss
-    evaluations of the search.
+    the Armijo condition f(w + t d) <= f(w) + c1 t g^T d (Nocedal & Wright eq. 3.4) on the
+    step's batch, found by halving, or by quadratic then cubic interpolation (their Sec. 3.5),
+    with at most ``max_line_search`` loss evaluations: the globalised Newton method of their
+    Algorithm 3.2 with the absolute-value modification. When no trial passes, or d is not a
+    descent direction (``"plain"`` with an indefinite H), the parameters are kept
+    (``info.step_norm`` is 0).
 
-    ``transform`` (optional): an update transform (:mod:`secondorder.optim.transforms`, e.g.
-    ``clip_by_global_norm(c)``, a schedule or momentum) applied to the step t d before it is
-    added to the parameters, w <- w + T(t d); its state is the last field of the state.
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` (or a residual function) and the
+        :class:`~secondorder.losses.Loss`; the objective is the mean loss on the batch.
+    damping: float or schedule, default 0.0
+        The shift added to the eigenvalues, >= 0; a schedule (a callable ``t -> damping_t`` of
+        the step count t = 0, 1, ...) sets it at every step (Newton does not adapt it).
+    variant: {"plain", "abs"}, default "plain"
+        As above.
+    lr: float or schedule, default 1.0
+        The step length t, or the first trial of the line search; > 0. A schedule of the step
+        count sets it at every step.
+    min_eigenvalue: float, default 1e-8
+        The floor on |eigenvalue| of the ``"abs"`` variant; > 0.
+    line_search: {None, "halve", "cubic"}, default None
+        The Armijo backtracking rule, or None for the fixed step ``lr``.
+    c1: float, default 1e-4
+        The sufficient-decrease constant of the Armijo condition, in (0, 1).
+    max_line_search: int, default 30
+        The most loss evaluations of one line search.
+    transform: optional
+        An update transform (:mod:`secondorder.optim.transforms`, e.g.
+        ``clip_by_global_norm(c)``, a schedule or momentum) applied to the step t d before it is
+        added to the parameters, w <- w + T(t d); its state is the last field of the state.
+
+    Schedules are evaluated at the state's step count inside ``step`` (eagerly, under
+    ``jax.jit`` and under ``jax.vmap``); a rejected step keeps the count.
+
+    State and info. The state is a :class:`NewtonState` (the step count and the transform's
+    state). ``info.damping`` is the damping the step used and ``info.inner_iterations`` the
+    number of loss evaluations of the line search. A non-finite loss, gradient, Hessian or
+    direction keeps the old parameters and state.
 
     Assembled from :func:`~secondorder.optim.directions.dense_system`,
     :func:`~secondorder.optim.directions.newton_direction` and the step rules
     :func:`~secondorder.optim.step_rules.fixed_step` /
-    :func:`~secondorder.optim.step_rules.armijo_step`. The state holds the step count (and the
-    transform's state); ``info.damping`` is the fixed ``damping``. Memory p^2, time p^3 per step.
+    :func:`~secondorder.optim.step_rules.armijo_step`.
     """
 
     State = NewtonState

@@ -1,7 +1,7 @@
 """Prox-linear directions through the primal and the dual (dual Gauss-Newton), and the
 ``ProxLinear`` optimiser.
 
-Notation (``../shared/specs/prox_linear_dual.md``): a batch of m samples, network outputs
+Notation (the dual Gauss-Newton paper's): a batch of m samples, network outputs
 F = f_S(w) of shape (m, k), per-sample loss gradients G = grad l_i(F_i) (rows) and Hessians
 H = blockdiag(H_i); J the Jacobian of w -> F, so J u is one batched JVP and J^T v one VJP.
 
@@ -10,12 +10,13 @@ Scaling. The objective of every optimiser here is the **mean** loss h = (1/m) su
 
     d = argmin_d (1/m) sum_i q_i(f_i - J_i d) + 1/(2 gamma) |d|^2,
 
-with q_i the quadratic (Gauss-Newton) model of l_i at f_i. Multiplied by m this is the sheet's
-sum form sum_i q_i(...) + m/(2 gamma) |d|^2, so every formula of the sheet holds verbatim with
-gt = gamma / m:
+with q_i the quadratic (Gauss-Newton) model of l_i at f_i. Multiplied by m this is the paper's
+sum form sum_i q_i(...) + m/(2 gamma) |d|^2 (its eq. 4), so every formula of the paper holds
+verbatim with gt = gamma / m:
 
-* primal: (J^T H J + (m/gamma) I) d = J^T G, i.e. (GGN + I/gamma) d = grad h;
-* dual: Q beta = c, Q = P (H^+ + gt J J^T) P, c = gt P J J^T G, beta from 0 by CG;
+* primal (Algorithm 1): (J^T H J + (m/gamma) I) d = J^T G, i.e. (GGN + I/gamma) d = grad h;
+* dual (Prop. 6 and Prop. 10): Q beta = c, Q = P (H^+ + gt J J^T) P, c = gt P J J^T G, P the
+  projector H H^+ onto the range of H, beta from 0 by CG;
   alpha = G - beta and d = gt J^T alpha. With zero CG steps d = gt J^T G = gamma grad h.
 
 gamma is therefore a step size on the mean loss (d -> gamma grad h as gamma -> 0).
@@ -26,14 +27,14 @@ product computes J^T p for the search direction p anyway, and J^T x is accumulat
 step lengths), so the dual needs no extra VJP after CG. One linearisation (forward pass, JVP and
 VJP closures) is shared by every product.
 
-Options: ``scaled=True`` solves the dual in the variables z = D^{-1/2} beta (the sheet's D^{1/2}
-change of variables; D = diag(softmax) for softmax cross-entropy, diag(s (1 - s)) for sigmoid
-BCE, I for the squared loss), where the H^+ term becomes the identity and the constraint
-1^T beta = 0 becomes sqrt(s)^T z = 0. The l1-regularised variant (Algorithm 3) takes
-w <- soft_threshold(w - d, gamma lambda).
+Options: ``scaled=True`` solves the dual in the variables z = D^{-1/2} beta (the paper's
+D^{1/2} preconditioning as a change of variables; D = diag(softmax) for softmax cross-entropy,
+diag(s (1 - s)) for sigmoid BCE, I for the squared loss), where the H^+ term becomes the
+identity and the constraint 1^T beta = 0 becomes sqrt(s)^T z = 0. The l1-regularised variant
+(Algorithm 3) takes w <- soft_threshold(w - d, gamma lambda).
 
 Exact logistic dual (``solver="exact-dual"``, softmax cross-entropy only): instead of the
-quadratic model, the exact prox-linear problem (sheet eq. 3, evaluated at w - d)
+quadratic model, the exact prox-linear problem (the paper's eq. 3, evaluated at w - d)
 
     d = argmin_d sum_i l_i(f_i - J_i d) + m/(2 gamma) |d|^2
 
@@ -129,7 +130,7 @@ def dual_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, inne
     """The prox-linear direction through the dual: CG from beta = 0 on Q beta = c (see the
     module docstring), ``inner_steps`` iterations at most; CG stops early (the iterate is kept)
     once the projected residual falls to ``tol`` |c| or a search direction has non-positive
-    curvature (running CG past dim range(P) in rounding error is what the sheet warns about).
+    curvature (running CG past dim range(P) only accumulates rounding error).
     Returns alpha = G - beta, beta and d = (gamma/m) J^T alpha."""
     f = lin.outputs
     backend = lin.backend
@@ -398,35 +399,78 @@ class ProxLinearState(NamedTuple):
 
 
 class ProxLinear(Optimizer):
-    """Stochastic prox-linear (SPL) steps from the dual or primal Gauss-Newton direction.
+    """Stochastic prox-linear (SPL) steps from the dual or primal Gauss-Newton direction
+    ("Dual Gauss-Newton Directions for Deep Learning").
 
-    Each step computes one linearisation of the network on the batch and the direction d of
-    :func:`prox_linear_direction` (``solver``, ``inner_steps`` CG iterations, ``gamma``,
-    ``scaled``), then updates by one of the rules below. ``solver="exact-dual"`` (softmax
-    cross-entropy only) uses the exact, non-quadratic prox-linear direction through its dual
-    (:func:`exact_logistic_dual_direction`, ``inner_steps`` projected gradient steps, default
-    backtracking step size; ``inner_iterations`` counts accepted steps and ``inner_residual`` is
-    the norm of the gradient mapping).
+    Each step linearises the network once on the batch and computes the prox-linear direction
 
-    * ``update="spl"`` (default): w <- w - d; gamma acts as the step size. With ``l1 = lambda >
-      0`` this is Algorithm 3 for h + lambda |w|_1: w <- soft_threshold(w - d, gamma lambda).
-    * ``update="armijo"``: gamma defaults to 1 (the paper's choice) and w <- w - eta d with
-      backtracking: eta starts at ``eta0`` (1.0) and is multiplied by ``shrink`` (0.5) until
-      h(w - eta d) <= h(w) - c1 eta <d, grad h> with c1 = 1e-4, at most ``max_trials`` (30)
-      evaluations of the batch loss (a backend while_loop). If no trial passes, or
+        d = argmin_d (1/m) sum_i q_i(f_i - J_i d) + 1/(2 gamma) |d|^2
+          = (GGN + I / gamma)^{-1} grad h                                  (eq. 4, mean form)
+
+    with q_i the quadratic model of the loss of sample i and h the mean loss, by
+    ``inner_steps`` CG iterations on the primal (Algorithm 1) or on the dual (alpha = G - beta,
+    d = (gamma / m) J^T alpha; Prop. 6 and 10). As gamma -> 0, d -> gamma grad h: gamma is a
+    step size on the mean loss. ``solver="exact-dual"`` (softmax cross-entropy only) solves the
+    exact, non-quadratic problem (eq. 3) through its dual over the probability simplex by
+    ``inner_steps`` projected gradient steps (:func:`exact_logistic_dual_direction`). Then
+
+    * ``update="spl"`` (default): w <- w - d. With ``l1 = lambda > 0`` this is Algorithm 3 for
+      h + lambda |w|_1: w <- soft_threshold(w - d, gamma lambda).
+    * ``update="armijo"``: w <- w - eta d with backtracking: eta starts at ``eta0`` and is
+      multiplied by ``shrink`` until h(w - eta d) <= h(w) - c1 eta <d, grad h>, at most
+      ``max_trials`` loss evaluations (a backend while_loop). If no trial passes, or
       <d, grad h> is not positive, the step is rejected and the parameters kept.
-    * ``transform=chain(...)`` (with ``update="spl"``): the direction divided by gamma (which
-      tends to the gradient as gamma -> 0) goes through an update transform
-      (:mod:`secondorder.optim.transforms`: momentum, Adam scaling, clipping, schedules) in place
-      of the gradient; ``optimizer=SGD(...)``, ``Adam(...)`` or any
-      :class:`~secondorder.optim.GradientDescent` hands over its transform chain.
+    * ``transform=chain(...)`` or ``optimizer=SGD(...)`` (with ``update="spl"``): the direction
+      divided by gamma (which tends to the gradient as gamma -> 0) goes through an update
+      transform (:mod:`secondorder.optim.transforms`: momentum, Adam scaling, clipping,
+      schedules) in place of the gradient (the paper's drop-in use of the direction).
 
-    State: a :class:`ProxLinearState` with the step count, ``eta`` (the last accepted Armijo
-    step, 0-d) and ``inner`` (the transform's state, or an empty tuple). ``info.damping``
-    is the Levenberg-Marquardt damping 1/gamma of the mean-loss model, ``info.inner_iterations``
-    the CG iterations and ``info.inner_residual`` the final CG residual. A non-finite loss,
-    direction or update keeps the old parameters (on eager backends a batch with NaN or inf is
-    rejected the same way).
+    Parameters
+    ----------
+    apply, loss:
+        The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss` (the scaled
+        and exact duals need :class:`~secondorder.losses.MSE`,
+        :class:`~secondorder.losses.SoftmaxCrossEntropy` or
+        :class:`~secondorder.losses.SigmoidBCE`, respectively softmax cross-entropy).
+    solver: {"dual", "primal", "exact-dual"}, default "dual"
+        How the direction is computed.
+    inner_steps: int, default 2
+        CG iterations (projected gradient steps for ``"exact-dual"``), >= 0; with 0 the dual
+        direction is gamma grad h.
+    gamma: float, schedule or None, default None (= 1.0)
+        The proximal step size, > 0 (``info.damping`` is 1/gamma, the Levenberg-Marquardt
+        damping of the mean-loss model). A schedule (a callable ``t -> gamma_t`` of the step
+        count t = 0, 1, ...) sets it at every step.
+    update: {"spl", "armijo"}, default "spl"
+        The update rule above.
+    scaled: bool, default False
+        Solve the dual in z = D^{-1/2} beta (the paper's D^{1/2} preconditioning; dual only).
+    l1: float, default 0.0
+        The l1 coefficient lambda of Algorithm 3 (``update="spl"`` without a transform).
+    optimizer: optional
+        A :class:`~secondorder.optim.GradientDescent` method (SGD, Adam, AdamW) whose transform
+        chain takes the direction; exclusive with ``transform``.
+    c1: float, default 1e-4
+        The Armijo constant, in (0, 1).
+    eta0: float or schedule, default 1.0
+        The first Armijo trial step; a schedule of the step count sets it at every step.
+    shrink: float, default 0.5
+        The backtracking factor, in (0, 1).
+    max_trials: int, default 30
+        The most loss evaluations of one Armijo search.
+    tol: float, default 1e-10
+        Relative residual at which CG stops early.
+    transform: optional
+        An update transform applied to d / gamma (see above).
+
+    Schedules are evaluated at the state's step count inside ``step`` (eagerly, under
+    ``jax.jit`` and under ``jax.vmap``); a rejected step keeps the count.
+
+    State and info. The state is a :class:`ProxLinearState` with the step count, ``eta`` (the
+    last accepted Armijo step, 0-d) and ``inner`` (the transform's state, or an empty tuple).
+    ``info.damping`` is 1/gamma, ``info.inner_iterations`` the CG iterations and
+    ``info.inner_residual`` the final CG residual. A non-finite loss, direction or update keeps
+    the old parameters (on eager backends a batch with NaN or inf is rejected the same way).
     """
 
     def __init__(self, apply: Callable, loss: Loss, *, solver: str = "dual",
