@@ -34,7 +34,7 @@ class Jacobian(LinearOperator):
 class Gram(LinearOperator):
     """The output-space Gram operator J J^T on (m, k) arrays: u -> J (J^T u).
 
-    This is the (m k) x (m k) matrix of the dual Gauss-Newton method (prox-linear sheet, "Dual"):
+    This is the (m k) x (m k) matrix of the dual form of the Gauss-Newton / prox-linear subproblem:
     J_S J_S^* with J_S u = (J_1 u, ..., J_m u) and J_S^* v = sum_j J_j^* v_j.
     """
 

@@ -5,7 +5,8 @@ For a tapped layer with homogeneous inputs a~ (bias column last) and output grad
     A = (1/m) sum_i sum_t a~_it a~_it^T,        G = (1/(m T)) sum_i sum_t delta_it delta_it^T,
 
 with T = 1 for dense layers and T = the number of output positions for convolutions (the KFC
-assumptions: spatial sums for A, spatial means for G; Kronecker-family sheet, K-FAC). The
+assumptions: spatial sums for A, spatial means for G; R. Grosse and J. Martens, "A
+Kronecker-factored approximate Fisher matrix for convolution layers", ICML 2016). The
 curvature block of W~ = [W b] (d_out x (d_in + 1)) is approximated by A (x) G in K-FAC's
 column-major notation, i.e. ``Kronecker(G, A)`` acting on W~ (G W~ A).
 
@@ -144,8 +145,8 @@ class LayerKronecker(LinearOperator):
 
     def damped_inverse(self, damping: Any, method: str = "pi") -> LinearOperator:
         """An inverse of A (x) G + lambda I: ``method="exact"`` exactly (eigendecompositions of
-        A and G), ``"pi"`` (K-FAC's pi-split, Algorithm 12) or ``"equal"`` as
-        (A + d_A I)^{-1} (x) (G + d_G I)^{-1} (:func:`~.blocks.split_damping`)."""
+        A and G), ``"pi"`` (K-FAC's pi-split: Martens and Grosse, ICML 2015, section 6.3) or
+        ``"equal"`` as (A + d_A I)^{-1} (x) (G + d_G I)^{-1} (:func:`~.blocks.split_damping`)."""
         if method == "exact":
             return self._cached(self._eigen(), power=-1.0, damping=damping, split="exact")
         state = self.block.update_cache(self.state, damping, kind="inverse", split=method)

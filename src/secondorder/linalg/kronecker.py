@@ -1,6 +1,7 @@
 """Kronecker products A_1 (x) ... (x) A_k applied without forming the product.
 
-Convention (row-major, Ch. 4 of the Kronecker-family sheet): the operator acts on a tensor X of
+Convention (row-major; C. F. Van Loan, "The ubiquitous Kronecker product", J. Comput. Appl. Math.
+123, 2000): the operator acts on a tensor X of
 shape (n_1, ..., n_k) by mode products,
 
     (A_1 (x) ... (x) A_k) vec~(X) = vec~(X x_1 A_1 x_2 ... x_k A_k),
@@ -140,7 +141,8 @@ class Kronecker(_KroneckerBase):
 
         ``"equal"``: every factor gets lambda^{1/k}. ``"pi"``: factor i gets pi_i lambda^{1/k}
         with pi_i = t_i / (prod_j t_j)^{1/k}, t_i = tr(A_i) / dim(A_i), so prod pi_i = 1; for
-        k = 2 this is K-FAC's pi = sqrt((tr(A)/dim A) / (tr(G)/dim G)) (Algorithm 12).
+        k = 2 this is K-FAC's pi = sqrt((tr(A)/dim A) / (tr(G)/dim G)) (Martens and Grosse,
+        ICML 2015, section 6.3).
         """
         xp = self.xp
         k = len(self.factors)

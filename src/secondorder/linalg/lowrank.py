@@ -5,8 +5,10 @@ With B invertible (a scaled identity, a diagonal, a Kronecker product, ...), U a
 
     (B + U C V^T)^{-1} = B^{-1} - B^{-1} U (C^{-1} + V^T B^{-1} U)^{-1} V^T B^{-1},
 
-which costs r products with B^{-1} and one r x r solve. SMW-GN (eq. 5.6 of the Kronecker-family
-sheet) is this identity with B = lambda I, U = V = J^T and C = H / N.
+which costs r products with B^{-1} and one r x r solve. The Sherman-Morrison-Woodbury
+Gauss-Newton step (Y. Ren and D. Goldfarb, "Efficient subsampled Gauss-Newton and natural
+gradient methods for training neural networks", 2019) is this identity with B = lambda I,
+U = V = J^T and C = H / N.
 """
 
 from __future__ import annotations

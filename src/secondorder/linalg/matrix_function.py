@@ -6,8 +6,8 @@ For a symmetric A = Q diag(w) Q^T (eigendecomposition, ascending w):
 * ``damped_inverse(A, damping)``   = (A + damping I)^{-1}, by Cholesky (raises
   :class:`~secondorder.errors.NotPositiveDefiniteError` if A + damping I is not PD);
 * ``inverse_root(A, p, damping)``  = (A + damping I)^{-1/p}, by eigendecomposition or by the
-  coupled Newton iteration of Guo and Higham (2006) used by Shampoo (Algorithm 16 of the
-  Kronecker-family sheet: at most 100 iterations, tolerance 1e-6).
+  coupled Newton iteration of C.-H. Guo and N. J. Higham (SIAM J. Matrix Anal. Appl. 28, 2006)
+  used by Shampoo implementations (at most 100 iterations, tolerance 1e-6).
 
 Eigendecompositions go through the backend's ``eigh``, which retries in float64 when float32 fails.
 """

@@ -42,10 +42,11 @@ def split_damping(traces: tuple[Array, ...], damping: Any, split: str, xp: Any) 
     ``"pi"``: d_i = pi_i lambda^{1/k}, pi_i = t_i / (prod_j t_j)^{1/k} with t_i = tr(F_i)/dim(F_i)
     (the ``traces``), so prod pi_i = 1; for k = 2 this is K-FAC's pi-split
     d_A = pi sqrt(lambda), d_G = sqrt(lambda)/pi with pi = sqrt((tr A/dim A)/(tr G/dim G))
-    (Algorithm 12; it equals :meth:`secondorder.linalg.Kronecker.factor_dampings`). Where a trace
-    is 0 (statistics not yet collected) the split falls back to ``"equal"``.
+    (Martens and Grosse 2015, section 6.3; it equals
+    :meth:`secondorder.linalg.Kronecker.factor_dampings`). Where a trace is 0 (statistics not
+    yet collected) the split falls back to ``"equal"``.
     ``"equal"``: d_i = lambda^{1/k}. ``"each"``: d_i = lambda, Shampoo's and TNT's epsilon added
-    to every factor (Algorithms 15 and 16).
+    to every factor.
     """
     k = len(traces)
     if split == "each":
@@ -148,7 +149,7 @@ class CurvatureBlock(ABC):
         """F_i <- decay F_i + (1 - decay) S_i for the batch statistics S_i.
 
         The first update (count 0) takes the batch value, F_i <- S_i: the statistics start
-        from data (the thesis warm-starts every method with a pass over data) rather than being
+        from data (as warm-starting with a pass over data does) rather than being
         (1 - decay) times too small after the first step, as an average started from zero is.
         """
         stats = tuple(stats)

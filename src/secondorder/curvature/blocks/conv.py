@@ -6,8 +6,8 @@ from .kronecker import KroneckerBlock
 
 
 class ConvBlock(KroneckerBlock):
-    """KFC block of a convolution with kernel (C_out, C_in, kh, kw) (Kronecker-family sheet,
-    K-FAC, "conv layers": im2col patches with a homogeneous 1, spatial sums / means):
+    """KFC block of a convolution with kernel (C_out, C_in, kh, kw) (Grosse and Martens,
+    ICML 2016, "KFC": im2col patches with a homogeneous 1, spatial sums / means):
 
         A = (1/m) sum_i sum_t a~_it a~_it^T,    G = (1/(m T)) sum_i sum_t delta_it delta_it^T,
 

@@ -1,4 +1,4 @@
-"""``DenseBlock``: K-FAC's curvature block of a dense layer (Algorithm 12 of the thesis)."""
+"""``DenseBlock``: K-FAC's curvature block of a dense layer (Martens and Grosse, 2015)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from .kronecker import KroneckerBlock
 
 
 class DenseBlock(KroneckerBlock):
-    """K-FAC block of a dense layer s = W a + b: F ~ A (x) G (Algorithm 12 of the thesis; the
-    Kronecker-family sheet, K-FAC), with
+    """K-FAC block of a dense layer s = W a + b: F ~ A (x) G (J. Martens and R. Grosse,
+    "Optimizing neural networks with Kronecker-factored approximate curvature", ICML 2015), with
 
         A = E[a~ a~^T],  a~ = (a, 1) (the bias column last),    G = E[delta delta^T],
 

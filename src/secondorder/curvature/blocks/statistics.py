@@ -27,7 +27,7 @@ def kronecker_statistics(inputs: Array, deltas: Array | Sequence[Array]) -> tupl
         A = (1/m) sum_i sum_t a~_it a~_it^T,    G = (1/(m T)) sum_u sum_i sum_t delta_it delta_it^T
 
     (T = 1 for dense layers): the KFC convention for convolutions is that A *sums* over output
-    positions and G *averages* (Kronecker-family sheet, K-FAC; curvlinops does the opposite:
+    positions and G *averages* (Grosse and Martens, ICML 2016; curvlinops does the opposite:
     its factors are (A / T, T G), with the same Kronecker product but another pi-split).
     """
     xp = namespace(inputs)
@@ -60,7 +60,8 @@ def kronecker_statistics(inputs: Array, deltas: Array | Sequence[Array]) -> tupl
 
 def mode_statistics(grad: Array) -> tuple[Array, ...]:
     """G_i = mat_i(G) mat_i(G)^T for every mode i of a k-way tensor G: the contraction of the
-    tensor with itself over all modes but i (Shampoo, Algorithm 16; TNT, Algorithm 15)."""
+    tensor with itself over all modes but i (Shampoo: Gupta, Koren and Singer 2018; TNT: Ren and
+    Goldfarb 2021)."""
     xp = namespace(grad)
     k = grad.ndim
     if k < 1:

@@ -18,9 +18,11 @@ class TensorBlock(CurvatureBlock):
         G_i <- beta G_i + (1 - beta) mat_i(G) mat_i(G)^T,    preconditioner (x)_i (G_i + eps I)^p,
 
     applied by mode products, W -> W x_1 (G_1 + eps I)^p ... x_k (G_k + eps I)^p. Shampoo
-    (Algorithm 16 of the thesis) caches the inverse 2k-th roots, p = -1/(2k) (``update_cache``'s
-    default, kind ``"root"``, by eigendecomposition or the coupled Newton iteration); TNT
-    (Algorithm 15) caches inverses (``kind="inverse"``) of normalised factors. The damping eps is
+    (V. Gupta, T. Koren and Y. Singer, ICML 2018) caches the inverse 2k-th roots,
+    p = -1/(2k) (``update_cache``'s default, kind ``"root"``, by eigendecomposition or the
+    coupled Newton iteration); TNT (Y. Ren and D. Goldfarb, "Tensor normal training for deep
+    learning models", NeurIPS 2021) caches inverses (``kind="inverse"``) of
+    normalised factors. The damping eps is
     added to every factor (split ``"each"``, the default here).
 
     Parameters: ``shape`` (the tensor's shape, at least one axis). Batch statistics take a
