@@ -12,7 +12,24 @@ class GGN(CurvatureOperator):
     """G = (1/m) J^T H J with H = blockdiag(H_i) the loss Hessians at the outputs.
 
     A product costs one JVP and one VJP; the forward pass is shared across products. PSD for
-    convex losses; equal to the Hessian of the mean loss for a linear network.
+    convex losses; equal to the Hessian of the mean loss for a linear network (N. N.
+    Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
+    Neural Computation 14, 2002).
+
+    Parameters
+    ----------
+    apply:
+        The network ``apply(params, x) -> (m, k) outputs`` (a :class:`~secondorder.models.Model`
+        or any function of that signature).
+    loss:
+        A :class:`~secondorder.losses.Loss` of the outputs and targets, averaged over the batch.
+    params:
+        The parameter tree at which the curvature is taken; the operator acts on trees of its
+        structure or on their flat coordinates.
+    batch:
+        ``(x, y)``: inputs and targets.
+    validate:
+        Check the batch for NaN/inf and the targets against the loss (default True).
     """
 
     def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array], *,

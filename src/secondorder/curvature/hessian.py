@@ -14,7 +14,23 @@ from .base import Array, Tree, check_batch
 class Hessian(LinearOperator):
     """H v = d/dt grad L(params + t v) at t = 0, forward over reverse, L the mean loss.
 
-    The gradient map is linearised once (``linearize``) and the linearisation reused per product.
+    The gradient map is linearised once (``linearize``) and the linearisation reused per product
+    (B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 6, 1994).
+
+    Parameters
+    ----------
+    apply:
+        The network ``apply(params, x) -> (m, k) outputs`` (a :class:`~secondorder.models.Model`
+        or any function of that signature).
+    loss:
+        A :class:`~secondorder.losses.Loss` of the outputs and targets, averaged over the batch.
+    params:
+        The parameter tree at which the curvature is taken; the operator acts on trees of its
+        structure or on their flat coordinates.
+    batch:
+        ``(x, y)``: inputs and targets.
+    validate:
+        Check the batch for NaN/inf and the targets against the loss (default True).
     """
 
     def __init__(self, apply: Callable, loss: Loss, params: Tree, batch: tuple[Array, Array], *,

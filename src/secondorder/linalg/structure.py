@@ -74,7 +74,9 @@ class Structure:
         return leaves
 
     def ravel(self, tree: Any, xp: Any) -> Any:
-        """Flat row-major coordinates of ``tree``: a vector of length :attr:`size`."""
+        """Flat coordinates of ``tree``: a vector of length :attr:`size`, the leaves in canonical
+        order (dict entries by sorted key, as :func:`secondorder.tree.ravel`), each unrolled
+        row-major, concatenated."""
         leaves = self.check(tree)
         if len(leaves) == 1:
             return xp.reshape(leaves[0], (-1,))
