@@ -41,6 +41,16 @@ def has_native_vmap(backend: Backend) -> bool:
     return type(backend).vmap is not _BaseBackend.vmap
 
 
+def map_columns(backend: Backend, fn: Callable[[Any], Any], columns: Callable[[int, int], Any],
+                k: int, chunk: int) -> Any:
+    """The matrix whose column j is ``fn(c_j)`` for the k columns c_j of the blocks
+    ``columns(start, stop)``, through ``backend.vmap`` in blocks of ``chunk`` columns."""
+    mapped = backend.vmap(fn, in_axes=1, out_axes=1)
+    step = max(1, int(chunk))
+    blocks = [mapped(columns(start, min(k, start + step))) for start in range(0, k, step)]
+    return blocks[0] if len(blocks) == 1 else backend.xp.concat(blocks, axis=1)
+
+
 class LinearOperator(ABC):
     """A linear map between two vector spaces described by :class:`Structure` objects.
 
@@ -186,12 +196,8 @@ class LinearOperator(ABC):
         if k == 0:
             return xp.zeros((self.out_structure.size, 0), dtype=self.dtype, device=self.device)
         if has_native_vmap(self.backend) and self._vmap_ok is not False:
-            mapped = self.backend.vmap(self._flat_matvec, in_axes=1, out_axes=1)
-            step = max(1, int(self.chunk))
-            blocks = []
             try:
-                for start in range(0, k, step):
-                    blocks.append(mapped(columns(start, min(k, start + step))))
+                out = map_columns(self.backend, self._flat_matvec, columns, k, self.chunk)
             except Exception:
                 # a product that cannot be vectorised (data-dependent Python control flow,
                 # an in-place update, a host sync): loop over the columns instead. A failure
@@ -201,7 +207,7 @@ class LinearOperator(ABC):
                 self._vmap_ok = False
             else:
                 self._vmap_ok = True
-                return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=1)
+                return out
         cols = []
         for start in range(k):
             block = columns(start, start + 1)
