@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+from typing import NamedTuple
 
 import pytest
 
@@ -25,6 +26,7 @@ from secondorder.errors import (  # noqa: E402
 from secondorder.integrations.torch import Optimizer, _step_seed  # noqa: E402
 from secondorder.losses import SoftmaxCrossEntropy  # noqa: E402
 from secondorder.models import from_torch  # noqa: E402
+from secondorder.optim.base import StepInfo  # noqa: E402
 from secondorder.optim.registry import METHODS, SMALL_ONLY  # noqa: E402
 from secondorder.optim.transforms import (  # noqa: E402
     EmptyState,
@@ -422,3 +424,37 @@ def test_frozen_parameters_stay_fixed(name):
         params, state, _ = pure.step(params, state, batch)
     assert torch.allclose(model[2].weight, params["2.weight"], rtol=0, atol=1e-12)
     assert torch.allclose(model[2].bias, params["2.bias"], rtol=0, atol=1e-12)
+
+
+class _Anchored(NamedTuple):
+    anchor: dict
+
+
+class _KeepsItsInput:
+    """A method whose state keeps the very parameters it was given (as a proximal method keeps
+    its anchor): the in-place write-back must not change that state's values."""
+
+    State = _Anchored
+
+    def __init__(self, apply, loss, lr: float = 0.1):
+        self.apply, self.loss, self.lr = apply, loss, lr
+
+    def init(self, params):
+        return _Anchored({k: v.clone() for k, v in params.items()})
+
+    def step(self, params, state, batch):
+        new = {k: v - self.lr for k, v in params.items()}
+        loss = torch.zeros((), dtype=DT)
+        return new, _Anchored(params), StepInfo(loss, loss, loss, torch.tensor(True),
+                                                torch.tensor(0), loss)
+
+
+def test_write_back_keeps_a_state_that_holds_the_input(monkeypatch):
+    monkeypatch.setitem(METHODS, "keeps-its-input", _KeepsItsInput)
+    model = mlp(4)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="keeps-its-input")
+    opt.step(batches(1)[0])
+    for k, v in model.named_parameters():
+        assert torch.equal(v.detach(), before[k] - 0.1)  # the module moved ...
+        assert torch.equal(opt.method_state.anchor[k], before[k])  # ... the anchor did not

@@ -328,6 +328,31 @@ class Optimizer(torch.optim.Optimizer):
         parameters it is given; the module's tensors are overwritten in place)."""
         return {n: p.detach().clone() for n, p in self._named()}
 
+    def _aliases(self) -> dict[str, torch.Tensor]:
+        """The module's parameters as detached tensors that share their storage (no copy): a
+        step is pure, so it only reads them; :meth:`_write_back` protects any state leaf that
+        still shares their storage before overwriting them."""
+        return {n: p.detach() for n, p in self._named()}
+
+    def _write_back(self, new: dict[str, torch.Tensor], state: Any) -> Any:
+        """Copy ``new`` into the module's parameters in place, first cloning the leaves of
+        ``state`` that share storage with them (a method that keeps the parameters it was given,
+        e.g. as an anchor, must keep the old values). Returns the state."""
+        targets = [p for _, p in self._named()]
+        storage = {p.untyped_storage().data_ptr() for p in targets}
+        leaves, treedef = flatten(state)
+        if any(isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in storage
+               for v in leaves):
+            state = unflatten(treedef, [
+                v.clone() if isinstance(v, torch.Tensor)
+                and v.untyped_storage().data_ptr() in storage else v for v in leaves])
+        pairs = [(p, new[n]) for n, p in zip(self._param_names, targets)
+                 if new[n].data_ptr() != p.data_ptr()]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([p for p, _ in pairs], [v for _, v in pairs])
+        return state
+
     def _restructure(self, method: Any, state: Any) -> Any:
         """``state`` with the transform state of ``method`` where the lr multiplier appeared
         or vanished (() <-> the stateless ``scale``'s state; neither holds arrays)."""
@@ -368,21 +393,18 @@ class Optimizer(torch.optim.Optimizer):
                 + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""))
         x, y = batch
         method = self._current_method()
-        params = self._params()
+        params = self._aliases()
         if self._state is None:
-            self._state = method.init(params)
+            self._state = method.init(self._params())
         training = self.model.training
         context = (self._adapter.randomness(_step_seed(self.dropout_seed, self._steps))
-                   if training else nullcontext())
+                   if training and self._adapter.random else nullcontext())
         with context:
             new, state, info = method.step(params, self._state, (x, y))
             accepted = bool(info.finite)
             if accepted and training and self._should_update_buffers():
                 self._adapter.update_buffers(x)  # the module still holds the old parameters
-        with torch.no_grad():
-            for name, p in self._named():
-                p.copy_(new[name])
-        self._state = state
+        self._state = self._write_back(new, state)
         self._steps += 1
         self.info = info
         if self.update_buffers == "auto":

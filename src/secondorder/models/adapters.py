@@ -79,6 +79,13 @@ class TorchModel(Model):
                     norms.append((sub, buffers))
         self.layers = tuple(layers)
         self._norms = norms
+        #: whether a forward pass may draw random numbers: a dropout-type layer, or a module
+        #: class of the user's (whose forward we cannot see); a composition of torch.nn's own
+        #: deterministic layers needs no per-step seeding
+        self.random = any(
+            isinstance(sub, torch.nn.modules.dropout._DropoutNd | torch.nn.RReLU)
+            or not type(sub).__module__.startswith("torch.nn.")
+            for sub in module.modules())
         self._rng: list[tuple[Any, Any]] | None = None  # (generator, state) pairs
         self._shapes: dict[tuple, list[tuple[int, ...]]] = {}
 
