@@ -21,7 +21,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._pytree import LEAF, TreeDef, check_same_structure, flatten, tree_map, unflatten
+from ._pytree import LEAF, TreeDef, check_same_structure, flatten, tree_map
+from ._pytree import unflatten as _unflatten
 from .backends import _backend_of_leaves, backend_of, namespace
 from .errors import StructureError
 
@@ -64,6 +65,13 @@ def structure(tree: Tree) -> TreeDef:
     return flatten(tree)[1]
 
 
+def unflatten(treedef: TreeDef, leaves: Sequence[Any]) -> Tree:
+    """The tree of structure ``treedef`` (from :func:`structure`) holding ``leaves`` in
+    canonical order: ``unflatten(structure(t), leaves(t))`` rebuilds ``t`` (e.g. an optimiser
+    state from arrays saved with ``np.savez``)."""
+    return _unflatten(treedef, list(leaves))
+
+
 def size(tree: Tree) -> int:
     """Total number of entries p of all leaves."""
     return sum(math.prod(leaf.shape) for leaf in leaves(tree))
@@ -81,13 +89,13 @@ def _leaves_of_pair(x: Tree, y: Tree) -> tuple[list[Any], list[Any], TreeDef]:
 def add(x: Tree, y: Tree) -> Tree:
     """x + y."""
     x_leaves, y_leaves, treedef = _leaves_of_pair(x, y)
-    return unflatten(treedef, [a + b for a, b in zip(x_leaves, y_leaves)])
+    return _unflatten(treedef, [a + b for a, b in zip(x_leaves, y_leaves)])
 
 
 def sub(x: Tree, y: Tree) -> Tree:
     """x - y."""
     x_leaves, y_leaves, treedef = _leaves_of_pair(x, y)
-    return unflatten(treedef, [a - b for a, b in zip(x_leaves, y_leaves)])
+    return _unflatten(treedef, [a - b for a, b in zip(x_leaves, y_leaves)])
 
 
 def neg(x: Tree) -> Tree:
@@ -103,7 +111,7 @@ def scale(alpha: Any, x: Tree) -> Tree:
 def axpy(alpha: Any, x: Tree, y: Tree) -> Tree:
     """alpha x + y (the BLAS name)."""
     x_leaves, y_leaves, treedef = _leaves_of_pair(x, y)
-    return unflatten(treedef, _axpy_leaves(alpha, x_leaves, y_leaves))
+    return _unflatten(treedef, _axpy_leaves(alpha, x_leaves, y_leaves))
 
 
 def _axpy_leaves(alpha: Any, x_leaves: Sequence[Any], y_leaves: Sequence[Any]) -> list[Any]:
@@ -151,14 +159,14 @@ def zeros_like(x: Tree) -> Tree:
     """A tree of zeros with the shapes, dtypes and devices of ``x``."""
     x_leaves, treedef = flatten(x)
     xp = _backend_of_leaves(x_leaves, check_device=False).xp
-    return unflatten(treedef, [xp.zeros_like(a) for a in x_leaves])
+    return _unflatten(treedef, [xp.zeros_like(a) for a in x_leaves])
 
 
 def ones_like(x: Tree) -> Tree:
     """A tree of ones with the shapes, dtypes and devices of ``x``."""
     x_leaves, treedef = flatten(x)
     xp = _backend_of_leaves(x_leaves, check_device=False).xp
-    return unflatten(treedef, [xp.ones_like(a) for a in x_leaves])
+    return _unflatten(treedef, [xp.ones_like(a) for a in x_leaves])
 
 
 def ravel(x: Tree) -> tuple[Any, Callable[[Any], Tree]]:
@@ -187,7 +195,7 @@ def _unraveler(treedef: TreeDef, shapes: Sequence[tuple[int, ...]]) -> Callable[
         for shape, n in zip(shapes, sizes):
             out.append(xp.reshape(flat[start : start + n], shape))
             start += n
-        return unflatten(treedef, out)
+        return _unflatten(treedef, out)
 
     return unravel_fn
 
@@ -220,7 +228,7 @@ def combine(parts: Sequence[Sequence[Any]], groups: Sequence[Sequence[int]], lik
             raise StructureError(f"group {list(group)} needs {len(group)} leaves, got {len(part)}")
         for i, leaf in zip(group, part):
             out[i] = leaf
-    return unflatten(treedef, out)
+    return _unflatten(treedef, out)
 
 
 def _check_groups(groups: Sequence[Sequence[int]], n: int) -> None:

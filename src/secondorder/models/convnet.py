@@ -14,13 +14,34 @@ from .layers import conv2d, dense, output_size, pool2d
 
 
 class ConvNet(Model):
-    """``ConvNet(in_shape=(C, H, W), channels=(32, 64), dense=(256, 10))``.
+    """A convolutional network written once over the array namespace, with taps on every
+    convolution (KFC layout) and dense layer.
 
     Each conv block is a ``kernel`` x ``kernel`` convolution (stride 1, ``padding``), the
-    activation and a 2 x 2 ``pool`` ("avg" or "max"); the flattened features then go through
-    dense layers with the activation between them (none after the last). The defaults with
-    in_shape (3, 32, 32) are the prox-linear sheet's CIFAR-10 network (SiLU, average pooling).
-    Parameters: a list of ``{"w", "b"}`` dicts, conv kernels shaped (C_out, C_in, k, k).
+    activation and a 2 x 2 ``pool``; the flattened features then go through dense layers with
+    the activation between them (none after the last). With in_shape (3, 32, 32) the defaults
+    are the CIFAR-10 network of Roulet and Blondel's prox-linear experiments (two SiLU conv
+    blocks with average pooling, then 256 and 10 units).
+
+    Parameters
+    ----------
+    in_shape : sequence of int
+        (C, H, W) of one input image (inputs are (m, C, H, W)).
+    channels : sequence of int, default ``(32, 64)``
+        Output channels of the conv blocks, one block per entry.
+    dense : sequence of int, default ``(256, 10)``
+        Widths of the dense layers after flattening; the last is the output size.
+    kernel : int, default 3
+        Side of the square convolution kernels.
+    padding : int, default 1
+        Zero padding on each side of every convolution.
+    pool : str, default ``"avg"``
+        ``"avg"`` or ``"max"`` 2 x 2 pooling after each conv block.
+    activation : str, default ``"silu"``
+        The nonlinearity (a name of :func:`secondorder.models.layers.activation`).
+
+    The parameters (``init``) are a list of ``{"w", "b"}`` dicts, conv kernels shaped
+    (C_out, C_in, k, k), LeCun-normal weights and zero biases.
     """
 
     def __init__(self, in_shape: Sequence[int], channels: Sequence[int] = (32, 64),

@@ -3,7 +3,7 @@
 A *tap* is a zero array added to a layer's pre-activation s = W a + b. Differentiating the loss
 with respect to the taps (one VJP) gives every layer's output gradient dL/ds at once, and a tapped
 layer also reports its input in homogeneous form a~ = (a, 1), so that (a~ a~^T, ds ds^T) are the
-Kronecker statistics of K-FAC (Kronecker-family sheet, Algorithm 12). Convolutions work on im2col
+Kronecker statistics of K-FAC (Martens and Grosse 2015, Sec. 3). Convolutions work on im2col
 patches: a~ has one row per output position, (batch, positions, C_in kh kw + 1), and their taps
 have the layout (batch, positions, C_out).
 """

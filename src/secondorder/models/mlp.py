@@ -13,9 +13,24 @@ from .layers import dense
 
 
 class MLP(Model):
-    """sizes = (d_0, d_1, ..., d_L): L dense layers, ``activation`` after every layer but the
-    last (and but those listed in ``linear``, by index). Parameters: a list of
-    ``{"w": (d_l, d_{l-1}), "b": (d_l,)}``; weights N(0, 1/d_{l-1}), biases 0."""
+    """A multilayer perceptron f(x) = W_L phi(... phi(W_1 x + b_1) ...) + b_L, written once over
+    the array namespace (the same seed gives the same weights and outputs on every backend).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        (d_0, d_1, ..., d_L): the input size, the hidden widths and the output size (L dense
+        layers; at least two entries).
+    activation : str, default ``"tanh"``
+        phi, applied after every layer but the last and those in ``linear``: one of the names
+        of :func:`secondorder.models.layers.activation` (``"tanh"``, ``"relu"``, ``"sigmoid"``,
+        ``"silu"``, ...).
+    linear : sequence of int, default ``()``
+        Indices of further layers with no activation (the autoencoder's code layer).
+
+    The parameters (``init``) are a list of ``{"w": (d_l, d_{l-1}), "b": (d_l,)}``, weights
+    drawn N(0, 1/d_{l-1}) (LeCun normal), biases 0; every dense layer is tappable (``layers``).
+    """
 
     def __init__(self, sizes: Sequence[int], activation: str = "tanh",
                  linear: Sequence[int] = ()):
@@ -70,7 +85,8 @@ class Autoencoder(MLP):
         return f"Autoencoder({list(self.sizes)}, activation={self.activation!r})"
 
 
-#: the thesis's autoencoder shapes (Kronecker-family sheet, "Experiments")
+#: the deep-autoencoder benchmarks' layer sizes (MNIST, FACES, CURVES; Hinton and
+#: Salakhutdinov 2006, as used by Martens 2010 and the K-FAC and K-BFGS papers)
 AUTOENCODER_SIZES = {
     "mnist": (784, 1000, 500, 250, 30, 250, 500, 1000, 784),
     "faces": (625, 2000, 1000, 500, 30, 500, 1000, 2000, 625),
