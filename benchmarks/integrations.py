@@ -90,7 +90,7 @@ def bench_jax(args: Any) -> dict[str, Any]:
 
         @jax.jit
         def optax_step(p: Any, s: Any, transform: Any = transform) -> tuple:
-            updates, s = transform.update(p, s, p, batch=(x, y))
+            updates, s = transform.update(None, s, p, batch=(x, y))
             return optax.apply_updates(p, updates), s
 
         @jax.jit

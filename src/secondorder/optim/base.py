@@ -18,13 +18,15 @@ flag; the leaf-by-leaf ``where`` select is used only inside traced code (``jax.j
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
-from ..losses import Loss
+from ..errors import StructureError
+from ..losses import Loss, as_loss
 from ..tree import norm
 from .state import check_state
 
@@ -45,6 +47,38 @@ class StepInfo(NamedTuple):
     #: method-specific diagnostics (e.g. CurveBall's rho and beta, the model's predicted change,
     #: Hessian-free's reduction ratio), 0-d arrays by name
     extras: Mapping[str, Array] = {}  # noqa: RUF012 - never mutated; a dict is a pytree
+
+
+#: (module that defines the class, class name, the adapter that turns it into apply and params)
+_NATIVE_MODELS = (
+    ("torch.nn", "Module", "apply, params = secondorder.models.from_torch(model), or "
+     "secondorder.integrations.torch.Optimizer(model, loss, method=...) for a torch.optim-style "
+     "optimiser"),
+    ("flax.linen", "Module", "apply, params = secondorder.models.from_flax(module, variables)"),
+    ("equinox", "Module", "apply, params = secondorder.models.from_equinox(model)"),
+)
+
+
+def check_apply(apply: Any, method: str) -> Any:
+    """``apply`` itself when it can be the network ``apply(params, x)``; a named
+    :class:`~secondorder.errors.StructureError` that names the adapter when it is a framework's
+    model object (an ``nn.Module``, a flax or equinox module) or not callable at all (for
+    example ``model.parameters()``)."""
+    for package, name, fix in _NATIVE_MODELS:
+        module = sys.modules.get(package)
+        cls = getattr(module, name, None) if module is not None else None
+        if isinstance(cls, type) and isinstance(apply, cls):
+            raise StructureError(
+                f"{method} takes the network as a function apply(params, x) and the parameters "
+                f"separately, not a {package} {type(apply).__name__} object: use {fix}")
+    if not callable(apply):
+        raise StructureError(
+            f"{method}'s first argument is the network apply(params, x), got "
+            f"{type(apply).__name__}; for a torch model use "
+            "secondorder.integrations.torch.Optimizer(model, loss, method=...) (it takes the "
+            "module, not model.parameters()), or apply, params = "
+            "secondorder.models.from_torch(model)")
+    return apply
 
 
 def is_number(*values: Any) -> bool:
@@ -99,8 +133,8 @@ class Optimizer(ABC):
     info_extras: tuple[str, ...] = ()
 
     def __init__(self, apply: Callable[[Tree, Any], Array], loss: Loss):
-        self.apply = apply
-        self.loss = loss
+        self.apply = check_apply(apply, type(self).__name__)
+        self.loss = as_loss(loss)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
