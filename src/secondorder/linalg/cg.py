@@ -8,10 +8,37 @@ residual is z = P M P r. Each iteration, with r the residual and p the search di
     alpha = <r, z> / <p, A p>,   x += alpha p,   r -= alpha A p,
     z' = P M P r,                beta = <r, z'> / <r_old, z_old>,   p = z' + beta p.
 
-Guards, never a division by (nearly) zero: when <p, A p> <= eps ||p||^2 the step is not taken and
-CG stops with reason ``"nonpositive_curvature"`` (the Hessian-free convention: the last iterate is
-returned); a non-finite or negative <r, z> (an indefinite preconditioner) stops it with
-``"breakdown"``. Both modes compile under ``jax.jit``: ``tol`` (relative to ||P b||, with an
+Guards, never a division by (nearly) zero: when <p, A p> <= eps ||p||^2 rho, with rho the largest
+Rayleigh quotient <p, A p> / ||p||^2 of the earlier iterations (0 before the first, so the first
+step only needs <p, A p> > 0), the step is not taken and CG stops with reason
+``"nonpositive_curvature"`` (the Hessian-free convention: the last iterate is returned); a negative
+<r, z> (an indefinite preconditioner) stops it with ``"breakdown"``. Scaling A by any factor
+leaves these decisions unchanged.
+
+Non-finite values: CG never reports ``"converged"`` (or a curvature verdict) on NaN or inf. A
+right-hand side, initial residual, operator, preconditioner or projector output that is not finite
+stops it with reason ``"non_finite"``; the check rides on numbers the iteration computes anyway
+(<p, A p> and <r, z> are NaN or inf exactly when a product or a coefficient is), so it costs no
+extra pass over the vectors and no host synchronisation. An iterate that overflows when unscaled
+(below) is also reported ``"non_finite"``.
+
+Scale: the system is solved as A y = b / s, x = s y, with s the power of two nearest below
+max |b_i|. Multiplying by a power of two is exact, so on ordinary systems every number CG computes
+is the one the unscaled iteration would compute (the same bits), while systems at 1e+-300, whose
+squared norms would underflow or overflow, are solved (or, when x itself is out of range, reported
+``"non_finite"``). Only b is scaled, not A: when A itself is at 1e-300, a fixed-length run that
+goes on after the residual has reached rounding level can see <p, A p> underflow to 0 and stop with
+``"nonpositive_curvature"``, returning the converged iterate. ``atol``, the residual norms, the
+history and the saved iterates are given in
+the units of b.
+
+Input checks (before any work): ``maxiter`` and ``save_at`` must be integers >= 0 and ``tol`` /
+``atol`` (when Python or NumPy numbers; array values are taken as they are) finite and >= 0, else
+:class:`~secondorder.errors.HyperparameterError`; b must have a real floating dtype and x0, a
+:class:`LinearOperator` and every product the same dtype as b, else
+:class:`~secondorder.errors.DTypeError` (convert with ``astype`` first; nothing is promoted).
+
+Both modes compile under ``jax.jit``: ``tol`` (relative to ||P b||, with an
 absolute floor ``atol``) loops with ``while_loop``; ``tol=None`` runs exactly ``maxiter``
 iterations (``fori_loop`` on JAX, so it is reverse-differentiable there) unless a guard fires or
 the residual falls under ``atol``. With ``tol=None`` and ``atol=0`` the loop is a ``fori_loop`` on
@@ -33,12 +60,16 @@ is a ``where`` on the iteration counter, so the loop's carry keeps a static shap
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator as _operator
 from collections.abc import Callable
+from functools import reduce
 from typing import Any, NamedTuple
 
 from .._pytree import check_same_structure, flatten, unflatten
 from ..backends import backend_of
-from ..errors import MixedBackendError, ShapeError
+from ..errors import DTypeError, HyperparameterError, MixedBackendError, ShapeError
 from ..tree import _axpy_leaves as _axpy
 from ..tree import _dot_leaves as _dot
 from .operator import LinearOperator
@@ -47,8 +78,9 @@ from .structure import Structure
 Tree = Any
 
 #: meaning of ``CGInfo.status``
-REASONS = ("maxiter", "converged", "nonpositive_curvature", "breakdown")
-MAXITER, CONVERGED, NONPOSITIVE_CURVATURE, BREAKDOWN = range(4)  # cg relies on the first two
+REASONS = ("maxiter", "converged", "nonpositive_curvature", "breakdown", "non_finite")
+#: cg relies on the first two; every code >= NONPOSITIVE_CURVATURE is a guard that stopped it
+MAXITER, CONVERGED, NONPOSITIVE_CURVATURE, BREAKDOWN, NON_FINITE = range(5)
 
 
 class CGInfo(NamedTuple):
@@ -88,10 +120,10 @@ def _as_function(op: Any, leaves: Leaves, what: str) -> Callable[[Tree], Tree] |
     raise TypeError(f"expected a LinearOperator or a function, got {type(op).__name__}")
 
 
-def _on_leaves(fn: Callable[[Tree], Tree] | None, treedef: Any
+def _on_leaves(fn: Callable[[Tree], Tree] | None, treedef: Any, dtypes: list[Any], what: str
                ) -> Callable[[Leaves], Leaves] | None:
     """``fn`` on lists of leaves: unflatten, apply, flatten (a result of another structure
-    raises :class:`StructureError`)."""
+    raises :class:`StructureError`, of another dtype than b :class:`DTypeError`)."""
     if fn is None:
         return None
 
@@ -99,9 +131,56 @@ def _on_leaves(fn: Callable[[Tree], Tree] | None, treedef: Any
         out, out_def = flatten(fn(unflatten(treedef, leaves)))
         if out_def is not treedef:
             check_same_structure(treedef, out_def)
+        for a, dtype in zip(out, dtypes):
+            if a.dtype != dtype:
+                raise DTypeError(
+                    f"the {what} returned {a.dtype} for a {dtype} vector; cg runs in the dtype "
+                    "of b: build the operator in that dtype or convert b with astype"
+                )
         return out
 
     return apply
+
+
+def _count(value: Any, what: str) -> int:
+    """A Python int >= 0 from an integer-valued number, else :class:`HyperparameterError`."""
+    try:
+        out = _operator.index(value)
+    except TypeError:
+        ok = isinstance(value, numbers.Real) and float(value).is_integer()
+        if not ok:
+            raise HyperparameterError(f"{what} must be an integer >= 0, got {value!r}") from None
+        out = int(value)
+    if isinstance(value, bool) or out < 0:
+        raise HyperparameterError(f"{what} must be an integer >= 0, got {value!r}")
+    return out
+
+
+def _check_tolerance(value: Any, what: str) -> None:
+    """Finite and >= 0 for Python and NumPy numbers (arrays, possibly traced, are not read)."""
+    if isinstance(value, numbers.Real) and not (float(value) >= 0 and math.isfinite(value)):
+        raise HyperparameterError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
+def _check_dtypes(xp: Any, b_leaves: Leaves, x0_leaves: Leaves | None, op: Any) -> list[Any]:
+    """The dtype of each leaf of b, after checking that it is real floating and that x0 and a
+    LinearOperator have the same (:class:`DTypeError` otherwise)."""
+    dtypes = [a.dtype for a in b_leaves]
+    for i, dtype in enumerate(dtypes):
+        if not xp.isdtype(dtype, "real floating"):
+            leaf = "" if len(dtypes) == 1 else f" (leaf {i})"
+            raise DTypeError(
+                f"cg needs a real floating right-hand side, got b{leaf} of dtype {dtype}; "
+                "convert it with astype(float64) or astype(float32)"
+            )
+    for i, (a, dtype) in enumerate(zip(x0_leaves or (), dtypes)):
+        if a.dtype != dtype:
+            raise DTypeError(f"the initial guess x0 (leaf {i}) has dtype {a.dtype} but b has "
+                             f"{dtype}; convert one of them with astype")
+    if isinstance(op, LinearOperator) and op.dtype is not None and op.dtype != dtypes[0]:
+        raise DTypeError(f"the operator holds {op.dtype} arrays but b is {dtypes[0]}; build "
+                         "them in one dtype (astype) before calling cg")
+    return dtypes
 
 
 def cg(
@@ -138,15 +217,18 @@ def cg(
             )
         op.in_structure.check(b, "right-hand side b")
     x0_leaves = None if x0 is None else b_struct.check(x0, "initial guess x0")
-    if maxiter is None:
-        maxiter = 10 * b_struct.size
-    maxiter = int(maxiter)
-    save_at = tuple(int(s) for s in save_at)
-    if any(s < 0 for s in save_at):
-        raise ValueError(f"save_at needs iteration counts >= 0, got {save_at}")
-    matvec = _on_leaves(_as_function(op, b_leaves, "right-hand side b"), treedef)
-    precond = _on_leaves(_as_function(M, b_leaves, "right-hand side b"), treedef)
-    project = _on_leaves(_as_function(projector, b_leaves, "right-hand side b"), treedef)
+    maxiter = 10 * b_struct.size if maxiter is None else _count(maxiter, "cg's maxiter")
+    if tol is not None:
+        _check_tolerance(tol, "cg's tol")
+    _check_tolerance(atol, "cg's atol")
+    save_at = tuple(_count(s, "each of cg's save_at") for s in save_at)
+    dtypes = _check_dtypes(xp, b_leaves, x0_leaves, op)
+    matvec = _on_leaves(_as_function(op, b_leaves, "right-hand side b"), treedef, dtypes,
+                        "operator")
+    precond = _on_leaves(_as_function(M, b_leaves, "right-hand side b"), treedef, dtypes,
+                         "preconditioner M")
+    project = _on_leaves(_as_function(projector, b_leaves, "right-hand side b"), treedef, dtypes,
+                         "projector")
     where = xp.where
     # how x follows the iterations (see body): "select" in a traced fixed-length loop, "mask" in
     # an eager one (no host synchronisation), "defer" in a loop that stops at a stop
@@ -173,21 +255,41 @@ def cg(
                 z = project(z)
         return z, _dot(xp, r, z), xp.sqrt(rr)
 
+    # the scale s: the power of two at or below max |b_i| (1 when b is 0 or not finite), so that
+    # b / s and s y are exact and the iteration's numbers are the unscaled ones, times powers of 2
+    sized = [a for a in b_leaves if math.prod(a.shape) > 0]
+    scale = None
+    if sized:
+        big = reduce(xp.maximum, [xp.max(xp.abs(a)) for a in sized])
+        usable = xp.isfinite(big) & (big > 0)
+        scale = 2.0 ** xp.floor(xp.log2(where(usable, big, 1.0)))
+    leaf_scales = [scale if scale is None or scale.dtype == d else xp.astype(scale, d)
+                   for d in dtypes]
+
+    def scaled(leaves: Leaves, up: bool) -> Leaves:
+        if scale is None:
+            return leaves
+        return [a * s if up else a / s for a, s in zip(leaves, leaf_scales)]
+
+    b_leaves = scaled(b_leaves, False)
     if x0_leaves is None:
         x, r = [xp.zeros_like(a) for a in b_leaves], b_leaves
     else:
-        x = x0_leaves
-        r = [bi - ai for bi, ai in zip(b_leaves, matvec(x0_leaves))]
+        x = scaled(x0_leaves, False)
+        r = [bi - ai for bi, ai in zip(b_leaves, matvec(x))]
     z, rz, res = preconditioned(r)
     pb = b_leaves if project is None else project(b_leaves)
     b_norm = xp.sqrt(_dot(xp, pb, pb))
+    if scale is not None and not (isinstance(atol, int | float) and atol == 0):
+        atol = atol / xp.astype(scale, res.dtype)
     threshold = atol if tol is None else xp.maximum(tol * b_norm, atol)
     eps = xp.finfo(res.dtype).eps
     device = backend.device(res)
     k0 = xp.asarray(0, device=device)
     codes = [xp.asarray(c, dtype=k0.dtype, device=device) for c in range(len(REASONS))]
 
-    status0 = where(res <= threshold, codes[CONVERGED], codes[MAXITER])
+    status0 = where(xp.isfinite(b_norm + res + rz),
+                    where(res <= threshold, codes[CONVERGED], codes[MAXITER]), codes[NON_FINITE])
     hist0 = None
     if history:
         steps = xp.arange(maxiter + 1, device=device)
@@ -196,31 +298,38 @@ def cg(
 
     def body(state: tuple, x_update: str) -> tuple:
         # Only x, res, k, status, hist and saved are returned, and an iteration that takes no
-        # step ends the run (status leaves MAXITER for good), so r, z, p and <r, z> need no
+        # step ends the run (status leaves MAXITER for good), so r, z, p, <r, z> and rho need no
         # selection: after such an iteration they are never used for anything returned. x:
         #   "defer"  the loop ends after the first iteration without a step, so x_new is
         #            carried with the x before it and chosen once after the loop;
         #   "select" a fixed loop runs on: x is kept by a select per leaf (fused when traced);
         #   "mask"   x += where(step, alpha, 0) p, exact while p is finite; when a guard has
         #            fired (p may not be), cg re-runs the solve with "defer" (one check at the end).
-        k, x, x_prev, r, z, p, rz, pp, res, status, hist, saved, last_step = state
+        k, x, x_prev, r, z, p, rz, pp, rho, res, status, hist, saved, last_step = state
         active = status == codes[MAXITER]
         ap = matvec(p)
         pap = _dot(xp, p, ap)
-        curved = pap > eps * (pp if track_pp else _dot(xp, p, p))
+        if not track_pp:
+            pp = _dot(xp, p, p)
+        # rho: the largest earlier Rayleigh quotient, so the guard is relative to the scale of A
+        curved = pap > eps * (pp * rho)
         alpha = where(curved, rz / where(curved, pap, 1.0), 0.0)
         if x_update != "mask":
             x_new = _axpy(alpha, p, x)
         r_new = [b - alpha * a for a, b in zip(ap, r)]  # the bits of axpy(-alpha, ap, r)
         z_new, rz_new, res_new = preconditioned(r_new)
-        ok = xp.isfinite(rz_new) & (rz_new >= 0)
+        # <p, A p> is NaN or inf when A p is not finite; <r', z'> when alpha, r' or z' is not
+        finite = xp.isfinite(pap + rz_new)
+        ok = rz_new >= 0
         positive = rz > 0
         beta = where(positive, rz_new / where(positive, rz, 1.0), 0.0)
         p_new = _axpy(beta, p, z_new)
         # MAXITER = 0, CONVERGED = 1: the comparison as an integer is the code of a good step
-        new_status = where(curved, where(ok, xp.astype(res_new <= threshold, k.dtype),
-                                         codes[BREAKDOWN]), codes[NONPOSITIVE_CURVATURE])
-        step = active & curved & ok
+        new_status = where(finite, where(curved, where(ok, xp.astype(res_new <= threshold,
+                                                                      k.dtype),
+                                                       codes[BREAKDOWN]),
+                                         codes[NONPOSITIVE_CURVATURE]), codes[NON_FINITE])
+        step = active & curved & ok & finite
         if x_update == "mask":
             x_new, x = _axpy(where(step, alpha, 0.0), p, x), None
         elif x_update == "select":
@@ -231,28 +340,36 @@ def cg(
         saved = tuple([where(step & (k_next == s), a, c) for a, c in zip(x_new, old)]
                       for s, old in zip(save_at, saved))
         pp_new = rz_new + beta * beta * pp if track_pp else None
-        return (k_next, x_new, x, r_new, z_new, p_new, rz_new, pp_new,
+        rho_new = xp.maximum(rho, pap / pp)
+        return (k_next, x_new, x, r_new, z_new, p_new, rz_new, pp_new, rho_new,
                 where(step, res_new, res), where(active, new_status, status), hist, saved, step)
 
     def running(state: tuple) -> Any:
-        k, status = state[0], state[9]
+        k, status = state[0], state[10]
         return (k < maxiter) & (status == codes[MAXITER])
 
     def solve(x_update: str) -> tuple:
         pp0 = _dot(xp, z, z) if track_pp else None
-        state = (k0, x, x if x_update == "defer" else None, r, z, z, rz, pp0, res, status0,
-                 hist0, tuple(x for _ in save_at), xp.asarray(True, device=device))
+        state = (k0, x, x if x_update == "defer" else None, r, z, z, rz, pp0, xp.zeros_like(res),
+                 res, status0, hist0, tuple(x for _ in save_at), xp.asarray(True, device=device))
         if x_update == "defer":
             state = backend.while_loop(running, lambda s: body(s, x_update), state)
-            last, prev, step = state[1], state[2], state[12]
+            last, prev, step = state[1], state[2], state[13]
             return (*state[:1], [where(step, a, c) for a, c in zip(last, prev)], *state[2:])
         return backend.fori_loop(0, maxiter, lambda i, s: body(s, x_update), state)
 
     state = solve(x_update)
-    if x_update == "mask" and bool(state[9] >= NONPOSITIVE_CURVATURE):
+    if x_update == "mask" and bool(state[10] >= NONPOSITIVE_CURVATURE):
         state = solve("defer")  # a guard fired: the exact iterate where it did
-    k, x, _, _, _, _, _, _, res, status, hist, saved, _ = state
+    k, x, res, status, hist, saved = state[0], state[1], state[9], state[10], state[11], state[12]
     # counts never reached (CG stopped or maxiter is smaller) hold the final iterate
-    saved = tuple(unflatten(treedef, [where(k < s, a, c) for a, c in zip(x, old)])
+    saved = tuple(unflatten(treedef, scaled([where(k < s, a, c) for a, c in zip(x, old)], True))
                   for s, old in zip(save_at, saved))
+    if scale is not None:
+        x = scaled(x, True)
+        s = xp.astype(scale, res.dtype)
+        res = res * s
+        hist = None if hist is None else hist * s
+        x_finite = reduce(lambda u, v: u & v, [xp.all(xp.isfinite(a)) for a in x])
+        status = where(x_finite, status, codes[NON_FINITE])
     return unflatten(treedef, x), CGInfo(k, res, status, hist, saved)
