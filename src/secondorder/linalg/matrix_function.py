@@ -10,14 +10,39 @@ For a symmetric A = Q diag(w) Q^T (eigendecomposition, ascending w):
   used by Shampoo implementations (at most 100 iterations, tolerance 1e-6).
 
 Eigendecompositions go through the backend's ``eigh``, which retries in float64 when float32 fails.
+
+Bad input, the same on every backend (outside ``jax.jit``):
+
+* ``damping`` given as a Python or NumPy number must be finite and >= 0, and ``p`` a positive
+  integer, else :class:`~secondorder.errors.HyperparameterError` (array dampings, possibly traced,
+  are not read).
+* A matrix with a NaN or inf entry, or one that is singular or indefinite once damped, raises
+  :class:`~secondorder.errors.NotPositiveDefiniteError`: ``damped_inverse`` when the Cholesky
+  factorisation fails, has a non-finite entry (NumPy's does not raise on NaN) or a pivot^2 at or
+  below n eps max_i (A + damping I)_ii; ``inverse_root`` when a damped eigenvalue
+  max(w, 0) + damping is at or below n eps times the largest (``"eigh"``) or when the coupled
+  Newton iteration ends with max |M - I| > 1/2 or a non-finite X (``"newton"``). With zero
+  damping, a singular or indefinite A therefore raises instead of returning inf, NaN or a finite
+  matrix that is not the inverse root; pass a damping > 0 to regularise it (eigenvalues below 0
+  are clipped to 0 before damping, as documented above).
+* Inside ``jax.jit`` (or any trace) nothing can raise: the same failures give an output that is
+  NaN (``inverse_root``) or NaN/inf (``damped_inverse``), which the optimisers' non-finite guard
+  rejects, leaving parameters and state as they were.
+
+The coupled Newton iteration runs on A / c with c a power of two near max |A_ij| (c = 1 between
+2^-64 and 2^64, so ordinary input gives the same bits as without scaling; c a power of 2^p, so
+c^{-1/p} is exact), so matrices at 1e+-300 neither overflow nor underflow.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from typing import Any
 
 from ..backends import backend_of
-from ..errors import ShapeError
+from ..errors import HyperparameterError, NotPositiveDefiniteError, ShapeError
 
 __all__ = ["damped_inverse", "eigh", "inverse_root", "matrix_power"]
 
@@ -25,6 +50,43 @@ __all__ = ["damped_inverse", "eigh", "inverse_root", "matrix_power"]
 def _check_square(a: Any, what: str) -> None:
     if getattr(a, "ndim", None) != 2 or a.shape[0] != a.shape[1]:
         raise ShapeError(f"{what} needs a square matrix, got shape {getattr(a, 'shape', ())}")
+
+
+def _check_damping(damping: Any, what: str) -> None:
+    """A Python or NumPy damping must be finite and >= 0 (arrays are left alone)."""
+    if isinstance(damping, numbers.Real) and not (math.isfinite(damping) and damping >= 0):
+        raise HyperparameterError(f"{what} needs a finite damping >= 0, got {damping!r}")
+
+
+def _check_p(p: Any) -> int:
+    """p as a Python int >= 1, else :class:`HyperparameterError`."""
+    try:
+        out = operator.index(p)
+    except TypeError:
+        out = int(p) if isinstance(p, numbers.Real) and float(p).is_integer() else 0
+    if isinstance(p, bool) or out < 1:
+        raise HyperparameterError(
+            f"inverse_root computes (A + damping I)^(-1/p) for a positive integer p, got {p!r}; "
+            "use matrix_power(A, s) for other powers"
+        )
+    return out
+
+
+def _is_concrete(backend: Any, *arrays: Any) -> bool:
+    return all(backend.is_concrete(a) for a in arrays)
+
+
+def _not_pd(what: str, why: str) -> NotPositiveDefiniteError:
+    return NotPositiveDefiniteError(
+        f"{what}: {why}. Add damping (a multiple of the identity) or check the matrix for "
+        "NaN, inf or a missing curvature estimate."
+    )
+
+
+def _check_finite(backend: Any, a: Any, what: str) -> None:
+    """NotPositiveDefiniteError for a concrete matrix with a NaN or inf entry."""
+    if _is_concrete(backend, a) and not bool(backend.xp.all(backend.xp.isfinite(a))):
+        raise _not_pd(what, "the matrix has NaN or inf entries")
 
 
 def eigh(a: Any) -> tuple[Any, Any]:
@@ -40,6 +102,7 @@ def _from_eigen(q: Any, values: Any, xp: Any) -> Any:
 def matrix_power(a: Any, s: float, *, damping: Any = 0.0) -> Any:
     """(A + damping I)^s of a symmetric PSD matrix; eigenvalues below 0 are clipped to 0."""
     _check_square(a, "matrix_power")
+    _check_damping(damping, "matrix_power")
     backend = backend_of(a)
     xp = backend.xp
     w, q = backend.eigh(a)  # the square check above is eigh()'s
@@ -47,12 +110,25 @@ def matrix_power(a: Any, s: float, *, damping: Any = 0.0) -> Any:
 
 
 def damped_inverse(a: Any, damping: Any = 0.0) -> Any:
-    """(A + damping I)^{-1} of a symmetric matrix that is positive definite once damped."""
+    """(A + damping I)^{-1} of a symmetric matrix that is positive definite once damped.
+
+    Raises :class:`NotPositiveDefiniteError` when A + damping I is not numerically positive
+    definite (see the module notes; NaN or inf output inside ``jax.jit``)."""
     _check_square(a, "damped_inverse")
+    _check_damping(damping, "damped_inverse")
     backend = backend_of(a)
     xp = backend.xp
-    eye = xp.eye(a.shape[0], dtype=a.dtype, device=backend.device(a))
-    factor = backend.cholesky(a + damping * eye)
+    n = a.shape[0]
+    eye = xp.eye(n, dtype=a.dtype, device=backend.device(a))
+    ad = a + damping * eye
+    factor = backend.cholesky(ad)
+    if _is_concrete(backend, factor):
+        pivots = xp.linalg.diagonal(factor)
+        if not bool(xp.all(xp.isfinite(factor))):
+            raise _not_pd("damped_inverse", "the matrix has NaN or inf entries")
+        floor = n * xp.finfo(a.dtype).eps * xp.max(xp.linalg.diagonal(ad))
+        if n and not bool(xp.min(pivots * pivots) > floor):
+            raise _not_pd("damped_inverse", "A + damping I is singular to working precision")
     return backend.cholesky_solve(factor, eye)
 
 
@@ -67,6 +143,10 @@ def inverse_root(
 ) -> Any:
     """(A + damping I)^{-1/p} of a symmetric PSD matrix.
 
+    Raises :class:`HyperparameterError` for a p that is not a positive integer and
+    :class:`NotPositiveDefiniteError` for an A + damping I that is singular or indefinite (NaN
+    output inside ``jax.jit``; see the module notes).
+
     ``method="eigh"``: through the eigendecomposition (eigenvalues clipped at 0 before damping).
     ``method="newton"``: the coupled Newton iteration, p a positive integer. With
     z = (1 + p) / (2 ||A||_F), start X = z^{1/p} I, M = z A and repeat
@@ -74,18 +154,34 @@ def inverse_root(
     An iteration that increases the error by more than 20% is discarded and the loop stops.
     """
     _check_square(a, "inverse_root")
-    if method == "eigh":
-        return matrix_power(a, -1.0 / p, damping=damping)
-    if method != "newton":
-        raise ValueError(f"unknown method {method!r}: use 'eigh' or 'newton'")
-    if int(p) != p or p < 1:
-        raise ValueError(f"the coupled Newton iteration needs a positive integer p, got {p}")
-    p = int(p)
+    if method not in ("eigh", "newton"):
+        raise HyperparameterError(f"unknown method {method!r}: use 'eigh' or 'newton'")
+    p = _check_p(p)
+    _check_damping(damping, "inverse_root")
     backend = backend_of(a)
     xp = backend.xp
+    _check_finite(backend, a, "inverse_root")
     n = a.shape[0]
+    if method == "eigh":
+        w, q = backend.eigh(a)
+        v = xp.clip(w, min=0.0) + damping
+        bad = v <= n * xp.finfo(v.dtype).eps * xp.max(v)
+        if _is_concrete(backend, v):
+            if bool(xp.any(bad)):
+                raise _not_pd("inverse_root", "A + damping I is singular or indefinite (an "
+                                              "eigenvalue, clipped at 0, is 0 to working "
+                                              "precision)")
+        else:
+            v = xp.where(bad, xp.asarray(float("nan"), dtype=v.dtype), v)
+        return _from_eigen(q, v ** (-1.0 / p), xp)
     eye = xp.eye(n, dtype=a.dtype, device=backend.device(a))
     ad = a + damping * eye
+    # A / c, c = 2^e with e a multiple of p (so c^(-1/p) = 2^(-e/p) is exact), only for entries
+    # outside [2^-64, 2^64]: in range, c = 1 and the iteration's numbers are the unscaled ones
+    big = xp.max(xp.abs(ad))
+    e = xp.floor(xp.log2(xp.where(big > 0, big, 1.0)) / p) * p
+    e = xp.where(xp.abs(e) > 64, e, 0.0)
+    ad = ad / 2.0 ** e
     z = (1.0 + p) / (2.0 * xp.linalg.matrix_norm(ad))
     x0 = eye * z ** (1.0 / p)
     m0 = z * ad
@@ -111,5 +207,13 @@ def inverse_root(
 
     dev = backend.device(a)
     init = (xp.asarray(0, device=dev), x0, m0, err0, xp.asarray(False, device=dev))
-    _, x, _, _, _ = backend.while_loop(keep_going, step, init)
-    return x
+    _, x, _, err, _ = backend.while_loop(keep_going, step, init)
+    x = x * 2.0 ** (-e / p)
+    # a singular or indefinite A leaves an eigenvalue of M at <= 0 or far from 1: err stays large
+    failed = ~(err <= 0.5) | ~xp.all(xp.isfinite(x))
+    if _is_concrete(backend, x, err):
+        if bool(failed):
+            raise _not_pd("inverse_root", "the coupled Newton iteration did not converge (A + "
+                                          "damping I is singular or indefinite)")
+        return x
+    return xp.where(failed, xp.asarray(float("nan"), dtype=x.dtype), x)
