@@ -180,6 +180,17 @@ class Loss(ABC):
                 "lower the step size"
             )
 
+    def check_values(self, f: Array, y: Array) -> None:
+        """Raise :class:`~secondorder.errors.LabelError` for target values this loss cannot take
+        (class labels out of range, say), at the cost of one reduction and one host read.
+
+        Called by :meth:`per_sample`, so by every step at the point where the outputs meet the
+        targets. Only on concrete targets: inside ``jax.jit`` nothing can raise, and
+        :func:`secondorder.optim.checked` turns the same test into a ``checkify`` check. This
+        base loss has nothing to check; :class:`SoftmaxCrossEntropy` checks its labels.
+        """
+        del f, y
+
     def _check_targets(self, backend: Backend, f: Array, y: Array) -> None:
         if tuple(y.shape) != tuple(f.shape):
             raise ShapeError(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +72,7 @@ class SoftmaxCrossEntropy(Loss):
         return xp.astype(y[:, None] == classes[None, :], f.dtype)
 
     def per_sample(self, f: Array, y: Array) -> Array:
+        self.check_values(f, y)
         backend = backend_of(f)
         lse = backend.logsumexp(f, axis=1)[:, 0]
         if y.ndim == 1:  # integer labels: pick the entries instead of a one-hot product
@@ -141,6 +144,64 @@ class SoftmaxCrossEntropy(Loss):
         below = xp.cumulative_sum(s, axis=1) < noise[:, None]
         labels = xp.sum(xp.astype(below, xp.int64), axis=1)
         return xp.clip(labels, max=f.shape[1] - 1)
+
+    #: (weak reference to the targets last found valid, their version, the number of classes)
+    _valid: tuple[Any, Any, int] | None = None
+
+    def check_values(self, f: Array, y: Array) -> None:
+        """Integer labels y (shape (m,)) must have an integer dtype and lie in [0, k); rows y
+        (shape (m, k)) must be probability vectors (entries >= 0 summing to 1, to a tolerance
+        of the dtype). :class:`~secondorder.errors.LabelError` otherwise, saying what was found.
+
+        A dtype is checked always (it is known inside traces too); values only on concrete y,
+        with one combined reduction and one host read, and once per targets array: a step that
+        evaluates the loss several times (line searches) pays for one check. The memo is the
+        array's identity (and torch's in-place version counter), so a NumPy or JAX label
+        buffer refilled in place is not checked again. NaN in probability rows is left to the
+        step's finiteness guard (the step is rejected, as for any non-finite batch). Inside
+        ``jax.jit`` the values are checked only under :func:`secondorder.optim.checked`.
+        """
+        k = f.shape[-1]
+        backend = backend_of(y)
+        xp = backend.xp
+        labels = y.ndim == 1
+        if labels and not xp.isdtype(y.dtype, "integral"):
+            raise LabelError(
+                f"softmax cross-entropy: 1-D targets are class labels and need an integer dtype, "
+                f"got {y.dtype}; convert them (y.astype(int) / y.long()) or pass probability "
+                "rows of shape (batch, classes)")
+        if not backend.is_concrete(y):
+            from .. import checking
+
+            checking.check_labels(y, k) if labels else checking.check_rows(y)
+            return
+        memo = self._valid
+        version = getattr(y, "_version", None)
+        if memo is not None and memo[0]() is y and memo[1] == version and memo[2] == k:
+            return
+        if labels:
+            bad = xp.any(xp.logical_or(y < 0, y >= k))
+        else:
+            tol = max(1e-6, 64 * k * float(xp.finfo(y.dtype).eps))
+            sums = xp.sum(y, axis=1)
+            bad = xp.logical_or(xp.any(xp.logical_and(y < 0, xp.isfinite(y))),
+                                xp.any(xp.logical_and(xp.abs(sums - 1) > tol, xp.isfinite(sums))))
+        if bool(bad):
+            values = backend.to_numpy(y)
+            if labels:
+                raise LabelError(
+                    f"softmax cross-entropy: class labels must lie in [0, {k - 1}] for {k} "
+                    f"outputs; got values from {values.min()} to {values.max()}. Check the "
+                    "labels (0-based) and the width of the network's last layer")
+            raise LabelError(
+                "softmax cross-entropy: target rows must be probability vectors "
+                f"(entries >= 0, each row summing to 1); got entries from {values.min():.3g} "
+                f"and row sums from {values.sum(axis=1).min():.6g} to "
+                f"{values.sum(axis=1).max():.6g}; pass integer labels or normalised rows")
+        try:
+            self._valid = (weakref.ref(y), version, k)
+        except TypeError:  # an array type without weak references: check every time
+            self._valid = None
 
     def _check_targets(self, backend: Backend, f: Array, y: Array) -> None:
         m, k = f.shape

@@ -1,6 +1,7 @@
 """Optimisers on one interface: ``opt = Method(apply, loss, ...)``, ``state = opt.init(params)``,
 ``params, state, info = opt.step(params, state, batch)``."""
 
+from ..checking import checked
 from . import directions, step_rules, transforms
 from .base import Optimizer, StepInfo
 from .bfgs import BFGS
@@ -18,3 +19,4 @@ __all__ += ["ProxLinear"]
 __all__ += ["GroupedNewton"]
 __all__ += ["GradientDescent", "transforms"]
 __all__ += ["directions", "step_rules"]
+__all__ += ["checked"]

@@ -18,6 +18,11 @@ flag; the leaf-by-leaf ``where`` select is used only inside traced code (``jax.j
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import numbers
+import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -25,7 +30,14 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
-from ..errors import StructureError
+from ..errors import (
+    DeviceMismatchError,
+    DTypeError,
+    HyperparameterError,
+    MixedBackendError,
+    ShapeError,
+    StructureError,
+)
 from ..losses import Loss, as_loss
 from ..tree import norm
 from .state import check_state
@@ -87,6 +99,68 @@ def is_number(*values: Any) -> bool:
     return all(isinstance(v, int | float) for v in values)
 
 
+_RANGE = re.compile(r"^(?P<int>integer\s+)?(?:(?P<op>>=|>|<=|<)\s*(?P<bound>\S+)"
+                    r"|(?P<left>[\[(])\s*(?P<low>[^,\s]+)\s*,\s*(?P<high>[^\])\s]+)\s*"
+                    r"(?P<right>[\])]))$")
+
+
+@functools.cache
+def _parse_range(spec: str) -> Callable[[float], bool]:
+    """The test of a range written as ``"> 0"``, ``">= 1"``, ``"[0, 1)"``, ``"(0, 1]"`` or
+    ``"integer >= 1"``."""
+    m = _RANGE.match(spec.strip())
+    if m is None:
+        raise ValueError(f"unreadable hyperparameter range {spec!r}")
+    integer = m["int"] is not None
+    if m["op"]:
+        bound = float(m["bound"])
+        compare = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__,
+                   "<=": float.__le__}[m["op"]]
+
+        def inside(v: float) -> bool:
+            return compare(float(v), bound)
+    else:
+        low, high = float(m["low"]), float(m["high"])
+        low_ok = float.__ge__ if m["left"] == "[" else float.__gt__
+        high_ok = float.__le__ if m["right"] == "]" else float.__lt__
+
+        def inside(v: float) -> bool:
+            return low_ok(float(v), low) and high_ok(float(v), high)
+
+    if integer:
+        return lambda v: float(v) == int(v) and inside(v)
+    return inside
+
+
+def check_hyperparameter(method: str, name: str, value: Any, valid: str | None = None) -> None:
+    """The one rule for hyperparameters: a concrete number (a Python or NumPy real, not a bool)
+    must be finite and, when ``valid`` gives its range (``"> 0"``, ``"[0, 1)"``,
+    ``"integer >= 1"``, see :func:`_parse_range`), lie in it; a tuple or list of numbers is
+    checked entry by entry. Anything else (a schedule, an array, a tracer of ``jax.vmap`` over
+    the hyperparameter, None, a string) is left alone. Raises
+    :class:`~secondorder.errors.HyperparameterError` naming the method, the parameter, the value
+    and the valid range."""
+    if isinstance(value, tuple | list):
+        for i, v in enumerate(value):
+            check_hyperparameter(method, f"{name}[{i}]", v)
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return
+    if not math.isfinite(value) or (valid is not None and not _parse_range(valid)(value)):
+        rule = f"a finite number {valid}" if valid is not None else "a finite number"
+        if valid is not None and valid.startswith("integer"):
+            rule = f"a finite {valid}"
+        elif valid is not None and valid[0] in "[(":
+            rule = f"a finite number in {valid}"
+        raise HyperparameterError(
+            f"{method}: {name}={value!r} is not valid; {name} must be {rule}")
+
+
+def xp_float(backend: Backend, a: Any) -> bool:
+    """True when the array ``a`` has a real floating dtype."""
+    return bool(backend.xp.isdtype(a.dtype, "real floating"))
+
+
 def all_finite(*trees: Any) -> Any:
     """A 0-d boolean array: every entry of every floating leaf is finite.
 
@@ -131,6 +205,36 @@ class Optimizer(ABC):
     State: type = tuple
     #: the keys of ``info.extras`` that every step of this method reports
     info_extras: tuple[str, ...] = ()
+    #: the valid range of each numeric constructor argument, as :func:`check_hyperparameter`
+    #: reads it; every numeric argument, listed or not, must be finite
+    hyperparameters: Mapping[str, str] = {}  # noqa: RUF012 - never mutated
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give every subclass's constructor the one hyperparameter rule: before the body runs,
+        each concrete number among its arguments goes through :func:`check_hyperparameter` (its
+        range from :attr:`hyperparameters`, finiteness for all), so no constructor repeats the
+        checks and none can forget them."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_checks_hyperparameters", False):
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked_init(self: Any, *args: Any, **kw: Any) -> None:
+            try:
+                bound = signature.bind(self, *args, **kw).arguments
+            except TypeError:
+                bound = {}  # the constructor itself reports the bad call
+            method = type(self).__name__
+            ranges = type(self).hyperparameters
+            for name, value in bound.items():
+                if name not in ("self", "apply", "loss"):
+                    check_hyperparameter(method, name, value, ranges.get(name))
+            init(self, *args, **kw)
+
+        checked_init._checks_hyperparameters = True  # type: ignore[attr-defined]
+        cls.__init__ = checked_init  # type: ignore[method-assign]
 
     def __init__(self, apply: Callable[[Tree, Any], Array], loss: Loss):
         self.apply = check_apply(apply, type(self).__name__)
@@ -159,6 +263,64 @@ class Optimizer(ABC):
         that backend (:class:`~secondorder.errors.StateError` otherwise)."""
         backend = backend_of(flatten(params)[0][0])
         check_state(state, self.State, backend, type(self).__name__)
+        return backend
+
+    def check_batch(self, params: Tree, state: Any, batch: Any) -> Backend:
+        """The entry check of every ``step``: the backend of ``params``, after checking that
+        ``state`` is this method's state on that backend (:meth:`check_state`) and that the
+        batch fits them.
+
+        ``batch`` must be a pair ``(x, y)``. When x is an array: its framework, device and
+        (floating) dtype are those of the parameters, and its first axis has y's length, which
+        is not 0; a floating y has the parameters' dtype too. Errors: StructureError,
+        MixedBackendError, DeviceMismatchError, DTypeError, ShapeError. Only types, shapes,
+        dtypes and devices are read here, which are known even inside ``jax.jit`` (so these
+        checks hold there too) and cost no device work. The values of the targets (class labels
+        in range, probability rows) are checked by the loss where it meets the outputs
+        (:meth:`Loss.check_values <secondorder.losses.Loss.check_values>`), once per batch and
+        only on concrete arrays; under ``jax.jit`` use :func:`secondorder.checked`.
+        """
+        backend = self.check_state(params, state)
+        method = type(self).__name__
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise StructureError(
+                f"{method}.step takes the batch as a pair (x, y) of inputs and targets, got "
+                f"{type(batch).__name__}" + (f" of length {len(batch)}"
+                                             if isinstance(batch, tuple | list) else ""))
+        x, y = batch
+        leaf = flatten(params)[0][0]
+        for what, a in (("x", x), ("y", y)):
+            if not hasattr(a, "shape") or isinstance(a, numbers.Number):
+                continue  # a structured input (a flax or equinox model's inputs): its model checks
+            if not backend.is_array(a):
+                raise MixedBackendError(
+                    f"{method}.step: the batch's {what} is a {type(a).__module__}."
+                    f"{type(a).__name__} but the parameters are {backend.name} arrays; convert "
+                    f"the batch with secondorder.backends.get({backend.name!r}).asarray(...)")
+            if len(a.shape) == 0:
+                raise ShapeError(f"{method}.step: the batch's {what} is 0-d; x and y need a "
+                                 "leading batch axis")
+            if (xp_float(backend, a) and xp_float(backend, leaf)
+                    and a.dtype != leaf.dtype):
+                raise DTypeError(
+                    f"{method}.step: the batch's {what} has dtype {a.dtype} but the parameters "
+                    f"{leaf.dtype}; convert the batch to the parameters' dtype (or the "
+                    "parameters to the batch's): mixing them would silently change the "
+                    "precision of the step")
+            here, there = backend.device(a), backend.device(leaf)
+            if here is not None and there is not None and here != there:
+                raise DeviceMismatchError(
+                    f"{method}.step: the batch's {what} is on {here} but the parameters on "
+                    f"{there}; move the batch to the parameters' device")
+        if hasattr(x, "shape") and hasattr(y, "shape") and len(x.shape) and len(y.shape):
+            if x.shape[0] != y.shape[0]:
+                raise ShapeError(
+                    f"{method}.step: x has {x.shape[0]} samples (shape {tuple(x.shape)}) but y "
+                    f"has {y.shape[0]} (shape {tuple(y.shape)}); the batch's inputs and targets "
+                    "must have the same length")
+            if x.shape[0] == 0:
+                raise ShapeError(f"{method}.step: the batch is empty (0 samples); the mean loss "
+                                 "of no samples is undefined, so skip empty batches")
         return backend
 
     def objective(self, params: Tree, batch: Batch) -> Array:

@@ -71,6 +71,8 @@ class BFGS(Optimizer):
     """
 
     State = BFGSState
+    hyperparameters = {"c1": "(0, 1)", "c2": "(0, 1)", "max_line_search": "integer >= 1",
+                       "initial_step": "> 0"}  # noqa: RUF012
 
     def __init__(self, apply: Callable, loss: Loss, *, c1: float = 1e-4, c2: float = 0.9,
                  max_line_search: int = 20, initial_step: float | Schedule = 1.0):
@@ -94,7 +96,7 @@ class BFGS(Optimizer):
 
     def step(self, params: Tree, state: BFGSState, batch: Batch
              ) -> tuple[Tree, BFGSState, StepInfo]:
-        self.check_state(params, state)
+        self.check_batch(params, state, batch)
         loss, grad = self.value_and_grad(params, batch)
         backend = self.backend(params)
         xp = backend.xp

@@ -110,6 +110,8 @@ class CurveBall(Optimizer):
     """
 
     State = CurveBallState
+    hyperparameters = {"damping": ">= 0", "lambda_interval": "integer >= 1",
+                       "lambda_factor": "(0, 1]", "min_damping": ">= 0"}  # noqa: RUF012
     info_extras = ("rho", "beta", "predicted")
 
     def __init__(self, apply: Callable, loss: Loss, *, damping: float | Schedule = 10.0,
@@ -175,7 +177,7 @@ class CurveBall(Optimizer):
 
     def step(self, params: Tree, state: CurveBallState, batch: Batch
              ) -> tuple[Tree, CurveBallState, StepInfo]:
-        backend = self.check_state(params, state)
+        backend = self.check_batch(params, state, batch)
         scheduled = is_schedule(self.damping)
         lam = resolve(self.damping, state.count, params) if scheduled else state.damping
         fixed = {}

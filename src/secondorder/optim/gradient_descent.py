@@ -61,7 +61,7 @@ class GradientDescent(Optimizer):
                           self.transform.init(params))
 
     def step(self, params: Tree, state: Any, batch: Batch) -> tuple[Tree, Any, StepInfo]:
-        self.check_state(params, state)
+        self.check_batch(params, state, batch)
         loss, grad = self.value_and_grad(params, batch)
         return self._apply_gradient(params, state, grad, loss)
 
@@ -122,6 +122,7 @@ class SGD(GradientDescent):
     """
 
     State = SGDState
+    hyperparameters = {"lr": "> 0", "momentum": ">= 0", "weight_decay": ">= 0"}  # noqa: RUF012
 
     def __init__(self, apply: Callable, loss: Loss, *, lr: Any = 0.01, momentum: Any = 0.0,
                  nesterov: bool = False, weight_decay: Any = 0.0):
@@ -169,6 +170,8 @@ class Adam(GradientDescent):
     """
 
     State = AdamState
+    hyperparameters = {"lr": "> 0", "b1": "[0, 1)", "b2": "[0, 1)", "eps": "> 0",
+                       "weight_decay": ">= 0"}  # noqa: RUF012
     decoupled = False
 
     def __init__(self, apply: Callable, loss: Loss, *, lr: Any = 1e-3, b1: Any = 0.9,

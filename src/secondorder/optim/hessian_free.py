@@ -152,6 +152,10 @@ class HessianFree(Optimizer):
     """
 
     State = HessianFreeState
+    hyperparameters = {"damping": ">= 0", "cg_iters": "integer >= 1", "cg_tol": ">= 0",
+                       "warm_start_decay": "[0, 1]", "backtrack_base": "> 1",
+                       "increase": ">= 1", "decrease": "(0, 1]", "lr": "> 0",
+                       "seed": "integer >= 0"}  # noqa: RUF012
     info_extras = ("rho", "model")
 
     def __init__(self, apply: Callable, loss: Loss, *, curvature: str = "ggn",
@@ -215,7 +219,7 @@ class HessianFree(Optimizer):
 
     def step(self, params: Tree, state: HessianFreeState, batch: Batch
              ) -> tuple[Tree, HessianFreeState, StepInfo]:
-        self.check_state(params, state)
+        self.check_batch(params, state, batch)
         loss, grad = self.value_and_grad(params, batch)
         scheduled = is_schedule(self.damping)
         lam = resolve(self.damping, state.count, params) if scheduled else state.damping

@@ -105,6 +105,8 @@ class LevenbergMarquardt(Optimizer):
     """
 
     State = LevenbergMarquardtState
+    hyperparameters = {"damping": "> 0", "increase": "> 1", "decrease": "(0, 1)",
+                       "min_damping": "> 0", "max_damping": "> 0"}  # noqa: RUF012
     info_extras = ("rho", "predicted")
 
     def __init__(self, apply: Callable, loss: Loss, *, damping: float | Schedule = 1.0,
@@ -142,7 +144,7 @@ class LevenbergMarquardt(Optimizer):
 
     def step(self, params: Tree, state: LevenbergMarquardtState, batch: Batch
              ) -> tuple[Tree, LevenbergMarquardtState, StepInfo]:
-        backend = self.check_state(params, state)
+        backend = self.check_batch(params, state, batch)
         xp = backend.xp
         system = dense_system(self.apply, self.loss, GGN, params, batch)
         loss, g, gmat = system.loss, system.g, system.sym

@@ -96,6 +96,8 @@ class Newton(Optimizer):
     """
 
     State = NewtonState
+    hyperparameters = {"damping": ">= 0", "lr": "> 0", "min_eigenvalue": "> 0", "c1": "(0, 1)",
+                       "max_line_search": "integer >= 1"}  # noqa: RUF012
 
     def __init__(self, apply: Callable, loss: Loss, *, damping: float | Schedule = 0.0,
                  variant: str = "plain", lr: float | Schedule = 1.0,
@@ -130,7 +132,7 @@ class Newton(Optimizer):
 
     def step(self, params: Tree, state: NewtonState, batch: Batch
              ) -> tuple[Tree, NewtonState, StepInfo]:
-        backend = self.check_state(params, state)
+        backend = self.check_batch(params, state, batch)
         system = dense_system(self.apply, self.loss, Hessian, params, batch)
         loss, g = system.loss, system.g
         damping = resolve(self.damping, state.count, params)

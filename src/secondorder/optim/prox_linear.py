@@ -517,6 +517,9 @@ class ProxLinear(Optimizer):
         self.c1, self.eta0, self.shrink, self.max_trials = c1, eta0, shrink, int(max_trials)
 
     State = ProxLinearState
+    hyperparameters = {"inner_steps": "integer >= 0", "gamma": "> 0", "l1": ">= 0", "c1": "(0, 1)",
+                       "eta0": "> 0", "shrink": "(0, 1)", "max_trials": "integer >= 1",
+                       "tol": ">= 0"}  # noqa: RUF012
 
     def __repr__(self) -> str:
         return (f"ProxLinear(solver={self.solver!r}, inner_steps={self.inner_steps}, "
@@ -532,7 +535,7 @@ class ProxLinear(Optimizer):
 
     def step(self, params: Tree, state: ProxLinearState, batch: Batch
              ) -> tuple[Tree, ProxLinearState, StepInfo]:
-        self.check_state(params, state)
+        self.check_batch(params, state, batch)
         x, y = batch
         lin = Linearization(self.apply, params, x, validate=False)  # the guard rejects NaN
         loss = self.loss.value(lin.outputs, y)
