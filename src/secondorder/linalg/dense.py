@@ -69,9 +69,13 @@ class Dense(LinearOperator):
         return self.in_structure.unravel(self.xp.linalg.diagonal(self.matrix), self.xp)
 
     def inv(self) -> LinearOperator:
+        """The inverse matrix; :class:`~secondorder.errors.NotPositiveDefiniteError` for a
+        singular (or NaN) one outside ``jax.jit``."""
         self._require_square("inv()")
+        from .matrix_function import checked_inv
+
         return Dense(
-            self.xp.linalg.inv(self.matrix),
+            checked_inv(self.matrix, "Dense.inv()"),
             self.out_structure,
             self.in_structure,
             symmetric=self.symmetric,

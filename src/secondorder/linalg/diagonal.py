@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
-from .._pytree import tree_map
+from .._pytree import flatten, tree_map
+from ..errors import NotPositiveDefiniteError
 from ..tree import scale
 from .operator import LinearOperator, Tree, placement
 from .structure import Structure
@@ -41,6 +43,15 @@ class Diagonal(LinearOperator):
         return self.d
 
     def inv(self) -> LinearOperator:
+        """diag(1 / d); :class:`~secondorder.errors.NotPositiveDefiniteError` when an entry is 0
+        or not finite (checked for concrete arrays; inside ``jax.jit`` the entry becomes inf)."""
+        xp, backend = self.xp, self.backend
+        for a in flatten(self.d)[0]:
+            if backend.is_concrete(a) and not bool(xp.all(xp.isfinite(1.0 / a) & (a != 0))):
+                raise NotPositiveDefiniteError(
+                    "Diagonal.inv(): the diagonal has a zero, NaN or inf entry, so it is singular; "
+                    "add damping (Diagonal(d + damping)) or check the curvature estimate"
+                )
         return Diagonal(tree_map(lambda a: 1.0 / a, self.d))
 
     def power(self, p: float) -> LinearOperator:
@@ -77,6 +88,11 @@ class ScaledIdentity(LinearOperator):
         return tree_map(lambda a: self.scale * self.xp.ones_like(a), self.like)
 
     def inv(self) -> LinearOperator:
+        """(1 / c) I; :class:`~secondorder.errors.NotPositiveDefiniteError` for a number c that
+        is 0 or not finite."""
+        c = self.scale
+        if isinstance(c, numbers.Real) and not (c != 0 and abs(c) < float("inf")):
+            raise NotPositiveDefiniteError(f"ScaledIdentity.inv(): the scale {c!r} is singular")
         return ScaledIdentity(1.0 / self.scale, self.like)
 
     def power(self, p: float) -> LinearOperator:

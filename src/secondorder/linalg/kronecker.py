@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import ShapeError
+from ..errors import NotPositiveDefiniteError, ShapeError
 from . import matrix_function as mf
 from .operator import LinearOperator, Tree, placement
 from .structure import Structure
@@ -127,9 +127,10 @@ class Kronecker(_KroneckerBase):
         return Kronecker(*(fn(f) for f in self.factors), flat=self.flat, symmetric=symmetric)
 
     def inv(self) -> LinearOperator:
-        """(A_1 (x) ... (x) A_k)^{-1} = A_1^{-1} (x) ... (x) A_k^{-1}."""
+        """(A_1 (x) ... (x) A_k)^{-1} = A_1^{-1} (x) ... (x) A_k^{-1};
+        :class:`~secondorder.errors.NotPositiveDefiniteError` for a singular factor."""
         self._require_square("inv()")
-        return self._map(self.xp.linalg.inv)
+        return self._map(lambda f: mf.checked_inv(f, "Kronecker.inv()"))
 
     def power(self, s: float) -> Kronecker:
         """(A_1 (x) ... (x) A_k)^s = A_1^s (x) ... (x) A_k^s for symmetric PSD factors."""
@@ -162,8 +163,15 @@ class Kronecker(_KroneckerBase):
         (:class:`KroneckerEigen`). ``"pi"`` and ``"equal"`` distribute the damping over the
         factors, (A_1 + d_1 I)^{-1} (x) ... (x) (A_k + d_k I)^{-1} with d_i from
         :meth:`factor_dampings`, the approximation K-FAC uses.
+
+        A damping given as a number must be finite and >= 0
+        (:class:`~secondorder.errors.HyperparameterError`); an operator that is singular or
+        indefinite once damped raises :class:`~secondorder.errors.NotPositiveDefiniteError`
+        (with zero damping: any singular factor), outside ``jax.jit``; inside it the inverse
+        holds inf or NaN.
         """
         self._require_square("damped_inverse()")
+        mf._check_damping(damping, "Kronecker.damped_inverse")
         if method == "exact":
             return self.eigendecomposition().shifted(damping).power(-1.0)
         dampings = self.factor_dampings(damping, method)
@@ -178,6 +186,21 @@ class Kronecker(_KroneckerBase):
         self._require_square("eigendecomposition()")
         pairs = [mf.eigh(f) for f in self.factors]
         return KroneckerEigen([q for _, q in pairs], [w for w, _ in pairs], flat=self.flat)
+
+
+def _check_positive(spectrum: Any, backend: Any) -> None:
+    """NotPositiveDefiniteError when a (concrete) spectrum to be raised to a negative power has
+    an eigenvalue at or below n eps max |eigenvalue| (singular or indefinite), or a NaN."""
+    xp = backend.xp
+    if not backend.is_concrete(spectrum):
+        return
+    floor = math.prod(spectrum.shape) * xp.finfo(spectrum.dtype).eps * xp.max(xp.abs(spectrum))
+    if not bool(xp.all(spectrum > floor)):
+        raise NotPositiveDefiniteError(
+            "a negative power of a Kronecker product that is singular or indefinite once "
+            "damped (an eigenvalue is <= 0 to working precision, or NaN): add damping > 0 or "
+            "check the factors"
+        )
 
 
 class KroneckerEigen(_KroneckerBase):
@@ -195,7 +218,10 @@ class KroneckerEigen(_KroneckerBase):
         dims = tuple(q.shape[0] for q in vectors)
         super().__init__(dims, dims, vectors[0].dtype, vectors, flat)
         # computed once: values, shift and exponent never change (``_with`` builds a new operator)
-        self._spectrum = (_outer(self.values, self.xp) + self.shift) ** self.exponent
+        base = _outer(self.values, self.xp) + self.shift
+        if exponent < 0:
+            _check_positive(base, self.backend)
+        self._spectrum = base ** self.exponent
 
     def spectrum(self) -> Any:
         """The eigenvalues (outer product of the factors' values + shift)^s as a k-way tensor."""

@@ -89,6 +89,20 @@ def _check_finite(backend: Any, a: Any, what: str) -> None:
         raise _not_pd(what, "the matrix has NaN or inf entries")
 
 
+def checked_inv(a: Any, what: str) -> Any:
+    """A^{-1} of a square matrix; :class:`NotPositiveDefiniteError` when A is singular (the
+    framework's error, or a non-finite inverse when concrete; inf or NaN inside ``jax.jit``)."""
+    backend = backend_of(a)
+    _check_finite(backend, a, what)
+    try:
+        out = backend.xp.linalg.inv(a)
+    except Exception as err:  # each framework has its own LinAlgError
+        raise _not_pd(what, "the matrix is singular") from err
+    if _is_concrete(backend, out) and not bool(backend.xp.all(backend.xp.isfinite(out))):
+        raise _not_pd(what, "the matrix is singular")
+    return out
+
+
 def eigh(a: Any) -> tuple[Any, Any]:
     """Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric matrix."""
     _check_square(a, "eigh")
