@@ -1,0 +1,170 @@
+"""Bad input where it enters: every registered method, on numpy, torch and jax, turns a bad batch
+into a named error (labels out of range, negative or fractional -> LabelError; x and y of
+different lengths or an empty batch -> ShapeError; a float32 batch for float64 parameters ->
+DTypeError; a batch or state of another framework -> MixedBackendError / StateError), and every
+constructor turns a NaN or infinite hyperparameter into a HyperparameterError that names it.
+Inside jax.jit, optim.checked(step) raises the LabelError that the eager step raises.
+
+Tiny problems (an MLP 3-4-3 on 6 samples): each bad step fails before any real work.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+from secondorder import backends, losses, tree
+from secondorder.errors import (
+    DTypeError,
+    HyperparameterError,
+    LabelError,
+    MixedBackendError,
+    SecondOrderError,
+    ShapeError,
+    StateError,
+    StructureError,
+)
+from secondorder.models import MLP
+from secondorder.optim import SGD, checked
+from secondorder.optim.registry import METHODS
+
+NAMES = sorted(METHODS)
+BACKENDS = ("numpy", "torch", "jax")
+MODEL = MLP([3, 4, 3], "tanh")
+LOSS = losses.SoftmaxCrossEntropy()
+RNG = np.random.default_rng(3)
+X = RNG.standard_normal((6, 3))
+Y = np.array([0, 1, 2, 2, 1, 0])
+
+
+def _backend(name):
+    pytest.importorskip("autograd" if name == "numpy" else name)
+    return backends.get(name)
+
+
+def _setup(method, b):
+    opt = METHODS[method](MODEL.apply, LOSS)
+    params = MODEL.init(0, b, dtype="float64")
+    return opt, params, opt.init(params)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("method", NAMES)
+def test_bad_batches_raise_named_errors(method, backend_name):
+    b = _backend(backend_name)
+    opt, params, state = _setup(method, b)
+    x = b.asarray(X)
+    bad_labels = {
+        "out of range": np.array([0, 1, 2, 3, 1, 0]),
+        "negative": np.array([0, 1, -1, 2, 1, 0]),
+    }
+    for labels in bad_labels.values():
+        with pytest.raises(LabelError, match=r"\[0, 2\]"):
+            opt.step(params, state, (x, b.asarray(labels)))
+    with pytest.raises(LabelError, match="integer dtype"):  # fractional labels
+        opt.step(params, state, (x, b.asarray(Y + 0.5)))
+    with pytest.raises(ShapeError, match="6 samples.*5"):
+        opt.step(params, state, (x, b.asarray(Y[:5])))
+    with pytest.raises(ShapeError, match="empty"):
+        opt.step(params, state, (b.asarray(X[:0]), b.asarray(Y[:0])))
+    with pytest.raises(DTypeError, match="float32"):
+        opt.step(params, state, (b.asarray(X.astype(np.float32)), b.asarray(Y)))
+    other = backends.get("torch" if backend_name == "numpy" else "numpy")
+    with pytest.raises(StateError, match="initialise the state"):
+        opt.step(params, opt.init(MODEL.init(0, other, dtype="float64")), (x, b.asarray(Y)))
+    # good batches still step: tests/test_contract.py runs every method on them
+
+
+def test_batch_structure_framework_and_probability_rows():
+    torch = pytest.importorskip("torch")
+    b = backends.get("torch")
+    opt, params, state = _setup("sgd", b)
+    x, y = b.asarray(X), b.asarray(Y)
+    with pytest.raises(StructureError, match=r"pair \(x, y\)"):
+        opt.step(params, state, (x, y, y))
+    with pytest.raises(MixedBackendError, match="numpy.ndarray"):
+        opt.step(params, state, (X, y))
+    rows = torch.full((6, 3), 0.5, dtype=torch.float64)  # rows summing to 1.5
+    with pytest.raises(LabelError, match="probability vectors"):
+        opt.step(params, state, (x, rows))
+    good = rows / 1.5
+    _, _, info = opt.step(params, state, (x, good))
+    assert bool(info.finite)
+
+
+def test_labels_are_checked_once_per_batch_and_again_after_an_in_place_change():
+    """The memo follows torch's version counter: refilling the label tensor in place with a bad
+    label is caught on the next step."""
+    pytest.importorskip("torch")
+    b = backends.get("torch")
+    opt, params, state = _setup("sgd", b)
+    x, y = b.asarray(X), b.asarray(Y.copy())
+    params, state, _ = opt.step(params, state, (x, y))
+    y[0] = 7
+    with pytest.raises(LabelError, match="from 0 to 7"):
+        opt.step(params, state, (x, y))
+
+
+def _numeric_arguments(method):
+    """The constructor arguments of a registered method that take a number: those with a numeric
+    default (in the signature or the registry) or a float/int annotation."""
+    spec = METHODS[method]
+    out = []
+    for name, p in inspect.signature(spec.cls.__init__).parameters.items():
+        if name in ("self", "apply", "loss") or p.kind is not p.KEYWORD_ONLY:
+            continue
+        default = spec.defaults.get(name, p.default)
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if numeric or any(t in str(p.annotation) for t in ("float", "int")):
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("method", NAMES)
+def test_nan_and_inf_hyperparameters_are_named(method):
+    names = _numeric_arguments(method)
+    assert names, method
+    for name in names:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(HyperparameterError, match=rf"{name}={bad!r}") as err:
+                METHODS[method](MODEL.apply, LOSS, **{name: bad})
+            assert isinstance(err.value, ValueError) and isinstance(err.value, SecondOrderError)
+            assert METHODS[method].cls.__name__ in str(err.value)
+
+
+def test_ranges_are_in_the_message_and_arrays_and_schedules_pass():
+    with pytest.raises(HyperparameterError, match=r"lr=-0.1 is not valid; lr must be a finite "
+                                                  r"number > 0"):
+        SGD(MODEL.apply, LOSS, lr=-0.1)
+    with pytest.raises(HyperparameterError, match=r"b1 must be a finite number in \[0, 1\)"):
+        METHODS["adam"](MODEL.apply, LOSS, b1=1.0)
+    with pytest.raises(HyperparameterError, match="cg_iters must be a finite integer >= 1"):
+        METHODS["hessian-free"](MODEL.apply, LOSS, cg_iters=0)
+    with pytest.raises(HyperparameterError, match=r"lambda_thresholds\[1\]=inf"):
+        METHODS["curveball"](MODEL.apply, LOSS, lambda_thresholds=(0.5, math.inf))
+    SGD(MODEL.apply, LOSS, lr=lambda count: 0.1)  # a schedule is not a number
+    SGD(MODEL.apply, LOSS, lr=np.float64(0.1))
+    with pytest.raises(HyperparameterError):
+        SGD(MODEL.apply, LOSS, lr=np.float32("nan"))  # NumPy scalars are numbers
+
+
+def test_checked_mode_catches_bad_labels_under_jit():
+    jax = pytest.importorskip("jax")
+    b = backends.get("jax")
+    opt, params, state = _setup("sgd", b)
+    x = b.asarray(X)
+    bad = b.asarray(np.array([0, 1, 2, 3, 1, 0]))
+    # documented behaviour: plain jax.jit cannot raise on values
+    _, _, info = jax.jit(opt.step)(params, state, (x, bad))
+    step = checked(opt.step)
+    with pytest.raises(LabelError, match=r"\[0, 2\] for 3 outputs; got values from 0 to 3"):
+        step(params, state, (x, bad))
+    good = b.asarray(Y)
+    p1, _, i1 = step(params, state, (x, good))
+    p2, _, i2 = jax.jit(opt.step)(params, state, (x, good))
+    assert float(i1.loss) == float(i2.loss)
+    for a, c in zip(tree.leaves(p1), tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
