@@ -171,9 +171,7 @@ class SoftmaxCrossEntropy(Loss):
                 f"got {y.dtype}; convert them (y.astype(int) / y.long()) or pass probability "
                 "rows of shape (batch, classes)")
         if not backend.is_concrete(y):
-            from .. import checking
-
-            checking.check_labels(y, k) if labels else checking.check_rows(y)
+            self._check_traced(y, k, labels)
             return
         memo = self._valid
         version = getattr(y, "_version", None)
@@ -186,6 +184,9 @@ class SoftmaxCrossEntropy(Loss):
             sums = xp.sum(y, axis=1)
             bad = xp.logical_or(xp.any(xp.logical_and(y < 0, xp.isfinite(y))),
                                 xp.any(xp.logical_and(xp.abs(sums - 1) > tol, xp.isfinite(sums))))
+        if not backend.is_concrete(bad):  # concrete targets closed over inside jax.jit
+            self._check_traced(y, k, labels)
+            return
         if bool(bad):
             values = backend.to_numpy(y)
             if labels:
@@ -202,6 +203,16 @@ class SoftmaxCrossEntropy(Loss):
             self._valid = (weakref.ref(y), version, k)
         except TypeError:  # an array type without weak references: check every time
             self._valid = None
+
+    @staticmethod
+    def _check_traced(y: Array, k: int, labels: bool) -> None:
+        """The value checks as ``checkify`` checks, inside :func:`secondorder.optim.checked`."""
+        from .. import checking
+
+        if labels:
+            checking.check_labels(y, k)
+        else:
+            checking.check_rows(y)
 
     def _check_targets(self, backend: Backend, f: Array, y: Array) -> None:
         m, k = f.shape
