@@ -22,20 +22,29 @@ torch.func) and phi elsewhere.
 
 **Steps.** Plain: eta = H_bar^{-1} g_bar (:func:`plain_step`). Anisotropic Nesterov cubic
 regularisation (:func:`cubic_step`): D = Diag(|D3_sss|^{1/3}), minimise
-T(eta) = -eta^T g_bar + 1/2 eta^T H_bar eta + (lambda_int / 6) |D eta|^3 through the scalar
-reduction K = (2 / lambda_int) D^{-1} H_bar D^{-1} = Q diag(k) Q^T, c = Q^T D^{-1} g_bar:
-r = |D eta| is the unique root, on r > max(0, -k_min), of r = (2 / lambda_int) |c / (k + r)|,
-found by bisection on the bracket [max(0, -k_min), max(0, -k_min) + sqrt(2 |c| / lambda_int)]
-inside ``backend.while_loop`` (so ``jax.jit`` compiles it); then
-eta = (2 / lambda_int) D^{-1} Q (c / (k + r)). The S x S algebra and the root finder run in
+T(eta) = -eta^T g_bar + 1/2 eta^T H_bar eta + (lambda_int / 6) |D eta|^3. Its global minimiser
+solves the stationarity equation M(r) eta = g_bar, M(r) = H_bar + (lambda_int / 2) r D^2, with
+r = |D eta| and M(r) PSD. The step solves that equation as it stands: r is the root of the
+monotone predicate "M(r) is not PD, or |D M(r)^{-1} g_bar| > r", bracketed by doubling and
+found by bisection inside ``backend.while_loop`` (so ``jax.jit`` compiles it), each test one
+S x S ``eigh`` of M(r); then eta = M(r)^{-1} g_bar, polished by one Newton step on
+grad T(eta) = 0 (near the hard case eta(r) magnifies the last bits of r). Nothing is divided
+by D, so a group whose third-derivative summary is 0 (the loss quadratic in it: MSE and a whole
+last layer) costs no accuracy. (The reduction to one secular equation through
+K = (2 / lambda_int) D^{-1} H_bar D^{-1}, used before, divides by D: with D3_sss = 0 floored at
+1e-5 max D, K spans ten orders of magnitude and its ``eigh`` loses the small eigenvalues that
+carry the root -- steps off by up to 1e-4 from a 50-digit solution on teacher-student, against
+2e-12 now.) The S x S algebra and the root finder run in
 float64 whenever the backend has it; on JAX without x64 mode (``jax_enable_x64`` off) float64
 does not exist and they run in float32 (less accurate roots; enable x64 for float64).
 
-**Guards.** d_s -> 0: every d_s is floored at ``d_floor * max_s d_s`` (relative; the floor
-keeps K's scaling within 1 / d_floor^2), and when all d_s are 0 (a quadratic) the cubic term
-vanishes and the plain step with the PD requirement is taken. Singular H_bar (plain step):
-|eigenvalue| <= ``rcond`` * max |eigenvalue|. lambda_int = 0 with H_bar not PD, the hard case of
-the secular equation (no root above the pole) and non-finite summaries: the step is *skipped*:
+**Guards.** d_s -> 0: every d_s is floored at ``d_floor * max_s d_s`` (relative; with no
+rescaling this only keeps T bounded below when a group with D3_sss = 0 has negative curvature,
+and changes the step by O(d_floor^2) elsewhere); when all d_s are 0 (a quadratic) the cubic term
+vanishes and the plain step with the PD requirement is taken. Singular H_bar (plain step), or
+M(r) at the root (the hard case of the cubic problem, where the root sits at the PSD boundary):
+|eigenvalue| <= ``rcond`` * max |eigenvalue|. lambda_int = 0 with H_bar not PD, the hard case, a
+root not bracketed within ``max_iter`` tests and non-finite summaries: the step is *skipped*:
 the parameters and the state are kept and ``info.finite`` is False (inside ``jax.jit``); the
 stand-alone functions return an ``ok`` flag, and :func:`check_step` turns it into a named error
 (:class:`~secondorder.errors.NotPositiveDefiniteError`) outside a trace.
@@ -165,10 +174,15 @@ def cubic_step(g_bar: Array, h_bar: Array, d3: Array, lambda_int: Any, *, d_floo
     """The anisotropic Nesterov cubic step: ``(eta, ok, iterations, residual)``.
 
     eta minimises T(eta) = -eta^T g_bar + 1/2 eta^T H_bar eta + (lambda_int/6) |D eta|^3,
-    D = Diag(|d3|^{1/3}) (the stationary point with the largest |D eta|, i.e. on the branch
-    where H_bar + (lambda_int/2) |D eta| D^2 is PSD: the global minimiser). ``iterations`` counts
-    bisection steps and ``residual`` is ||grad T(eta)|| / ||g_bar|| (computed in float64).
-    ``lambda_int`` must be > 0 (use :func:`plain_step` for 0).
+    D = Diag(|d3|^{1/3}) floored at ``d_floor * max(D)`` (the stationary point with the largest
+    |D eta|, i.e. on the branch where H_bar + (lambda_int/2) |D eta| D^2 is PSD: the global
+    minimiser). It solves the stationarity equation (H_bar + (lambda_int/2) r D^2) eta = g_bar,
+    r = |D eta|, as it stands: bisection on r of the monotone predicate "M(r) = H_bar +
+    (lambda_int/2) r D^2 is not PD, or |D M(r)^{-1} g_bar| > r", each test one S x S ``eigh`` of
+    M(r) (no division by D, so groups with D3 = 0 cost no accuracy), then one Newton step on
+    grad T(eta) = 0. ``iterations`` counts the
+    tests (bracket doubling and bisection) and ``residual`` is ||grad T(eta)|| / ||g_bar||
+    (computed in float64). ``lambda_int`` must be > 0 (use :func:`plain_step` for 0).
     """
     backend = backend_of(g_bar)
     xp = backend.xp
@@ -176,49 +190,77 @@ def cubic_step(g_bar: Array, h_bar: Array, d3: Array, lambda_int: Any, *, d_floo
     g, h = xp.astype(g_bar, work), xp.astype(h_bar, work)
     h = 0.5 * (h + xp.linalg.matrix_transpose(h))
     lam = lambda_int if is_number(lambda_int) else xp.astype(lambda_int, work)
+    half = 0.5 * lam
     d = xp.abs(xp.astype(d3, work)) ** (1.0 / 3.0)
     dmax = xp.max(d)
     has_d = dmax > 0
     d = xp.where(has_d, xp.maximum(d, d_floor * dmax), xp.ones_like(d))
-    dinv = 1.0 / d
-    k_mat = (2.0 / lam) * (dinv[:, None] * h * dinv[None, :])
-    k, q = _sym_eigh(backend, k_mat)
-    c = xp.matmul(xp.linalg.matrix_transpose(q), dinv * g)
-    cnorm = xp.sqrt(xp.sum(c * c))
-    lo0 = xp.maximum(-k[0], xp.zeros_like(k[0]))
-    hi0 = lo0 + xp.sqrt(2.0 * cnorm / lam)
+    d2 = d * d
+    eye = xp.eye(g.shape[0], dtype=work, device=backend.device(g))
+    d2_mat = d2[:, None] * eye
+    finite_in = xp.logical_and(xp.all(xp.isfinite(g)), xp.all(xp.isfinite(h)))
+    finite_in = xp.logical_and(finite_in, xp.all(xp.isfinite(d)))
+    h = finite_or_zero(h)
+    g = finite_or_zero(g)
+    gnorm = xp.sqrt(xp.sum(g * g))
     eps = 4.0 * (2.220446049250313e-16 if backend.dtype_name(work) == "float64" else 1.1920929e-07)
 
-    def secular(r: Array) -> Array:
-        return r - (2.0 / lam) * xp.sqrt(xp.sum((c / (k + r)) ** 2))
+    def solve(r: Array) -> tuple[Array, Array]:
+        """eta(r) = M(r)^{-1} g_bar and whether M(r) is (numerically) PD."""
+        w, q = _sym_eigh(backend, h + (half * r) * d2_mat)
+        pd = w[0] > rcond * xp.max(xp.abs(w))
+        safe = xp.where(w > 0, w, xp.ones_like(w))
+        return xp.matmul(q, xp.matmul(xp.linalg.matrix_transpose(q), g) / safe), pd
+
+    def below(r: Array) -> Array:
+        """True when the root r* = |D eta(r*)| lies above r (a monotone predicate in r)."""
+        eta, pd = solve(r)
+        return xp.logical_or(xp.logical_not(pd), xp.sqrt(xp.sum(d2 * eta * eta)) > r)
+
+    # first guess: the root when H_bar = 0 and D = max(D) I
+    hi0 = xp.sqrt(gnorm / (half * xp.where(has_d, dmax, xp.ones_like(dmax))))
+    hi0 = xp.where(hi0 > 0, hi0, xp.ones_like(hi0))
 
     def cond_fn(carry: tuple) -> Array:
-        lo, hi, it = carry
-        return xp.logical_and(it < max_iter, hi - lo > eps * hi)
+        lo, hi, growing, it = carry
+        go = xp.logical_or(growing, hi - lo > eps * hi)
+        return xp.logical_and(xp.logical_and(it < max_iter, go), xp.logical_and(has_d, gnorm > 0))
 
     def body(carry: tuple) -> tuple:
-        lo, hi, it = carry
-        mid = 0.5 * (lo + hi)
-        above = secular(mid) > 0
-        return xp.where(above, lo, mid), xp.where(above, mid, hi), it + 1
+        lo, hi, growing, it = carry
+        mid = xp.where(growing, hi, 0.5 * (lo + hi))
+        up = below(mid)
+        # growing: the root lies above hi -> [hi, 2 hi]; else the bracket [lo, hi] is found
+        new_lo = xp.where(up, mid, lo)
+        new_hi = xp.where(growing, xp.where(up, 2.0 * hi, hi), xp.where(up, hi, mid))
+        return new_lo, new_hi, xp.logical_and(growing, up), it + 1
 
-    it0 = xp.asarray(0, device=backend.device(k))
-    lo, hi, iters = backend.while_loop(cond_fn, body, (lo0, hi0, it0))
-    r = hi
-    shifted = k + r
-    ok = xp.logical_and(xp.all(shifted > 0), xp.all(xp.isfinite(shifted)))
-    safe = xp.where(ok, shifted, xp.ones_like(shifted))
-    eta_c = dinv * ((2.0 / lam) * xp.matmul(q, c / safe))
-    eta_c = xp.where(cnorm > 0, eta_c, xp.zeros_like(eta_c))
-    ok = xp.logical_or(ok, cnorm == 0)
+    it0 = xp.asarray(0, device=backend.device(g))
+    lo, hi, growing, iters = backend.while_loop(
+        cond_fn, body, (xp.zeros_like(hi0), hi0, xp.asarray(True, device=backend.device(g)), it0))
+    eta_c, pd = solve(hi)
+    ok = xp.logical_and(pd, xp.logical_not(growing))
+    # one Newton step on grad T(eta) = 0 from there: r = hi is exact to a few ulps, but near the
+    # hard case eta(r) amplifies that error (by 1 / lambda_min(M(r))) while the Hessian of T,
+    # M(r) + (lambda_int / 2) (D^2 eta)(D^2 eta)^T / r, stays well conditioned
+    d2eta = d2 * eta_c
+    r_c = xp.sqrt(xp.sum(d2eta * eta_c))
+    r_safe = xp.where(r_c > 0, r_c, xp.ones_like(r_c))
+    grad_c = xp.matmul(h, eta_c) + (half * r_c) * d2eta - g
+    hess = h + (half * r_c) * d2_mat + (half / r_safe) * (d2eta[:, None] * d2eta[None, :])
+    w, q = _sym_eigh(backend, hess)
+    newton_ok = xp.logical_and(w[0] > rcond * xp.max(xp.abs(w)), r_c > 0)
+    w_safe = xp.where(newton_ok, w, xp.ones_like(w))
+    polished = eta_c - xp.matmul(q, xp.matmul(xp.linalg.matrix_transpose(q), grad_c) / w_safe)
+    eta_c = xp.where(newton_ok, polished, eta_c)
+    eta_c = xp.where(gnorm > 0, eta_c, xp.zeros_like(eta_c))
+    ok = xp.logical_or(ok, gnorm == 0)
     eta_p, ok_p = plain_step(g, h, require_pd=True, rcond=rcond)
     eta = xp.where(has_d, eta_c, eta_p)
     ok = xp.where(has_d, ok, ok_p)
-    ok = xp.logical_and(ok, xp.all(xp.isfinite(eta)))
-    ok = xp.logical_and(ok, xp.all(xp.isfinite(k_mat)))
+    ok = xp.logical_and(xp.logical_and(ok, finite_in), xp.all(xp.isfinite(eta)))
     dd = xp.where(has_d, d, xp.zeros_like(d))
-    grad_t = -g + xp.matmul(h, eta) + (0.5 * lam) * xp.sqrt(xp.sum((dd * eta) ** 2)) * dd**2 * eta
-    gnorm = xp.sqrt(xp.sum(g * g))
+    grad_t = -g + xp.matmul(h, eta) + half * xp.sqrt(xp.sum((dd * eta) ** 2)) * dd**2 * eta
     residual = xp.sqrt(xp.sum(grad_t**2)) / xp.where(gnorm > 0, gnorm, xp.ones_like(gnorm))
     eta = xp.where(ok, eta, xp.full_like(eta, float("nan")))
     return xp.astype(eta, g_bar.dtype), ok, iters, xp.astype(residual, g_bar.dtype)
@@ -306,11 +348,12 @@ class GroupedNewton(Optimizer):
     model: optional
         The model whose layer table the ``"layers"`` partition uses.
     d_floor: float, default 1e-5
-        Relative floor on the entries of D.
+        Relative floor on the entries of D (keeps T bounded below when a group with D3_sss = 0
+        has negative curvature; D is never divided by).
     rcond: float, default 1e-12
         Relative threshold under which an eigenvalue of H_bar counts as zero.
     max_iter: int, default 200
-        The most bisection steps of the secular equation.
+        The most tests of the root r = |D eta| (bracket doubling and bisection).
     patience, plateau_factor, plateau_threshold: int, float, float, default 5, 0.5, 1e-4
         The plateau scheduler of :meth:`plateau`.
 
@@ -396,7 +439,7 @@ class GroupedNewton(Optimizer):
 
     def step(self, params: Tree, state: GroupedNewtonState, batch: Any,
              summary_batch: Batch | None = None) -> tuple[Tree, GroupedNewtonState, StepInfo]:
-        backend = self.check_state(params, state)
+        backend = self.check_batch(params, state, batch)
         grad_batch, sum_batch = self._split(batch, summary_batch)
         xp = backend.xp
         part = self.partition(params)
