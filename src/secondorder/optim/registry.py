@@ -61,8 +61,9 @@ SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
 #: low damping amplifies last-bit differences between frameworks about tenfold per step, so over
 #: 100 steps its runs drift apart past any fixed tolerance (see the README). GroupedNewton is left
-#: out too: when the root of its cubic step's secular equation sits next to -lambda_min(K) (the
-#: "hard case"), last-bit differences move eta by ~1e-4 (seen on teacher-student in 4 steps)
+#: out for now; its earlier drift (~1e-4 on teacher-student) came from a cubic solver that divided
+#: by third-derivative summaries that are 0 for a last layer under MSE, not from the secular
+#: equation's pole; solved without that rescaling it agrees across frameworks to ~1e-11
 DEFAULT_METHODS = ("sgd", "adam", "curveball", "prox-linear")
 
 
