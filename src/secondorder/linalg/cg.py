@@ -33,7 +33,7 @@ history and the saved iterates are given in
 the units of b.
 
 Input checks (before any work): ``maxiter`` and ``save_at`` must be integers >= 0 and ``tol`` /
-``atol`` (when Python or NumPy numbers; array values are taken as they are) finite and >= 0, else
+``atol`` (when Python numbers; NumPy scalars and arrays are taken as data) finite and >= 0, else
 :class:`~secondorder.errors.HyperparameterError`; b must have a real floating dtype and x0, a
 :class:`LinearOperator` and every product the same dtype as b, else
 :class:`~secondorder.errors.DTypeError` (convert with ``astype`` first; nothing is promoted).
@@ -157,8 +157,10 @@ def _count(value: Any, what: str) -> int:
 
 
 def _check_tolerance(value: Any, what: str) -> None:
-    """Finite and >= 0 for Python and NumPy numbers (arrays, possibly traced, are not read)."""
-    if isinstance(value, numbers.Real) and not (float(value) >= 0 and math.isfinite(value)):
+    """Finite and >= 0 for Python numbers, the caller's settings. NumPy scalars and arrays
+    (possibly traced) are data computed by the caller, e.g. ``atol = tol * ||g||`` from a
+    gradient that may be NaN: they are not read, and a non-finite one shows in the report."""
+    if type(value) in (int, float) and not (float(value) >= 0 and math.isfinite(value)):
         raise HyperparameterError(f"{what} must be a finite number >= 0, got {value!r}")
 
 
