@@ -27,6 +27,7 @@ the block's cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,14 +195,24 @@ def KFAC(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *, 
     one :class:`LayerKronecker` block per tapped layer; parameters outside dense and conv layers
     get a zero block. The result (:class:`KFACOperator`) has ``inv()``, ``power(p)`` and
     ``damped_inverse(damping, method="pi"|"equal"|"exact")``."""
-    leaves = tree.leaves(params)
     factors = kronecker_factors(model, loss, params, batch, mode=mode, samples=samples,
                                 seed=seed, noise=noise, key=key)
+    return assemble(factors, params)
+
+
+def assemble(factors: list[Any], params: Tree, block: Callable[..., Any] | None = None
+             ) -> KFACOperator:
+    """The :class:`KFACOperator` of per-layer ``factors`` (from :func:`kronecker_factors`) on
+    ``params``: ``block(factors, bias, weight)`` per tapped layer (default
+    :class:`LayerKronecker`; an adapter whose kernels have another layout passes its own), a
+    zero block on every parameter outside tapped layers."""
+    block = LayerKronecker if block is None else block
+    leaves = tree.leaves(params)
     blocks, groups, covered = [], [], set()
     for lf in factors:
         layer = lf.layer
         bias = None if layer.bias is None else leaves[layer.bias]
-        blocks.append(LayerKronecker(lf, bias, leaves[layer.weight]))
+        blocks.append(block(lf, bias, leaves[layer.weight]))
         group = [layer.weight] if layer.bias is None else [layer.bias, layer.weight]
         groups.append(group)
         covered.update(group)

@@ -373,24 +373,10 @@ class FlaxModel(Model):
         ``params``. ``loss``: a library loss; ``batch``: ``(x, y)`` (``x`` may be a
         :class:`FlaxInputs`); ``options``: those of ``kronecker_factors`` (``mode="exact"``,
         ``samples=1``, ``seed=0``, ``noise=None``, ``key=None``)."""
-        from .. import tree
-        from ..curvature.kfac import KFACOperator, kronecker_factors
-        from ..linalg import ScaledIdentity
+        from ..curvature.kfac import assemble, kronecker_factors
 
-        leaves = tree.leaves(params)
-        blocks, groups, covered = [], [], set()
-        for lf in kronecker_factors(self, loss, params, batch, **options):
-            layer = lf.layer
-            bias = None if layer.bias is None else leaves[layer.bias]
-            blocks.append(_flax_layer_kronecker(lf, bias, leaves[layer.weight]))
-            group = [layer.weight] if layer.bias is None else [layer.bias, layer.weight]
-            groups.append(group)
-            covered.update(group)
-        for i, leaf in enumerate(leaves):
-            if i not in covered:
-                blocks.append(ScaledIdentity(0.0, leaf))
-                groups.append([i])
-        return KFACOperator(blocks, groups=groups, like=params)
+        factors = kronecker_factors(self, loss, params, batch, **options)
+        return assemble(factors, params, _flax_layer_kronecker)
 
     def zero_taps(self, x: Any) -> list[Array]:
         """Zero taps for a batch ``x`` (array or :class:`FlaxInputs`), in the dtype of the
