@@ -307,6 +307,12 @@ class Backend(ABC):
         """sum(x * y) over all entries, as a 0-d array."""
         return self.xp.sum(x * y)
 
+    def where(self, condition: Array, x: Any, y: Any) -> Array:
+        """x where ``condition`` holds, else y, for x and y of one dtype (or Python numbers):
+        the namespace's ``where`` without its promotion fix-ups, which on 0-d arrays cost more
+        than the selection (CG's scalar bookkeeping runs a dozen per iteration)."""
+        return self.xp.where(condition, x, y)
+
     def take_labels(self, f: Array, labels: Array) -> Array:
         """f[i, labels[i]] for every row i: the entries of integer class labels."""
         xp = self.xp

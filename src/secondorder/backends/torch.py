@@ -169,6 +169,9 @@ class TorchBackend(Backend):
     def dot(self, x: Array, y: Array) -> Array:
         return torch.vdot(x.reshape(-1), y.reshape(-1))
 
+    def where(self, condition: Array, x: Any, y: Any) -> Array:
+        return torch.where(condition, x, y)
+
     # -- linear algebra -------------------------------------------------------------------
     def einsum(self, subscripts: str, *operands: Array) -> Array:
         return torch.einsum(subscripts, *operands)

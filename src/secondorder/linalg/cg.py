@@ -231,7 +231,7 @@ def cg(
                          "preconditioner M")
     project = _on_leaves(_as_function(projector, b_leaves, "right-hand side b"), treedef, dtypes,
                          "projector")
-    where = xp.where
+    where = backend.where
     # how x follows the iterations (see body): "select" in a traced fixed-length loop, "mask" in
     # an eager one (no host synchronisation), "defer" in a loop that stops at a stop
     if tol is None and backend.has_jit:
