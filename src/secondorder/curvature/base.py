@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import random
+from .._pytree import flatten
 from ..backends import Backend, backend_of
 from ..errors import NonFiniteError, RandomKeyError, ShapeError
 from ..linalg import LinearOperator, Structure
@@ -25,10 +26,18 @@ Tree = Any
 Array = Any
 
 
-def check_batch(backend: Backend, x: Array, what: str = "inputs") -> None:
-    """Named error for NaN or inf in a (concrete) batch."""
-    if backend.is_concrete(x) and not bool(np.all(np.isfinite(backend.to_numpy(x)))):
-        raise NonFiniteError(f"the batch {what} contain NaN or inf; clean the data first")
+def check_batch(backend: Backend, x: Any, what: str = "inputs") -> None:
+    """Named error for NaN or inf in a batch: every concrete floating leaf of ``x`` (an array, or
+    a tree such as the model inputs of ``from_flax`` / ``from_equinox`` that carry random keys
+    and collections beside the data); traced leaves and other dtypes are not read."""
+    for leaf in flatten(x)[0]:
+        try:
+            floating = backend.xp.isdtype(leaf.dtype, "real floating")
+        except (AttributeError, TypeError, ValueError):  # no dtype, or a random-key dtype
+            floating = False
+        if floating and backend.is_concrete(leaf) and not bool(
+                np.all(np.isfinite(backend.to_numpy(leaf)))):
+            raise NonFiniteError(f"the batch {what} contain NaN or inf; clean the data first")
 
 
 def sample_targets(loss: Loss, f: Array, samples: int, seed: int,

@@ -25,27 +25,22 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from ..errors import SecondOrderError
 from .base import Array, Model
-from .flax import _as_jax_key, batch_array
+from .flax import _as_jax_key
 
 
 class EquinoxInputs(NamedTuple):
     """A batch with the state one training step shares across its forward calls.
 
     Fields: ``x`` the batch; ``key`` a JAX key (``None``: no randomness); ``state`` an
-    ``eqx.nn.State`` (``None``: the one given to :func:`from_equinox`). ``np.asarray`` of it is
-    the batch ``x`` (empty when traced, see :func:`~secondorder.models.flax.batch_array`).
+    ``eqx.nn.State`` (``None``: the one given to :func:`from_equinox`). The library's batch
+    checks (NaN, inf) read its concrete floating leaves.
     """
 
     x: Any
     key: Any = None
     state: Any = None
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return batch_array(self.x, dtype)
 
 
 class EquinoxModel(Model):

@@ -52,27 +52,13 @@ class FlaxInputs(NamedTuple):
     Fields: ``x`` the batch (any pytree the module takes as its first argument); ``rngs`` a dict
     stream name -> JAX key (``None``: no randomness); ``collections`` the non-parameter variables,
     e.g. ``{"batch_stats": ...}`` (``None``: those given to :func:`from_flax`). Build it with
-    :meth:`FlaxModel.inputs`. ``np.asarray`` of it is the batch ``x`` (see :func:`batch_array`),
-    so the library's checks of a batch (NaN, inf) look at the data.
+    :meth:`FlaxModel.inputs`. The library's batch checks (NaN, inf) read its concrete floating
+    leaves, the data and the collections.
     """
 
     x: Any
     rngs: dict[str, Array] | None = None
     collections: dict[str, Any] | None = None
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return batch_array(self.x, dtype)
-
-
-def batch_array(x: Any, dtype: Any = None) -> np.ndarray:
-    """``np.asarray(x)`` for the batch inside a :class:`FlaxInputs` or an ``EquinoxInputs``; an
-    empty array when ``x`` is traced (under ``jax.jit`` its values cannot be read, and the
-    library's value checks, which call ``np.asarray`` on concrete batches, skip it)."""
-    import jax
-
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x)):
-        return np.zeros((0,), dtype=dtype)
-    return np.asarray(x, dtype=dtype)
 
 
 @dataclass(frozen=True)
