@@ -131,11 +131,6 @@ class CurveBall(Optimizer):
         if int(lambda_interval) != lambda_interval or lambda_interval < 1:
             raise HyperparameterError(
                 f"lambda_interval must be an integer >= 1, got {lambda_interval}")
-        if ((is_number(damping) and not damping >= 0)
-                or (is_number(lambda_factor, min_damping)
-                    and not (0 < lambda_factor <= 1 and min_damping >= 0))):
-            raise HyperparameterError("CurveBall needs damping >= 0, 0 < lambda_factor <= 1 and "
-                             "min_damping >= 0")
         low, high = lambda_thresholds
         if is_number(low, high) and not low < high:
             raise HyperparameterError("lambda_thresholds must be (low, high) with low < high")

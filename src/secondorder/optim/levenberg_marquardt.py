@@ -123,8 +123,6 @@ class LevenbergMarquardt(Optimizer):
                 0 < min_damping <= damping <= max_damping):
             raise HyperparameterError(
                 "LevenbergMarquardt needs 0 < min_damping <= damping <= max_damping")
-        if is_number(increase, decrease) and not (increase > 1 and 0 < decrease < 1):
-            raise HyperparameterError("LevenbergMarquardt needs increase > 1 and 0 < decrease < 1")
         self.damping, self.scaling = damping, scaling
         self.increase, self.decrease = increase, decrease
         self.min_damping, self.max_damping = min_damping, max_damping

@@ -108,9 +108,6 @@ class Newton(Optimizer):
         check_transform(transform, "Newton")
         if variant not in VARIANTS:
             raise HyperparameterError(f"unknown Newton variant {variant!r}: use 'plain' or 'abs'")
-        if ((is_number(damping) and damping < 0) or (is_number(lr) and lr <= 0)
-                or (is_number(min_eigenvalue) and min_eigenvalue <= 0)):
-            raise HyperparameterError("Newton needs damping >= 0, lr > 0 and min_eigenvalue > 0")
         if line_search is not None:
             if line_search not in INTERPOLATIONS:
                 raise HyperparameterError(f"line_search must be None or one of {INTERPOLATIONS}, "
