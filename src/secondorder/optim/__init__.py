@@ -12,6 +12,7 @@ from .hessian_free import HessianFree
 from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
 from .prox_linear import ProxLinear
+from .shampoo import Shampoo
 
 __all__ = ["SGD", "Adam", "AdamW", "CurveBall", "HessianFree", "Optimizer", "StepInfo"]
 __all__ += ["BFGS", "LevenbergMarquardt", "Newton"]
@@ -20,3 +21,4 @@ __all__ += ["GroupedNewton"]
 __all__ += ["GradientDescent", "transforms"]
 __all__ += ["directions", "step_rules"]
 __all__ += ["checked"]
+__all__ += ["Shampoo"]

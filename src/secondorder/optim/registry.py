@@ -21,6 +21,7 @@ from . import (
     LevenbergMarquardt,
     Newton,
     ProxLinear,
+    Shampoo,
 )
 
 Factory = Callable[..., Any]
@@ -56,6 +57,7 @@ METHODS: dict[str, Factory] = {
     "prox-linear": Method(ProxLinear, "gamma", solver="dual", inner_steps=2, gamma=1.0,
                           update="armijo"),
     "grouped-newton": Method(GroupedNewton, "lr_factor"),
+    "shampoo": Method(Shampoo, "eps", lr=0.05, eps=1e-3, root_interval=2),
 }
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
