@@ -3,11 +3,12 @@ same seed), with layer taps, and adapters for native torch, JAX, flax.linen and 
 
 from .adapters import from_jax, from_torch
 from .base import LayerInfo, Model
+from .conv1d import Conv1DNet
 from .convnet import ConvNet
 from .equinox import EquinoxInputs, EquinoxModel, from_equinox
 from .flax import FlaxInputs, FlaxModel, from_flax
 from .mlp import AUTOENCODER_SIZES, MLP, Autoencoder
 
-__all__ = ["AUTOENCODER_SIZES", "MLP", "Autoencoder", "ConvNet", "EquinoxInputs",
+__all__ = ["AUTOENCODER_SIZES", "MLP", "Autoencoder", "Conv1DNet", "ConvNet", "EquinoxInputs",
            "EquinoxModel", "FlaxInputs", "FlaxModel", "LayerInfo", "Model", "from_equinox",
            "from_flax", "from_jax", "from_torch"]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backends import backend_of, namespace
+from ..errors import ShapeError
 from ..functional import relu, sigmoid, softplus
 
 Array = Any
@@ -78,6 +79,44 @@ def conv2d(p: dict, x: Array, *, stride: int = 1, padding: int = 0,
     if tap is not None:
         s = s + tap
     out = xp.permute_dims(xp.reshape(s, (m, ho, wo, c_out)), (0, 3, 1, 2))
+    return out, (None if tap is None else homogeneous(patches))
+
+
+def im2col1d(x: Array, k: int, stride: int = 1, padding: int = 0) -> Array:
+    """Patches of an (m, C, L) batch of signals as (m, Lo, C k), channel-major within a patch
+    (the layout of a (C_out, C, 1, k) kernel flattened row-major), Lo = output_size(L, k,
+    stride, padding)."""
+    xp = namespace(x)
+    m, c, length = x.shape
+    if padding:
+        z = xp.zeros((m, c, padding), dtype=x.dtype, device=backend_of(x).device(x))
+        x = xp.concat([z, x, z], axis=2)
+    lo = output_size(length, k, stride, padding)
+    cols = [x[:, :, j : j + stride * (lo - 1) + 1 : stride] for j in range(k)]
+    patches = xp.reshape(xp.stack(cols, axis=2), (m, c * k, lo))  # (m, C, k, Lo) -> (m, C k, Lo)
+    return xp.permute_dims(patches, (0, 2, 1))
+
+
+def conv1d(p: dict, x: Array, *, stride: int = 1, padding: int = 0,
+           tap: Array | None = None) -> tuple[Array, Array | None]:
+    """1-D convolution (cross-correlation) of signals (m, C, L) with W (C_out, C, 1, k) and b.
+
+    The kernel has the layout of a 2-D convolution with 1 x k kernels on a 1 x L image (torch's
+    ``Conv1d`` weight is ``W[:, :, 0, :]``), so the KFC blocks treat it as any convolution.
+    Returns the (m, C_out, Lo) pre-activation (plus the tap, given as (m, Lo, C_out)) and the
+    homogeneous patches a~ (m, Lo, C k + 1) when tapped.
+    """
+    xp = namespace(x)
+    c_out, c_in, kh, k = p["w"].shape
+    if kh != 1:
+        raise ShapeError(f"a 1-D convolution kernel is (C_out, C_in, 1, k), got "
+                         f"{tuple(p['w'].shape)}")
+    patches = im2col1d(x, k, stride, padding)
+    kernel = xp.reshape(p["w"], (c_out, c_in * k))
+    s = backend_of(x).linear(patches, kernel, p["b"])  # (m, Lo, C_out)
+    if tap is not None:
+        s = s + tap
+    out = xp.permute_dims(s, (0, 2, 1))
     return out, (None if tap is None else homogeneous(patches))
 
 
