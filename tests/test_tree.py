@@ -135,3 +135,20 @@ def test_state_round_trips_through_npz(tmp_path):
     p2, _, _ = opt.step(params, restored, batch)
     for a, b in zip(tree.leaves(p1), tree.leaves(p2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_jax_node_types_are_found_without_is_tree_node(monkeypatch):
+    """jax releases without ``jax.tree_util.is_tree_node`` (0.7.2, which the kfac-jax peer
+    session pins) still get registered node types flattened into their children."""
+    jax = pytest.importorskip("jax")
+
+    class Pair:  # a fresh type: its kind is not cached yet
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+    jax.tree_util.register_pytree_node(Pair, lambda p: ((p.a, p.b), None),
+                                       lambda _, c: Pair(*c))
+    monkeypatch.delattr(jax.tree_util, "is_tree_node")
+    a, b = np.arange(3.0), np.ones(2)
+    leaves = tree.leaves({"p": Pair(a, b), "c": np.zeros(1)})
+    assert [x.shape for x in leaves] == [(1,), (3,), (2,)]

@@ -193,6 +193,19 @@ _KIND: dict[type, Flattener] = {
 _PROVISIONAL: list[type] = []
 
 
+def _is_jax_node(cls: type) -> bool:
+    """Whether JAX flattens ``cls`` as a pytree node (jax is imported)."""
+    tree_util = sys.modules["jax"].tree_util
+    if hasattr(tree_util, "is_tree_node"):
+        return tree_util.is_tree_node(cls)
+    # jax without is_tree_node (0.7.2, the release kfac-jax 0.0.8 runs on): there every way of
+    # registering a node type (register_pytree_node and the functions built on it,
+    # register_dataclass) records it in this registry
+    from jax._src.tree_util import _registry
+
+    return cls in _registry
+
+
 def _classify(cls: type) -> Flattener:
     if issubclass(cls, dict):
         kind: Flattener = _flatten_dict
@@ -203,7 +216,7 @@ def _classify(cls: type) -> Flattener:
     elif "jax" not in sys.modules:
         _PROVISIONAL.append(cls)
         kind = _flatten_leaf
-    elif sys.modules["jax"].tree_util.is_tree_node(cls):
+    elif _is_jax_node(cls):
         kind = _flatten_jax
     else:
         kind = _flatten_leaf
