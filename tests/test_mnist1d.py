@@ -235,3 +235,80 @@ def test_problems_are_registered_and_train_on_the_training_split():
     x, y = cnn.batch(np.random.default_rng(0), "numpy")
     assert x.shape == (100, 40) and y.dtype == np.int64
     assert backends.backend_of(x).name == "numpy"
+
+
+# -- the reproduction ------------------------------------------------------------------------
+
+def test_time_to_target_counts_epochs_and_seconds():
+    from secondorder.bench.kronecker_mnist1d import time_to_target
+
+    runs = [{"test_accuracy": [0.5, 0.8, 0.9], "seconds": [1.0, 2.0, 3.0]},
+            {"test_accuracy": [0.85, 0.7, 0.95], "seconds": [1.5, 3.0, 4.5]},
+            {"test_accuracy": [0.1, 0.2, 0.3], "seconds": [1.0, 2.0, 3.0]}]
+    out = time_to_target(runs, 0.8)
+    assert (out["reached"], out["runs"]) == (2, 3)
+    assert out["epochs"]["min"] == 1 and out["epochs"]["max"] == 2
+    assert out["epochs"]["median"] == 1.5 and out["seconds"]["median"] == 1.75
+    assert out["seconds"]["std"] == pytest.approx(0.25)
+
+
+def test_tiny_reproduction_writes_the_documented_json(tmp_path, monkeypatch, capsys):
+    """One epoch, one seed, one grid point, 200 signals: the JSON has the documented keys, an
+    unregistered method is reported as not available, and the SGD run is the one the pure API
+    gives with the same seed, batch order and data (replayed by hand on NumPy)."""
+    import json
+
+    from secondorder.cli import main
+    from secondorder.optim import SGD, registry
+    from secondorder.problems import MNIST1DMLP
+
+    monkeypatch.delitem(registry.METHODS, "tnt", raising=False)
+    out = tmp_path / "study.json"
+    argv = ["reproduce", "kronecker-mnist1d", "--epochs", "1", "--seeds", "1", "--grid-size",
+            "1", "--subset", "200", "--backend", "numpy", "--dtype", "float64", "--models",
+            "mlp", "--methods", "sgd,tnt", "--json", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "TNT (tnt): not available" in printed.err and "not available" in printed.out
+    result = json.loads(out.read_text())
+    assert set(result) == {"experiment", "protocol", "not_available", "target", "results"}
+    assert result["experiment"] == "kronecker-mnist1d" and result["not_available"] == ["tnt"]
+    proto = result["protocol"]
+    assert proto["epochs"] == 1 and proto["seeds"] == [0] and proto["grid_size"] == 1
+    assert proto["grids"]["sgd"] == [{"lr": 0.1, "momentum": 0.9}]
+    entry = result["results"]["mlp"]["sgd"]
+    assert set(entry) >= {"name", "hyperparameters", "fixed", "dropped", "tuning", "runs",
+                          "final_test_accuracy", "seconds_per_epoch", "to_target"}
+    run = entry["runs"][0]
+    assert set(run) >= {"seed", "train_loss", "test_accuracy", "test_loss", "seconds",
+                        "batch_loss", "non_finite_steps"}
+    assert all(len(run[k]) == 1 for k in ("train_loss", "test_accuracy", "seconds"))
+    assert result["target"]["mlp"] == run["test_accuracy"][-1]
+    assert entry["to_target"]["reached"] == 1 and entry["to_target"]["epochs"]["median"] == 1
+
+    # the same run by hand: training split + validation split (refit), first 200 of each
+    problem = MNIST1DMLP()
+    x = np.concatenate([problem.x[:200], problem.x_val[:200]])
+    y = np.concatenate([problem.y[:200], problem.y_val[:200]])
+    params = problem.model.init(0, "numpy")
+    opt = SGD(problem.model, problem.loss, lr=0.1, momentum=0.9)
+    state = opt.init(params)
+    order = np.random.default_rng(0).permutation(len(y))
+    for idx in np.split(order, 4):
+        params, state, _ = opt.step(params, state, (x[idx], y[idx]))
+    f = np.asarray(problem.model.apply(params, problem.x_test[:200]))
+    assert run["test_accuracy"][0] == pytest.approx(np.mean(f.argmax(1) == problem.y_test[:200]),
+                                                    abs=1e-12)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--epochs", "0"], ["--seeds", "-1"], ["--grid-size", "zero"], ["--validation", "4000"],
+    ["--subset", "0"], ["--backend", "tensorflow"], ["--methods", "lbfgs"], ["--models", "rnn"],
+    ["--dtype", "float16"], ["--plot", "/no/such/folder/a.png"],
+])
+def test_reproduction_usage_errors(argv, capsys):
+    from secondorder.cli import main
+
+    assert main(["reproduce", "kronecker-mnist1d", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and "Traceback" not in err

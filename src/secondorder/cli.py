@@ -11,6 +11,9 @@
                                      with a float64 NumPy oracle; exits 1 on a deviation
     secondorder reproduce curveball-table1 [--runs N] [--json OUT]
                                      the CurveBall paper's Table 1 (needs jax)
+    secondorder reproduce kronecker-mnist1d [--epochs N] [--seeds N] [--json OUT] [--plot PNG]
+                                     K-FAC, Shampoo and TNT against SGD-momentum and Adam on
+                                     MNIST-1D (CNN and MLP), tuned on a validation split
 """
 
 from __future__ import annotations
@@ -155,6 +158,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    if args.experiment == "kronecker-mnist1d":
+        return _reproduce_kronecker(args)
     from .bench.curveball_table1 import SETTINGS, reproduce, table
 
     quiet = args.quiet or not sys.stdout.isatty()
@@ -169,6 +174,69 @@ def _reproduce(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
     return 0
+
+
+def _reproduce_kronecker(args: argparse.Namespace) -> int:
+    from .bench.kronecker_mnist1d import EXPERIMENT, METHOD_NAMES, MODELS, plot, reproduce, table
+
+    quiet = args.quiet or not sys.stdout.isatty()
+    try:
+        result = reproduce(
+            models=args.models or list(MODELS), methods=args.methods or list(METHOD_NAMES),
+            epochs=args.epochs, seeds=args.seeds, grid_size=args.grid_size,
+            backend=args.backend, dtype=args.dtype, validation=args.validation,
+            refit=not args.no_refit, subset=args.subset,
+            progress=None if quiet else print)
+    except ImportError as err:  # mnist1d (or the backend's framework) is not installed
+        print(f"secondorder reproduce: {err}", file=sys.stderr)
+        return 2
+    proto = result["protocol"]
+    print(textwrap.fill(
+        f"\n{EXPERIMENT}: {proto['backend']} {proto['dtype']}, {proto['epochs']} epochs, seeds "
+        f"{proto['seeds']}; hyperparameters chosen on {proto['validation']} validation signals "
+        "(best final validation accuracy); test accuracy mean +- std over seeds; target = "
+        "SGD-momentum's final test accuracy; to target: median [min, max] over the seeds that "
+        "reach it", width=100))
+    print(format_table(*table(result)))
+    for method in result["not_available"]:
+        print(f"{METHOD_NAMES.get(method, method)} ({method}): not available (not registered "
+              "in secondorder.optim.registry.METHODS); skipped", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    if args.plot:
+        try:
+            plot(result, args.plot)
+            print(f"plot: {args.plot}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib)",
+                  file=sys.stderr)
+    failed = [m for per in result["results"].values() for m, e in per.items() if "error" in e]
+    return 1 if failed else 0
+
+
+def _check_reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The checks that depend on the experiment (argparse's own format on failure)."""
+    if args.experiment == "kronecker-mnist1d":
+        from .bench.kronecker_mnist1d import METHOD_NAMES
+
+        unknown = [m for m in args.methods or () if m not in METHOD_NAMES]
+        if unknown:
+            parser.error(f"argument --methods: {', '.join(unknown)} is not a method of "
+                         f"kronecker-mnist1d; choose from {', '.join(METHOD_NAMES)}")
+        try:
+            backend = backends.get(args.backend)
+        except Exception as err:  # unknown or not installed
+            parser.error(f"argument --backend: {err}")
+        if not backend.has_autodiff:
+            parser.error(f"argument --backend: {args.backend} has no automatic differentiation")
+    elif args.methods:
+        from .bench.curveball_table1 import PAPER
+
+        unknown = [m for m in args.methods if m not in PAPER]
+        if unknown:
+            parser.error(f"argument --methods: {', '.join(unknown)} is not a row of "
+                         f"curveball-table1; choose from {', '.join(PAPER)}")
 
 
 DESCRIPTION = "Second-order optimisers on NumPy, PyTorch and JAX: the command line."
@@ -199,6 +267,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _bounded_int(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+    return parse
 
 
 def _device(text: str) -> str:
@@ -331,31 +411,86 @@ def build_parser() -> argparse.ArgumentParser:
                        help="size of the factor G")
     check.set_defaults(func=_check)
 
+    from .bench import kronecker_mnist1d as kmn
+
+    grid_text = "; ".join(
+        f"{name}: " + ", ".join("(" + ", ".join(f"{k}={v:g}" for k, v in point.items()) + ")"
+                               for point in kmn.GRIDS[name])
+        for name in kmn.METHOD_NAMES)
+    fixed_text = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in kmn.FIXED[name].items())
+                           for name in kmn.METHOD_NAMES if kmn.FIXED[name])
     rep = sub.add_parser(
         "reproduce", help="a paper's experiment: curveball-table1 (the CurveBall paper's "
-        "Table 1, needs jax)",
+        "Table 1, needs jax) or kronecker-mnist1d (K-FAC, Shampoo and TNT against SGD-momentum "
+        "and Adam on MNIST-1D)",
         description="curveball-table1: iterations to reach an objective below 1e-4 on the "
         "stochastic Rosenbrock function and the linear network, for the methods of the "
-        "CurveBall paper's Table 1, next to the paper's numbers. Needs jax.", **fmt)
-    rep.add_argument("experiment", choices=["curveball-table1"],
-                     help="the experiment: curveball-table1")
+        "CurveBall paper's Table 1, next to the paper's numbers. Needs jax. "
+        "kronecker-mnist1d: K-FAC, Shampoo and TNT against SGD with momentum and Adam on "
+        "MNIST-1D (mnist1d package, generated offline: 4000 training and 1000 test signals) "
+        "with the authors' CNN (3 ReLU conv layers, 25 channels, kernels 5/3/3, stride 2, "
+        "padding 1, linear 125 -> 10) and MLP (40-100-100-10 ReLU), softmax cross-entropy, "
+        "batches of 100. Protocol: --validation training signals (drawn with seed 0) are held "
+        f"out; every grid point trains --epochs epochs on the rest from tuning seed "
+        f"{kmn.TUNE_SEED} and the point with the best final validation accuracy is kept "
+        "(ties: lower validation loss; a one-point grid is not tuned); it is then trained on "
+        "all 4000 training signals (unless --no-refit) once per seed 0..--seeds-1 and after "
+        "every epoch the training loss, the test accuracy and the training seconds are "
+        "recorded. Reported per method: final test accuracy, and the epochs and seconds to "
+        "reach SGD-momentum's final test accuracy (median and range over seeds). Methods not "
+        "registered in secondorder.optim.registry are reported as not available and skipped. "
+        f"Grids (--grid-size N keeps the first N points of each): {grid_text}. Fixed settings: "
+        f"{fixed_text}; settings a method's constructor does not take are dropped and listed.",
+        **fmt)
+    rep.add_argument("experiment", choices=["curveball-table1", "kronecker-mnist1d"],
+                     help="the experiment: curveball-table1 or kronecker-mnist1d")
     rep.add_argument("--runs", type=_positive_int, default=100,
-                     help="random starts per cell")
+                     help="curveball-table1: random starts per cell")
     rep.add_argument("--tune-runs", type=_positive_int, default=20,
-                     help="runs per grid point when tuning SGD and Adam")
+                     help="curveball-table1: runs per grid point when tuning SGD and Adam")
     rep.add_argument("--json", metavar="OUT", type=_writable,
                      help="also write the results as JSON to OUT (default: no JSON)")
     rep.add_argument("--criterion", choices=["exact", "noisy"], default="exact",
-                     help="apply the tolerance to the noise-free objective (exact) or to the "
-                     "loss on a fresh noisy draw (noisy)")
-    rep.add_argument("--methods", type=_choice_list(list(PAPER)), metavar="M1,M2",
-                     help="comma-separated subset of the table's methods: " + ", ".join(PAPER)
-                     + " (default: all)")
+                     help="curveball-table1: apply the tolerance to the noise-free objective "
+                     "(exact) or to the loss on a fresh noisy draw (noisy)")
+    rep.add_argument("--methods", type=_choice_list([*PAPER, *kmn.METHOD_NAMES]),
+                     metavar="M1,M2",
+                     help="comma-separated subset of the methods: for curveball-table1 the "
+                     "table's rows (" + ", ".join(PAPER) + "); for kronecker-mnist1d registry "
+                     "names (" + ", ".join(kmn.METHOD_NAMES) + ") (default: all)")
     rep.add_argument("--settings", type=_choice_list(list(SETTINGS)), metavar="S1,S2",
-                     help="comma-separated subset of the settings: " + ", ".join(SETTINGS)
-                     + " (default: all)")
+                     help="curveball-table1: comma-separated subset of the settings: "
+                     + ", ".join(SETTINGS) + " (default: all)")
+    rep.add_argument("--models", type=_choice_list(list(kmn.MODELS)), metavar="M1,M2",
+                     help="kronecker-mnist1d: comma-separated subset of the models: "
+                     + ", ".join(kmn.MODELS) + " (default: all)")
+    rep.add_argument("--epochs", type=_positive_int, default=kmn.DEFAULT_EPOCHS,
+                     help="kronecker-mnist1d: epochs of every run (tuning and evaluation)")
+    rep.add_argument("--seeds", type=_positive_int, default=kmn.DEFAULT_SEEDS,
+                     help="kronecker-mnist1d: evaluation seeds (initial weights and batch "
+                     "order)")
+    rep.add_argument("--grid-size", dest="grid_size", type=_positive_int, default=None,
+                     metavar="N",
+                     help="kronecker-mnist1d: keep the first N points of each method's grid "
+                     "(default: the whole grid)")
+    rep.add_argument("--backend", default="jax", choices=backends.names(), metavar="NAME",
+                     help="kronecker-mnist1d: the backend: " + ", ".join(backends.names()))
+    rep.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                     help="kronecker-mnist1d: precision of weights and data")
+    rep.add_argument("--validation", type=_bounded_int(1, 3999), default=500, metavar="N",
+                     help="kronecker-mnist1d: training signals held out for model selection")
+    rep.add_argument("--subset", type=_positive_int, default=None, metavar="N",
+                     help="kronecker-mnist1d: use only the first N signals of the training, "
+                     "validation and test sets, for a quick run (default: all)")
+    rep.add_argument("--no-refit", dest="no_refit", action="store_true",
+                     help="kronecker-mnist1d: train the evaluation runs on the training split "
+                     "only, not on training plus validation signals")
+    rep.add_argument("--plot", metavar="PNG", type=_writable,
+                     help="kronecker-mnist1d: write the figure (test accuracy against epochs "
+                     "and against seconds, per model) to PNG; needs matplotlib (default: no "
+                     "plot)")
     rep.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
-    rep.set_defaults(func=_reproduce)
+    rep.set_defaults(func=_reproduce, check=lambda args: _check_reproduce(args, rep))
     return parser
 
 
@@ -365,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     message)."""
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "check", None) is not None:
+            args.check(args)  # checks that depend on more than one option
     except SystemExit as stop:  # --help, --version and usage errors
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
     return int(args.func(args))
