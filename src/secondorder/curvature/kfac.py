@@ -27,11 +27,10 @@ the block's cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from .. import tree
 from ..backends import backend_of
@@ -63,7 +62,7 @@ def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: i
         return [loss.grad(f, y)]
     if mode == "mc":
         targets = sample_targets(loss, f, samples, seed, noise, key)
-        scale = 1.0 / np.sqrt(len(targets))
+        scale = 1.0 / math.sqrt(len(targets))  # a Python float keeps float32 in float32
         return [scale * loss.grad(f, t) for t in targets]
     raise ValueError(f"unknown mode {mode!r}: use 'exact', 'mc' or 'empirical'")
 

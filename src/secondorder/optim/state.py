@@ -90,4 +90,9 @@ def every(backend: Backend, count: Any, period: int, fn: Callable[..., T],
     compiled conditional under ``jax.jit``). ``period=1`` always runs ``fn``."""
     if period == 1:
         return fn(*operands)
-    return backend.cond(count % period == 0, fn, otherwise, *operands)
+    due = count % period == 0
+    if backend.is_concrete(due):
+        # eager (JAX included): a Python branch; jax.lax.cond would trace and compile both
+        # branches at every call, since the branches are new closures each step
+        return fn(*operands) if bool(due) else otherwise(*operands)
+    return backend.cond(due, fn, otherwise, *operands)
