@@ -9,6 +9,7 @@ from .curveball import CurveBall
 from .gradient_descent import SGD, Adam, AdamW, GradientDescent
 from .grouped_newton import GroupedNewton
 from .hessian_free import HessianFree
+from .kfac import KFAC
 from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
 from .prox_linear import ProxLinear
@@ -22,3 +23,4 @@ __all__ += ["GradientDescent", "transforms"]
 __all__ += ["directions", "step_rules"]
 __all__ += ["checked"]
 __all__ += ["Shampoo"]
+__all__ += ["KFAC"]

@@ -18,6 +18,7 @@ from . import (
     CurveBall,
     GroupedNewton,
     HessianFree,
+    KFAC,
     LevenbergMarquardt,
     Newton,
     ProxLinear,
@@ -57,6 +58,8 @@ METHODS: dict[str, Factory] = {
     "prox-linear": Method(ProxLinear, "gamma", solver="dual", inner_steps=2, gamma=1.0,
                           update="armijo"),
     "grouped-newton": Method(GroupedNewton, "lr_factor"),
+    "kfac": Method(KFAC, "damping", lr=0.05, damping=0.1, statistics_interval=2,
+                   inverse_interval=3),
     "shampoo": Method(Shampoo, "eps", lr=0.05, eps=1e-3, root_interval=2),
 }
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})

@@ -1,0 +1,538 @@
+"""K-FAC as an optimiser (Martens and Grosse 2015; Algorithm 12 of Yi Ren's thesis): per-layer
+Kronecker-factored curvature from layer taps, kept as moving averages in curvature blocks, with
+damped inverses refreshed periodically. The algorithm, its parameters and its state are
+described in the docstring of :class:`KFAC` (``help(KFAC)``).
+
+The optimiser is ``secondorder.optim.KFAC``; ``secondorder.curvature.KFAC`` is the K-FAC
+*operator* of one batch (a linear operator, no state). Neither is exported at the top level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from .. import random
+from .._pytree import flatten, unflatten
+from ..backends import backend_of
+from ..curvature.blocks import BlockState, ConvBlock, DenseBlock, KroneckerBlock
+from ..curvature.kfac import _cotangents
+from ..errors import HyperparameterError, StructureError
+from ..losses import Loss
+from ..models.base import LayerInfo, Model
+from ..tree import add, axpy, scale, vdot
+from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, all_finite, is_number
+from .directions import curveball_2x2
+from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
+from .state import every, initial_count, method_state
+from .transforms import add_decayed_weights, chain, scale_by_adam, trace
+
+__all__ = ["KFAC", "KFACState"]
+
+MODES = ("mc", "exact", "empirical")
+CACHES = ("inverse", "eigh")
+FALLBACKS = ("sgd", "adam")
+CONV_CONVENTIONS = ("kfc", "curvlinops")
+
+
+@method_state("KFAC")
+class KFACState(NamedTuple):
+    """K-FAC's state: the step count; one :class:`~secondorder.curvature.blocks.BlockState`
+    per tapped layer (the factors (G, A), their update count and the cached damped inverses or
+    eigendecompositions); the damping lambda in force; the random key of the Monte-Carlo
+    samples; the state of the gradient transforms (weight decay, momentum); the state of the
+    Adam-style fallback on parameters outside tapped layers (``()`` with the SGD fallback or
+    when every parameter is in a tapped layer); and the previous update (a tree like the
+    parameters, used by the quadratic-model step; ``()`` otherwise)."""
+
+    count: Array
+    blocks: tuple[BlockState, ...]
+    damping: Array
+    key: Array
+    transform: Any
+    fallback: Any = ()
+    velocity: Any = ()
+
+
+class _Layer(NamedTuple):
+    """A tapped layer as the optimiser sees it: where its leaves are, its block, and whether
+    its kernel is stored transposed (flax)."""
+
+    info: LayerInfo
+    block: KroneckerBlock
+    flax: bool
+
+
+def _find_model(apply: Any) -> Model | None:
+    """The :class:`~secondorder.models.Model` behind ``apply``: the model itself (it is
+    callable) or its bound ``apply`` / ``__call__`` method."""
+    if isinstance(apply, Model):
+        return apply
+    owner = getattr(apply, "__self__", None)
+    if isinstance(owner, Model) and getattr(apply, "__name__", "") in ("apply", "__call__"):
+        return owner
+    return None
+
+
+def _is_flax(model: Model) -> bool:
+    return type(model).__name__ == "FlaxModel" and type(model).__module__.endswith(
+        "models.flax")
+
+
+def _to_reference(w: Array, flax: bool) -> Array:
+    """A kernel in the reference layout (d_out, d_in) or (C_out, C_in, kh, kw); flax stores
+    (d_in, d_out) and (kh, kw, C_in, C_out)."""
+    if not flax:
+        return w
+    xp = backend_of(w).xp
+    return xp.matrix_transpose(w) if w.ndim == 2 else xp.permute_dims(w, (3, 2, 0, 1))
+
+
+def _from_reference(w: Array, flax: bool) -> Array:
+    if not flax:
+        return w
+    xp = backend_of(w).xp
+    return xp.matrix_transpose(w) if w.ndim == 2 else xp.permute_dims(w, (2, 3, 1, 0))
+
+
+class KFAC(Optimizer):
+    r"""K-FAC: Kronecker-factored approximate curvature (J. Martens and R. Grosse, "Optimizing
+    neural networks with Kronecker-factored approximate curvature", ICML 2015; R. Grosse and
+    J. Martens, "A Kronecker-factored approximate Fisher matrix for convolution layers" (KFC),
+    ICML 2016), as in Algorithm 12 of Y. Ren's thesis (the seed
+    ``002_cc6040582a98cbc3``).
+
+    For every tapped dense or convolution layer l with parameters W~_l = [W_l b_l] (bias column
+    last; a convolution kernel flattened row-major to (C_out, C_in kh kw), the im2col layout)
+    the curvature block is approximated by Omega_l (x) Gamma_l (column-major vec; paper
+    eqs. 1-3, the "A" and "G" of the library's curvature blocks). At step k = 0, 1, ... on the
+    batch (x, y), with g the gradient of the mean loss::
+
+        every T1 steps (k mod T1 = 0):  one forward pass with taps and one backward pass per
+            sampled target (Algorithm 12 lines 11-16) give the batch statistics
+              Omega^ = (1/m) sum_i sum_t a~_it a~_it^T,
+              Gamma^ = (1/(m T)) sum_i sum_t Dh_it Dh_it^T
+            and  Omega <- beta Omega + (1 - beta) Omega^,  Gamma <- beta Gamma + (1 - beta) Gamma^
+            (the first update takes the batch value: a warm start from the first batch);
+        every T2 steps (k mod T2 = 0):  (lines 17-21, K-FAC paper sec. 6.3)
+            H_Omega = (Omega + pi sqrt(lambda) I)^{-1},  H_Gamma = (Gamma + sqrt(lambda)/pi I)^{-1},
+            pi = sqrt((tr(Omega) / dim Omega) / (tr(Gamma) / dim Gamma));
+        every step:
+            m <- mu m + (g + wd w)                                          (line 7)
+            p_l = H_Gamma m_l H_Omega    (per layer; the fallback below elsewhere)  (line 8)
+            w <- w - alpha_k p                                              (line 9)
+
+    Here a step computes its statistics and inverses *before* its update (kfac-jax's order),
+    so the first step has curvature from its own batch; Algorithm 12 updates them after the
+    step and starts from a pass over the data (line 2). The momentum mu and the weight decay
+    wd go through the core's transforms (:func:`~secondorder.optim.transforms.trace` and
+    :func:`~secondorder.optim.transforms.add_decayed_weights`, in that order on the gradient,
+    as Algorithm 12 applies its beta to the gradient before preconditioning).
+
+    Curvature (``mode``): ``"mc"`` (default) samples the targets from the model's predictive
+    distribution (the true Fisher; Algorithm 12 line 12), with a fresh sample at every
+    statistics step drawn from the random key in the state, so a jitted step draws new noise
+    each time; ``"exact"`` uses the columns of the loss-Hessian factors (the exact expectation
+    over targets, i.e. the GGN's "type-2" K-FAC: for a single linear layer under squared loss
+    Omega (x) Gamma is then the GGN block exactly); ``"empirical"`` uses the batch labels (the
+    empirical Fisher).
+
+    Convolutions (KFC). The library's convention is that **Omega sums over the T output
+    positions and Gamma averages** (Grosse and Martens 2016, as
+    :func:`secondorder.curvature.kronecker_factors`). curvlinops does the opposite (factors
+    Omega / T and T Gamma): the Kronecker product is the same but the pi-split damps the two
+    differently, so the damped inverse differs. ``conv_convention="curvlinops"`` rescales the
+    batch statistics of every convolution to (Omega^ / T, T Gamma^) before the moving average,
+    which reproduces curvlinops' damped inverse; dense layers (T = 1) are unaffected.
+
+    Parameters outside tapped layers (normalisation scales, embeddings, anything the model
+    does not tap): ``fallback="sgd"`` (default) sends their momentum-averaged gradient through
+    unpreconditioned with the same learning rate, as the thesis does for batch-norm parameters
+    (sec. 3.7: "updated with the gradient direction, along with the same learning rate");
+    ``fallback="adam"`` divides it elementwise by sqrt(v^) + eps, v the moving average of
+    squared gradients with decay ``fallback_b2`` and Adam's bias correction (Adam's diagonal
+    preconditioner; the momentum stays the shared one).
+
+    Quadratic-model step (``lr=None, momentum=None``; K-FAC paper sec. 7): the update is
+    delta = rho delta_prev - beta p, p = F^{-1} (g + wd w) the preconditioned gradient, with
+    (rho, beta) minimising the damped quadratic model
+    M(delta) = (g + wd w)^T delta + 1/2 delta^T (C + (lambda + wd) I) delta, C the exact GGN of
+    the batch (two JVPs per step): the 2x2 system of CurveBall
+    (:func:`~secondorder.optim.directions.curveball_2x2`, the same subproblem).
+
+    Adaptive damping (``adapt_damping=True``; K-FAC paper sec. 6.5, kfac-jax's rule): every
+    ``damping_interval`` steps the reduction ratio
+    rho = (h(w + delta) - h(w)) / (M(delta) - M(0)) of the regularised batch objective
+    h = f + wd/2 |w|^2 against the quadratic model above (one more forward pass and, with a
+    fixed learning rate, one JVP) sets lambda <- lambda / decay if rho < 1/4,
+    lambda <- decay lambda if rho > 3/4, clipped to [min_damping, max_damping]. With
+    ``cache="eigh"`` a new damping acts at once; with ``"inverse"`` at the next inverse
+    update.
+
+    Parameters
+    ----------
+    apply, loss:
+        The network and the :class:`~secondorder.losses.Loss`. ``apply`` must be a model with
+        layer taps: a reference model of :mod:`secondorder.models` (MLP, Autoencoder, ConvNet)
+        or its ``apply``, or an adapter's model (``from_torch``: ``nn.Linear`` and
+        ``nn.Conv2d``; ``from_flax``: ``nn.Dense`` and ``nn.Conv``, kernels in flax's layout;
+        pass ``example=x`` to ``from_flax`` or run one forward pass first so that it knows its
+        layers). Anything else raises :class:`~secondorder.errors.StructureError`.
+    lr: float, schedule or None, default 0.01
+        The learning rate alpha_k (> 0), or a schedule of the step count; None (with
+        ``momentum=None``): from the quadratic model.
+    damping: float or schedule, default 1e-3
+        lambda (> 0), the initial value when adapted; a schedule sets it at every step (and
+        excludes ``adapt_damping``).
+    momentum: float or None, default 0.9
+        mu in [0, 1), Algorithm 12's beta on the gradient; None with ``lr=None``.
+    weight_decay: float, default 0.0
+        wd >= 0: wd w is added to the gradient (L2, preconditioned with it).
+    statistics_decay: float, default 0.9
+        beta of the moving averages of Omega and Gamma, in [0, 1).
+    statistics_interval: int, default 10
+        T1 >= 1: statistics every T1 steps.
+    inverse_interval: int, default 100
+        T2 >= 1: damped inverses (or eigendecompositions) every T2 steps.
+    mode: {"mc", "exact", "empirical"}, default "mc"
+        The curvature (above).
+    samples: int, default 1
+        Monte-Carlo targets per statistics step (``mode="mc"``).
+    seed: int, default 0
+        The seed of the state's random key (:func:`secondorder.random.key`).
+    cache: {"inverse", "eigh"}, default "inverse"
+        ``"inverse"``: the damped factors' inverses by Cholesky every T2 steps;
+        ``"eigh"``: the factors' eigendecompositions every T2 steps, damped at every step with
+        the current lambda.
+    damping_split: {"pi", "equal", "exact"}, default "pi"
+        How lambda is shared by the factors (:func:`~secondorder.curvature.blocks.
+        split_damping`): ``"pi"`` as above, ``"equal"`` sqrt(lambda) each; ``"exact"`` (only
+        with ``cache="eigh"``): (Omega (x) Gamma + lambda I)^{-1} exactly.
+    conv_convention: {"kfc", "curvlinops"}, default "kfc"
+        The scaling of convolution factors (above).
+    fallback: {"sgd", "adam"}, default "sgd"
+        The preconditioning of parameters outside tapped layers (above).
+    fallback_b2, fallback_eps: float, default 0.999, 1e-8
+        The decay (in [0, 1)) and epsilon (> 0) of the Adam fallback.
+    adapt_damping: bool, default False
+        The Levenberg-Marquardt rule above.
+    damping_interval: int, default 5
+        Adapt every this many steps (>= 1).
+    damping_decay: float, default (19/20)^5
+        The factor of the rule, in (0, 1) (the K-FAC paper's omega_1 = (19/20)^T1 with T1 = 5).
+    min_damping, max_damping: float, default 1e-8, 1e4
+        Bounds on the adapted lambda.
+
+    State and info. The state is a :class:`KFACState`. ``info.damping`` is the lambda in force
+    after the step; ``info.extras`` holds ``lr`` and ``momentum`` (those used: from the
+    quadratic model, or the given ones), ``predicted`` (M(delta) - M(0), NaN when not
+    computed) and ``rho`` (the reduction ratio on adaptation steps, else NaN). A non-finite
+    loss, statistic or update keeps the old parameters and state and multiplies lambda by
+    :attr:`Optimizer.damping_boost_on_failure` (not with a damping schedule).
+
+    Assembled from :class:`~secondorder.curvature.blocks.DenseBlock` and
+    :class:`~secondorder.curvature.blocks.ConvBlock` (statistics, moving averages, pi-split
+    caches), the core's transforms, :func:`~secondorder.optim.state.every` and
+    :mod:`secondorder.random`.
+    """
+
+    State = KFACState
+    hyperparameters = {  # noqa: RUF012 - never mutated
+        "lr": "> 0", "damping": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0",
+        "statistics_decay": "[0, 1)", "statistics_interval": "integer >= 1",
+        "inverse_interval": "integer >= 1", "samples": "integer >= 1", "seed": "integer >= 0",
+        "fallback_b2": "[0, 1)", "fallback_eps": "> 0", "damping_interval": "integer >= 1",
+        "damping_decay": "(0, 1)", "min_damping": ">= 0", "max_damping": "> 0",
+    }
+    info_extras = ("lr", "momentum", "predicted", "rho")
+
+    def __init__(self, apply: Callable, loss: Loss, *, lr: float | Schedule | None = 0.01,
+                 damping: float | Schedule = 1e-3, momentum: float | None = 0.9,
+                 weight_decay: float = 0.0, statistics_decay: float = 0.9,
+                 statistics_interval: int = 10, inverse_interval: int = 100,
+                 mode: str = "mc", samples: int = 1, seed: int = 0, cache: str = "inverse",
+                 damping_split: str = "pi", conv_convention: str = "kfc",
+                 fallback: str = "sgd", fallback_b2: float = 0.999, fallback_eps: float = 1e-8,
+                 adapt_damping: bool = False, damping_interval: int = 5,
+                 damping_decay: float = 0.95**5, min_damping: float = 1e-8,
+                 max_damping: float = 1e4):
+        super().__init__(apply, loss)
+        model = _find_model(apply)
+        if model is None:
+            raise StructureError(
+                "KFAC needs a model with layer taps to collect its statistics: pass a "
+                "secondorder.models model (MLP, ConvNet, Autoencoder) or the model returned "
+                "by from_torch or from_flax, not a plain function; for a network without "
+                "tapped layers use Shampoo, Adam or SGD")
+        self.model = model
+        choices = {"mode": (mode, MODES), "cache": (cache, CACHES),
+                   "fallback": (fallback, FALLBACKS),
+                   "conv_convention": (conv_convention, CONV_CONVENTIONS)}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise HyperparameterError(
+                    f"KFAC: {name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+        splits = ("pi", "equal", "exact") if cache == "eigh" else ("pi", "equal")
+        if damping_split not in splits:
+            raise HyperparameterError(
+                f"KFAC: damping_split={damping_split!r} with cache={cache!r} must be one of "
+                f"{', '.join(map(repr, splits))} (the exact damping needs cache='eigh')")
+        if (lr is None) != (momentum is None):
+            raise HyperparameterError(
+                "KFAC: the quadratic model chooses the learning rate and the momentum together: "
+                "pass lr=None and momentum=None, or numbers for both")
+        for name, value in (("statistics_interval", statistics_interval),
+                            ("inverse_interval", inverse_interval), ("samples", samples),
+                            ("damping_interval", damping_interval)):
+            if not isinstance(value, int | float) or int(value) != value:
+                raise HyperparameterError(
+                    f"KFAC: {name} must be a Python integer >= 1 (it fixes the step's "
+                    f"structure), got {value!r}")
+        if is_number(min_damping, max_damping) and min_damping > max_damping:
+            raise HyperparameterError(
+                f"KFAC: min_damping={min_damping} must not exceed max_damping={max_damping}")
+        self.adapt_damping = resolve_adaptation(adapt_damping, damping, "KFAC")
+        self.lr, self.damping, self.momentum = lr, damping, momentum
+        self.weight_decay, self.statistics_decay = weight_decay, statistics_decay
+        self.statistics_interval = int(statistics_interval)
+        self.inverse_interval = int(inverse_interval)
+        self.mode, self.samples, self.seed = mode, int(samples), int(seed)
+        self.cache, self.damping_split = cache, damping_split
+        self.conv_convention, self.fallback = conv_convention, fallback
+        self.fallback_b2, self.fallback_eps = fallback_b2, fallback_eps
+        self.damping_interval, self.damping_decay = int(damping_interval), damping_decay
+        self.min_damping, self.max_damping = min_damping, max_damping
+        parts = [] if _is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
+        if momentum is not None and not _is_zero(momentum):
+            parts.append(trace(momentum))
+        #: the transforms of the gradient before preconditioning (weight decay, momentum)
+        self.gradient_transform = chain(*parts)
+
+    def __repr__(self) -> str:
+        return (f"KFAC(lr={self.lr!r}, damping={self.damping!r}, momentum={self.momentum!r}, "
+                f"mode={self.mode!r}, T1={self.statistics_interval}, "
+                f"T2={self.inverse_interval})")
+
+    # ------------------------------------------------------------------ layout
+    def _layers(self, leaves: list[Array]) -> list[_Layer]:
+        """The tapped layers with their blocks (static: from the leaves' shapes)."""
+        flax = _is_flax(self.model)
+        layers = []
+        for info in self.model.layers:
+            shape = tuple(leaves[info.weight].shape)
+            if flax:
+                shape = (shape[1], shape[0]) if len(shape) == 2 else (
+                    shape[3], shape[2], shape[0], shape[1])
+            cls = ConvBlock if info.kind == "conv" else DenseBlock
+            layers.append(_Layer(info, cls(shape, bias=info.bias is not None), flax))
+        if not layers:
+            raise StructureError(
+                f"KFAC found no tapped dense or convolution layer in {self.model!r}; use "
+                "Shampoo, Adam or SGD for this network")
+        return layers
+
+    @staticmethod
+    def _fallback_indices(layers: list[_Layer], n: int) -> list[int]:
+        covered = set()
+        for layer in layers:
+            covered.add(layer.info.weight)
+            if layer.info.bias is not None:
+                covered.add(layer.info.bias)
+        return [i for i in range(n) if i not in covered]
+
+    # ------------------------------------------------------------------ state
+    def init(self, params: Tree) -> KFACState:
+        leaves, _ = flatten(params)
+        layers = self._layers(leaves)
+        lam = self.scalar(params, 0.0 if is_schedule(self.damping) else self.damping)
+        backend = backend_of(lam)
+        count = initial_count(backend, backend.device(lam))
+        if is_schedule(self.damping):
+            lam = resolve(self.damping, count, params)
+        blocks = tuple(layer.block.init(leaves[layer.info.weight], kind=self.cache)
+                       for layer in layers)
+        key = random.key(self.seed, backend, backend.device(lam))
+        rest = self._fallback_indices(layers, len(leaves))
+        fallback: Any = ()
+        if self.fallback == "adam" and rest:
+            fallback = self._adam().init([leaves[i] for i in rest])
+        velocity: Any = ()
+        if self.lr is None:
+            velocity = scale(0.0, params)
+        return KFACState(count, blocks, lam, key, self.gradient_transform.init(params),
+                         fallback, velocity)
+
+    def _adam(self) -> Any:
+        return scale_by_adam(0.0, self.fallback_b2, self.fallback_eps)
+
+    # ------------------------------------------------------------------ pieces
+    def _statistics(self, layers: list[_Layer], params: Tree, batch: Batch, key: Array
+                    ) -> list[tuple[Array, Array]]:
+        """Every tapped layer's batch statistics (Gamma^, Omega^) (the blocks' factor order)
+        from one tapped forward pass and one backward pass per cotangent."""
+        x, y = batch
+        backend = backend_of(params)
+        xp = backend.xp
+        taps = self.model.zero_taps(x)
+        (f, inputs), pullback = backend.vjp(lambda t: self.model.apply(params, x, t), taps)
+        zeros = [xp.zeros_like(a) for a in inputs]
+        deltas: list[list[Array]] = [[] for _ in taps]
+        for u in _cotangents(self.loss, f, y, self.mode, self.samples, self.seed, None,
+                             key if self.mode == "mc" else None):
+            for i, d in enumerate(pullback((u, zeros))):
+                deltas[i].append(d)
+        out = []
+        for layer, a, ds in zip(layers, inputs, deltas):
+            g, a_stat = layer.block.batch_statistics(a, ds)
+            if self.conv_convention == "curvlinops" and layer.info.kind == "conv":
+                positions = a.shape[1]
+                g, a_stat = g * positions, a_stat / positions
+            out.append((g, a_stat))
+        return out
+
+    def _precondition(self, layers: list[_Layer], blocks: tuple[BlockState, ...],
+                      leaves: list[Array], lam: Array, fallback: Any
+                      ) -> tuple[list[Array], Any]:
+        """p: every tapped layer's (b, W) times its cached damped inverse; the fallback on the
+        other leaves. Returns the leaves of p and the fallback's new state."""
+        out = list(leaves)
+        eigh = self.cache == "eigh"
+        for layer, bstate in zip(layers, blocks):
+            info = layer.info
+            w = _to_reference(leaves[info.weight], layer.flax)
+            v = w if info.bias is None else (leaves[info.bias], w)
+            if eigh:
+                r = layer.block.multiply(bstate, v, -1.0, damping=lam, split=self.damping_split)
+            else:
+                r = layer.block.multiply(bstate, v)
+            if info.bias is None:
+                out[info.weight] = _from_reference(r, layer.flax)
+            else:
+                out[info.bias] = r[0]
+                out[info.weight] = _from_reference(r[1], layer.flax)
+        rest = self._fallback_indices(layers, len(leaves))
+        if self.fallback == "adam" and rest:
+            scaled, fallback = self._adam().update([leaves[i] for i in rest], fallback)
+            for i, s in zip(rest, scaled):
+                out[i] = s
+        return out, fallback
+
+    # ------------------------------------------------------------------ step
+    def step(self, params: Tree, state: KFACState, batch: Batch
+             ) -> tuple[Tree, KFACState, StepInfo]:
+        backend = self.check_batch(params, state, batch)
+        xp = backend.xp
+        scheduled = is_schedule(self.damping)
+        damping_key = None if scheduled else "damping"
+        lam = resolve(self.damping, state.count, params) if scheduled else state.damping
+        x, y = batch
+        f, jvp, vjp = backend.linearize_vjp(lambda p: self.apply(p, x), params)
+        m = f.shape[0]
+        loss = self.loss.value(f, y)
+        jl = self.loss.grad(f, y) / m
+        grad = vjp(jl)
+        nan = self.scalar(params, float("nan"))
+        if backend.is_concrete(loss) and not bool(xp.isfinite(loss)):
+            return self._reject(params, state, loss, damping_key, nan)
+
+        leaves, treedef = flatten(params)
+        layers = self._layers(leaves)
+        new_key, sample_key = state.key, state.key
+        if self.mode == "mc":  # a fresh sample at every step; the other modes draw nothing
+            keys = random.split(state.key, 2)
+            new_key, sample_key = keys[0, :], keys[1, :]
+
+        def refresh(blocks: tuple[BlockState, ...], key: Array) -> tuple[BlockState, ...]:
+            stats = self._statistics(layers, params, batch, key)
+            return tuple(layer.block.update_statistics(b, s, self.statistics_decay)
+                         for layer, b, s in zip(layers, blocks, stats))
+
+        blocks = every(backend, state.count, self.statistics_interval, refresh,
+                       lambda blocks, key: blocks, state.blocks, sample_key)
+        if backend.is_concrete(loss) and not bool(all_finite(*(b.factors for b in blocks))):
+            # a factorisation of non-finite statistics would raise on an eager backend
+            return self._reject(params, state, loss, damping_key, nan)
+
+        def invert(blocks: tuple[BlockState, ...], lam: Array) -> tuple[BlockState, ...]:
+            if self.cache == "eigh":
+                return tuple(layer.block.update_cache(b, kind="eigh")
+                             for layer, b in zip(layers, blocks))
+            return tuple(layer.block.update_cache(b, lam, kind="inverse",
+                                                  split=self.damping_split)
+                         for layer, b in zip(layers, blocks))
+
+        blocks = every(backend, state.count, self.inverse_interval, invert,
+                       lambda blocks, lam: blocks, blocks, lam)
+
+        direction, inner = self.gradient_transform.update(grad, state.transform, params)
+        p_leaves, fallback = self._precondition(layers, blocks, flatten(direction)[0], lam,
+                                                state.fallback)
+        p = unflatten(treedef, p_leaves)
+        wd = 0.0 if _is_zero(self.weight_decay) else self.weight_decay
+        g_model = direction  # g + wd w: the gradient of the regularised objective
+
+        def h_out(t: Array) -> Array:
+            return self.loss.hvp(f, y, t) / m
+
+        def curvature(jv: Array, jw: Array, v: Tree, w: Tree) -> Array:
+            return xp.sum(jv * h_out(jw)) + (lam + wd) * vdot(v, w)
+
+        velocity: Any = ()
+        if self.lr is None:
+            v = state.velocity
+            jp, jv = jvp(p), jvp(v)
+            a = curvature(jp, jp, p, p)
+            b = curvature(jv, jp, v, p)
+            c = curvature(jv, jv, v, v)
+            d, e = vdot(g_model, p), vdot(g_model, v)
+            mu, alpha = curveball_2x2(a, b, c, d, e)
+            update = axpy(-alpha, p, scale(mu, v))
+            predicted = 0.5 * (mu * e - alpha * d)
+            velocity = update
+        else:
+            alpha = self.scalar(params, resolve(self.lr, state.count, params))
+            mu = self.scalar(params, self.momentum)
+            update = scale(-alpha, p)
+            predicted = nan
+        trial = add(params, update)
+        count = state.count + 1
+        lam_new, ratio = lam, nan
+        if self.adapt_damping:
+            def adapted(_: Any) -> tuple[Array, Array, Array]:
+                if self.lr is None:
+                    change = predicted
+                else:
+                    ju = jvp(update)
+                    change = vdot(g_model, update) + 0.5 * curvature(ju, ju, update, update)
+                actual = self.objective(trial, batch) - loss
+                if wd:
+                    actual = actual + 0.5 * wd * (vdot(trial, trial) - vdot(params, params))
+                rho = actual / change
+                new = adapt_damping(rho, lam, 1.0 / self.damping_decay, self.damping_decay)
+                low = self.scalar(params, self.min_damping)
+                high = self.scalar(params, self.max_damping)
+                return xp.minimum(xp.maximum(new, low), high), rho, change
+
+            lam_new, ratio, predicted = every(backend, count, self.damping_interval, adapted,
+                                              lambda _: (lam, nan, predicted), None)
+        new_state = KFACState(count, blocks, lam_new, new_key, inner, fallback, velocity)
+        params, state, ok, step_norm = self.guard(
+            params, state, trial, new_state, loss, damping_key=damping_key, update=update)
+        extras = {"lr": alpha, "momentum": mu, "predicted": predicted, "rho": ratio}
+        return params, state, self.info(params, loss, step_norm, state.damping, ok,
+                                        extras=extras)
+
+    def _reject(self, params: Tree, state: KFACState, loss: Array, damping_key: str | None,
+                nan: Array) -> tuple[Tree, KFACState, StepInfo]:
+        """The eager rejection of a step that met a non-finite value before its update (the
+        guard's result, without running the factorisations)."""
+        params, state, ok, step_norm = self.guard(params, state, params, state, loss, nan,
+                                                  damping_key=damping_key)
+        extras = dict.fromkeys(self.info_extras, nan)
+        return params, state, self.info(params, loss, step_norm, state.damping, ok,
+                                        extras=extras)
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and value == 0
+
