@@ -239,8 +239,10 @@ class Shampoo(Optimizer):
         update = [-lr * pi for pi in p]
         new_params = unflatten(treedef, [wi + ui for wi, ui in zip(w, update)])
         new_state = ShampooState(count + 1, blocks, unflatten(treedef, m), graft_state)
+        # the new statistics are checked too: a NaN in them (a non-finite sampled gradient)
+        # must reject the step, not stay in the state behind roots or inverses that were kept
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
-                                                  update=unflatten(treedef, update))
+                                                  blocks, update=unflatten(treedef, update))
         return params, state, self.info(params, loss, step_norm, self.eps, ok,
                                         extras={"roots_kept": kept})
 
