@@ -145,3 +145,81 @@ def test_under_jit_failures_are_nan(backend, system):
     b = to(backend, np.array([np.nan, 1.0, 1.0, 1.0]))
     _, info = jax.jit(lambda m, v: cg(Dense(m), v, tol=None, maxiter=4))(to(backend, system[0]), b)
     assert info.reason == "non_finite"
+
+
+# ---------------------------------------------------------------- found by tests/test_properties.py
+def test_newton_inverse_root_does_not_stop_on_an_early_max_entry_rise(backend, system):
+    """Eigenvalues 1, 80.7, 100 with p = 4: max |M - I| rises by more than 20% at iteration 1
+    although every eigenvalue of M moves towards 1; the progress test in the Frobenius norm lets
+    it converge (it raised NotPositiveDefiniteError)."""
+    a = np.array([[84.84332291, -3.28397992, 10.36455128],
+                  [-3.28397992, 15.55399332, 33.36598448],
+                  [10.36455128, 33.36598448, 81.34642681]])
+    w, q = np.linalg.eigh(a)
+    out = inverse_root(to(backend, a), 4, method="newton")
+    assert_close(out, (q * w ** -0.25) @ q.T, rtol=1e-6, backend=backend)
+
+
+def test_negative_powers_of_singular_or_nan_matrices_raise(backend, system):
+    from secondorder.linalg import eigh, matrix_power
+
+    with pytest.raises(NotPositiveDefiniteError):
+        matrix_power(to(backend, SINGULAR), -0.5)  # was a matrix of inf and NaN
+    with pytest.raises(NotPositiveDefiniteError):
+        Kronecker(to(backend, SINGULAR), to(backend, np.eye(2))).power(-1.0)
+    nan = np.where(np.eye(4) > 0, np.nan, SINGULAR)
+    with pytest.raises(NotPositiveDefiniteError):
+        matrix_power(to(backend, nan), 0.5)  # numpy: a bare LinAlgError
+    with pytest.raises(NotPositiveDefiniteError):
+        eigh(to(backend, nan))
+    with pytest.raises(NotPositiveDefiniteError):
+        Kronecker(to(backend, nan), to(backend, np.eye(2))).damped_inverse(0.1, "exact")
+    a, _ = system
+    expected = np.linalg.inv(np.linalg.cholesky(a)).T  # any square root of A^{-1} squared
+    got = back(backend, matrix_power(to(backend, a), -0.5))
+    assert_close(got @ got, expected @ expected.T)
+
+
+def test_singular_to_working_precision_inverse_raises(backend, system):
+    """Rounding leaves a pivot of a singular matrix at ~1e-16, not 0: inv returned a finite
+    matrix of 1e16 entries; now kappa eps >= 1 raises. A matrix at 1e-300 or 1e300 still
+    inverts."""
+    rank_one = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) / 7.0
+    with pytest.raises(NotPositiveDefiniteError):
+        Dense(to(backend, rank_one)).inv()
+    near = np.array([[1.0, 1.0], [1.0, 1.0 + 2.0**-52]])  # kappa 1.6e16: no correct digit
+    with pytest.raises(NotPositiveDefiniteError, match="working precision"):
+        Dense(to(backend, near)).inv()
+    with pytest.raises(NotPositiveDefiniteError):
+        Dense(to(backend, SINGULAR)).inv()
+    with pytest.raises(NotPositiveDefiniteError):
+        Kronecker(to(backend, SINGULAR), to(backend, np.eye(2))).inv()
+    a, _ = system
+    for s in (1e-300, 1e300):
+        assert_close(Dense(to(backend, a * s)).inv().to_dense(), np.linalg.inv(a) / s,
+                     rtol=1e-13, backend=backend)
+
+
+def test_diagonal_inf_entries_and_powers(backend, system):
+    with pytest.raises(NotPositiveDefiniteError):
+        Diagonal(to(backend, np.array([1.0, np.inf]))).inv()  # was diag(1, 0)
+    for d, p in (([1.0, 0.0], -0.5), ([1.0, -1.0], 0.5), ([np.nan, 1.0], 2.0)):
+        with pytest.raises(NotPositiveDefiniteError):
+            Diagonal(to(backend, np.array(d))).power(p)
+    got = Diagonal(to(backend, np.array([4.0, 0.25]))).power(-0.5).to_dense()
+    assert_close(got, np.diag([0.5, 2.0]), backend=backend)
+
+
+def test_pi_split_of_a_zero_trace_factor(backend, system):
+    """A zero factor made the pi split NaN, so damping 0 became 'damping nan' (a
+    HyperparameterError on numpy); the split falls back to 'equal' as the curvature blocks' does:
+    damping 0 is not positive definite, damping 0.1 is (A + 0.1^(1/2) I)^{-1} (x) 0.1^(-1/2) I."""
+    a, _ = system
+    op = Kronecker(to(backend, a), to(backend, np.zeros((2, 2))))
+    with pytest.raises(NotPositiveDefiniteError):
+        op.damped_inverse(0.0)
+    with pytest.raises(NotPositiveDefiniteError):
+        Kronecker(to(backend, a), to(backend, np.full((2, 2), np.nan))).damped_inverse(0.1)
+    root = 0.1**0.5
+    expected = np.kron(np.linalg.inv(a + root * np.eye(4)), np.eye(2) / root)
+    assert_close(op.damped_inverse(0.1).to_dense(), expected, backend=backend)

@@ -47,7 +47,7 @@ class Diagonal(LinearOperator):
         or not finite (checked for concrete arrays; inside ``jax.jit`` the entry becomes inf)."""
         xp, backend = self.xp, self.backend
         for a in flatten(self.d)[0]:
-            if backend.is_concrete(a) and not bool(xp.all(xp.isfinite(1.0 / a) & (a != 0))):
+            if backend.is_concrete(a) and not bool(xp.all(xp.isfinite(a) & (a != 0))):
                 raise NotPositiveDefiniteError(
                     "Diagonal.inv(): the diagonal has a zero, NaN or inf entry, so it is singular; "
                     "add damping (Diagonal(d + damping)) or check the curvature estimate"
@@ -55,8 +55,20 @@ class Diagonal(LinearOperator):
         return Diagonal(tree_map(lambda a: 1.0 / a, self.d))
 
     def power(self, p: float) -> LinearOperator:
-        """diag(d)^p entrywise (d >= 0 for fractional p)."""
-        return Diagonal(tree_map(lambda a: a**p, self.d))
+        """diag(d)^p entrywise (d >= 0 for fractional p);
+        :class:`~secondorder.errors.NotPositiveDefiniteError` when an entry of a concrete d is
+        NaN or inf, or its power is not finite (0 to a negative power, a negative entry to a
+        fractional one), instead of an operator holding inf or NaN."""
+        xp, backend = self.xp, self.backend
+        out = tree_map(lambda a: a**p, self.d)
+        for a, b in zip(flatten(self.d)[0], flatten(out)[0]):
+            if backend.is_concrete(b) and not bool(xp.all(xp.isfinite(a) & xp.isfinite(b))):
+                raise NotPositiveDefiniteError(
+                    f"Diagonal.power({p}): the diagonal has an entry that is NaN, inf, or whose "
+                    f"power is not finite (0 to a negative power, a negative entry to a "
+                    "fractional one); add damping (Diagonal(d + damping)) or check the estimate"
+                )
+        return Diagonal(out)
 
 
 class ScaledIdentity(LinearOperator):

@@ -143,7 +143,8 @@ class Kronecker(_KroneckerBase):
         ``"equal"``: every factor gets lambda^{1/k}. ``"pi"``: factor i gets pi_i lambda^{1/k}
         with pi_i = t_i / (prod_j t_j)^{1/k}, t_i = tr(A_i) / dim(A_i), so prod pi_i = 1; for
         k = 2 this is K-FAC's pi = sqrt((tr(A)/dim A) / (tr(G)/dim G)) (Martens and Grosse,
-        ICML 2015, section 6.3).
+        ICML 2015, section 6.3). Where a trace is not positive (a zero factor, NaN statistics)
+        the split is ``"equal"``; the damped inverse then reports such a factor.
         """
         xp = self.xp
         k = len(self.factors)
@@ -153,6 +154,14 @@ class Kronecker(_KroneckerBase):
         if method != "pi":
             raise ValueError(f"unknown damping split {method!r}: use 'pi', 'equal' or 'exact'")
         traces = [xp.sum(xp.linalg.diagonal(f)) / f.shape[0] for f in self.factors]
+        # where a trace is not > 0 (a zero factor, NaN statistics) the split is undefined: fall
+        # back to "equal", as curvature.blocks.split_damping does. Without this it was NaN, so
+        # damping 0 became a NaN damping (numpy: HyperparameterError naming a damping of nan)
+        positive = None
+        for t in traces:
+            pos = t > 0
+            positive = pos if positive is None else xp.logical_and(positive, pos)
+        traces = [xp.where(positive, t, xp.ones_like(t)) for t in traces]
         log_mean = sum(xp.log(t) for t in traces) / k
         return [base * xp.exp(xp.log(t) - log_mean) for t in traces]
 

@@ -91,22 +91,35 @@ def _check_finite(backend: Any, a: Any, what: str) -> None:
 
 def checked_inv(a: Any, what: str) -> Any:
     """A^{-1} of a square matrix; :class:`NotPositiveDefiniteError` when A is singular (the
-    framework's error, or a non-finite inverse when concrete; inf or NaN inside ``jax.jit``)."""
+    framework's error, a non-finite inverse, or, since rounding rarely leaves a pivot exactly
+    0, an inverse with eps ||A||_inf ||A^{-1}||_inf >= 1: singular to working precision, where
+    the computed inverse has no correct digit) when concrete; inf or NaN inside ``jax.jit``.
+    The infinity norm (largest absolute row sum) squares nothing, so it holds at 1e+-300."""
     backend = backend_of(a)
+    xp = backend.xp
     _check_finite(backend, a, what)
     try:
-        out = backend.xp.linalg.inv(a)
+        out = xp.linalg.inv(a)
     except Exception as err:  # each framework has its own LinAlgError
         raise _not_pd(what, "the matrix is singular") from err
-    if _is_concrete(backend, out) and not bool(backend.xp.all(backend.xp.isfinite(out))):
-        raise _not_pd(what, "the matrix is singular")
+    if _is_concrete(backend, out):
+        if not bool(xp.all(xp.isfinite(out))):
+            raise _not_pd(what, "the matrix is singular")
+        kappa = xp.max(xp.sum(xp.abs(a), axis=1)) * xp.max(xp.sum(xp.abs(out), axis=1))
+        if not bool(kappa * xp.finfo(a.dtype).eps < 1):
+            raise _not_pd(what, f"the matrix is singular to working precision (condition "
+                                f"number >= {float(kappa):.1e})")
     return out
 
 
 def eigh(a: Any) -> tuple[Any, Any]:
-    """Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric matrix."""
+    """Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric matrix;
+    :class:`NotPositiveDefiniteError` for a concrete matrix with NaN or inf entries (NumPy's
+    LAPACK raised a bare LinAlgError on them, torch and jax returned NaN)."""
     _check_square(a, "eigh")
-    return backend_of(a).eigh(a)
+    backend = backend_of(a)
+    _check_finite(backend, a, "eigh")
+    return backend.eigh(a)
 
 
 def _from_eigen(q: Any, values: Any, xp: Any) -> Any:
@@ -119,8 +132,26 @@ def matrix_power(a: Any, s: float, *, damping: Any = 0.0) -> Any:
     _check_damping(damping, "matrix_power")
     backend = backend_of(a)
     xp = backend.xp
+    _check_finite(backend, a, "matrix_power")
     w, q = backend.eigh(a)  # the square check above is eigh()'s
-    return _from_eigen(q, (xp.clip(w, min=0.0) + damping) ** s, xp)
+    v = xp.clip(w, min=0.0) + damping
+    if s < 0:
+        v = _positive_spectrum(backend, v, f"matrix_power(A, {s})")
+    return _from_eigen(q, v ** s, xp)
+
+
+def _positive_spectrum(backend: Any, v: Any, what: str) -> Any:
+    """The damped, clipped eigenvalues ``v`` to be raised to a negative power, checked: an entry
+    at or below n eps max(v) (singular or indefinite to working precision, or NaN) raises
+    :class:`NotPositiveDefiniteError` when concrete and becomes NaN when traced."""
+    xp = backend.xp
+    bad = ~(v > v.shape[0] * xp.finfo(v.dtype).eps * xp.max(v))
+    if _is_concrete(backend, v):
+        if bool(xp.any(bad)):
+            raise _not_pd(what, "A + damping I is singular or indefinite (an eigenvalue, "
+                                "clipped at 0, is 0 to working precision)")
+        return v
+    return xp.where(bad, xp.asarray(float("nan"), dtype=v.dtype), v)
 
 
 def damped_inverse(a: Any, damping: Any = 0.0) -> Any:
@@ -165,7 +196,11 @@ def inverse_root(
     ``method="newton"``: the coupled Newton iteration, p a positive integer. With
     z = (1 + p) / (2 ||A||_F), start X = z^{1/p} I, M = z A and repeat
     T = ((p + 1) I - M) / p, X <- X T, M <- T^p M until max |M - I| < tol (then X^p A = M ~ I).
-    An iteration that increases the error by more than 20% is discarded and the loop stops.
+    An iteration that increases the error by more than 20% is discarded and the loop stops;
+    the error it compares is ||M - I||_F, which never grows for a symmetric positive definite A
+    in exact arithmetic (every eigenvalue of M moves towards 1), while max |M - I| can in the
+    first iterations (a well-conditioned 3 x 3 matrix with p = 4 stopped at iteration 1 and
+    raised NotPositiveDefiniteError before this was measured in the Frobenius norm).
     """
     _check_square(a, "inverse_root")
     if method not in ("eigh", "newton"):
@@ -178,15 +213,7 @@ def inverse_root(
     n = a.shape[0]
     if method == "eigh":
         w, q = backend.eigh(a)
-        v = xp.clip(w, min=0.0) + damping
-        bad = v <= n * xp.finfo(v.dtype).eps * xp.max(v)
-        if _is_concrete(backend, v):
-            if bool(xp.any(bad)):
-                raise _not_pd("inverse_root", "A + damping I is singular or indefinite (an "
-                                              "eigenvalue, clipped at 0, is 0 to working "
-                                              "precision)")
-        else:
-            v = xp.where(bad, xp.asarray(float("nan"), dtype=v.dtype), v)
+        v = _positive_spectrum(backend, xp.clip(w, min=0.0) + damping, "inverse_root")
         return _from_eigen(q, v ** (-1.0 / p), xp)
     eye = xp.eye(n, dtype=a.dtype, device=backend.device(a))
     ad = a + damping * eye
@@ -200,9 +227,10 @@ def inverse_root(
     x0 = eye * z ** (1.0 / p)
     m0 = z * ad
     err0 = xp.max(xp.abs(m0 - eye))
+    fro0 = xp.linalg.matrix_norm(m0 - eye)
 
     def step(state: tuple) -> tuple:
-        k, x, m, err, _ = state
+        k, x, m, err, fro, _ = state
         t = ((p + 1.0) * eye - m) / p
         tp = t
         for _ in range(p - 1):
@@ -210,18 +238,20 @@ def inverse_root(
         m_new = tp @ m
         x_new = x @ t
         err_new = xp.max(xp.abs(m_new - eye))
-        worse = err_new > 1.2 * err
+        fro_new = xp.linalg.matrix_norm(m_new - eye)
+        worse = ~(fro_new <= 1.2 * fro)
         x_next = xp.where(worse, x, x_new)
         m_next = xp.where(worse, m, m_new)
-        return k + 1, x_next, m_next, xp.where(worse, err, err_new), worse
+        return (k + 1, x_next, m_next, xp.where(worse, err, err_new),
+                xp.where(worse, fro, fro_new), worse)
 
     def keep_going(state: tuple) -> Any:
-        k, _, _, err, stopped = state
+        k, _, _, err, _, stopped = state
         return xp.logical_and(xp.logical_and(k < maxiter, err > tol), xp.logical_not(stopped))
 
     dev = backend.device(a)
-    init = (xp.asarray(0, device=dev), x0, m0, err0, xp.asarray(False, device=dev))
-    _, x, _, err, _ = backend.while_loop(keep_going, step, init)
+    init = (xp.asarray(0, device=dev), x0, m0, err0, fro0, xp.asarray(False, device=dev))
+    _, x, _, err, _, _ = backend.while_loop(keep_going, step, init)
     x = x * 2.0 ** (-e / p)
     # a singular or indefinite A leaves an eigenvalue of M at <= 0 or far from 1: err stays large
     failed = ~(err <= 0.5) | ~xp.all(xp.isfinite(x))
