@@ -14,6 +14,7 @@ from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
 from .prox_linear import ProxLinear
 from .shampoo import Shampoo
+from .tnt import TNT
 
 __all__ = ["SGD", "Adam", "AdamW", "CurveBall", "HessianFree", "Optimizer", "StepInfo"]
 __all__ += ["BFGS", "LevenbergMarquardt", "Newton"]
@@ -23,4 +24,5 @@ __all__ += ["GradientDescent", "transforms"]
 __all__ += ["directions", "step_rules"]
 __all__ += ["checked"]
 __all__ += ["Shampoo"]
+__all__ += ["TNT"]
 __all__ += ["KFAC"]

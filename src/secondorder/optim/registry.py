@@ -23,6 +23,7 @@ from . import (
     Newton,
     ProxLinear,
     Shampoo,
+    TNT,
 )
 
 Factory = Callable[..., Any]
@@ -61,6 +62,7 @@ METHODS: dict[str, Factory] = {
     "kfac": Method(KFAC, "damping", lr=0.05, damping=0.1, statistics_interval=2,
                    inverse_interval=3),
     "shampoo": Method(Shampoo, "eps", lr=0.05, eps=1e-3, root_interval=2),
+    "tnt": Method(TNT, "eps", lr=1e-3, eps=0.1, inverse_interval=2),
 }
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
