@@ -140,10 +140,14 @@ class KFAC(Optimizer):
     Convolutions (KFC). The library's convention is that **Omega sums over the T output
     positions and Gamma averages** (Grosse and Martens 2016, as
     :func:`secondorder.curvature.kronecker_factors`). curvlinops does the opposite (factors
-    Omega / T and T Gamma): the Kronecker product is the same but the pi-split damps the two
-    differently, so the damped inverse differs. ``conv_convention="curvlinops"`` rescales the
-    batch statistics of every convolution to (Omega^ / T, T Gamma^) before the moving average,
-    which reproduces curvlinops' damped inverse; dense layers (T = 1) are unaffected.
+    Omega / T and T Gamma); the Kronecker product is the same. ``conv_convention="curvlinops"``
+    rescales the batch statistics of every convolution to (Omega^ / T, T Gamma^) before the
+    moving average, which reproduces curvlinops' factors; dense layers (T = 1) are unaffected.
+    The pi-split damped inverse is the same in both conventions (pi becomes pi / T, so the
+    damped factors become (Omega + pi sqrt(lambda) I) / T and T (Gamma + sqrt(lambda)/pi I),
+    whose inverses' Kronecker product is unchanged), as is the exact damping; the conventions
+    give different steps with ``damping_split="equal"`` (tests/test_kfac_optimizer.py checks
+    both facts).
 
     Parameters outside tapped layers (normalisation scales, embeddings, anything the model
     does not tap): ``fallback="sgd"`` (default) sends their momentum-averaged gradient through
