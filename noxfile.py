@@ -123,3 +123,60 @@ def bench_peers(session: nox.Session) -> None:
     session.install("-e", ".")
     session.run("python", "benchmarks/curvature_products.py", "--backends", "torch", "--peers",
                 "--json", "benchmarks/results/curvature_products.json", *session.posargs)
+
+
+# The peer libraries that the peer sessions check our curvature against; pinned, because the
+# tests align with the conventions of these releases.
+CURVLINOPS = "curvlinops-for-pytorch==3.0.1"
+# torchvision (through curvlinops' BackPACK dependency) would otherwise pull the newest torch, a
+# multi-GB CUDA build; 0.28.0 is the release built for torch 2.13, the pin in backends/torch.txt.
+TORCHVISION_FOR_PINNED_TORCH = "torchvision==0.28.0"
+# kfac-jax's latest release, 0.0.8, fails in its graph matcher on jax 0.9 and 0.10.
+KFAC_JAX = ["jax==0.7.2", "jaxlib==0.7.2", "kfac-jax==0.0.8"]
+
+
+@nox.session(name="peers-torch")
+def peers_torch(session: nox.Session) -> None:
+    """Our curvature against curvlinops 3.0.1 (torch, float64): tests_peers/test_curvlinops.py.
+
+    The same nn.Module, weights and batch go to both libraries, ours through ``from_torch``.
+    The GGN, the Hessian, the exact (type-2) and empirical Fisher agree as dense matrices and as
+    products with a vector; K-FAC agrees factor by factor and as the damped inverse applied to
+    the gradient (exact damping, the pi-split, equal factor dampings), on an MLP and a CNN with
+    two Conv2d layers, under cross-entropy and squared error. Conventions that the test aligns
+    (its module docstring has the details): weight and bias as one K-FAC block; the convolution
+    factors (here A sums over output positions and G averages, curvlinops does the opposite:
+    the products, the exactly damped and the pi-split inverses agree as they are, equal factor
+    dampings need the factors rescaled by the number of positions T); the empirical Fisher of
+    ``nn.MSELoss()``, which curvlinops normalises per squared error instead of per sample (k
+    times ours for k outputs).
+
+    curvlinops never enters the default install or test path (backends/all.txt, ``tests``); the
+    peer tests live outside ``testpaths`` so the default ``pytest`` never collects them.
+    """
+    session.install("-r", requirements("numpy"), "-r", requirements("torch"),
+                    TORCHVISION_FOR_PINNED_TORCH, CURVLINOPS, dev_pin("pytest"))
+    session.install("-e", ".")
+    session.run("pytest", "tests_peers/test_curvlinops.py", *session.posargs)
+
+
+@nox.session(name="peers-kfac-jax")
+def peers_kfac_jax(session: nox.Session) -> None:
+    """Our K-FAC against kfac-jax 0.0.8 on jax 0.7.2 (float64): tests_peers/test_kfac_jax.py.
+
+    kfac-jax's block-diagonal curvature estimator, with the MLP's dense layers registered by
+    hand and the exact (type-2) Fisher so that no sampling differs, gets the same weights and
+    batch as our K-FAC: the Kronecker factors and the damped block-diagonal direction applied to
+    the gradient (kfac-jax's pi-adjusted factored damping against our pi-split, its exact
+    damping against ours) agree, under cross-entropy and squared error, for the exact (type-2)
+    and the empirical Fisher. Conventions that the test aligns: kfac-jax's transposed kernel
+    layout; its squared-error weight (0.5 is our MSE); its empirical Fisher, whose G is ours
+    divided by the batch size (it scales the per-sample gradients by 1/sqrt(m) before the
+    statistics). Its pi-split is ours, so nothing there needs aligning.
+
+    This is the only place jax 0.7.2 is installed: the default environments pin the jax of
+    backends/jax.txt, which kfac-jax 0.0.8 does not run on.
+    """
+    session.install("-r", requirements("numpy"), *KFAC_JAX, dev_pin("pytest"))
+    session.install("-e", ".")
+    session.run("pytest", "tests_peers/test_kfac_jax.py", *session.posargs)

@@ -28,7 +28,9 @@ def kronecker_statistics(inputs: Array, deltas: Array | Sequence[Array]) -> tupl
 
     (T = 1 for dense layers): the KFC convention for convolutions is that A *sums* over output
     positions and G *averages* (Grosse and Martens, ICML 2016; curvlinops does the opposite:
-    its factors are (A / T, T G), with the same Kronecker product but another pi-split).
+    its factors are (A / T, T G), with the same Kronecker product and the same pi-split damped
+    inverse, since pi scales with sqrt(tr A / tr G), but another inverse for a split that
+    ignores the traces, such as equal dampings of both factors; tests_peers/ checks both).
     """
     xp = namespace(inputs)
     if isinstance(deltas, (list, tuple)):
