@@ -168,3 +168,25 @@ def test_checked_mode_catches_bad_labels_under_jit():
     assert float(i1.loss) == float(i2.loss)
     for a, c in zip(tree.leaves(p1), tree.leaves(p2), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_bce_targets_outside_unit_interval(backend_name):
+    """SigmoidBCE targets outside [0, 1] gave a finite loss unbounded below and finite=True;
+    now LabelError. Targets in [0, 1] step, and the loss is the float64 oracle's."""
+    b = _backend(backend_name)
+    model = MLP([3, 4, 2], "tanh")
+    opt = SGD(model.apply, losses.SigmoidBCE())
+    params = model.init(0, b, dtype="float64")
+    state = opt.init(params)
+    x = b.asarray(X)
+    for bad in (2.0, -0.5):
+        y = np.full((6, 2), 0.5)
+        y[3, 1] = bad
+        with pytest.raises(LabelError, match=r"\[0, 1\]"):
+            opt.step(params, state, (x, b.asarray(y)))
+    y = np.tile([0.0, 1.0], (6, 1))
+    _, _, info = opt.step(params, state, (x, b.asarray(y)))
+    f = np.asarray(b.to_numpy(model.apply(params, x)), dtype=np.float64)
+    expected = np.mean(np.sum(np.logaddexp(0.0, f) - y * f, axis=1))
+    assert float(info.loss) == pytest.approx(expected, rel=1e-12)

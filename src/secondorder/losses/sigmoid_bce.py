@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +51,42 @@ class SigmoidBCE(Loss):
     name = "sigmoid_bce"
     canonical = True
 
+    #: (weak reference to the targets last found valid, their torch version counter)
+    _valid: tuple[Any, Any] | None = None
+
     def per_sample(self, f: Array, y: Array) -> Array:
+        self.check_values(f, y)
         xp = backend_of(f).xp
         return xp.sum(softplus(f) - y * f, axis=1)
+
+    def check_values(self, f: Array, y: Array) -> None:
+        """Finite targets must lie in [0, 1] (binary labels or probabilities): outside it the
+        loss is unbounded below and a step reported finite=True moves towards -inf.
+        :class:`~secondorder.errors.LabelError` otherwise. As for softmax cross-entropy: only
+        concrete targets (one reduction, one host read, once per targets array); NaN or inf
+        targets are left to the step's finiteness guard."""
+        del f
+        backend = backend_of(y)
+        if not backend.is_concrete(y):
+            return
+        memo, version = self._valid, getattr(y, "_version", None)
+        if memo is not None and memo[0]() is y and memo[1] == version:
+            return
+        xp = backend.xp
+        bad = xp.any(xp.logical_and(xp.isfinite(y), xp.logical_or(y < 0, y > 1)))
+        if not backend.is_concrete(bad):  # concrete targets closed over inside jax.jit
+            return
+        if bool(bad):
+            values = backend.to_numpy(y)
+            finite = values[np.isfinite(values)]
+            raise LabelError(
+                f"sigmoid binary cross-entropy: targets must lie in [0, 1] (labels or "
+                f"probabilities); got values from {finite.min():.6g} to {finite.max():.6g}. "
+                "Rescale the targets, or use MSE for unbounded regression targets")
+        try:
+            self._valid = (weakref.ref(y), version)
+        except TypeError:
+            self._valid = None
 
     def grad(self, f: Array, y: Array) -> Array:
         return sigmoid(f) - y
