@@ -1,0 +1,237 @@
+"""Step time of the Kronecker-factored methods (K-FAC, Shampoo, TNT) against SGD and Adam.
+
+Problems (float32, softmax cross-entropy, batch 128, seeded weights and one batch):
+
+* ``mlp``: MLP 784-256-10, tanh;
+* ``convnet``: ConvNet on 1 x 28 x 28 images, conv 16 - conv 32 (3 x 3, average pooling), dense
+  128 - 10, tanh.
+
+Methods, each with its periodic work as the issue sets it:
+
+* ``kfac``: K-FAC with statistics every 10 steps (T1) and damped inverses every 100 (T2);
+* ``shampoo``: statistics every step, inverse roots every 100;
+* ``tnt``: statistics every 10 steps, inverses every 100;
+* ``sgd`` (momentum 0.9) and ``adam``: the library's first-order steps;
+* ``handwritten_sgd``: the SGD + momentum step written in the framework around the same model's
+  forward pass (``torch.func.grad_and_value`` of ``F.cross_entropy``; a jitted
+  ``jax.value_and_grad``), the reference outside the library.
+
+A periodic method's cost is its average over a whole period, not its median step (which would
+hide the inverse every 100 steps). So every method runs ``--block`` consecutive steps (default
+100, one T2 period; each step continues from the previous one) per round, in interleaved rounds
+after warm-up (torch with one intra-op thread; jitted JAX, synchronised with
+``block_until_ready`` at the end of each block), and ``step_ms`` is the median over rounds of the
+block's time divided by its steps. Ratios divide medians of the same run: ``ratio_to_sgd``,
+``ratio_to_adam`` and ``ratio_to_handwritten_sgd``.
+
+The targets (issue 13): K-FAC <= 1.5x SGD, Shampoo <= 1.5x Adam, TNT <= 1.5x SGD, on torch and
+JAX. ``--kfac-jax`` adds kfac-jax's own optimiser (``kfac_jax.Optimizer``, the same T1/T2, MLP
+only) to the JAX rounds; kfac-jax 0.0.8 needs jax 0.7.2, so that run belongs to the
+``peers-kfac-jax`` nox session, not the default environment.
+
+    python benchmarks/kronecker.py --json benchmarks/results/kronecker.json
+
+Writes ``{"<backend>": {"<problem>": {"<method>": {"step_ms", "ratio_to_sgd", ...}}},
+"kfac_jax": {"<problem>": {...}}, "_meta": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import _setup as setup
+from secondorder import backends, losses, optim, tree
+from secondorder.models import MLP, ConvNet
+
+PERIOD = 100
+PROBLEMS = ("mlp", "convnet")
+
+
+def problem(name: str, backend: str, batch: int, seed: int) -> tuple[Any, Any, Any, Any]:
+    """``(model, params, x, y)`` in float32 on ``backend``."""
+    b = backends.get(backend)
+    rng = np.random.default_rng(seed)
+    if name == "mlp":
+        model: Any = MLP((784, 256, 10), "tanh")
+        x = rng.standard_normal((batch, 784))
+    else:
+        model = ConvNet((1, 28, 28), channels=(16, 32), dense=(128, 10), activation="tanh")
+        x = rng.standard_normal((batch, 1, 28, 28))
+    params = model.init(seed, b, dtype="float32")
+    return model, params, b.asarray(x, dtype="float32"), b.asarray(rng.integers(0, 10, batch))
+
+
+def methods(model: Any, loss: Any) -> dict[str, Any]:
+    """The library's optimisers, with the periods of the module docstring."""
+    return {
+        "sgd": optim.SGD(model, loss, lr=0.01, momentum=0.9),
+        "adam": optim.Adam(model, loss, lr=1e-3),
+        "kfac": optim.KFAC(model, loss, lr=0.01, damping=1e-3, statistics_interval=10,
+                           inverse_interval=PERIOD),
+        "shampoo": optim.Shampoo(model, loss, lr=0.01, statistics_interval=1,
+                                 root_interval=PERIOD),
+        "tnt": optim.TNT(model, loss, lr=0.01, statistics_interval=10, inverse_interval=PERIOD),
+    }
+
+
+class Block:
+    """``steps`` consecutive calls of ``step(carry) -> carry``, continuing across blocks."""
+
+    def __init__(self, step: Callable[[Any], Any], carry: Any, steps: int) -> None:
+        self.step, self.carry, self.steps = step, carry, steps
+
+    def __call__(self) -> Any:
+        for _ in range(self.steps):
+            self.carry = self.step(self.carry)
+        return self.carry
+
+
+def handwritten_sgd(backend: str, model: Any, x: Any, y: Any
+                    ) -> Callable[[tuple[Any, Any]], tuple[Any, Any]]:
+    """``(w, buf) -> (w, buf)``: b <- mu b + g, w <- w - lr b with the framework's own
+    autodiff and cross-entropy around ``model.apply``."""
+    lr, mu = 0.01, 0.9
+    if backend == "torch":
+        import torch
+        import torch.nn.functional as F  # noqa: N812 - the usual torch alias
+
+        grad_and_value = torch.func.grad_and_value(
+            lambda w: F.cross_entropy(model.apply(w, x), y))
+
+        def step(carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            w, buf = carry
+            g, _ = grad_and_value(w)
+            buf = torch.utils._pytree.tree_map(lambda b, gi: mu * b + gi, buf, g)
+            return torch.utils._pytree.tree_map(lambda wi, b: wi - lr * b, w, buf), buf
+
+        return step
+    import jax
+
+    def objective(w: Any) -> Any:
+        logits = model.apply(w, x)
+        return -jax.numpy.mean(jax.numpy.take_along_axis(
+            jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    @jax.jit
+    def jax_step(carry: tuple[Any, Any]) -> tuple[Any, Any]:
+        w, buf = carry
+        g = jax.grad(objective)(w)
+        buf = jax.tree_util.tree_map(lambda b, gi: mu * b + gi, buf, g)
+        return jax.tree_util.tree_map(lambda wi, b: wi - lr * b, w, buf), buf
+
+    return jax_step
+
+
+def kfac_jax_step(x: Any, y: Any, params: Any, seed: int) -> Callable[[Any], Any]:
+    """kfac-jax's optimiser on the MLP (its own layer registration by graph matching), with
+    T1 = 10, T2 = 100, fixed learning rate, momentum and damping: ``carry -> carry``."""
+    import jax
+    import jax.numpy as jnp
+    import kfac_jax
+
+    def apply(w: Any, xb: Any) -> Any:
+        a = jnp.tanh(xb @ w[0]["w"].T + w[0]["b"])
+        return a @ w[1]["w"].T + w[1]["b"]
+
+    def loss_fn(w: Any, data: tuple[Any, Any]) -> Any:
+        xb, yb = data
+        logits = apply(w, xb)
+        kfac_jax.register_softmax_cross_entropy_loss(logits, yb)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=1))
+
+    opt = kfac_jax.Optimizer(
+        value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
+        use_adaptive_learning_rate=False, use_adaptive_momentum=False,
+        use_adaptive_damping=False, learning_rate_schedule=lambda t: 0.01,
+        momentum_schedule=lambda t: 0.9, damping_schedule=lambda t: 1e-3,
+        curvature_update_period=10, inverse_update_period=PERIOD, multi_device=False)
+    key = jax.random.PRNGKey(seed)
+    batch = (x, y)
+    state = opt.init(params, key, batch)
+
+    def step(carry: Any) -> Any:
+        w, s, k = carry
+        k, sub = jax.random.split(k)
+        w, s, _ = opt.step(w, s, sub, batch=batch, global_step_int=None)
+        return w, s, k
+
+    return step, (params, state, key)
+
+
+def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    b = backends.get(backend)
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, params, x, y = problem(name, backend, args.batch, args.seed)
+    loss = losses.SoftmaxCrossEntropy()
+    batch = (x, y)
+    sync: Callable[[Any], Any] = lambda out: None  # noqa: E731
+    if backend == "jax":
+        import jax
+
+        sync = jax.block_until_ready
+    fns: dict[str, Callable[[], Any]] = {}
+    for label, opt in methods(model, loss).items():
+        step = b.jit(opt.step)
+
+        def advance(carry: tuple[Any, Any], step: Callable = step) -> tuple[Any, Any]:
+            p, s, _ = step(carry[0], carry[1], batch)
+            return p, s
+
+        fns[label] = Block(advance, (params, opt.init(params)), args.block)
+    fns["handwritten_sgd"] = Block(handwritten_sgd(backend, model, x, y),
+                                   (params, tree.zeros_like(params)), args.block)
+    if backend == "jax" and args.kfac_jax and name == "mlp":
+        step, carry = kfac_jax_step(x, y, params, args.seed)
+        fns["kfac_jax"] = Block(step, carry, args.block)
+    ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
+    per_step = {label: t / args.block for label, t in ms.items()}
+    return {label: {"step_ms": t, "ratio_to_sgd": t / per_step["sgd"],
+                    "ratio_to_adam": t / per_step["adam"],
+                    "ratio_to_handwritten_sgd": t / per_step["handwritten_sgd"]}
+            for label, t in per_step.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = setup.parser(__doc__, "kronecker", batch=128, warmup=1, repeats=5)
+    parser.set_defaults(backends="torch,jax")
+    parser.add_argument("--problems", default=",".join(PROBLEMS),
+                        help="comma-separated subset of " + ",".join(PROBLEMS))
+    parser.add_argument("--block", type=int, default=PERIOD,
+                        help="consecutive steps per timed block (default: one T2 period)")
+    parser.add_argument("--kfac-jax", action="store_true",
+                        help="also time kfac_jax.Optimizer on the MLP (needs kfac-jax)")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {}
+    for backend in args.backends.split(","):
+        if importlib.util.find_spec(setup.NEEDS[backend]) is None:
+            results[backend] = {"skipped": f"{setup.NEEDS[backend]} is not installed"}
+            continue
+        results[backend] = {}
+        for name in args.problems.split(","):
+            rows = bench(backend, name, args)
+            if "kfac_jax" in rows:
+                results.setdefault("kfac_jax", {})[name] = rows.pop("kfac_jax")
+            results[backend][name] = rows
+            print(backend, name, json.dumps({k: round(v["ratio_to_sgd"], 3)
+                                             for k, v in rows.items()}))
+    results["_meta"] = {"problems": {"mlp": "MLP 784-256-10 tanh",
+                                     "convnet": "ConvNet 1x28x28, conv 16-32, dense 128-10, tanh"},
+                        "batch": args.batch, "dtype": "float32", "block": args.block,
+                        "warmup_blocks": args.warmup, "rounds": args.repeats,
+                        "torch_threads": args.threads, "python": platform.python_version()}
+    setup.write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
