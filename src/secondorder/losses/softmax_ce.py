@@ -139,10 +139,14 @@ class SoftmaxCrossEntropy(Loss):
 
     def _sample(self, f: Array, noise: Array) -> Array:
         """Integer class labels, shape (m,)."""
-        xp = backend_of(f).xp
+        backend = backend_of(f)
+        xp = backend.xp
         s, _ = self._softmax(f)
         below = xp.cumulative_sum(s, axis=1) < noise[:, None]
-        labels = xp.sum(xp.astype(below, xp.int64), axis=1)
+        # int64 where the backend has it; JAX without x64 has int32 only (asking for int64
+        # there warns at every sample and truncates anyway)
+        index = xp.int64 if backend.supports_float64() else xp.int32
+        labels = xp.sum(xp.astype(below, index), axis=1)
         return xp.clip(labels, max=f.shape[1] - 1)
 
     #: (weak reference to the targets last found valid, their version, the number of classes)
