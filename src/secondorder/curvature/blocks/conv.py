@@ -15,8 +15,10 @@ class ConvBlock(KroneckerBlock):
     channel-major as the kernel flattened row-major), delta_it the output gradient there, T the
     number of output positions. Convention: **A sums over positions, G averages** (as
     :func:`secondorder.curvature.kronecker_factors`); curvlinops' factors are (A / T, T G). The
-    product A (x) G is the same, but a factored (pi-split) damping is not: to reproduce the other
-    convention, pass factors scaled by (1/T, T) to ``with_factors`` or ``update_statistics``.
+    product A (x) G is the same, and so is the pi-split damped inverse (pi scales with
+    sqrt(tr A / tr G), so (A/T + pi/T sqrt(l) I) (x) (T G + T sqrt(l)/pi I) is the same matrix);
+    only a split that ignores the traces ("equal") differs. To reproduce the other convention,
+    pass factors scaled by (1/T, T) to ``with_factors`` or ``update_statistics``.
     The block acts on the kernel flattened to (C_out, C_in kh kw) with the bias column last,
     ``Kronecker(G, A)``, as :class:`~.dense.DenseBlock` does.
 
