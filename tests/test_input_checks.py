@@ -190,3 +190,18 @@ def test_bce_targets_outside_unit_interval(backend_name):
     f = np.asarray(b.to_numpy(model.apply(params, x)), dtype=np.float64)
     expected = np.mean(np.sum(np.logaddexp(0.0, f) - y * f, axis=1))
     assert float(info.loss) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_mse_and_bce_targets_of_another_shape(backend_name):
+    """Targets whose shape is not the outputs' gave the framework's broadcast error (numpy
+    ValueError, torch RuntimeError, jax TypeError) inside the step; now ShapeError."""
+    b = _backend(backend_name)
+    x = b.asarray(X)
+    for loss in (losses.MSE(), losses.SigmoidBCE()):
+        opt = SGD(MODEL.apply, loss)
+        params = MODEL.init(0, b, dtype="float64")
+        state = opt.init(params)
+        for y in (np.zeros((6, 2)), np.zeros(6)):
+            with pytest.raises(ShapeError, match=r"targets have shape"):
+                opt.step(params, state, (x, b.asarray(y)))

@@ -180,6 +180,17 @@ class Loss(ABC):
                 "lower the step size"
             )
 
+    def check_shapes(self, f: Array, y: Array) -> None:
+        """:class:`~secondorder.errors.ShapeError` unless the targets have the outputs' shape
+        (losses whose targets are shaped like the outputs: MSE, sigmoid BCE). Shapes are known
+        inside traces too, so this costs nothing; it is called where outputs meet targets."""
+        if tuple(getattr(y, "shape", ())) != tuple(getattr(f, "shape", ())):
+            raise ShapeError(
+                f"{self.name}: targets have shape {tuple(getattr(y, 'shape', ()))}, outputs "
+                f"{tuple(getattr(f, 'shape', ()))}; they must match (reshape y, or check the "
+                "width of the network's last layer)"
+            )
+
     def check_values(self, f: Array, y: Array) -> None:
         """Raise :class:`~secondorder.errors.LabelError` for target values this loss cannot take
         (class labels out of range, say), at the cost of one reduction and one host read.

@@ -42,6 +42,7 @@ class MSE(Loss):
     canonical = True
 
     def per_sample(self, f: Array, y: Array) -> Array:
+        self.check_shapes(f, y)  # a broadcast error (or a silent broadcast) otherwise
         xp = backend_of(f).xp
         r = f - y
         return 0.5 * xp.sum(r * r, axis=1)

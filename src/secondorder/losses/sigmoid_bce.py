@@ -55,6 +55,7 @@ class SigmoidBCE(Loss):
     _valid: tuple[Any, Any] | None = None
 
     def per_sample(self, f: Array, y: Array) -> Array:
+        self.check_shapes(f, y)
         self.check_values(f, y)
         xp = backend_of(f).xp
         return xp.sum(softplus(f) - y * f, axis=1)
