@@ -58,9 +58,9 @@ MODELS = {"cnn": "mnist1d-cnn", "mlp": "mnist1d-mlp"}
 GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": lr, "momentum": 0.9} for lr in (0.1, 0.03, 0.3, 0.01)],
     "adam": [{"lr": lr} for lr in (1e-2, 3e-3, 3e-2, 1e-3)],
-    "kfac": [{"lr": lr, "damping": d} for d in (1e-2, 1e-1, 1e-3) for lr in (0.1, 0.03, 0.3)],
+    "kfac": [{"lr": lr, "damping": d} for d in (1e-1, 1e-2, 1e-3) for lr in (0.03, 0.01, 0.1)],
     "shampoo": [{"lr": lr, "eps": e} for e in (1e-4, 1e-3) for lr in (0.03, 0.01, 0.1)],
-    "tnt": [{"lr": lr, "eps": e} for e in (1e-2, 1e-1) for lr in (0.03, 0.01, 0.1)],
+    "tnt": [{"lr": lr, "eps": e} for e in (1e-1, 1e-2) for lr in (3e-3, 1e-3, 1e-2)],
 }
 #: settings every run of a method shares (statistics every 5 steps and inverses or roots every
 #: 20 for the Kronecker-factored methods, momentum 0.9 where the method has it)
