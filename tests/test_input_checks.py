@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -205,3 +206,15 @@ def test_mse_and_bce_targets_of_another_shape(backend_name):
         for y in (np.zeros((6, 2)), np.zeros(6)):
             with pytest.raises(ShapeError, match=r"targets have shape"):
                 opt.step(params, state, (x, b.asarray(y)))
+
+
+@pytest.mark.parametrize("method", NAMES)
+def test_hyperparameters_of_the_wrong_type_are_named(method):
+    """A string or a list where a ranged number belongs ("0.1", [0.1]) was accepted, or raised a
+    bare TypeError / ValueError from int() or a comparison; now HyperparameterError naming it."""
+    ranged = METHODS[method].cls.hyperparameters
+    names = [n for n in _numeric_arguments(method) if n in ranged]
+    for name in names:
+        for bad in ("0.1", [0.1]):
+            with pytest.raises(HyperparameterError, match=re.escape(f"{name}={bad!r} is not")):
+                METHODS[method](MODEL.apply, LOSS, **{name: bad})

@@ -136,10 +136,18 @@ def check_hyperparameter(method: str, name: str, value: Any, valid: str | None =
     """The one rule for hyperparameters: a concrete number (a Python or NumPy real, not a bool)
     must be finite and, when ``valid`` gives its range (``"> 0"``, ``"[0, 1)"``,
     ``"integer >= 1"``, see :func:`_parse_range`), lie in it; a tuple or list of numbers is
-    checked entry by entry. Anything else (a schedule, an array, a tracer of ``jax.vmap`` over
-    the hyperparameter, None, a string) is left alone. Raises
+    checked entry by entry, except for a parameter with a range, which takes one number: there a
+    string, tuple, list, dict or set raises. Anything else (a schedule, an array, a tracer of
+    ``jax.vmap`` over the hyperparameter, None) is left alone. Raises
     :class:`~secondorder.errors.HyperparameterError` naming the method, the parameter, the value
     and the valid range."""
+    if valid is not None and isinstance(value, str | bytes | tuple | list | dict | set):
+        # a parameter with a numeric range in the class's table takes one number (or a
+        # schedule, an array): "0.1" or [0.1] was accepted and failed later inside a step
+        rule = f"an {valid}" if valid.startswith("integer") else f"a number {valid}"
+        raise HyperparameterError(
+            f"{method}: {name}={value!r} is not valid; {name} must be {rule} (or an array or a "
+            f"schedule), not a {type(value).__name__}")
     if isinstance(value, tuple | list):
         for i, v in enumerate(value):
             check_hyperparameter(method, f"{name}[{i}]", v)
