@@ -6,9 +6,10 @@ and JAX.
     secondorder.backends.available()       # what is installed and what each backend can do
 """
 
-from . import backends, errors, linalg, tree
+from . import backends, checkpoint, errors, linalg, tree
 from .backends import backend_of, namespace, use
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backend_of", "backends", "errors", "linalg", "namespace", "tree", "use"]
+__all__ = ["__version__", "backend_of", "backends", "checkpoint", "errors", "linalg", "namespace",
+           "tree", "use"]

@@ -12,6 +12,8 @@ __all__ = [
     "AutodiffUnavailableError",
     "BackendNotFoundError",
     "BackendUnavailableError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "DeviceMismatchError",
     "DTypeError",
     "LabelError",
@@ -98,3 +100,12 @@ class MissingBatchError(SecondOrderError, TypeError):
     """An optimiser step called without the batch it must differentiate (for example
     ``torch.optim``-style ``step(closure)``): second-order methods need the model output and the
     loss separately, so the torch integration takes ``step((x, y))``."""
+
+
+class CheckpointError(SecondOrderError, ValueError):
+    """A checkpoint file that is not one, is damaged, or holds what cannot be rebuilt here (a
+    class this version does not have, a tree that JSON cannot describe)."""
+
+
+class CheckpointNotFoundError(SecondOrderError, FileNotFoundError):
+    """A checkpoint path (or the directory to save it in) that does not exist."""
