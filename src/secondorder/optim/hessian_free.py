@@ -249,8 +249,10 @@ class HessianFree(Optimizer):
             new_params, update, inner = apply_transform(
                 self.transform, zero_where_rejected(accept, step), inner, params)
         new_state = HessianFreeState(state.count + 1, direction, new_lam, next_key, inner)
+        # the model value holds a curvature product: a NaN curvature stops CG at its finite
+        # warm start, so direction alone would pass the guard with a step never solved for
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
-                                                  grad, direction,
+                                                  grad, direction, model,
                                                   damping_key=None if scheduled else "damping",
                                                   update=update)
         return params, state, self.info(params, loss, step_norm, state.damping, ok,

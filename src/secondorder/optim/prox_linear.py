@@ -545,7 +545,9 @@ class ProxLinear(Optimizer):
                                     inner_steps=self.inner_steps, solver=self.solver,
                                     scaled=self.scaled, tol=self.tol, lin=lin)
         d = res.direction
-        checks = (d,)
+        # a NaN curvature product stops the inner CG at its start (the plain gradient step, a
+        # finite d) but leaves NaN in the residual: checked so that such a step is rejected
+        checks = (d, res.residual)
         eta = state.eta
         if self.transform is not None:
             scaled_d = tree_map(lambda a: a / gamma, d)
