@@ -98,7 +98,9 @@ def train(problem: Any, method: str, backend: backends.Backend, dtype: str,
     params = problem.init(seed, backend, dtype)
     if device is not None:
         params = _to_device(backend, params, device)
-    opt = METHODS[method](problem.apply, problem.loss)
+    # the model itself where the problem has one: layer-tap methods (K-FAC, K-BFGS) need it,
+    # and it computes the same outputs as problem.apply
+    opt = METHODS[method](getattr(problem, "model", None) or problem.apply, problem.loss)
     state = opt.init(params)
     step = backend.jit(opt.step)  # compiled where the backend compiles (has_jit)
     times = []
