@@ -274,3 +274,21 @@ def test_what_cannot_be_stored_is_refused_with_a_reason(tmp_path):
     with pytest.raises(DeviceMismatchError, match="host memory"):
         checkpoint.convert({"a": np.zeros(1)}, "numpy", device="cuda:0")
     assert not any(p.name.startswith(".checkpoint-") for p in tmp_path.iterdir())
+
+
+def test_the_readme_checkpointing_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import contextlib
+    import io
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Checkpointing", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(block, "README.md", "exec"), {})
+    assert out.getvalue().split() == ["1", "CurveBallState"]
+    assert (tmp_path / "run.ckpt").is_file()
