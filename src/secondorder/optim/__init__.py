@@ -14,6 +14,7 @@ from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
 from .prox_linear import ProxLinear
 from .shampoo import Shampoo
+from .smw import SMWGN, SMWNG
 from .tnt import TNT
 
 __all__ = ["SGD", "Adam", "AdamW", "CurveBall", "HessianFree", "Optimizer", "StepInfo"]
@@ -26,3 +27,4 @@ __all__ += ["checked"]
 __all__ += ["Shampoo"]
 __all__ += ["TNT"]
 __all__ += ["KFAC"]
+__all__ += ["SMWGN", "SMWNG"]

@@ -14,6 +14,8 @@ from typing import Any
 from . import (
     BFGS,
     SGD,
+    SMWGN,
+    SMWNG,
     Adam,
     CurveBall,
     GroupedNewton,
@@ -63,6 +65,8 @@ METHODS: dict[str, Factory] = {
                    inverse_interval=3),
     "shampoo": Method(Shampoo, "eps", lr=0.05, eps=1e-3, root_interval=2),
     "tnt": Method(TNT, "eps", lr=1e-3, eps=0.1, inverse_interval=2),
+    "smw-gn": Method(SMWGN, "damping"),
+    "smw-ng": Method(SMWNG, "damping"),
 }
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
