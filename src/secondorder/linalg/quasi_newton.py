@@ -1,0 +1,218 @@
+"""Quasi-Newton updates of an inverse-curvature estimate H, written over the array namespace so
+that every piece runs eagerly on NumPy and PyTorch and compiles under ``jax.jit`` (no Python
+branch on array values; a few ``where`` selects instead).
+
+Notation: s a step, y the change of gradient (the secant pair), H ~ B^{-1} symmetric positive
+definite, rho = 1 / (s^T y). Vectors are 1-d arrays of length n; H is (n, n).
+
+* :func:`bfgs_inverse_update`: the BFGS update of H (Nocedal and Wright, eq. 6.17; Y. Ren's
+  thesis eq. 2.6 / 3.11)  H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T.
+* :func:`powell_damping_h`: Powell's damping on H (thesis sec. 2.3.1):
+  s~ = theta s + (1 - theta) H y with theta = (1 - mu) y^T H y / (y^T H y - s^T y) when
+  s^T y < mu y^T H y, else 1; afterwards s~^T y >= mu y^T H y.
+* :func:`double_damping`: DD (thesis Algorithm 3): Powell's damping on H with mu1, then
+  Powell's damping with B = I: y~ = theta2 y + (1 - theta2) s~ with
+  theta2 = (1 - mu2) s~^T s~ / (s~^T s~ - s~^T y) when s~^T y < mu2 s~^T s~, else 1; afterwards
+  s~^T y~ >= mu2 s~^T s~ (for mu2 in (0, 1]).
+* :func:`powell_lm_damping`: D_P D_LM (thesis Algorithm 8): Powell's damping on H with mu1,
+  then the Levenberg-Marquardt shift y~ = y + mu2 s~ (mu2 in (0, inf)); afterwards
+  s~^T y~ >= mu2 s~^T s~.
+* :class:`LBFGSMemory`, :func:`lbfgs_init`, :func:`lbfgs_push`, :func:`lbfgs_apply`: L-BFGS
+  (Nocedal and Wright, Algorithm 7.4) over a fixed-size buffer of the last ``memory`` pairs,
+  oldest first, applied by the two-loop recursion to a vector or, column by column, to a
+  matrix; empty slots hold rho = 0 and change nothing, so the arrays keep one shape and the
+  recursion compiles with ``fori_loop``.
+
+A pair with s^T y <= 0 (or a non-finite one) cannot keep H positive definite; the updates here
+skip it (H is returned unchanged, the L-BFGS buffer is not advanced), which is what BFGS codes
+do when the curvature condition fails. The damping functions exist so that this does not
+happen: after either of them s~^T y~ > 0 whenever s~ != 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ..backends import backend_of
+
+Array = Any
+
+__all__ = [
+    "LBFGSMemory",
+    "bfgs_inverse_update",
+    "double_damping",
+    "lbfgs_apply",
+    "lbfgs_init",
+    "lbfgs_push",
+    "powell_damping_h",
+    "powell_lm_damping",
+]
+
+
+def _dot(a: Array, b: Array, xp: Any) -> Array:
+    return xp.sum(a * b)
+
+
+def _safe_reciprocal(sy: Array, xp: Any) -> Array:
+    """1 / (s^T y) where s^T y > 0 and finite, else 0 (the pair is skipped)."""
+    ok = xp.logical_and(sy > 0, xp.isfinite(sy))
+    return xp.where(ok, 1.0 / xp.where(ok, sy, xp.ones_like(sy)), xp.zeros_like(sy))
+
+
+def bfgs_inverse_update(h: Array, s: Array, y: Array) -> Array:
+    """The BFGS update of the inverse estimate H with the pair (s, y):
+
+        H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T,   rho = 1 / (s^T y),
+
+    expanded as H+ = H - rho (s u^T + u s^T) + (rho^2 y^T H y + rho) s s^T with u = H y
+    (two matrix-vector products and three rank-one terms, O(n^2)). H+ y = s (the secant
+    condition) and H+ is positive definite when H is and s^T y > 0. A pair with s^T y <= 0 or
+    non-finite is skipped: rho = 0 gives H+ = H exactly.
+    """
+    xp = backend_of(h).xp
+    u = h @ y
+    rho = _safe_reciprocal(_dot(s, y, xp), xp)
+    # where the pair is skipped, u and y^T H y may be anything: zero them so nothing leaks
+    yhy = xp.where(rho > 0, _dot(y, u, xp), xp.zeros_like(rho))
+    u = xp.where(rho > 0, u, xp.zeros_like(u))
+    s = xp.where(rho > 0, s, xp.zeros_like(s))
+    su = s[:, None] * u[None, :]
+    out = h - rho * (su + xp.matrix_transpose(su)) + (rho * rho * yhy + rho) * (
+        s[:, None] * s[None, :])
+    return 0.5 * (out + xp.matrix_transpose(out))  # exact symmetry against rounding drift
+
+
+def powell_damping_h(s: Array, y: Array, hy: Array, mu: Any) -> Array:
+    """Powell's damping on H (thesis sec. 2.3.1; Algorithm 3 lines 1-2, Algorithm 8 lines
+    2-7): s~ = theta s + (1 - theta) H y, with ``hy`` = H y and
+
+        theta = (1 - mu) y^T H y / (y^T H y - s^T y)   if s^T y < mu y^T H y,   else 1,
+
+    so that s~^T y >= mu y^T H y (equality when damped). ``mu`` in (0, 1)."""
+    xp = backend_of(s).xp
+    sy, yhy = _dot(s, y, xp), _dot(y, hy, xp)
+    damp = sy < mu * yhy
+    # y^T H y - s^T y > (1 - mu) y^T H y >= 0 where damped; 1 elsewhere keeps it finite
+    theta = xp.where(damp, (1 - mu) * yhy / xp.where(damp, yhy - sy, xp.ones_like(sy)),
+                     xp.ones_like(sy))
+    return theta * s + (1 - theta) * hy
+
+
+def double_damping(s: Array, y: Array, hy: Array, mu1: Any, mu2: Any
+                   ) -> tuple[Array, Array]:
+    """DD, the double damping of the thesis's Algorithm 3 (Ch. 2): Powell's damping on H with
+    ``mu1`` (:func:`powell_damping_h`), then Powell's damping with B = I and ``mu2``:
+
+        theta2 = (1 - mu2) s~^T s~ / (s~^T s~ - s~^T y)   if s~^T y < mu2 s~^T s~,   else 1,
+        y~ = theta2 y + (1 - theta2) s~.
+
+    Returns (s~, y~) with s~^T y >= mu1 y^T H y and s~^T y~ >= mu2 s~^T s~. ``mu1`` in (0, 1),
+    ``mu2`` in (0, 1] (y~ a convex combination of y and s~; the thesis sets mu2 = lambda_G)."""
+    xp = backend_of(s).xp
+    st = powell_damping_h(s, y, hy, mu1)
+    sty, sts = _dot(st, y, xp), _dot(st, st, xp)
+    damp = sty < mu2 * sts
+    theta = xp.where(damp, (1 - mu2) * sts / xp.where(damp, sts - sty, xp.ones_like(sts)),
+                     xp.ones_like(sts))
+    return st, theta * y + (1 - theta) * st
+
+
+def powell_lm_damping(s: Array, y: Array, hy: Array, mu1: Any, mu2: Any
+                      ) -> tuple[Array, Array]:
+    """D_P D_LM, the thesis's Algorithm 8 (Ch. 3): Powell's damping on H with ``mu1``
+    (:func:`powell_damping_h`), then the Levenberg-Marquardt shift y~ = y + mu2 s~.
+
+    Returns (s~, y~) with s~^T y >= mu1 y^T H y >= 0 and hence s~^T y~ >= mu2 s~^T s~ (the
+    curvature along s~ is bounded below by mu2, as if mu2 I had been added to H^{-1}).
+    ``mu1`` in (0, 1), ``mu2`` > 0 (the thesis sets mu2 = lambda_G)."""
+    st = powell_damping_h(s, y, hy, mu1)
+    return st, y + mu2 * st
+
+
+class LBFGSMemory(NamedTuple):
+    """The last ``memory`` L-BFGS pairs, oldest first: ``s`` and ``y`` (memory, n) and
+    ``rho`` (memory,) = 1 / (s_i^T y_i), 0 for an empty slot (which the two-loop recursion then
+    passes over). Slots fill from the end: after k < memory pushes the first memory - k are
+    empty."""
+
+    s: Array
+    y: Array
+    rho: Array
+
+
+def lbfgs_init(n: int, memory: int, like: Array) -> LBFGSMemory:
+    """An empty memory of ``memory`` pairs of length ``n``, with the namespace, dtype and
+    device of the array ``like``."""
+    backend = backend_of(like)
+    xp, dev = backend.xp, backend.device(like)
+    zeros = xp.zeros((memory, n), dtype=like.dtype, device=dev)
+    return LBFGSMemory(zeros, zeros, xp.zeros((memory,), dtype=like.dtype, device=dev))
+
+
+def lbfgs_push(mem: LBFGSMemory, s: Array, y: Array) -> LBFGSMemory:
+    """``mem`` with the pair (s, y) appended as the newest and the oldest dropped; a pair with
+    s^T y <= 0 or non-finite is skipped (``mem`` is returned with the same values)."""
+    xp = backend_of(s).xp
+    rho = _safe_reciprocal(_dot(s, y, xp), xp)
+    keep = rho > 0
+
+    def shift(old: Array, new: Array) -> Array:
+        pushed = xp.concat([old[1:], new[None]], axis=0)
+        return xp.where(keep, pushed, old)
+
+    return LBFGSMemory(shift(mem.s, s), shift(mem.y, y), shift(mem.rho, rho))
+
+
+def lbfgs_apply(mem: LBFGSMemory, v: Array, h0: Any) -> Array:
+    """H v for the L-BFGS matrix H of the pairs in ``mem`` over H_0 = ``h0`` I (the two-loop
+    recursion, Nocedal and Wright Algorithm 7.4):
+
+        q = v;  for i = newest .. oldest:  alpha_i = rho_i s_i^T q,  q -= alpha_i y_i
+        r = h0 q;  for i = oldest .. newest:  beta = rho_i y_i^T r,  r += (alpha_i - beta) s_i
+
+    ``v`` is a vector (n,) or a matrix (n, k), whose columns are multiplied at once. H equals
+    the dense matrix built from H_0 by :func:`bfgs_inverse_update` with the same pairs, oldest
+    first. The loops run through the backend's ``fori_loop`` over all slots (empty ones have
+    rho = 0 and change nothing), so the work is fixed and the function compiles."""
+    backend = backend_of(v)
+    xp = backend.xp
+    memory = mem.rho.shape[0]
+    matrix = v.ndim == 2
+    q = v if matrix else v[:, None]
+
+    def first(j: int, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+        q, alphas = carry
+        i = memory - 1 - j
+        alpha = mem.rho[i] * (mem.s[i] @ q)  # (k,)
+        q = q - mem.y[i][:, None] * alpha[None, :]
+        alphas = _set_row(alphas, i, alpha, backend)
+        return q, alphas
+
+    alphas0 = xp.zeros((memory, q.shape[1]), dtype=q.dtype, device=backend.device(q))
+    # eager arrays loop in Python (JAX's fori_loop would compile the body at every call)
+    loop = backend.fori_loop if not backend.is_concrete(v) else _python_loop
+    q, alphas = loop(0, memory, first, (q, alphas0))
+    r = h0 * q
+
+    def second(i: int, r: Array) -> Array:
+        beta = mem.rho[i] * (mem.y[i] @ r)
+        return r + mem.s[i][:, None] * (alphas[i] - beta)[None, :]
+
+    r = loop(0, memory, second, r)
+    return r if matrix else r[:, 0]
+
+
+def _python_loop(lower: int, upper: int, body: Any, init: Any) -> Any:
+    state = init
+    for i in range(lower, upper):
+        state = body(i, state)
+    return state
+
+
+def _set_row(a: Array, i: Any, row: Array, backend: Any) -> Array:
+    """``a`` with row ``i`` replaced, functionally and with ``i`` possibly traced (a masked
+    select: O(memory k) per call, which the recursion's O(n k) per pair dominates unless
+    memory > n)."""
+    xp = backend.xp
+    mask = xp.arange(a.shape[0], device=backend.device(a)) == i
+    return xp.where(mask[:, None], row[None, :], a)
