@@ -218,3 +218,19 @@ def test_hyperparameters_of_the_wrong_type_are_named(method):
         for bad in ("0.1", [0.1]):
             with pytest.raises(HyperparameterError, match=re.escape(f"{name}={bad!r} is not")):
                 METHODS[method](MODEL.apply, LOSS, **{name: bad})
+
+
+def test_curveball_thresholds_must_be_two_numbers():
+    """lambda_thresholds of the wrong shape or type raised a bare unpacking error."""
+    for bad in ("ab", 0.5, [1.0], ("a", "b"), (1.5, 0.5)):
+        with pytest.raises(HyperparameterError, match="lambda_thresholds"):
+            METHODS["curveball"](MODEL.apply, LOSS, lambda_thresholds=bad)
+
+
+@pytest.mark.parametrize(("name", "bad"), [("tau", 0), ("mu_g", 1.0), ("mu_eta", -0.1),
+                                           ("max_iter", 0), ("rcond", -1.0),
+                                           ("plateau_factor", 0.0)])
+def test_grouped_newton_ranges(name, bad):
+    """GroupedNewton's constructor goes through the one hyperparameter rule (its table)."""
+    with pytest.raises(HyperparameterError, match=re.escape(f"{name}={bad!r} is not valid")):
+        METHODS["grouped-newton"](MODEL.apply, LOSS, **{name: bad})

@@ -131,6 +131,11 @@ class CurveBall(Optimizer):
         if int(lambda_interval) != lambda_interval or lambda_interval < 1:
             raise HyperparameterError(
                 f"lambda_interval must be an integer >= 1, got {lambda_interval}")
+        if (not isinstance(lambda_thresholds, tuple | list) or len(lambda_thresholds) != 2
+                or any(isinstance(t, str | bytes) for t in lambda_thresholds)):
+            raise HyperparameterError(
+                f"CurveBall: lambda_thresholds={lambda_thresholds!r} is not valid; give two "
+                "numbers (low, high) with low < high, e.g. (0.5, 1.5)")
         low, high = lambda_thresholds
         if is_number(low, high) and not low < high:
             raise HyperparameterError("lambda_thresholds must be (low, high) with low < high")

@@ -363,6 +363,11 @@ class GroupedNewton(Optimizer):
 
     State = GroupedNewtonState
 
+    hyperparameters = {  # noqa: RUF012 - never mutated
+        "lr_factor": "> 0", "lambda_int": ">= 0", "mu_g": "[0, 1)", "mu_eta": "[0, 1)",
+        "tau": "integer >= 1", "d_floor": ">= 0", "rcond": ">= 0", "max_iter": "integer >= 1",
+        "patience": "integer >= 0", "plateau_factor": "(0, 1]", "plateau_threshold": ">= 0"}
+
     def __init__(self, apply: Callable, loss: Loss, *, partition: Any = "canonical",
                  lr_factor: float | Schedule = 0.1, lambda_int: float | Schedule = 10.0,
                  mu_g: float = 0.9,
@@ -370,13 +375,6 @@ class GroupedNewton(Optimizer):
                  rcond: float = 1e-12, max_iter: int = 200, patience: int = 5,
                  plateau_factor: float = 0.5, plateau_threshold: float = 1e-4):
         super().__init__(apply, loss)
-        if ((is_number(lr_factor) and lr_factor <= 0)
-                or (is_number(lambda_int) and lambda_int < 0)
-                or (is_number(mu_g, mu_eta) and not (0 <= mu_g < 1 and 0 <= mu_eta < 1))):
-            raise HyperparameterError(
-                "GroupedNewton needs lr_factor > 0, lambda_int >= 0 and momenta in [0, 1)")
-        if int(tau) < 1:
-            raise HyperparameterError("GroupedNewton needs tau >= 1")
         self.partition_spec, self.model = partition, model
         self.lr_factor, self.lambda_int, self.mu_g, self.mu_eta = lr_factor, lambda_int, mu_g, \
             mu_eta
