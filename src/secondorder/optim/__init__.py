@@ -9,6 +9,7 @@ from .curveball import CurveBall
 from .gradient_descent import SGD, Adam, AdamW, GradientDescent
 from .grouped_newton import GroupedNewton
 from .hessian_free import HessianFree
+from .kbfgs import KBFGS, KBFGSL
 from .kfac import KFAC
 from .levenberg_marquardt import LevenbergMarquardt
 from .newton import Newton
@@ -27,4 +28,5 @@ __all__ += ["checked"]
 __all__ += ["Shampoo"]
 __all__ += ["TNT"]
 __all__ += ["KFAC"]
+__all__ += ["KBFGS", "KBFGSL"]
 __all__ += ["SMWGN", "SMWNG"]

@@ -13,6 +13,8 @@ from typing import Any
 
 from . import (
     BFGS,
+    KBFGS,
+    KBFGSL,
     SGD,
     SMWGN,
     SMWNG,
@@ -65,6 +67,9 @@ METHODS: dict[str, Factory] = {
                    inverse_interval=3),
     "shampoo": Method(Shampoo, "eps", lr=0.05, eps=1e-3, root_interval=2),
     "tnt": Method(TNT, "eps", lr=1e-3, eps=0.1, inverse_interval=2),
+    # T = 2: the suite's steps take both branches of the curvature period
+    "kbfgs": Method(KBFGS, "damping", lr=0.1, damping=0.3, curvature_interval=2),
+    "kbfgs-l": Method(KBFGSL, "damping", lr=0.1, damping=0.3, curvature_interval=2, memory=3),
     "smw-gn": Method(SMWGN, "damping"),
     "smw-ng": Method(SMWNG, "damping"),
 }
