@@ -467,8 +467,8 @@ class SMWNG(_SMW):
     batch's labels (for a scaled loss c l_i, those of c l_i: c^2 times the unscaled Fisher, the
     library's empirical-Fisher convention); D = lambda I + K / N2 is N2 x N2 (not m_L x m_L as
     the thesis says), and (5.6) and (5.7) coincide since H = I.
-""" + _DOC_COMMON + """    inverse: {"auto", "5.6"}, default "auto"
-        Accepted for symmetry with :class:`SMWGN`; H = I, so both mean (5.6).
+""" + _DOC_COMMON + """    inverse: {"auto", "5.6", "5.7"}, default "auto"
+        Accepted for symmetry with :class:`SMWGN`; with H = I all three are (5.6).
 """ + _DOC_STATE
 
     curvature = "ng"
