@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .._pytree import flatten
+from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
 from ..errors import HyperparameterError, ShapeError, StructureError
 from ..losses import MSE, Loss, Scaled
@@ -302,8 +302,8 @@ class _SMW(Optimizer):
         whole = n2 == n1  # no slicing or padding (fewer operations for eager JAX)
         u2 = u if whole else u[:n2, :]
 
-        def head(a: Array) -> Array:  # the curvature batch's rows
-            return a if whole else a[:n2]
+        def head(a: Any) -> Any:  # the curvature batch's rows (of every leaf of a structure)
+            return a if whole else tree_map(lambda leaf: leaf[:n2], a)
 
         def pad(a: Array) -> Array:  # (N2, k) cotangent -> (N1, k)
             if whole:
