@@ -46,6 +46,8 @@ def _per_sample(kind, f, y):
         z = f - anp.max(f, axis=1, keepdims=True)
         logz = anp.log(anp.sum(anp.exp(z), axis=1))
         return logz - z[np.arange(f.shape[0]), y]
+    if kind == "bce":  # log(1 + e^f) - y f, summed over the outputs
+        return anp.sum(anp.logaddexp(0.0, f) - y * f, axis=1)
     return 0.5 * anp.sum((f - y) ** 2, axis=1)
 
 
@@ -55,6 +57,9 @@ def _hessians(kind, f):
     if kind == "ce":
         s = _softmax(f)
         return np.stack([np.diag(si) - np.outer(si, si) for si in s])
+    if kind == "bce":
+        s = 1.0 / (1.0 + np.exp(-f))
+        return np.stack([np.diag(si * (1 - si)) for si in s])
     return np.broadcast_to(np.eye(k), (m, k, k))
 
 
@@ -105,11 +110,14 @@ def _brute_force(model, kind, curvature, params, batches, *, n2, lr=1.0, damping
 def _data(kind, n, d, k, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d))
-    y = rng.integers(0, k, n) if kind == "ce" else rng.standard_normal((n, k))
-    return x, y
+    if kind == "ce":
+        return x, rng.integers(0, k, n)
+    if kind == "bce":
+        return x, (rng.random((n, k)) < 0.5).astype(float)
+    return x, rng.standard_normal((n, k))
 
 
-LOSSES = {"ce": losses.SoftmaxCrossEntropy(), "mse": losses.MSE()}
+LOSSES = {"ce": losses.SoftmaxCrossEntropy(), "mse": losses.MSE(), "bce": losses.SigmoidBCE()}
 
 
 # ------------------------------------------------------------------ (5.6) and (5.7)
@@ -218,7 +226,7 @@ def test_conv_tap_gram_both_contractions(positions):
 
 # ------------------------------------------------------------------ the method vs brute force
 @pytest.mark.parametrize("cls", [SMWGN, SMWNG], ids=["gn", "ng"])
-@pytest.mark.parametrize("kind", ["ce", "mse"])
+@pytest.mark.parametrize("kind", ["ce", "mse", "bce"])
 @pytest.mark.parametrize("n2,lr", [(6, 0.5), (None, 1.0)], ids=["N2<N1", "N2=N1"])
 def test_first_steps_equal_brute_force_algorithm_23(cls, kind, n2, lr):
     model = MLP([3, 4, 3], "tanh")
@@ -240,6 +248,26 @@ def test_first_steps_equal_brute_force_algorithm_23(cls, kind, n2, lr):
     np.testing.assert_allclose(rhos, expected_rhos, rtol=1e-8)
     np.testing.assert_allclose(dampings, expected_dampings, rtol=1e-14)
     assert float(info.damping) == pytest.approx(dampings[-1] + 1e-3, rel=1e-14)
+
+
+def test_both_formulas_agree_where_both_apply():
+    """Scaled squared loss (torch's MSELoss: c = 2/k): "auto" takes (5.6) with H = c I, and
+    (5.7) gives the same steps; sigmoid BCE (H = diag(s(1 - s)) > 0) likewise."""
+    model = MLP([3, 4, 2], "tanh")
+    for loss, kind in ((losses.MSE(scale=2.0, outputs="mean"), "mse"),
+                       (losses.SigmoidBCE(), "bce")):
+        batches = [_data(kind, 10, 3, 2, seed) for seed in range(2)]
+        out = []
+        for inverse in ("5.6", "5.7"):
+            opt = SMWGN(model, loss, curvature_batch=6, inverse=inverse)
+            params = model.init(0, NP)
+            state = opt.init(params)
+            for batch in batches:
+                params, state, _ = opt.step(params, state, batch)
+            out.append(tree.ravel(params)[0])
+        np.testing.assert_allclose(out[0], out[1], rtol=1e-12, atol=1e-14)
+    assert SMWGN(model, losses.MSE(scale=2.0, outputs="mean")).inverse == "5.6"
+    assert SMWGN(model, losses.SigmoidBCE()).inverse == "5.7"
 
 
 def test_taps_and_jacobian_grams_give_the_same_steps():
