@@ -79,7 +79,8 @@ def bfgs_inverse_update(h: Array, s: Array, y: Array) -> Array:
     su = s[:, None] * u[None, :]
     out = h - rho * (su + xp.matrix_transpose(su)) + (rho * rho * yhy + rho) * (
         s[:, None] * s[None, :])
-    return 0.5 * (out + xp.matrix_transpose(out))  # exact symmetry against rounding drift
+    # exact symmetry against rounding drift (e.g. an H from a solve); a skipped pair keeps H
+    return xp.where(rho > 0, 0.5 * (out + xp.matrix_transpose(out)), h)
 
 
 def powell_damping_h(s: Array, y: Array, hy: Array, mu: Any) -> Array:
