@@ -334,8 +334,8 @@ class _SMW(Optimizer):
 
         leaves = flatten(params)[0]
         if self._tapped(leaves):
-            gram = gram_from_taps(self.model, params, head(x),
-                                      u2 if self.curvature == "ng" else None)
+            cotangent = u2 if self.curvature == "ng" else None
+            gram = gram_from_taps(self.model, params, head(x), cotangent)
         else:
             gram = self._gram_jacobian(jop, jtop, n, f)
         v = jop(grad)
@@ -367,8 +367,8 @@ class _SMW(Optimizer):
         else:
             update = scale(alpha, p)
         # a trial point with a non-finite loss is not taken (lambda_LM is boosted: rho = -inf)
-        update = scale(xp.where(finite_trial, 1.0, 0.0), update) if not (
-            backend.is_concrete(finite_trial) and bool(finite_trial)) else update
+        if not (backend.is_concrete(finite_trial) and bool(finite_trial)):
+            update = scale(xp.astype(finite_trial, predicted.dtype), update)
         new = axpy(1.0, update, params)
         new_state = self.State(state.count + 1, lam_new)
         params, state, okay, step_norm = self.guard(
