@@ -367,3 +367,29 @@ def test_errors_name_the_fix():
         KBFGS(model, losses.MSE(), curvature_interval=0)
     with pytest.raises(StructureError, match="layer taps"):
         KBFGS(lambda p, x: x, losses.MSE())
+
+
+def test_parameters_outside_tapped_layers_take_the_fallback():
+    """A LayerNorm between two tapped Linear layers: its first step is -lr g with the SGD
+    fallback and -lr g / (|g| + eps) with the Adam one (Adam's v^ = g^2 after one step)."""
+    torch = pytest.importorskip("torch")
+    from secondorder.models import from_torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 2)).double()
+    apply, params = from_torch(net)
+    rng = np.random.default_rng(9)
+    x, y = torch.asarray(rng.standard_normal((8, 3))), torch.asarray(rng.standard_normal((8, 2)))
+    (0.5 * ((net(x) - y) ** 2).sum(1).mean()).backward()
+    lr, eps = 0.2, 1e-8
+    for fallback in ("sgd", "adam"):
+        opt = KBFGS(apply, losses.MSE(), lr=lr, damping=0.3, fallback=fallback,
+                    fallback_eps=eps)
+        new, _, info = opt.step(params, opt.init(params), (x, y))
+        assert bool(info.finite)
+        for name in ("1.weight", "1.bias"):
+            g = dict(net.named_parameters())[name].grad.numpy()
+            expected = -lr * (g if fallback == "sgd" else g / (np.abs(g) + eps))
+            np.testing.assert_allclose((new[name] - params[name]).numpy(), expected,
+                                       rtol=1e-10, atol=1e-15)
