@@ -490,13 +490,22 @@ class KBFGSL(KBFGS):
 
     State: type = KBFGSLState
 
-    def __init__(self, apply: Callable, loss: Loss, *, memory: int = 100, **kwargs: Any):
+    def __init__(self, apply: Callable, loss: Loss, *, memory: int = 100,
+                 lr: float | Schedule = 0.3, damping: float = 30.0, momentum: float = 0.9,
+                 weight_decay: float = 0.0, statistics_decay: float = 0.9, mu1: float = 0.2,
+                 curvature_interval: int = 20, pair_damping: str = "dp-dlm",
+                 damping_split: str = "positions", fallback: str = "sgd",
+                 fallback_b2: float = 0.999, fallback_eps: float = 1e-8):
         if not isinstance(memory, int | float) or int(memory) != memory or memory < 1:
             raise HyperparameterError(
                 f"KBFGSL: memory must be a Python integer >= 1 (the number of L-BFGS pairs "
                 f"kept per layer; it fixes the state's shapes), got {memory!r}")
         self.memory = int(memory)
-        super().__init__(apply, loss, **kwargs)
+        super().__init__(
+            apply, loss, lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+            statistics_decay=statistics_decay, mu1=mu1, curvature_interval=curvature_interval,
+            pair_damping=pair_damping, damping_split=damping_split, fallback=fallback,
+            fallback_b2=fallback_b2, fallback_eps=fallback_eps)
 
 
 def _eye_like(a: Array) -> Array:
