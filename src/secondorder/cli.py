@@ -185,7 +185,7 @@ def _reproduce_kronecker(args: argparse.Namespace) -> int:
             models=args.models or list(MODELS), methods=args.methods or list(METHOD_NAMES),
             epochs=args.epochs, seeds=args.seeds, grid_size=args.grid_size,
             backend=args.backend, dtype=args.dtype, validation=args.validation,
-            refit=not args.no_refit, subset=args.subset,
+            refit=not args.no_refit, subset=args.subset, schedule=args.schedule,
             progress=None if quiet else print)
     except ImportError as err:  # mnist1d (or the backend's framework) is not installed
         print(f"secondorder reproduce: {err}", file=sys.stderr)
@@ -482,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--subset", type=_positive_int, default=None, metavar="N",
                      help="kronecker-mnist1d: use only the first N signals of the training, "
                      "validation and test sets, for a quick run (default: all)")
+    rep.add_argument("--schedule", choices=list(kmn.SCHEDULES), default="constant",
+                     help="kronecker-mnist1d: the learning rate over each run, the same for "
+                     "every method: constant, or cosine (lr (1 + cos(pi t / T)) / 2 over the T "
+                     "steps of the run)")
     rep.add_argument("--no-refit", dest="no_refit", action="store_true",
                      help="kronecker-mnist1d: train the evaluation runs on the training split "
                      "only, not on training plus validation signals")
