@@ -55,6 +55,7 @@ from typing import Any, NamedTuple
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
 from ..errors import HyperparameterError, ShapeError, StructureError
+from ..linalg.operator import has_native_vmap, map_columns
 from ..losses import MSE, Loss, Scaled
 from ..models.base import Model
 from ..tree import axpy, scale, vdot
@@ -276,13 +277,32 @@ class _SMW(Optimizer):
             return False
         return True
 
-    @staticmethod
-    def _gram_jacobian(op: Callable[[Array], Array], opt: Callable[[Array], Tree], n: int,
-                       like: Array) -> Array:
-        """K = J J^T column by column: K e_c = J (J^T e_c), one VJP and one JVP each."""
-        xp = backend_of(like).xp
-        eye = xp.eye(n, dtype=like.dtype, device=backend_of(like).device(like))
-        return xp.stack([op(opt(eye[c])) for c in range(n)], axis=1)
+    #: columns of K computed together by the Jacobian fallback (bounds its memory to
+    #: this many parameter-sized vectors)
+    chunk = 32
+
+    def _gram_jacobian(self, op: Callable[[Array], Array], opt: Callable[[Array], Tree],
+                       n: int, like: Array) -> Array:
+        """K = J J^T column by column: K e_c = J (J^T e_c), one VJP and one JVP each, in blocks
+        of :attr:`chunk` columns through the backend's ``vmap`` where it has a native one (the
+        column loop otherwise, or where the products do not vectorise)."""
+        backend = backend_of(like)
+        xp = backend.xp
+        dtype, device = like.dtype, backend.device(like)
+
+        def column(e: Array) -> Array:
+            return op(opt(e))
+
+        if has_native_vmap(backend):
+            def eye_block(start: int, stop: int) -> Array:
+                return xp.eye(n, stop - start, k=-start, dtype=dtype, device=device)
+
+            try:
+                return map_columns(backend, column, eye_block, n, self.chunk)
+            except Exception:  # noqa: BLE001 - products that do not vectorise: the loop below
+                pass
+        eye = xp.eye(n, dtype=dtype, device=device)
+        return xp.stack([column(eye[c]) for c in range(n)], axis=1)
 
     # ------------------------------------------------------------------ step
     def step(self, params: Tree, state: Any, batch: Batch) -> tuple[Tree, Any, StepInfo]:
