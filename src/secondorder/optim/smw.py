@@ -421,8 +421,8 @@ _DOC_COMMON = """
     w + p with a non-finite loss is not (rho = -inf: the parameters stay, lambda_LM is
     boosted). rho is evaluated at p, as (5.5) defines it; with alpha = 1 (the default) that is
     the step taken. Cost per step: the loss at w + p (one forward pass on N1 samples), one
-    linearisation (forward, one JVP, two VJPs) and the Gram matrix (above); the solve is
-    O(n^3).
+    linearisation (forward, one JVP, two VJPs), the Gram matrix (module docstring: one tapped
+    forward pass on N2 samples and m_L VJPs for GN, one for NG) and an n x n solve, O(n^3).
 
     Parameters
     ----------
