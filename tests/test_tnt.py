@@ -165,3 +165,40 @@ def test_torch_sequential_with_linear_and_conv2d_steps():
         params, state, info = opt.step(params, state, (x, y))
         seen.append(float(info.loss))
     assert bool(info.finite) and seen[-1] < seen[0]
+
+
+def test_conv1d_kernel_direction_equals_a_dense_kronecker_oracle():
+    """A Conv1DNet kernel stored (C_out, C_in, 1, k) is the 3-way tensor (C_out, C_in, k): the
+    first direction (T1 = T2 = 1, no momentum) on every leaf equals the dense solve
+    ((x)_i (U~_i + eps I)) vec~(P) = vec~(g), with U~_i from the mode statistics of the
+    sampled gradient by (4.10) written out here, for both mini-batch scalings."""
+    from secondorder.models import Conv1DNet
+
+    model = Conv1DNet(length=12, channels=(3, 2), kernels=(3, 2), strides=2, padding=1,
+                      dense=(3,))
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((7, 12)), rng.integers(0, 3, 7)
+    params = model.init(2, NP)
+    eps, seed = 0.07, 9
+    labels = LOSS.sample(model.apply(params, x), key=random.split(random.key(seed, NP))[1])
+    grad = tree.leaves(NP.grad(lambda p: LOSS.value(model.apply(p, x), y), params))
+    sampled = tree.leaves(NP.grad(lambda p: LOSS.value(model.apply(p, x), labels), params))
+    for estimate, s in (("batch_mean", 1.0), ("per_example", np.sqrt(7.0))):
+        opt = TNT(model.apply, LOSS, lr=1.0, momentum=0.0, eps=eps, seed=seed,
+                  fisher_estimate=estimate)
+        new, _, info = opt.step(params, opt.init(params), (x, y))
+        assert bool(info.finite)
+        for w, w_new, g, gs in zip(tree.leaves(params), tree.leaves(new), grad, sampled):
+            w, g, gs = np.asarray(w), np.asarray(g), s * np.asarray(gs)
+            if w.ndim == 4:  # (out, in, 1, k) -> (out, in, k)
+                assert w.shape[2] == 1
+                g, gs = g[:, :, 0, :], gs[:, :, 0, :]
+            dims, k = g.shape, g.ndim
+            stats = [np.tensordot(gs, gs, axes=([j for j in range(k) if j != i],) * 2)
+                     for i in range(k)]
+            c0 = (np.sum(gs * gs) / gs.size) ** (1 / k)
+            tilde = [e / (c0 ** (k - 1) * gs.size / d) for e, d in zip(stats, dims)]
+            dense = dense_kron(*[u + eps * np.eye(len(u)) for u in tilde])
+            expected = np.linalg.solve(dense, g.reshape(-1)).reshape(w.shape)
+            np.testing.assert_allclose(w - np.asarray(w_new), expected, rtol=1e-12,
+                                       atol=1e-14 * np.abs(expected).max())
