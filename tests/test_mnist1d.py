@@ -301,8 +301,44 @@ def test_tiny_reproduction_writes_the_documented_json(tmp_path, monkeypatch, cap
                                                     abs=1e-12)
 
 
+def test_cosine_schedule_decays_every_methods_rate_over_the_run():
+    """--schedule cosine: the SGD run is SGD whose rate at step t of the run's T = 4 steps is
+    0.1 (1 + cos(pi t / T)) / 2, replayed by hand with that rate computed here."""
+    import math
+
+    from secondorder.bench.kronecker_mnist1d import reproduce
+    from secondorder.problems import MNIST1DMLP
+
+    result = reproduce(models=["mlp"], methods=["sgd"], epochs=1, seeds=1, grid_size=1,
+                       backend="numpy", dtype="float64", subset=200, schedule="cosine")
+    assert result["protocol"]["schedule"] == "cosine"
+    run = result["results"]["mlp"]["sgd"]["runs"][0]
+    problem = MNIST1DMLP()
+    x = np.concatenate([problem.x[:200], problem.x_val[:200]])
+    y = np.concatenate([problem.y[:200], problem.y_val[:200]])
+    from secondorder import tree
+
+    params = problem.model.init(0, "numpy")
+    treedef = tree.structure(params)
+    w = [np.asarray(a) for a in tree.leaves(params)]
+    velocity = [np.zeros_like(a) for a in w]
+    order = np.random.default_rng(0).permutation(len(y))
+    numpy = backends.get("numpy")
+    for t, idx in enumerate(np.split(order, 4)):
+        g = tree.leaves(numpy.grad(
+            lambda p, i=idx: problem.loss.value(problem.model.apply(p, x[i]), y[i]),
+            tree.unflatten(treedef, w)))
+        lr = 0.1 * (1 + math.cos(math.pi * t / 4)) / 2
+        velocity = [0.9 * v + np.asarray(gi) for v, gi in zip(velocity, g)]
+        w = [a - lr * v for a, v in zip(w, velocity)]
+    f = np.asarray(problem.model.apply(tree.unflatten(treedef, w), problem.x_test[:200]))
+    assert run["test_loss"][0] == pytest.approx(
+        float(problem.loss.value(f, problem.y_test[:200])), rel=1e-12)
+
+
 @pytest.mark.parametrize("argv", [
-    ["--epochs", "0"], ["--seeds", "-1"], ["--grid-size", "zero"], ["--validation", "4000"],
+    ["--schedule", "linear"], ["--epochs", "0"], ["--seeds", "-1"], ["--grid-size", "zero"],
+    ["--validation", "4000"],
     ["--subset", "0"], ["--backend", "tensorflow"], ["--methods", "lbfgs"], ["--models", "rnn"],
     ["--dtype", "float16"], ["--plot", "/no/such/folder/a.png"],
 ])
