@@ -15,19 +15,19 @@ from . import (
     BFGS,
     KBFGS,
     KBFGSL,
+    KFAC,
     SGD,
     SMWGN,
     SMWNG,
+    TNT,
     Adam,
     CurveBall,
     GroupedNewton,
     HessianFree,
-    KFAC,
     LevenbergMarquardt,
     Newton,
     ProxLinear,
     Shampoo,
-    TNT,
 )
 
 Factory = Callable[..., Any]
