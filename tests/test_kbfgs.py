@@ -128,9 +128,10 @@ def test_damped_updates_stay_positive_definite(rule):
 
 @pytest.mark.parametrize("pushes", [3, 7])
 def test_lbfgs_two_loop_equals_dense_bfgs(pushes):
-    """The two-loop recursion over a memory of 5 (after 3 pushes: partly empty; after 7: the
-    two oldest dropped) equals the dense matrix built from h0 I by BFGS with the kept pairs,
-    oldest first, on a vector and on a matrix; a pair with s^T y <= 0 is not stored."""
+    """The two-loop recursion and the compact representation over a memory of 5 (after 3
+    pushes: partly empty; after 7: the two oldest dropped) equal the dense matrix built from
+    h0 I by BFGS with the kept pairs, oldest first, on a vector and on a matrix; a pair with
+    s^T y <= 0 is not stored."""
     rng = np.random.default_rng(4)
     n, memory, h0 = 6, 5, 0.7
     b = _spd(rng, n)
@@ -149,8 +150,9 @@ def test_lbfgs_two_loop_equals_dense_bfgs(pushes):
     for s, y in pairs[-memory:]:
         dense = _bfgs(dense, s, y)
     v, m = rng.standard_normal(n), rng.standard_normal((n, 4))
-    np.testing.assert_allclose(qn.lbfgs_apply(mem, v, h0), dense @ v, rtol=1e-12)
-    np.testing.assert_allclose(qn.lbfgs_apply(mem, m, h0), dense @ m, rtol=1e-12)
+    for product in (qn.lbfgs_apply, qn.lbfgs_apply_compact):
+        np.testing.assert_allclose(product(mem, v, h0), dense @ v, rtol=1e-12)
+        np.testing.assert_allclose(product(mem, m, h0), dense @ m, rtol=1e-12)
 
 
 # ------------------------------------------------------------------ Algorithm 9 by brute force
@@ -241,15 +243,16 @@ def _tilde(p):
     return np.hstack([p["w"], p["b"][:, None]])
 
 
-@pytest.mark.parametrize(("cls", "memory", "rule"), [
-    (KBFGS, None, "dp-dlm"), (KBFGS, None, "dd"), (KBFGSL, 2, "dp-dlm")])
-def test_mlp_steps_equal_brute_force_algorithm_9(cls, memory, rule):
+@pytest.mark.parametrize(("cls", "memory", "rule", "product"), [
+    (KBFGS, None, "dp-dlm", None), (KBFGS, None, "dd", None),
+    (KBFGSL, 2, "dp-dlm", "compact"), (KBFGSL, 2, "dd", "two-loop")])
+def test_mlp_steps_equal_brute_force_algorithm_9(cls, memory, rule, product):
     """Seven steps with T = 3 (curvature at steps 0, 3 and 6), momentum and weight decay: the
     parameters and the final H_A, H_G of both layers equal the dense re-implementation. With
     K-BFGS(L) and memory 2, the third curvature update drops the first pair."""
     model, params, x, y = _mlp_problem()
     lr, lam, period, wd = 0.2, 0.3, 3, 1e-3
-    kw = {} if memory is None else {"memory": memory}
+    kw = {} if memory is None else {"memory": memory, "product": product}
     opt = cls(model, losses.SoftmaxCrossEntropy(), lr=lr, damping=lam, curvature_interval=period,
               pair_damping=rule, weight_decay=wd, **kw)
     state = opt.init(params)
@@ -340,12 +343,15 @@ def test_torch_conv2d_steps_equal_brute_force_with_the_position_split():
 @pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
 def test_a_short_training_run_decreases_the_loss(cls):
     """40 steps on a fixed batch of a 3-class problem (numpy, T = 2): the loss falls below
-    half its initial value."""
+    half its initial value. K-BFGS(L) keeps 8 pairs, so its 20 curvature updates wrap the
+    buffer (and the test avoids NumPy's 100 x 100 solves, slow on a shared machine)."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((32, 4))
     y = np.argmax(x[:, :3] + 0.3 * rng.standard_normal((32, 3)), axis=1)
     model = MLP([4, 8, 3], "tanh")
-    opt = cls(model, losses.SoftmaxCrossEntropy(), lr=0.2, damping=0.3, curvature_interval=2)
+    kw = {"memory": 8} if cls is KBFGSL else {}
+    opt = cls(model, losses.SoftmaxCrossEntropy(), lr=0.2, damping=0.3, curvature_interval=2,
+              **kw)
     params = model.init(0, "numpy")
     state = opt.init(params)
     losses_seen = []
@@ -361,6 +367,8 @@ def test_errors_name_the_fix():
         KBFGS(model, losses.MSE(), pair_damping="powell")
     with pytest.raises(HyperparameterError, match="damping <= 1"):
         KBFGS(model, losses.MSE(), pair_damping="dd", damping=4.0)
+    with pytest.raises(HyperparameterError, match="product"):
+        KBFGSL(model, losses.MSE(), product="dense")
     with pytest.raises(HyperparameterError, match="memory"):
         KBFGSL(model, losses.MSE(), memory=2.5)
     with pytest.raises(HyperparameterError, match="curvature_interval"):

@@ -203,6 +203,8 @@ class KBFGS(Optimizer):
     info_extras = ("lr",)
     #: the number of L-BFGS pairs of H_G; None keeps H_G as a dense matrix
     memory: int | None = None
+    #: how K-BFGS(L) applies its pairs: "compact" or "two-loop"
+    product: str = "compact"
 
     def __init__(self, apply: Callable, loss: Loss, *, lr: float | Schedule = 0.3,
                  damping: float = 30.0, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -374,7 +376,8 @@ class KBFGS(Optimizer):
         """H_G v (v a vector or a matrix)."""
         if self.memory is None:
             return h_g @ v
-        return qn.lbfgs_apply(h_g, v, 1.0 / lam_g)
+        product = qn.lbfgs_apply if self.product == "two-loop" else qn.lbfgs_apply_compact
+        return product(h_g, v, 1.0 / lam_g)
 
     def _warm_start(self, states: tuple[KBFGSLayerState, ...], passes: list[_Pass],
                     lam: Array) -> tuple[KBFGSLayerState, ...]:
@@ -474,24 +477,34 @@ class KBFGS(Optimizer):
 
 class KBFGSL(KBFGS):
     """K-BFGS(L) (Algorithm 9 with L-BFGS for H_G): :class:`KBFGS` with every layer's H_G kept
-    as the last ``memory`` damped pairs (s~, y~) and applied by the two-loop recursion
-    (:func:`~secondorder.linalg.quasi_newton.lbfgs_apply`) from H_0 = I / lambda_G (Algorithm
-    9, line 9), also for the H_G y of the pair damping. O(p d_out) memory for H_G instead of
-    O(d_out^2) (Table 3.1). The buffers have a fixed size (empty slots are skipped), so the
-    step compiles under ``jax.jit``.
+    as the last ``memory`` damped pairs (s~, y~) of the pair damping (Algorithm 8 or 3) in a
+    fixed-size buffer, oldest first, and applied from H_0 = I / lambda_G (Algorithm 9, line 9),
+    both in the step p = H_G (m H_A) and in the H_G y of the pair damping. O(p d_out) memory for
+    H_G instead of O(d_out^2) (Table 3.1). The buffers have a fixed size (empty slots are
+    skipped), so the step compiles under ``jax.jit``.
 
-    The thesis applies H_G through the compact representation (Byrd, Nocedal and Schnabel
-    1994; sec. 3.4.3), which gives the same matrix; the two-loop recursion is used here because
-    it needs no triangular solve and its loops go through the backend's ``fori_loop``.
+    Parameters: those of :class:`KBFGS`, and
 
-    Parameters: those of :class:`KBFGS`, and ``memory`` (int, default 100, the thesis's p):
-    the number of pairs kept per layer. The state is a :class:`KBFGSLState`.
+    memory: int, default 100
+        p >= 1, the number of pairs kept per layer (the thesis's value).
+    product: {"compact", "two-loop"}, default "compact"
+        How the pairs are applied; both give the L-BFGS matrix (the tests check them against
+        the dense BFGS matrix of the same pairs). ``"compact"``: the compact representation
+        (Byrd, Nocedal and Schnabel 1994,
+        :func:`~secondorder.linalg.quasi_newton.lbfgs_apply_compact`), the thesis's "non-loop"
+        implementation (sec. 3.4.3): two p x p triangular solves and a few large products.
+        ``"two-loop"``: the two-loop recursion
+        (:func:`~secondorder.linalg.quasi_newton.lbfgs_apply`), 2p small steps through the
+        backend's ``fori_loop``; about 5-10x slower per step on eager torch at p = 100.
+
+    The state is a :class:`KBFGSLState`.
     """
 
     State: type = KBFGSLState
 
     def __init__(self, apply: Callable, loss: Loss, *, memory: int = 100,
-                 lr: float | Schedule = 0.3, damping: float = 30.0, momentum: float = 0.9,
+                 product: str = "compact", lr: float | Schedule = 0.3, damping: float = 30.0,
+                 momentum: float = 0.9,
                  weight_decay: float = 0.0, statistics_decay: float = 0.9, mu1: float = 0.2,
                  curvature_interval: int = 20, pair_damping: str = "dp-dlm",
                  damping_split: str = "positions", fallback: str = "sgd",
@@ -500,7 +513,10 @@ class KBFGSL(KBFGS):
             raise HyperparameterError(
                 f"KBFGSL: memory must be a Python integer >= 1 (the number of L-BFGS pairs "
                 f"kept per layer; it fixes the state's shapes), got {memory!r}")
-        self.memory = int(memory)
+        if product not in ("compact", "two-loop"):
+            raise HyperparameterError(
+                f"KBFGSL: product={product!r} is not one of 'compact', 'two-loop'")
+        self.memory, self.product = int(memory), product
         super().__init__(
             apply, loss, lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
             statistics_decay=statistics_decay, mu1=mu1, curvature_interval=curvature_interval,
