@@ -125,3 +125,56 @@ def test_bad_input_raises(backend, rng):
     if backend.name != "numpy":
         with pytest.raises(MixedBackendError):
             cg(Dense(spd(rng, 4)), to(backend, np.ones(4)))
+
+
+def _host_cases(rng: np.random.Generator) -> list[tuple[str, dict, dict]]:
+    """(name, arrays, cg keywords) covering every way CG stops and every option."""
+    a, b = spd(rng, 12, cond=1e3), rng.standard_normal(12)
+    indefinite = np.diag(np.r_[np.linspace(1.0, 5.0, 9), -1.0, -2.0, 3.0])
+    nan_op = a.copy()
+    nan_op[3, 3] = np.nan
+    proj = np.eye(12) - np.ones((12, 12)) / 12
+    fixed = {"tol": None, "maxiter": 15, "history": True, "save_at": (0, 3, 40)}
+    return [
+        ("fixed", {"A": a, "b": b}, fixed),
+        ("tol", {"A": a, "b": b}, {"tol": 1e-6, "history": True, "save_at": (2,)}),
+        ("atol", {"A": a, "b": b}, {"tol": None, "atol": 1e-3, "maxiter": 30}),
+        ("jacobi", {"A": a, "b": b, "M": 1.0 / np.diag(a)}, fixed),
+        ("projected", {"A": a, "b": proj @ b, "P": proj}, {"tol": 1e-8}),
+        ("x0", {"A": a, "b": b, "x0": 0.1 * b}, fixed),
+        ("indefinite", {"A": indefinite, "b": np.ones(12)}, fixed),
+        ("indefinite_tol", {"A": indefinite, "b": np.ones(12)}, {"tol": 1e-9}),
+        ("breakdown", {"A": a, "b": b, "M": -np.ones(12)}, fixed),
+        ("nan", {"A": nan_op, "b": b}, fixed),
+        ("zero", {"A": a, "b": np.zeros(12)}, fixed),
+        ("tiny", {"A": 1e-300 * a, "b": 1e-300 * b}, fixed),
+        ("huge_b", {"A": a, "b": 1e300 * b}, {"tol": 1e-8}),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_host_scalar_loop_gives_the_bits_of_the_array_loop(backend, rng, dtype, monkeypatch):
+    """On eager host backends cg runs its scalar bookkeeping on NumPy scalars; with
+    ``host_scalar`` returning None it runs the array loop. Both give the same bits."""
+    x_probe = backend.asarray(np.float64(1.0), dtype=dtype)
+    if backend.host_scalar(x_probe) is None:
+        pytest.skip(f"{backend.name} arrays are not read on the host")
+
+    def run(arrays: dict, kwargs: dict) -> list[np.ndarray]:
+        t = {k: backend.asarray(v, dtype=dtype) for k, v in arrays.items()}
+        m = None if "M" not in t else Diagonal(t["M"])
+        p = None if "P" not in t else Dense(t["P"])
+        x, info = cg(Dense(t["A"]), t["b"], t.get("x0"), M=m, projector=p, **kwargs)
+        out = [x, info.iterations, info.residual_norm, info.status, *info.saved]
+        if info.history is not None:
+            out.append(info.history)
+        return [np.asarray(backend.to_numpy(v)) for v in out]
+
+    with np.errstate(all="ignore"):
+        for name, arrays, kwargs in _host_cases(rng):
+            host = run(arrays, kwargs)
+            with monkeypatch.context() as m:
+                m.setattr(type(backend), "host_scalar", lambda self, x: None)
+                array = run(arrays, kwargs)
+            for u, v in zip(host, array, strict=True):
+                assert u.dtype == v.dtype and np.array_equal(u, v, equal_nan=True), name

@@ -96,6 +96,14 @@ class Backend(ABC):
         """The device ``x`` lives on (``"cpu"`` for host-only frameworks)."""
         return "cpu"
 
+    def host_scalar(self, x: Array) -> Any:
+        """The value of the 0-d array ``x`` as a NumPy scalar of its dtype, where reading it is a
+        cheap copy from host memory that synchronises nothing (eager NumPy, CPU torch); None
+        where it is not (traced values, arrays inside a transform, device arrays). NumPy
+        scalar arithmetic rounds in that dtype, so host code can branch on the numbers an
+        eager loop computes and get the decisions the array code would (CG's guards)."""
+        return None
+
     def devices(self) -> list[str]:
         """Names of the devices this backend can place arrays on."""
         return ["cpu"]

@@ -91,6 +91,11 @@ class NumpyBackend(Backend):
     def to_numpy(self, x: Array) -> np.ndarray:
         return np.asarray(getattr(x, "_value", x))
 
+    def host_scalar(self, x: Array) -> Any:
+        while not isinstance(x, np.ndarray | np.generic | float | int):  # autograd boxes
+            x = x._value
+        return np.asarray(x)[()]
+
     # -- autodiff: a tree becomes a tuple of leaves for autograd ----------------------------
     def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
         self._require_autograd("vjp")

@@ -43,6 +43,10 @@ def _autograd_value_and_grad(f: Callable, x: Tree) -> tuple[Array, Tree]:
     return value.detach(), unflatten(treedef, grads)
 
 
+#: torch dtypes whose values NumPy scalars hold with the same rounding
+_HOST_SCALARS: dict[Any, Any] = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     supports_gpu: ClassVar[bool] = True
@@ -70,6 +74,13 @@ class TorchBackend(Backend):
 
     def device(self, x: Array) -> Any:
         return x.device
+
+    def host_scalar(self, x: Array) -> Any:
+        kind = _HOST_SCALARS.get(x.dtype)
+        if (kind is None or x.device.type != "cpu"
+                or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            return None
+        return kind(x.item())  # exact: item() gives the float32 / float64 value as a float
 
     def devices(self) -> list[str]:
         names = ["cpu"]

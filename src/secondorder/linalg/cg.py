@@ -42,10 +42,15 @@ Both modes compile under ``jax.jit``: ``tol`` (relative to ||P b||, with an
 absolute floor ``atol``) loops with ``while_loop``; ``tol=None`` runs exactly ``maxiter``
 iterations (``fori_loop`` on JAX, so it is reverse-differentiable there) unless a guard fires or
 the residual falls under ``atol``. With ``tol=None`` and ``atol=0`` the loop is a ``fori_loop`` on
-every backend: eager frameworks run it as a Python loop that never reads a value back to the host
-(no device synchronisation per iteration), and iterations after a guard fires change nothing that
-is returned; with a residual threshold, eager frameworks check it after every iteration and leave
-the loop there.
+every backend: eager frameworks on a device (CUDA) run it as a Python loop that never reads a value
+back to the host (no device synchronisation per iteration), and iterations after a guard fires
+change nothing that is returned; with a residual threshold, eager frameworks check it after every
+iteration and leave the loop there. Eager arrays in host memory (NumPy, CPU torch; see
+:meth:`Backend.host_scalar`) run the same iteration with its scalar bookkeeping (the guards,
+||p||^2, rho, the status) on NumPy scalars of the array dtype, read with a cheap copy, and leave
+the loop at the first iteration without a step: the same array operations on the leaves and the
+same decisions, so the same bits, at two reads per iteration instead of some thirty operations
+on 0-d arrays.
 
 Speed: the tree is flattened once per solve and the iteration runs on lists of leaves (the
 operator, preconditioner and projector get trees: one unflatten and flatten per product); the
@@ -66,6 +71,8 @@ import operator as _operator
 from collections.abc import Callable
 from functools import reduce
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from .._pytree import check_same_structure, flatten, unflatten
 from ..backends import backend_of
@@ -360,10 +367,89 @@ def cg(
             return (*state[:1], [where(step, a, c) for a, c in zip(last, prev)], *state[2:])
         return backend.fori_loop(0, maxiter, lambda i, s: body(s, x_update), state)
 
-    state = solve(x_update)
-    if x_update == "mask" and bool(state[10] >= NONPOSITIVE_CURVATURE):
-        state = solve("defer")  # a guard fired: the exact iterate where it did
-    k, x, res, status, hist, saved = state[0], state[1], state[9], state[10], state[11], state[12]
+    def solve_on_host() -> tuple | None:
+        """The iteration of ``body`` with its scalar bookkeeping on host scalars (see
+        :meth:`Backend.host_scalar`): the same array operations on the leaves, the same
+        decisions from the same numbers rounded in the same dtype, a Python loop that leaves at
+        the first iteration without a step. None (nothing read) where a value is not on the host."""
+        read = backend.host_scalar
+
+        def quiet() -> Any:  # NumPy scalars: inf and NaN without warnings, as arrays have them
+            return np.errstate(all="ignore")
+
+        rz_h, res_h, bn_h = read(rz), read(res), read(b_norm)
+        pp_h = read(_dot(xp, z, z)) if track_pp else None
+        if rz_h is None or res_h is None or bn_h is None or (track_pp and pp_h is None):
+            return None
+        cast = type(res_h)
+        # a comparison with a Python number casts it to the array's dtype; arrays compare exactly
+        thr_h = cast(threshold) if type(threshold) in (int, float) else read(threshold)
+        if thr_h is None:
+            return None
+        eps_h, rho_h, zero = cast(eps), cast(0), xp.zeros_like(rz)
+        with quiet():
+            finite = np.isfinite(bn_h + res_h + rz_h)
+        status_h = NON_FINITE if not finite else CONVERGED if res_h <= thr_h else MAXITER
+        k, x_h, r_h, p_h, rz_t, res_t, res_list = 0, x, r, z, rz, res, [res_h]
+        saved_h = [x for _ in save_at]
+        while status_h == MAXITER and k < maxiter:
+            ap = matvec(p_h)
+            pap_t = _dot(xp, p_h, ap)
+            pap_h = read(pap_t)
+            if not track_pp:
+                pp_h = read(_dot(xp, p_h, p_h))
+            if pap_h is None or pp_h is None:
+                return None
+            with quiet():
+                curved = pap_h > eps_h * (pp_h * rho_h)
+            alpha = rz_t / pap_t if curved else zero
+            r_new = [b - alpha * a for a, b in zip(ap, r_h)]
+            # the square root stays an array operation: torch's is not correctly rounded
+            z_new, rz_new_t, res_new_t = preconditioned(r_new)
+            rz_new_h, res_new_h = read(rz_new_t), read(res_new_t)
+            if rz_new_h is None or res_new_h is None:
+                return None
+            with quiet():
+                finite = np.isfinite(pap_h + rz_new_h)
+            if not finite:
+                status_h = NON_FINITE
+            elif not curved:
+                status_h = NONPOSITIVE_CURVATURE
+            elif not rz_new_h >= 0:
+                status_h = BREAKDOWN
+            else:  # a step
+                status_h = CONVERGED if res_new_h <= thr_h else MAXITER
+                positive = rz_h > 0
+                with quiet():
+                    beta_h = rz_new_h / rz_h if positive else cast(0)
+                    rho_h = np.maximum(rho_h, pap_h / pp_h)
+                    if track_pp:
+                        pp_h = rz_new_h + beta_h * beta_h * pp_h
+                beta = rz_new_t / rz_t if positive else zero
+                x_h = _axpy(alpha, p_h, x_h)
+                k += 1
+                saved_h = [x_h if k == s else old for s, old in zip(save_at, saved_h)]
+                res_list.append(res_new_h)
+                r_h, p_h = r_new, _axpy(beta, p_h, z_new)
+                rz_t, rz_h, res_t = rz_new_t, rz_new_h, res_new_t
+        hist_h = None
+        if history:
+            values = [float(v) for v in res_list] + [math.nan] * (maxiter + 1 - len(res_list))
+            hist_h = xp.asarray(values, dtype=res.dtype, device=device)
+        return (xp.asarray(k, dtype=k0.dtype, device=device), x_h, res_t, codes[status_h],
+                hist_h, tuple(saved_h))
+
+    # eager backends with host arrays branch on host scalars; elsewhere (traced, on a device,
+    # inside a transform) the array loop, which never reads a value per iteration
+    host = None if x_update == "select" else solve_on_host()
+    if host is not None:
+        k, x, res, status, hist, saved = host
+    else:
+        state = solve(x_update)
+        if x_update == "mask" and bool(state[10] >= NONPOSITIVE_CURVATURE):
+            state = solve("defer")  # a guard fired: the exact iterate where it did
+        k, x, res, status, hist, saved = (state[0], state[1], state[9], state[10], state[11],
+                                          state[12])
     # counts never reached (CG stopped or maxiter is smaller) hold the final iterate
     saved = tuple(unflatten(treedef, scaled([where(k < s, a, c) for a, c in zip(x, old)], True))
                   for s, old in zip(save_at, saved))
