@@ -458,3 +458,37 @@ def test_write_back_keeps_a_state_that_holds_the_input(monkeypatch):
     for k, v in model.named_parameters():
         assert torch.equal(v.detach(), before[k] - 0.1)  # the module moved ...
         assert torch.equal(opt.method_state.anchor[k], before[k])  # ... the anchor did not
+
+
+def test_step_runs_torch_optim_hooks_and_the_profiler_label():
+    """step keeps torch.optim's step protocol: global and per-optimiser pre-hooks (which may
+    replace the arguments) and post-hooks, in torch's order, and the profiler's label."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model = mlp()
+    opt = Optimizer(model, nn.CrossEntropyLoss(), method="sgd")
+    (x, y), (x2, y2) = batches(2)
+    calls = []
+
+    def swap(o, args, kwargs):
+        calls.append("pre")
+        return (args[0], (x2, y2)), kwargs
+
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+               opt.register_step_pre_hook(swap),
+               opt.register_step_post_hook(lambda o, a, k: calls.append(("post", a[1][0] is x2))),
+               register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post"))]
+    try:
+        loss = opt.step((x, y))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global pre", "pre", ("post", True), "global post"]
+    reference = Optimizer(mlp(), nn.CrossEntropyLoss(), method="sgd")
+    assert torch.equal(loss, reference.step((x2, y2)))  # the step ran on the swapped batch
+    with torch.profiler.profile() as prof:
+        opt.step((x, y))
+    assert any(e.name == "Optimizer.step#Optimizer.step" for e in prof.events())

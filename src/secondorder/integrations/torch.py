@@ -33,11 +33,15 @@ mask; see ``update_buffers``). In eval mode the module runs as it is.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from contextlib import nullcontext
+from itertools import chain
 from typing import Any
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .._pytree import flatten, unflatten
 from ..errors import HyperparameterError, MissingBatchError, StateError, StructureError
@@ -98,6 +102,38 @@ def _to_loss(loss: Any) -> Any:
             f"Optimizer needs a secondorder loss (secondorder.losses.MSE(), "
             f"SoftmaxCrossEntropy(), SigmoidBCE()); got {loss!r}") from None
     return as_loss(loss)
+
+
+def _step_hooks(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.optim.Optimizer.profile_hook_step`` (global and per-optimiser pre- and
+    post-hooks, the profiler's ``Optimizer.step#...`` label), with its ``record_function`` only
+    while a profiler runs: without one the label records nothing, but the kernels of a step
+    inside it ran slower (torch 2.13, CPU, one thread: a 784x256 linear 8% slower, our SGD step
+    0.3 ms). Marked ``hooked`` so that torch does not wrap it again."""
+    hooked = torch.optim.Optimizer.profile_hook_step(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch._C._autograd._profiler_enabled():
+            return hooked(*args, **kwargs)
+        self = args[0]
+        for pre_hook in chain(_global_optimizer_pre_hooks.values(),
+                              self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
+                                       f"new_kwargs), but got {result}.")
+                args, kwargs = result
+        out = func(*args, **kwargs)
+        self._optimizer_step_code()
+        for post_hook in chain(self._optimizer_step_post_hooks.values(),
+                               _global_optimizer_post_hooks.values()):
+            post_hook(self, args, kwargs)
+        return out
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -370,6 +406,7 @@ class Optimizer(torch.optim.Optimizer):
         return state._replace(transform=template.transform)
 
     # ---------------------------------------------------------------- stepping
+    @_step_hooks
     def step(self, batch: Any = None, closure: Any = None) -> torch.Tensor:  # type: ignore[override]
         """One step of the method on the batch ``(x, y)``: the module's parameters are
         replaced in place by the new ones, running statistics of train-mode normalisation
