@@ -180,3 +180,31 @@ def peers_kfac_jax(session: nox.Session) -> None:
     session.install("-r", requirements("numpy"), *KFAC_JAX, dev_pin("pytest"))
     session.install("-e", ".")
     session.run("pytest", "tests_peers/test_kfac_jax.py", *session.posargs)
+
+
+# ASDL's last release (2024); it requires only torch>=1.13 and numpy, so the pinned CPU torch of
+# backends/torch.txt satisfies it and nothing else is pulled.
+ASDL = "asdfghjkl==0.1a5"
+
+
+@nox.session(name="peers-asdl")
+def peers_asdl(session: nox.Session) -> None:
+    """Our K-BFGS and SMW-NG against ASDL 0.1a5 (torch, float64): tests_peers/test_asdl.py.
+
+    The same nn.Module (an MLP with and without biases), weights and batches go to both
+    libraries, ours through ``from_torch``. SMW-NG: ASDL's direction (F + lambda I)^{-1} g
+    (empirical Fisher of the batch) is our step with lambda_LM + tau = lambda, N2 = m; with
+    ASDL's summed loss it is ours with lambda / m. K-BFGS: H_A, H_G and ASDL's preconditioned
+    gradient agree once ASDL's schedule (H_A updated before the step, H_G at the start of the
+    next one), its summed loss for y_G, its bias convention (bias outside H_A) and its H_G(0) =
+    I (ours I / lambda_G) are aligned, and after two ASDL defects are corrected in the test:
+    its BFGS update never reaches the stored matrices, and its Powell damping has the wrong
+    sign. Further tests show exactly how ASDL as released differs: its factors stay at their
+    first values, its second pass reads the new batch's labels and adds its gradient, and
+    ``minibatch_hessian_action=True`` uses the batch sum of a a^T where ours uses the mean.
+    The test module's docstring has the details.
+    """
+    session.install("-r", requirements("numpy"), "-r", requirements("torch"), ASDL,
+                    dev_pin("pytest"))
+    session.install("-e", ".")
+    session.run("pytest", "tests_peers/test_asdl.py", *session.posargs)
