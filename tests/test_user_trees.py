@@ -5,6 +5,7 @@ backends' autodiff, the curvature operators, CG and every registered method."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -270,11 +271,11 @@ def _equinox_problem():
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.standard_normal((12, 3)))
     y = jnp.asarray(rng.standard_normal((12, 2)))
-    return jax, eqx, params, apply, (x, y)
+    return jax, eqx, params, apply, (x, y), model
 
 
 def test_equinox_partition_is_a_parameter_tree():
-    jax, eqx, params, apply, (x, y) = _equinox_problem()
+    jax, eqx, params, apply, (x, y), _ = _equinox_problem()
     leaves = tree.leaves(params)
     assert leaves[0].dtype == jax.numpy.float64
     # the same leaves, in the same order, as JAX's own flattening (None fields are empty)
@@ -350,14 +351,34 @@ def test_every_method_steps_on_from_torch_params(method):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_steps_on_equinox_params(method):
-    jax, eqx, params, apply, batch = _equinox_problem()
+    """Every method, the per-layer ones (K-FAC, K-BFGS, SMW's tap Gram matrix) included, on the
+    parameters of an equinox MLP through from_equinox (layer taps on its eqx.nn.Linear)."""
+    from secondorder.models import from_equinox
+
+    jax, eqx, params, _, batch, net = _equinox_problem()
     jnp = jax.numpy
+    apply, eqx_params = from_equinox(net)
+    assert [(info.weight, info.bias) for info in apply.layers] == [(0, 1), (2, 3)]
+    assert jax.tree_util.tree_structure(eqx_params) == jax.tree_util.tree_structure(params)
     opt = METHODS[method](apply, losses.MSE())
+    # jitted: one compilation instead of eager JAX's per-operation dispatch
+    jitted = SimpleNamespace(init=opt.init, step=jax.jit(opt.step))
     p, seen = _check_three_steps(
-        opt, params, batch, finite=lambda a: bool(jnp.all(jnp.isfinite(a))),
+        jitted, eqx_params, batch, finite=lambda a: bool(jnp.all(jnp.isfinite(a))),
         changed=lambda a, b: not bool(jnp.array_equal(a, b)))
     assert type(p) is type(params)
     assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(params)
     assert all(a.dtype == jnp.float64 for a in tree.leaves(p))
     final = float(losses.MSE().value(apply(p, batch[0]), batch[1]))
     assert final < seen[0], f"{method}: loss {seen[0]:.6g} -> {final:.6g}"
+
+
+@pytest.mark.parametrize("method, options", [("kfac", {}), ("kbfgs", {}), ("kbfgs-l", {}),
+                                             ("smw-gn", {"gram": "taps"})])
+def test_tap_methods_on_a_plain_equinox_function_name_the_fix(method, options):
+    """A plain function of the equinox partition has no layer taps: the per-layer methods say
+    so and name from_equinox, instead of failing inside a step."""
+    _, _, _, apply, _, _ = _equinox_problem()
+    with pytest.raises(StructureError, match="layer taps") as err:
+        METHODS[method](apply, losses.MSE(), **options)
+    assert "from_equinox" in str(err.value)

@@ -16,17 +16,37 @@ step sees the same key (so the same dropout masks) and normalises with the step'
 call is ``model(x, state, key=k)`` with a state, ``model(x, key=k)`` with a key only, and
 ``model(x)`` otherwise; under the batch ``vmap`` the state is shared (``in_axes=None``,
 ``axis_name`` the BatchNorm's axis name) and the key is split into one key per example.
-Equinox layers have no layer taps here (use :func:`~secondorder.models.from_flax`, a reference
-model or a torch module for per-layer Kronecker statistics).
+Layer taps. Every ``eqx.nn.Linear`` in the module tree whose weight is a trained 2-D array is a
+tapped layer (:attr:`EquinoxModel.layers`, in the tree's leaf order), so K-FAC, K-BFGS,
+K-BFGS(L) and SMW's tap Gram matrix take an equinox model. Equinox has no method interception:
+a tapped call rebuilds the recombined module with each of those layers replaced by a small
+wrapper that calls the layer, adds the tap to its output and records its homogeneous input
+``[a, 1]`` (``[a]`` without bias); this happens inside the batch ``jax.vmap``, so the taps are
+(m, d_out) and the inputs (m, d_in [+1]), the layouts of the reference models
+(:mod:`secondorder.models.layers`). Equinox stores a Linear weight as (d_out, d_in), the reference
+layout, so no relayout is needed. Limits, each with a named error or a fallback:
+
+* each tapped Linear must be called exactly once per example and forward pass: a layer called
+  twice (weight sharing, a layer applied in a loop) or never raises
+  :class:`~secondorder.errors.StructureError`;
+* the layer must be called directly on the example, not under the model's own ``jax.vmap`` or
+  ``lax.scan`` (e.g. a Linear mapped over a sequence); such a call raises StructureError.
+  Stacked layers (``eqx.nn.MLP(..., scan=True)``'s hidden layers, a weight of rank 3) are not
+  tapped: they are parameters outside tapped layers (each method's fallback);
+* ``batched=True`` models have no taps (StructureError);
+* other layers (``eqx.nn.Conv2d``, embeddings, norms) are not tapped: parameters outside tapped
+  layers. For tapped convolutions use :func:`~secondorder.models.from_flax`, a reference
+  :class:`~secondorder.models.ConvNet` or a torch module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ..errors import SecondOrderError
-from .base import Array, Model
+from ..errors import SecondOrderError, StructureError
+from .base import Array, LayerInfo, Model
 from .flax import _as_jax_key
 
 
@@ -41,6 +61,120 @@ class EquinoxInputs(NamedTuple):
     x: Any
     key: Any = None
     state: Any = None
+
+
+def _trace_state() -> Any:
+    """The JAX trace now being built (compared by identity; ``None`` where this JAX version does
+    not expose it: a leaked input then surfaces as ``jax.errors.UnexpectedTracerError``)."""
+    try:
+        from jax._src.core import get_opaque_trace_state
+    except ImportError:  # pragma: no cover - other JAX versions
+        return None
+    return get_opaque_trace_state()
+
+
+def _inner_transform_error(err: Exception | None = None) -> StructureError:
+    why = "" if err is None else f" ({type(err).__name__})"
+    return StructureError(
+        "a tapped equinox Linear is called under the model's own jax.vmap, lax.scan or other "
+        "transformation (e.g. mapped over a sequence), so its recorded input escapes it; layer "
+        "taps need each Linear called once on the example: use a method without taps "
+        f"(Shampoo, Adam, SGD, the GGN methods) for this model{why}")
+
+
+@dataclass(frozen=True)
+class _TapSlot:
+    """One tapped layer: where it sits in the module tree and what its taps look like."""
+
+    path: tuple[Any, ...]
+    name: str
+    bias: bool
+    out_features: int
+
+
+class _Recorder:
+    """The inputs of the tapped layers during one traced forward pass of one example; with
+    ``taps`` (one per slot, per example) it adds them to the layers' outputs."""
+
+    def __init__(self, slots: tuple[_TapSlot, ...], taps: list[Array] | None):
+        self.slots = slots
+        self.taps = taps
+        self.inputs: list[Array | None] = [None] * len(slots)
+        self.trace = _trace_state()
+
+    def __call__(self, k: int, layer: Any, x: Array, **kwargs: Any) -> Array:
+        import jax.numpy as jnp
+
+        slot = self.slots[k]
+        if self.inputs[k] is not None:
+            raise StructureError(
+                f"the equinox layer {slot.name} is called more than once in one forward pass "
+                "(weight sharing or a loop over one layer); layer taps need one call per "
+                "Linear: use a method without taps (Shampoo, Adam, SGD, the GGN methods) or "
+                "give each call its own layer"
+            )
+        if _trace_state() != self.trace:
+            raise _inner_transform_error()
+        out = layer(x, **kwargs)
+        a = jnp.reshape(x, (-1,))
+        if slot.bias:
+            a = jnp.concatenate([a, jnp.ones((1,), dtype=a.dtype)])
+        self.inputs[k] = a
+        if self.taps is None:
+            return out
+        return out + jnp.reshape(self.taps[k], out.shape)
+
+    def recorded(self) -> list[Array]:
+        """The recorded inputs, in slot order; StructureError for a layer never called."""
+        missing = [s.name for s, a in zip(self.slots, self.inputs) if a is None]
+        if missing:
+            raise StructureError(
+                f"the equinox layers {missing} are not called in the forward pass; layer taps "
+                "need every Linear of the module called exactly once: remove unused layers or "
+                "use a method without taps (Shampoo, Adam, SGD, the GGN methods)"
+            )
+        return list(self.inputs)  # type: ignore[arg-type]
+
+
+class _TappedLayer:
+    """Stands in for one tapped layer during a tapped call: the layer's call through the
+    recorder; every attribute read goes to the layer."""
+
+    def __init__(self, layer: Any, k: int, recorder: _Recorder):
+        self._layer, self._k, self._recorder = layer, k, recorder
+
+    def __call__(self, x: Array, **kwargs: Any) -> Array:
+        return self._recorder(self._k, self._layer, x, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._layer, name)
+
+
+def _tap_slots(model: Any, params: Any) -> tuple[tuple[_TapSlot, ...], tuple[LayerInfo, ...]]:
+    """The tapped layers of an equinox module (every ``eqx.nn.Linear`` whose weight is a
+    trained 2-D array, in leaf order) and their :class:`LayerInfo` (leaf indices in ``params``,
+    the partition's leaf order)."""
+    import equinox as eqx
+    import jax
+
+    index = {tuple(path): i
+             for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])}
+    slots, layers = [], []
+    nodes = jax.tree_util.tree_flatten_with_path(
+        model, is_leaf=lambda n: isinstance(n, eqx.nn.Linear))[0]
+    for path, node in nodes:
+        if not isinstance(node, eqx.nn.Linear):
+            continue
+        path = tuple(path)
+        w = index.get((*path, jax.tree_util.GetAttrKey("weight")))
+        if w is None or getattr(node.weight, "ndim", 0) != 2:
+            continue  # frozen or stacked (MLP(scan=True)): outside tapped layers
+        b = index.get((*path, jax.tree_util.GetAttrKey("bias")))
+        d_out, d_in = (int(d) for d in node.weight.shape)
+        name = jax.tree_util.keystr(path) or "the root module"
+        slots.append(_TapSlot(path, name, b is not None, d_out))
+        layers.append(LayerInfo("dense", w, b, d_in, d_out))
+    return tuple(slots), tuple(layers)
 
 
 class EquinoxModel(Model):
@@ -71,6 +205,10 @@ class EquinoxModel(Model):
         self.kwargs = dict(kwargs or {})
         import jax
 
+        self._slots, self._layers = _tap_slots(model, params)
+        leaves = jax.tree_util.tree_leaves(params)
+        #: the dtype of the taps (that of the parameters)
+        self._tap_dtype = leaves[0].dtype if leaves else "float32"
         # one compiled forward pass: inside a jitted step it is inlined; in eager steps it saves
         # re-tracing the vmap at each of the step's many calls
         self._forward = jax.jit(self._call)
@@ -85,8 +223,9 @@ class EquinoxModel(Model):
         return EquinoxInputs(x, None if key is None else _as_jax_key(key),
                              self.state if state is None else state)
 
-    def _call(self, params: Any, x: Any) -> tuple[Array, Any]:
-        """(outputs, new state or None) of the recombined model on ``x``."""
+    def _call(self, params: Any, x: Any, taps: list[Array] | None = None) -> tuple[Any, ...]:
+        """(outputs, new state or None) of the recombined model on ``x``; with ``taps`` (one
+        (m, d_out) array per tapped layer), (outputs, new state, tapped layers' inputs)."""
         import equinox as eqx
         import jax
 
@@ -98,29 +237,59 @@ class EquinoxModel(Model):
             state = self.state
         model = eqx.combine(params, self.static)
         kwargs = self.kwargs
+        slots = self._slots
+        positions = {s.path: k for k, s in enumerate(slots)}
 
-        def one(xi: Any, st: Any, k: Any) -> Any:
+        def one(xi: Any, st: Any, k: Any, ti: list[Array] | None) -> Any:
             extra = dict(kwargs) if k is None else {**kwargs, "key": k}
+            m, recorder = model, None
+            if ti is not None:
+                recorder = _Recorder(slots, ti)
+
+                def wrap(path: Any, node: Any) -> Any:
+                    j = positions.get(tuple(path))
+                    return node if j is None else _TappedLayer(node, j, recorder)
+
+                m = jax.tree_util.tree_map_with_path(
+                    wrap, model, is_leaf=lambda n: isinstance(n, eqx.nn.Linear))
             if st is None:
-                return model(xi, **extra), None
-            return model(xi, st, **extra)
+                out, new_state = m(xi, **extra), None
+            else:
+                out, new_state = m(xi, st, **extra)
+            if recorder is None:
+                return out, new_state
+            return out, new_state, recorder.recorded()
 
         if self.batched:
-            return one(data, state, key)
+            if taps is not None:
+                raise StructureError(
+                    "layer taps need the batch vmap of from_equinox(..., batched=False) (the "
+                    "default): a batched=True model has no taps; use a method without taps or "
+                    "let from_equinox map the model over the batch")
+            return one(data, state, key, None)
         size = jax.tree_util.tree_leaves(data)[0].shape[0]
         keys = None if key is None else jax.random.split(key, size)
-        mapped = jax.vmap(one, in_axes=(0, None, None if keys is None else 0),
-                          out_axes=(0, None), axis_name=self.axis_name)
-        return mapped(data, state, keys)
+        in_axes = (0, None, None if keys is None else 0, None if taps is None else 0)
+        out_axes = (0, None) if taps is None else (0, None, 0)
+        mapped = jax.vmap(one, in_axes=in_axes, out_axes=out_axes, axis_name=self.axis_name)
+        return mapped(data, state, keys, taps)
 
     def apply(self, params: Any, x: Any, taps: list[Array] | None = None) -> Any:
-        """f = apply(params, x) for a batch ``x`` or an :class:`EquinoxInputs`."""
-        if taps is not None:
-            raise SecondOrderError(
-                "equinox models have no layer taps; use from_flax, a secondorder reference "
-                "model (MLP, ConvNet) or from_torch for per-layer Kronecker statistics"
-            )
-        return self._forward(params, x)[0]
+        """f = apply(params, x) for a batch ``x`` or an :class:`EquinoxInputs`; with ``taps``
+        (one (m, d_out) array per entry of :attr:`layers`), ``(f, inputs)`` with each tapped
+        layer's homogeneous input (m, d_in [+1]) (see the module docstring)."""
+        if taps is None:
+            return self._forward(params, x)[0]
+        if len(taps) != len(self._slots):
+            raise StructureError(f"expected {len(self._slots)} taps (one per tapped Linear), "
+                                 f"got {len(taps)}; build them with model.zero_taps(x)")
+        import jax
+
+        try:
+            out, _, inputs = self._forward(params, x, list(taps))
+        except jax.errors.UnexpectedTracerError as err:
+            raise _inner_transform_error(err) from None
+        return out, inputs
 
     def update_state(self, params: Any, x: Any) -> Any:
         """The state after one forward pass of ``params`` on ``x`` (the step's
@@ -153,8 +322,26 @@ class EquinoxModel(Model):
 
         return jax.jit(step)
 
-    def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
-        return []
+    @property
+    def layers(self) -> tuple[LayerInfo, ...]:  # type: ignore[override]
+        """One dense :class:`LayerInfo` per tapped ``eqx.nn.Linear`` (see the module
+        docstring), in the leaf order of ``params``: weight (d_out, d_in), then bias."""
+        return self._layers
+
+    def tap_shapes(self, x: Any) -> list[tuple[int, ...]]:
+        """The tap shapes (m, d_out) for a batch ``x`` (array or :class:`EquinoxInputs`)."""
+        import jax
+
+        data = x.x if isinstance(x, EquinoxInputs) else x
+        m = int(jax.tree_util.tree_leaves(data)[0].shape[0])
+        return [(m, s.out_features) for s in self._slots]
+
+    def zero_taps(self, x: Any) -> list[Array]:
+        """Zero taps for a batch ``x`` (array or :class:`EquinoxInputs`), in the dtype of the
+        parameters."""
+        import jax.numpy as jnp
+
+        return [jnp.zeros(s, dtype=self._tap_dtype) for s in self.tap_shapes(x)]
 
     def to_module(self, params: Any) -> Any:
         """The equinox module with ``params`` (``eqx.combine(params, static)``)."""
