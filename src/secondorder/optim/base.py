@@ -366,8 +366,26 @@ class Optimizer(ABC):
         return StepInfo(loss, as_array(step_norm), as_array(damping), fin, iters,
                         as_array(inner_residual), dict(extras or {}))
 
+    @staticmethod
+    def verdict(loss: Array, *checks: Any, new_params: Tree = None, update: Tree | None = None
+                ) -> tuple[Array, Array | None]:
+        """``(ok, step_norm)``: the flag of :meth:`guard` (the loss, the ``checks`` and the new
+        parameters all finite, the latter through ||update|| when ``update`` is given) and
+        ||update|| (None without ``update``). Computed first by a method that forms its new
+        parameters with ``select(ok, ...)`` in traced code and hands both to :meth:`guard`."""
+        xp = backend_of(loss).xp
+        ok = xp.all(xp.isfinite(loss))
+        if update is not None:
+            step_norm = norm(update)
+            ok = xp.logical_and(ok, xp.isfinite(step_norm))
+            if checks:
+                ok = xp.logical_and(ok, all_finite(*checks))
+            return ok, step_norm
+        return xp.logical_and(ok, all_finite(new_params, *checks)), None
+
     def guard(self, params: Tree, state: Any, new_params: Tree, new_state: Any, loss: Array,
-              *checks: Any, damping_key: str | None = None, update: Tree | None = None
+              *checks: Any, damping_key: str | None = None, update: Tree | None = None,
+              verdict: tuple[Array, Array | None] | None = None, selected: bool = False
               ) -> tuple[Tree, Any, Array, Array]:
         """Accept ``(new_params, new_state)`` only if the loss, the new parameters and the
         ``checks`` (trees) are all finite; otherwise keep the old ones and, for damped methods
@@ -380,20 +398,19 @@ class Optimizer(ABC):
         sqrt(max float), which is rejected too; finite parameters plus a finite update stay
         finite), which saves two passes over the parameters.
 
+        ``verdict``: ``(ok, step_norm)`` from :meth:`verdict` with the same arguments, when the
+        method computed it first. ``selected``: in traced code, ``new_params`` were formed as
+        ``select(ok, ..., params)`` with that verdict's flag, so they are returned as they are
+        (one pass over the parameters fewer: XLA does not fold a select into an equal one).
+
         Returns ``(params, state, finite, step_norm)``. On eager backends this is one Python
         branch on one flag; in traced code every leaf is selected with ``where``.
         """
         backend = backend_of(loss)
         xp = backend.xp
-        ok = xp.all(xp.isfinite(loss))
-        step_norm = None
-        if update is not None:
-            step_norm = norm(update)
-            ok = xp.logical_and(ok, xp.isfinite(step_norm))
-            if checks:
-                ok = xp.logical_and(ok, all_finite(*checks))
-        else:
-            ok = xp.logical_and(ok, all_finite(new_params, *checks))
+        if verdict is None:
+            verdict = self.verdict(loss, *checks, new_params=new_params, update=update)
+        ok, step_norm = verdict
         if backend.is_concrete(ok):
             if bool(ok):
                 if step_norm is None:
@@ -403,7 +420,7 @@ class Optimizer(ABC):
                 boosted = getattr(state, damping_key) * self.damping_boost_on_failure
                 state = state._replace(**{damping_key: boosted})
             return params, state, ok, xp.zeros_like(loss)
-        out_params = select(ok, new_params, params)
+        out_params = new_params if selected else select(ok, new_params, params)
         out_state = select(ok, new_state, state)
         if damping_key is not None:
             out_state = out_state._replace(**{damping_key: xp.where(

@@ -14,7 +14,7 @@ from ..backends import backend_of
 from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import add
-from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
 from .directions import curveball_2x2, curveball_direction, curveball_quantities
 from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
 from .state import every, initial_count, method_state
@@ -187,7 +187,16 @@ class CurveBall(Optimizer):
         q = curveball_direction(self.apply, self.loss, params, state.z, lam, batch,
                                 curvature=self.curvature, **fixed)
         z_new = q.z
+        checks = () if q.grad is None else (q.grad,)
+        verdict, selected = None, False
         trial = add(params, z_new)
+        if self.transform is None and not backend.is_concrete(q.loss):
+            # traced: the guard's flag first, and the returned parameters formed once, as
+            # select(ok, params + z, params); the damping update below evaluates the loss there,
+            # at the trial parameters whenever the step is accepted (a rejected step keeps the
+            # old state, so its damping update is discarded)
+            verdict = self.verdict(q.loss, *checks, update=z_new)
+            trial, selected = select(verdict[0], trial, params), True
         count = state.count + 1
         lam_new = lam
         if self.adapt_damping:
@@ -202,9 +211,9 @@ class CurveBall(Optimizer):
             new_params, update, inner = apply_transform(self.transform, z_new, inner, params)
         new_state = CurveBallState(count, z_new, lam_new, inner)
         params, state, ok, step_norm = self.guard(
-            params, state, new_params, new_state, q.loss,
-            *(() if q.grad is None else (q.grad,)),
-            damping_key=None if scheduled else "damping", update=update)
+            params, state, new_params, new_state, q.loss, *checks,
+            damping_key=None if scheduled else "damping", update=update, verdict=verdict,
+            selected=selected)
         extras = {"rho": q.rho, "beta": q.beta, "predicted": q.predicted}
         return params, state, self.info(params, q.loss, step_norm, state.damping, ok,
                                         extras=extras)
