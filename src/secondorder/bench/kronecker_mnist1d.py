@@ -1,4 +1,5 @@
-"""``secondorder reproduce kronecker-mnist1d``: K-FAC, Shampoo and TNT against SGD with momentum
+"""``secondorder reproduce kronecker-mnist1d``: K-FAC, Shampoo, TNT, K-BFGS, K-BFGS(L), SMW-GN and
+SMW-NG against SGD with momentum
 and Adam on MNIST-1D (S. Greydanus and D. Kobak, "Scaling down deep learning with MNIST-1D",
 ICML 2024), with the authors' small CNN and MLP.
 
@@ -34,7 +35,8 @@ Protocol
   the median and the range over the seeds that reach it, with the count.
 
 Methods are looked up by name in :data:`secondorder.optim.registry.METHODS`: ``sgd`` (SGD with
-momentum 0.9), ``adam``, ``kfac``, ``shampoo``, ``tnt``. A name that is not registered is
+momentum 0.9), ``adam``, ``kfac``, ``shampoo``, ``tnt``, ``kbfgs``, ``kbfgs-l``, ``smw-gn`` and
+``smw-ng``. A name that is not registered is
 reported as not available and skipped. Grid keys (and fixed settings) that a method's
 constructor does not take are dropped and listed in the result.
 """
@@ -55,7 +57,8 @@ from .. import backends
 EXPERIMENT = "kronecker-mnist1d"
 #: the methods compared, by registry name, with the names the report uses
 METHOD_NAMES = {"sgd": "SGD-momentum", "adam": "Adam", "kfac": "K-FAC", "shampoo": "Shampoo",
-                "tnt": "TNT"}
+                "tnt": "TNT", "kbfgs": "K-BFGS", "kbfgs-l": "K-BFGS(L)", "smw-gn": "SMW-GN",
+                "smw-ng": "SMW-NG"}
 #: the reference whose final test accuracy is the target
 REFERENCE = "sgd"
 MODELS = {"cnn": "mnist1d-cnn", "mlp": "mnist1d-mlp"}
@@ -81,6 +84,17 @@ MODELS = {"cnn": "mnist1d-cnn", "mlp": "mnist1d-mlp"}
 #:   grafting the CNN reached 88.6% validation accuracy in 60 cosine epochs at lr 0.03 (94.0%
 #:   with it): Conv1DNet's kernels (C_out, C_in, 1, k) are 4-way for Shampoo, and the
 #:   per-tensor norm of Adam's step fixes the step length that the roots leave open.
+#: * K-BFGS and K-BFGS(L): the step H_G grad H_A has the damping split between the two factors
+#:   (sqrt(lambda) each on dense layers), so, as for K-FAC, lr / damping is the gain on flat
+#:   directions; the same two ratios (1/3, then 1/10) over dampings 0.3 .. 3. (The thesis's best
+#:   MNIST-autoencoder pair, lr 0.3 and damping 30, is a ratio of 1/100 for its T = 20.)
+#: * SMW-GN and SMW-NG: Levenberg-Marquardt steps whose damping adapts from the reduction ratio
+#:   (initial lambda_LM, then x1.01 / x0.99 a step), so the grid sets the initial damping and
+#:   the step's fraction lr of the damped Newton step.
+KBFGS_GRID = [{"lr": lr, "damping": d} for lr, d in ((0.1, 0.3), (0.3, 1.0), (1.0, 3.0),
+                                                     (0.03, 0.3), (0.1, 1.0), (0.3, 3.0))]
+SMW_GRID = [{"lr": lr, "damping": d} for lr, d in ((1.0, 1.0), (1.0, 0.1), (0.5, 1.0),
+                                                   (1.0, 10.0))]
 GRIDS: dict[str, list[dict[str, float]]] = {
     "sgd": [{"lr": lr, "momentum": 0.9} for lr in (0.1, 0.03, 0.3, 0.01)],
     "adam": [{"lr": lr} for lr in (1e-2, 3e-3, 3e-2, 1e-3)],
@@ -89,6 +103,10 @@ GRIDS: dict[str, list[dict[str, float]]] = {
     "shampoo": [{"lr": lr, "eps": e} for e in (1e-4, 1e-3) for lr in (0.03, 0.01, 0.1)],
     "tnt": [{"lr": lr, "eps": e} for e, lrs in ((0.03, (1e-4, 3e-4, 3e-5)),
                                                 (0.1, (1e-3, 3e-3, 3e-4))) for lr in lrs],
+    "kbfgs": KBFGS_GRID,
+    "kbfgs-l": KBFGS_GRID,
+    "smw-gn": SMW_GRID,
+    "smw-ng": SMW_GRID,
 }
 #: settings every run of a method shares (statistics every 5 steps and inverses or roots every
 #: 20 for the Kronecker-factored methods, momentum 0.9 where the method has it, Shampoo's step
@@ -100,6 +118,10 @@ FIXED: dict[str, dict[str, Any]] = {
     "shampoo": {"momentum": 0.9, "statistics_interval": 1, "root_interval": 20,
                 "graft": "adam"},
     "tnt": {"momentum": 0.9, "statistics_interval": 5, "inverse_interval": 20},
+    "kbfgs": {"momentum": 0.9, "curvature_interval": 5},
+    "kbfgs-l": {"momentum": 0.9, "curvature_interval": 5, "memory": 10},
+    "smw-gn": {"curvature_batch": 30},
+    "smw-ng": {"curvature_batch": 30},
 }
 TUNE_SEED = 1000
 DEFAULT_EPOCHS = 100
