@@ -223,3 +223,28 @@ def test_pi_split_of_a_zero_trace_factor(backend, system):
     root = 0.1**0.5
     expected = np.kron(np.linalg.inv(a + root * np.eye(4)), np.eye(2) / root)
     assert_close(op.damped_inverse(0.1).to_dense(), expected, backend=backend)
+
+
+def test_checks_of_concrete_arrays_closed_over_in_jit_do_not_branch_on_tracers():
+    """A concrete matrix closed over inside ``jax.jit`` makes its isfinite flag a tracer: the
+    NaN checks of eigh (the exact Kronecker damped inverse) and Diagonal.inv skip it instead of
+    raising TracerBoolConversionError (`secondorder check` failed on jax this way); the result
+    equals the eager one."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((3, 3))
+    g = rng.standard_normal((4, 4))
+    a, g = jnp.asarray(a @ a.T + np.eye(3)), jnp.asarray(g @ g.T + np.eye(4))
+    x = jnp.asarray(rng.standard_normal((3, 4)))
+    d = jnp.asarray(rng.uniform(1.0, 2.0, 5))
+    v = jnp.asarray(rng.standard_normal(5))
+
+    def kron() -> object:
+        return Kronecker(a, g).damped_inverse(0.1, method="exact").matvec(x)
+
+    def diag() -> object:
+        return Diagonal(d).inv().matvec(v)
+
+    np.testing.assert_allclose(np.asarray(jax.jit(kron)()), np.asarray(kron()), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(jax.jit(diag)()), np.asarray(v / d), rtol=1e-14)

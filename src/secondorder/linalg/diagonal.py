@@ -47,7 +47,10 @@ class Diagonal(LinearOperator):
         or not finite (checked for concrete arrays; inside ``jax.jit`` the entry becomes inf)."""
         xp, backend = self.xp, self.backend
         for a in flatten(self.d)[0]:
-            if backend.is_concrete(a) and not bool(xp.all(xp.isfinite(a) & (a != 0))):
+            if not backend.is_concrete(a):
+                continue
+            usable = xp.all(xp.isfinite(a) & (a != 0))  # traced when a is closed over in jit
+            if backend.is_concrete(usable) and not bool(usable):
                 raise NotPositiveDefiniteError(
                     "Diagonal.inv(): the diagonal has a zero, NaN or inf entry, so it is singular; "
                     "add damping (Diagonal(d + damping)) or check the curvature estimate"

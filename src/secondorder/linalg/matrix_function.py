@@ -84,8 +84,13 @@ def _not_pd(what: str, why: str) -> NotPositiveDefiniteError:
 
 
 def _check_finite(backend: Any, a: Any, what: str) -> None:
-    """NotPositiveDefiniteError for a concrete matrix with a NaN or inf entry."""
-    if _is_concrete(backend, a) and not bool(backend.xp.all(backend.xp.isfinite(a))):
+    """NotPositiveDefiniteError for a concrete matrix with a NaN or inf entry. The test is on
+    the flag, not on ``a``: a concrete array closed over inside ``jax.jit`` gives a traced
+    flag, which cannot be branched on."""
+    if not _is_concrete(backend, a):
+        return
+    finite = backend.xp.all(backend.xp.isfinite(a))
+    if _is_concrete(backend, finite) and not bool(finite):
         raise _not_pd(what, "the matrix has NaN or inf entries")
 
 
