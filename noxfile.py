@@ -108,6 +108,10 @@ def bench(session: nox.Session) -> None:
                 "benchmarks/results/prox_linear_digits.json")
     session.run("python", "benchmarks/grouped_newton.py", "--json",
                 "benchmarks/results/grouped_newton.json")
+    session.run("python", "benchmarks/kronecker.py", "--json",
+                "benchmarks/results/kronecker.json")
+    session.run("python", "benchmarks/kbfgs_smw.py", "--json",
+                "benchmarks/results/kbfgs_smw.json")
 
 
 @nox.session(name="bench-peers")
