@@ -151,7 +151,8 @@ def kfac_jax_step(x: Any, y: Any, params: Any, seed: int) -> Callable[[Any], Any
         use_adaptive_learning_rate=False, use_adaptive_momentum=False,
         use_adaptive_damping=False, learning_rate_schedule=lambda t: 0.01,
         momentum_schedule=lambda t: 0.9, damping_schedule=lambda t: 1e-3,
-        curvature_update_period=10, inverse_update_period=PERIOD, multi_device=False)
+        curvature_update_period=10, inverse_update_period=PERIOD, num_burnin_steps=0,
+        multi_device=False)
     key = jax.random.PRNGKey(seed)
     batch = (x, y)
     state = opt.init(params, key, batch)
