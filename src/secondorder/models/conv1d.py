@@ -10,8 +10,9 @@ import numpy as np
 from ..backends import namespace
 from ..errors import ShapeError
 from .base import Array, LayerInfo, Model, lecun_normal
+from .convnet import conv_tap_shapes, dense_head
 from .layers import activation as activation_fn
-from .layers import conv1d, dense, output_size
+from .layers import conv1d, output_size
 
 
 def _per_layer(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -131,7 +132,6 @@ class Conv1DNet(Model):
         raise ShapeError(f"{self!r} takes inputs {expected}, got {tuple(x.shape)}")
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
-        xp = namespace(x)
         a = self._signals(x)
         inputs = []
         n = len(self.channels)
@@ -140,16 +140,7 @@ class Conv1DNet(Model):
                              tap=None if taps is None else taps[i])
             inputs.append(a_in)
             a = self._act(a)
-        a = xp.reshape(a, (a.shape[0], -1))
-        for j in range(len(self.dense_sizes)):
-            i = n + j
-            a, a_in = dense(params[i], a, None if taps is None else taps[i])
-            inputs.append(a_in)
-            if j < len(self.dense_sizes) - 1:
-                a = self._act(a)
-        return a if taps is None else (a, inputs)
+        return dense_head(self, params, a, n, taps, inputs)
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
-        m = x.shape[0]
-        shapes = [(m, t, c) for t, c in zip(self._conv_out, self.channels)]
-        return shapes + [(m, d) for d in self.dense_sizes]
+        return conv_tap_shapes(self, x.shape[0])

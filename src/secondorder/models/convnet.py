@@ -92,7 +92,6 @@ class ConvNet(Model):
         return params
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
-        xp = namespace(x)
         inputs = []
         n_conv = len(self.channels)
         a = x
@@ -101,16 +100,31 @@ class ConvNet(Model):
                              tap=None if taps is None else taps[i])
             inputs.append(a_in)
             a = pool2d(self._act(a), 2, self.pool)
-        a = xp.reshape(a, (a.shape[0], -1))
-        for j in range(len(self.dense_sizes)):
-            i = n_conv + j
-            a, a_in = dense(params[i], a, None if taps is None else taps[i])
-            inputs.append(a_in)
-            if j < len(self.dense_sizes) - 1:
-                a = self._act(a)
-        return a if taps is None else (a, inputs)
+        return dense_head(self, params, a, n_conv, taps, inputs)
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
-        m = x.shape[0]
-        shapes = [(m, t, c) for t, c in zip(self._conv_out, self.channels)]
-        return shapes + [(m, d) for d in self.dense_sizes]
+        return conv_tap_shapes(self, x.shape[0])
+
+
+def dense_head(model: Any, params: Any, a: Array, n_conv: int, taps: list[Array] | None,
+               inputs: list[Array]) -> Any:
+    """The dense layers after ``n_conv`` convolutions (shared by :class:`ConvNet` and
+    :class:`~secondorder.models.conv1d.Conv1DNet`): ``a`` flattened, then
+    ``model.dense_sizes`` layers with ``model._act`` between them (none after the last);
+    returns the outputs, or ``(outputs, inputs)`` with every layer's tapped input when ``taps``
+    are given."""
+    a = namespace(a).reshape(a, (a.shape[0], -1))
+    for j in range(len(model.dense_sizes)):
+        i = n_conv + j
+        a, a_in = dense(params[i], a, None if taps is None else taps[i])
+        inputs.append(a_in)
+        if j < len(model.dense_sizes) - 1:
+            a = model._act(a)
+    return a if taps is None else (a, inputs)
+
+
+def conv_tap_shapes(model: Any, m: int) -> list[tuple[int, ...]]:
+    """Tap shapes of a convolutional model with dense layers: (m, T_i, C_i) per convolution
+    (``model._conv_out`` output positions, ``model.channels``), (m, d) per dense layer."""
+    shapes = [(m, t, c) for t, c in zip(model._conv_out, model.channels)]
+    return shapes + [(m, d) for d in model.dense_sizes]

@@ -24,7 +24,7 @@ from ..losses import Loss
 from ..models.base import LayerInfo
 from ..tree import add, axpy, scale
 from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number
-from .kfac import _find_model, _from_reference, _is_flax, _to_reference
+from .kfac import _find_model, _from_reference, _is_flax, _to_reference, fallback_indices
 from .schedules import Schedule, resolve
 from .state import every, initial_count, method_state
 from .transforms import chain, scale_by_adam, trace
@@ -269,14 +269,6 @@ class KBFGS(Optimizer):
                 f"{self.model!r}; use BFGS (small problems), Adam or SGD for this network")
         return layers
 
-    @staticmethod
-    def _fallback_indices(layers: list[_Layer], n: int) -> list[int]:
-        covered = set()
-        for layer in layers:
-            covered.add(layer.info.weight)
-            if layer.info.bias is not None:
-                covered.add(layer.info.bias)
-        return [i for i in range(n) if i not in covered]
 
     @staticmethod
     def _matrix(layer: _Layer, leaves: list[Array]) -> Array:
@@ -321,7 +313,7 @@ class KBFGS(Optimizer):
             states.append(KBFGSLayerState(
                 xp.eye(layer.d_in, dtype=like.dtype, device=dev), self._empty_h_g(layer, like),
                 zeros, zeros))
-        rest = self._fallback_indices(layers, len(leaves))
+        rest = fallback_indices(layers, len(leaves))
         fallback: Any = ()
         if self.fallback == "adam" and rest:
             fallback = self._adam().init([leaves[i] for i in rest])
@@ -443,7 +435,7 @@ class KBFGS(Optimizer):
             _, lam_g = self._split(lam, ps.positions)
             m_l = self._matrix(layer, d_leaves)
             self._unmatrix(layer, self._apply_h_g(st.h_g, m_l @ st.h_a, lam_g), p_leaves)
-        rest = self._fallback_indices(layers, len(leaves))
+        rest = fallback_indices(layers, len(leaves))
         fallback = state.fallback
         if self.fallback == "adam" and rest:
             scaled, fallback = self._adam().update([d_leaves[i] for i in rest], fallback)

@@ -9,7 +9,7 @@ The optimiser is ``secondorder.optim.KFAC``; ``secondorder.curvature.KFAC`` is t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .. import random
@@ -93,6 +93,17 @@ def _from_reference(w: Array, flax: bool) -> Array:
         return w
     xp = backend_of(w).xp
     return xp.matrix_transpose(w) if w.ndim == 2 else xp.permute_dims(w, (2, 3, 1, 0))
+
+
+def fallback_indices(layers: Sequence[Any], n: int) -> list[int]:
+    """Indices (among the ``n`` parameter leaves) of the leaves outside every tapped layer:
+    the parameters a Kronecker-factored method steps with its fallback instead."""
+    covered = set()
+    for layer in layers:
+        covered.add(layer.info.weight)
+        if layer.info.bias is not None:
+            covered.add(layer.info.bias)
+    return [i for i in range(n) if i not in covered]
 
 
 class KFAC(Optimizer):
@@ -336,14 +347,6 @@ class KFAC(Optimizer):
                 "Shampoo, Adam or SGD for this network")
         return layers
 
-    @staticmethod
-    def _fallback_indices(layers: list[_Layer], n: int) -> list[int]:
-        covered = set()
-        for layer in layers:
-            covered.add(layer.info.weight)
-            if layer.info.bias is not None:
-                covered.add(layer.info.bias)
-        return [i for i in range(n) if i not in covered]
 
     # ------------------------------------------------------------------ state
     def init(self, params: Tree) -> KFACState:
@@ -357,7 +360,7 @@ class KFAC(Optimizer):
         blocks = tuple(layer.block.init(leaves[layer.info.weight], kind=self.cache)
                        for layer in layers)
         key = random.key(self.seed, backend, backend.device(lam))
-        rest = self._fallback_indices(layers, len(leaves))
+        rest = fallback_indices(layers, len(leaves))
         fallback: Any = ()
         if self.fallback == "adam" and rest:
             fallback = self._adam().init([leaves[i] for i in rest])
@@ -415,7 +418,7 @@ class KFAC(Optimizer):
             else:
                 out[info.bias] = r[0]
                 out[info.weight] = _from_reference(r[1], layer.flax)
-        rest = self._fallback_indices(layers, len(leaves))
+        rest = fallback_indices(layers, len(leaves))
         if self.fallback == "adam" and rest:
             scaled, fallback = self._adam().update([leaves[i] for i in rest], fallback)
             for i, s in zip(rest, scaled):
