@@ -232,7 +232,7 @@ def _identical_except_damping(opt, new_state, old_state, backend) -> None:
             _assert_identical(new, old, backend)
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "torch"])
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
 @pytest.mark.parametrize("name", NAMES)
 def test_a_nan_inside_a_step_is_caught_and_training_continues(name, backend_name):
     """For each injection point of tests/faults.py, armed during the second step only: the step
