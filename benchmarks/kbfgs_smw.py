@@ -37,14 +37,13 @@ import importlib.util
 import json
 import platform
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 import _setup as setup
 import kronecker
-from secondorder import backends, losses, optim, tree
+from secondorder import backends, optim
 
 PERIOD = 20  # K-BFGS's curvature interval T (and the default timed block)
 PROBLEMS = ("mlp", "convnet")
@@ -61,33 +60,7 @@ def step_methods(model: Any, loss: Any) -> dict[str, Any]:
 
 
 def bench_steps(backend: str, name: str, args: Any) -> dict[str, Any]:
-    b = backends.get(backend)
-    if backend == "torch":
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model, params, x, y = kronecker.problem(name, backend, args.batch, args.seed)
-    loss = losses.SoftmaxCrossEntropy()
-    batch = (x, y)
-    sync: Callable[[Any], Any] = lambda out: None  # noqa: E731
-    if backend == "jax":
-        import jax
-
-        sync = jax.block_until_ready
-    fns: dict[str, Callable[[], Any]] = {}
-    for label, opt in step_methods(model, loss).items():
-        step = b.jit(opt.step)
-
-        def advance(carry: tuple[Any, Any], step: Callable = step) -> tuple[Any, Any]:
-            p, s, _ = step(carry[0], carry[1], batch)
-            return p, s
-
-        fns[label] = kronecker.Block(advance, (params, opt.init(params)), args.block)
-    fns["handwritten_sgd"] = kronecker.Block(
-        kronecker.handwritten_sgd(backend, model, x, y), (params, tree.zeros_like(params)),
-        args.block)
-    ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
-    per_step = {label: t / args.block for label, t in ms.items()}
+    per_step = kronecker.step_ms(backend, name, args, step_methods)
     return {label: {"step_ms": t, "ratio_to_sgd": t / per_step["sgd"],
                     "ratio_to_handwritten_sgd": t / per_step["handwritten_sgd"]}
             for label, t in per_step.items()}

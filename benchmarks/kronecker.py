@@ -175,7 +175,13 @@ def kfac_jax_step(x: Any, y: Any, params: Any, seed: int) -> Callable[[Any], Any
     return step, (params, state, key)
 
 
-def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+def step_ms(backend: str, name: str, args: argparse.Namespace,
+            make_methods: Callable[[Any, Any], dict[str, Any]], *, kfac_jax: bool = False
+            ) -> dict[str, float]:
+    """Milliseconds per step of each optimiser of ``make_methods(model, loss)`` and of the
+    hand-written SGD (and kfac-jax's optimiser with ``kfac_jax``) on ``problem(name)``, each
+    timed over blocks of ``args.block`` consecutive steps in interleaved rounds (the module
+    docstring)."""
     b = backends.get(backend)
     if backend == "torch":
         import torch
@@ -190,7 +196,7 @@ def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
 
         sync = jax.block_until_ready
     fns: dict[str, Callable[[], Any]] = {}
-    for label, opt in methods(model, loss).items():
+    for label, opt in make_methods(model, loss).items():
         step = b.jit(opt.step)
 
         def advance(carry: tuple[Any, Any], step: Callable = step) -> tuple[Any, Any]:
@@ -200,11 +206,16 @@ def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
         fns[label] = Block(advance, (params, opt.init(params)), args.block)
     fns["handwritten_sgd"] = Block(handwritten_sgd(backend, model, x, y),
                                    (params, tree.zeros_like(params)), args.block)
-    if backend == "jax" and args.kfac_jax and name == "mlp":
+    if kfac_jax:
         step, carry = kfac_jax_step(x, y, params, args.seed)
         fns["kfac_jax"] = Block(step, carry, args.block)
     ms = setup.interleaved_ms(fns, sync, warmup=args.warmup, repeats=args.repeats)
-    per_step = {label: t / args.block for label, t in ms.items()}
+    return {label: t / args.block for label, t in ms.items()}
+
+
+def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    per_step = step_ms(backend, name, args, methods,
+                       kfac_jax=backend == "jax" and args.kfac_jax and name == "mlp")
     return {label: {"step_ms": t, "ratio_to_sgd": t / per_step["sgd"],
                     "ratio_to_adam": t / per_step["adam"],
                     "ratio_to_handwritten_sgd": t / per_step["handwritten_sgd"]}
