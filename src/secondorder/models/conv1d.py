@@ -10,7 +10,7 @@ import numpy as np
 from ..backends import namespace
 from ..errors import ShapeError
 from .base import Array, LayerInfo, Model, lecun_normal
-from .convnet import conv_tap_shapes, dense_head
+from .convnet import conv_tap_shapes, dense_head, dense_params
 from .layers import activation as activation_fn
 from .layers import conv1d, output_size
 
@@ -115,11 +115,7 @@ class Conv1DNet(Model):
             params.append({"w": lecun_normal(rng, (c_out, c, 1, k), c * k),
                            "b": np.zeros(c_out)})
             c = c_out
-        d_in = self.features
-        for d_out in self.dense_sizes:
-            params.append({"w": lecun_normal(rng, (d_out, d_in), d_in), "b": np.zeros(d_out)})
-            d_in = d_out
-        return params
+        return params + dense_params(rng, self.features, self.dense_sizes)
 
     def _signals(self, x: Array) -> Array:
         xp = namespace(x)

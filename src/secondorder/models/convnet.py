@@ -85,11 +85,7 @@ class ConvNet(Model):
             params.append({"w": lecun_normal(rng, (c_out, c, k, k), c * k * k),
                            "b": np.zeros(c_out)})
             c = c_out
-        d_in = self.features
-        for d_out in self.dense_sizes:
-            params.append({"w": lecun_normal(rng, (d_out, d_in), d_in), "b": np.zeros(d_out)})
-            d_in = d_out
-        return params
+        return params + dense_params(rng, self.features, self.dense_sizes)
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
         inputs = []
@@ -128,3 +124,13 @@ def conv_tap_shapes(model: Any, m: int) -> list[tuple[int, ...]]:
     (``model._conv_out`` output positions, ``model.channels``), (m, d) per dense layer."""
     shapes = [(m, t, c) for t, c in zip(model._conv_out, model.channels)]
     return shapes + [(m, d) for d in model.dense_sizes]
+
+
+def dense_params(rng: np.random.Generator, d_in: int, sizes: Sequence[int]) -> list[dict]:
+    """LeCun-normal weights (d_out, d_in) and zero biases of the dense layers after the
+    convolutions (``sizes``, from ``d_in`` flattened features)."""
+    params = []
+    for d_out in sizes:
+        params.append({"w": lecun_normal(rng, (d_out, d_in), d_in), "b": np.zeros(d_out)})
+        d_in = d_out
+    return params
