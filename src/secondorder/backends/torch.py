@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.func
 
 from .._pytree import check_same_structure, flatten, unflatten
@@ -115,6 +116,11 @@ class TorchBackend(Backend):
         return (y, pullback, aux) if has_aux else (y, pullback)
 
     def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
+        """``torch.func.linearize`` (one trace, replayed per product); with more than one
+        torch.distributed rank, one ``torch.func.jvp`` per product instead, since a trace
+        replays no collective (:mod:`secondorder.distributed`)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return f(x), lambda v: self.jvp(f, x, v)[1]
         with warnings.catch_warnings():  # torch.fx's constant folding warns on closures
             warnings.simplefilter("ignore", UserWarning)
             y, jvp_fn = torch.func.linearize(f, x)

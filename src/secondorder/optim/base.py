@@ -239,6 +239,9 @@ class Optimizer(ABC):
             for name, value in bound.items():
                 if name not in ("self", "apply", "loss"):
                     check_hyperparameter(method, name, value, ranges.get(name))
+            # the outermost constructor's arguments, to build the same method on another
+            # network (secondorder.distributed.data_parallel)
+            self.__dict__.setdefault("arguments", (args, kw))
             init(self, *args, **kw)
 
         checked_init._checks_hyperparameters = True  # type: ignore[attr-defined]
@@ -321,9 +324,12 @@ class Optimizer(ABC):
                     f"{method}.step: the batch's {what} is on {here} but the parameters on "
                     f"{there}; move the batch to the parameters' device")
         if hasattr(x, "shape") and hasattr(y, "shape") and len(x.shape) and len(y.shape):
-            if x.shape[0] != y.shape[0]:
+            # a network on a sharded batch (secondorder.distributed) takes this rank's inputs
+            # with the targets of the whole batch
+            rows = getattr(self.apply, "global_rows", lambda a: a.shape[0])(x)
+            if rows != y.shape[0]:
                 raise ShapeError(
-                    f"{method}.step: x has {x.shape[0]} samples (shape {tuple(x.shape)}) but y "
+                    f"{method}.step: x has {rows} samples (shape {tuple(x.shape)}) but y "
                     f"has {y.shape[0]} (shape {tuple(y.shape)}); the batch's inputs and targets "
                     "must have the same length")
             if x.shape[0] == 0:
