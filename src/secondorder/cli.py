@@ -132,7 +132,41 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_ranks(args: argparse.Namespace) -> int:
+    """``check --ranks N``: every method on N gloo processes against one process."""
+    from .distributed.equivalence import BATCH, SIZES, TOLERANCE, compare
+
+    rows = compare(args.methods, args.ranks, steps=args.steps)
+    table = [[r.method, r.ranks, r.deviation, "yes" if r.agree else "NO",
+              f"{r.calls.get('all_reduce', 0):g}", f"{r.bytes.get('all_reduce', 0):g}",
+              f"{r.calls.get('all_gather', 0):g}", f"{r.bytes.get('all_gather', 0):g}",
+              "ok" if r.ok else "FAIL"] for r in rows]
+    print(f"\n{args.steps} steps of an MLP {'-'.join(map(str, SIZES))} on batches of {BATCH} "
+          f"(float64), {args.ranks} torch.distributed ranks (gloo) against one process; "
+          "deviation = max |params_rank - params_one_process|; communication per step and "
+          "rank (calls, bytes sent)")
+    print(format_table(["method", "ranks", "deviation", "same skips", "all-reduce",
+                        "bytes", "all-gather", "bytes", "status"], table))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"tolerance": TOLERANCE, "ranks": args.ranks, "steps": args.steps,
+                       "results": [{"method": r.method, "deviation": r.deviation,
+                                    "agree": r.agree, "finite": r.finite, "calls": r.calls,
+                                    "bytes": r.bytes, "ok": r.ok} for r in rows]},
+                      fh, indent=2)
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        print(f"\n{len(failed)} method(s) deviate from one process by more than "
+              f"{TOLERANCE:g}", file=sys.stderr)
+        return 1
+    print(f"\nall {len(rows)} methods on {args.ranks} ranks agree with one process to "
+          f"{TOLERANCE:g}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
+    if args.ranks is not None:
+        return _check_ranks(args)
     from .bench.consistency import TOLERANCE, run_check
 
     _list(args)
@@ -266,6 +300,15 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _ranks(text: str) -> int:
+    """A number of data-parallel processes that divides the check's batch of 16 samples."""
+    value = _positive_int(text)
+    if value < 2 or 16 % value:
+        raise argparse.ArgumentTypeError(
+            f"must be 2, 4, 8 or 16 (it divides the batch of 16 samples), got {value}")
     return value
 
 
@@ -409,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="size of the factor A")
     check.add_argument("--n-g", dest="n_g", type=_positive_int, default=32, metavar="N",
                        help="size of the factor G")
+    check.add_argument("--ranks", type=_ranks, default=None, metavar="N",
+                       help="instead: run every method on N local torch.distributed processes "
+                       "(gloo) and compare with one process; N in {2, 4, 8, 16} (default: off)")
+    check.add_argument("--methods", type=_choice_list(sorted(METHODS)),
+                       default=sorted(METHODS), metavar="M1,M2",
+                       help="with --ranks: the methods (default: every registered method)")
+    check.add_argument("--steps", type=_positive_int, default=10,
+                       help="with --ranks: steps per method")
     check.set_defaults(func=_check)
 
     from .bench import kronecker_mnist1d as kmn
