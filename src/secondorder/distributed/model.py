@@ -15,11 +15,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._pytree import tree_map
+from .._pytree import flatten, tree_map, unflatten
 from ..models.base import Model
 from . import collectives
 
 Array = Any
+
+
+def _replicate(params: Any, group: Any) -> Any:
+    """``params`` through :func:`~.collectives.replicate` as one flat vector when its leaves
+    share a dtype and device (one all-reduce per VJP, like a single gradient bucket), else leaf
+    by leaf."""
+    leaves, treedef = flatten(params)
+    if len(leaves) < 2 or len({(a.dtype, a.device) for a in leaves}) > 1:
+        return tree_map(lambda a: collectives.replicate(a, group), params)
+    import torch
+
+    flat = collectives.replicate(torch.cat([torch.reshape(a, (-1,)) for a in leaves]), group)
+    parts = torch.split(flat, [a.numel() for a in leaves])
+    return unflatten(treedef, [torch.reshape(p, a.shape) for p, a in zip(parts, leaves)])
 
 
 class DataParallel(Model):
@@ -61,7 +75,7 @@ class DataParallel(Model):
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
         group = self.group
-        params = tree_map(lambda a: collectives.replicate(a, group), params)
+        params = _replicate(params, group)
         if taps is None:
             return collectives.gather_rows(self.inner(params, x), group)
         local = [collectives.scatter_rows(t, group) for t in taps]
