@@ -114,6 +114,21 @@ def bench(session: nox.Session) -> None:
                 "benchmarks/results/kbfgs_smw.json")
 
 
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """Data-parallel equivalence in full: every registered method on 2 and 4 torch.distributed
+    ranks (gloo, local processes) and on 1, 2 and 4 JAX host devices against one process, to
+    1e-12 in float64 after 10 steps, with and without a NaN on one shard; then the
+    communication benchmark (``benchmarks/distributed.py``). The default ``tests`` session runs
+    the 2-rank part only (``secondorder check --ranks 2`` and the NaN run)."""
+    install_with(session, "all")
+    full = {"SECONDORDER_FULL_DISTRIBUTED": "1"}
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_distributed.py",
+                "tests/test_jax_sharding.py", *session.posargs, env=full)
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_cli.py", "-k", "ranks",
+                *session.posargs, env=full)
+
+
 @nox.session(name="bench-peers")
 def bench_peers(session: nox.Session) -> None:
     """Peer comparison on torch against curvlinops, in its own environment; run after

@@ -59,6 +59,33 @@ def test_check_reports_a_missing_backend(tmp_path):
         assert results[0]["error"] and not results[0]["ok"]
 
 
+def test_check_ranks_2_gives_every_method_the_one_process_step(tmp_path, capsys):
+    """Issue 16's command: every registered method on 2 gloo ranks, 10 steps, against one
+    process on the whole batches (float64), to 1e-12 here (the command's own bound is 1e-10)."""
+    pytest.importorskip("torch")
+    from secondorder.optim.registry import METHODS
+
+    path = tmp_path / "ranks.json"
+    assert main(["check", "--ranks", "2", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert sorted(r["method"] for r in report["results"]) == sorted(METHODS)
+    for r in report["results"]:
+        assert r["agree"] and all(r["finite"]) and r["deviation"] <= 1e-12, r
+        assert r["calls"]["all_reduce"] >= 1 and r["bytes"]["all_reduce"] >= 38 * 8, r
+    assert "all-reduce" in capsys.readouterr().out
+
+
+def test_check_ranks_fails_on_a_deviation(monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from secondorder.distributed import equivalence
+
+    bad = equivalence.Row("sgd", 2, 3e-9, [True], True, {"all_reduce": 1.0}, {})
+    monkeypatch.setattr(equivalence, "compare", lambda *a, **k: [bad])
+    assert main(["check", "--ranks", "2", "--methods", "sgd"]) == 1
+    assert "deviate from one process" in capsys.readouterr().err
+    assert main(["check", "--ranks", "3"]) == 2  # 3 does not divide the batch of 16
+
+
 def test_unknown_backend_is_a_usage_error():
     assert main(["check", "--backends", "tensorflow"]) == 2
 

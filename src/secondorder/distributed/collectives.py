@@ -224,3 +224,12 @@ def all_gather_sizes(n: int, group: Any = None) -> list[int]:
     """The integer ``n`` of every rank, in rank order (one small all-gather)."""
     t = torch.tensor([n], dtype=torch.int64)
     return [int(v) for v in _all_gather(t, group)]
+
+
+def broadcast(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """``x`` overwritten in place with rank 0's values (not differentiable)."""
+    if world_size(group) > 1:
+        LOG.record("broadcast", x)
+        dist.broadcast(x, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                       group=group)
+    return x

@@ -29,6 +29,15 @@ with the batch statistics, and their running statistics are updated once per ste
 own ``model(x)`` if your loop still runs one, else by one train-mode forward pass over the step's
 batch at the parameters the step started from (under ``torch.no_grad``, with the step's dropout
 mask; see ``update_buffers``). In eval mode the module runs as it is.
+
+Data-parallel training: with an initialised ``torch.distributed`` process group of more than
+one rank (``torchrun``), each rank passes its own shard of the batch to ``step`` and every rank
+takes the step of one process on the whole batch (:mod:`secondorder.distributed`); the module
+may be plain or wrapped in ``DistributedDataParallel`` (its ``module`` is trained). The
+parameters and buffers of rank 0 are broadcast to the others when the optimiser is built, as
+``DistributedDataParallel`` does. Normalisation layers in train mode normalise with the
+statistics of the local shard and dropout masks are drawn per shard, so for such networks the
+step is a data-parallel one but not that of one process on the whole batch.
 """
 
 from __future__ import annotations
@@ -144,6 +153,15 @@ def _step_seed(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) % 2**63
 
 
+def _broadcast_from_rank0(model: torch.nn.Module, group: Any) -> None:
+    """Rank 0's parameters and buffers on every rank (as DistributedDataParallel does)."""
+    from ..distributed.collectives import broadcast
+
+    with torch.no_grad():
+        for t in chain(model.parameters(), model.buffers()):
+            broadcast(t, group)
+
+
 class Optimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that trains ``model`` with any registered second-order (or
     first-order) method of :data:`secondorder.optim.registry.METHODS`.
@@ -180,6 +198,13 @@ class Optimizer(torch.optim.Optimizer):
         makes runs reproducible); the generator itself is neither advanced nor reseeded. Saved
         in :meth:`state_dict`. The CPU generator and those of the CUDA devices holding
         parameters are handled; random draws on other devices are not fixed per step.
+    data_parallel : bool or "auto", default "auto"
+        Take data-parallel steps over the ranks of ``process_group`` (see the module
+        docstring). ``"auto"``: when ``torch.distributed`` is initialised with more than one
+        rank. ``True`` without an initialised process group raises
+        :class:`~secondorder.errors.HyperparameterError`.
+    process_group : default None
+        The ``torch.distributed`` group of the data-parallel ranks (None: the default group).
     update_buffers : bool or "auto", default "auto"
         Whether to run, after an accepted step, one train-mode forward pass over the step's
         batch, at the parameters the step started from and without gradients, that updates the
@@ -238,8 +263,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, loss: Any, method: str = "curveball", *,
                  dropout_seed: int | None = None, update_buffers: bool | str = "auto",
+                 data_parallel: bool | str = "auto", process_group: Any = None,
                  **hyperparameters: Any):
+        from ..distributed.collectives import world_size
         from ..optim.registry import METHODS
+
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # its forward's own gradient synchronisation is not used
 
         if not isinstance(model, torch.nn.Module):
             raise StructureError(
@@ -288,6 +318,18 @@ class Optimizer(torch.optim.Optimizer):
         self.update_buffers = update_buffers
         self.dropout_seed = int(torch.initial_seed() if dropout_seed is None else dropout_seed)
         self.info: StepInfo | None = None
+        if data_parallel not in (True, False, "auto"):
+            raise HyperparameterError(
+                f"data_parallel must be True, False or 'auto', got {data_parallel!r}")
+        ranks = world_size(process_group)
+        if data_parallel is True and ranks == 1 and not torch.distributed.is_initialized():
+            raise HyperparameterError(
+                "data_parallel=True needs an initialised torch.distributed process group: call "
+                "torch.distributed.init_process_group(...) first (torchrun sets its variables)")
+        self.data_parallel = bool(data_parallel) and ranks > 1
+        self.process_group = process_group
+        if self.data_parallel:
+            _broadcast_from_rank0(model, process_group)
         self._factory = factory
         self._adapter = TorchModel(model, trainable_only=True)
         self._param_names = [n for n, _ in named]
@@ -338,6 +380,10 @@ class Optimizer(torch.optim.Optimizer):
                 f"length of each step), so its parameter group's lr must stay 1.0, got {lr!r}; "
                 "schedule it with a method that has one")
         method = self._factory(self._adapter, self.loss, **hp)
+        if self.data_parallel:
+            from ..distributed import data_parallel
+
+            method = data_parallel(method, self.process_group)
         self._built = (dict(values), method)
         if self._state is not None:
             self._state = self._restructure(method, self._state)

@@ -1,0 +1,55 @@
+"""Rank functions for tests/test_distributed.py (module level, so spawned processes import
+them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+CONFIGS = (("kfac", False), ("kfac", True), ("curveball", False), ("curveball", True))
+
+
+def module(seed: int):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def train(model, batches, method: str, rank: int = 0, ranks: int = 1) -> np.ndarray:
+    """The module's flat parameters after one torch-Optimizer step per batch, on this rank's
+    shard of each."""
+    import torch
+    from torch import nn
+
+    from secondorder.integrations.torch import Optimizer
+
+    opt = Optimizer(model, nn.CrossEntropyLoss(), method=method)
+    rows = len(batches[0][1]) // ranks
+    for x, y in batches:
+        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        opt.step((torch.asarray(x), torch.asarray(y)))
+    inner = getattr(model, "module", model)
+    return np.concatenate([p.detach().numpy().ravel() for p in inner.parameters()])
+
+
+def integration(rank: int, ranks: int, address: str, out: str) -> None:
+    """Every rank starts from other weights (rank 0's are broadcast) and trains its shard."""
+    import torch
+    import torch.distributed as dist
+
+    from secondorder.distributed.equivalence import batches
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=address, rank=rank, world_size=ranks)
+    try:
+        for method, ddp in CONFIGS:
+            model = module(seed=rank)
+            if ddp:
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            flat = train(model, batches(5), method, rank, ranks)
+            np.save(Path(out) / f"{method}.{ddp}.{rank}.npy", flat)
+    finally:
+        dist.destroy_process_group()

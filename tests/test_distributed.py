@@ -1,0 +1,72 @@
+"""Data-parallel training over torch.distributed ranks (gloo, local processes) against one
+process on the whole batch: every registered method, the torch.optim integration on a plain and
+a DistributedDataParallel module, and a NaN on one rank's shard.
+
+The 4-rank runs take a minute on two cores and run in ``nox -s distributed``
+(``SECONDORDER_FULL_DISTRIBUTED=1``); ``secondorder check --ranks 2`` (tests/test_cli.py) and
+the 2-rank runs here run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import distributed_workers as workers  # noqa: E402
+from secondorder.distributed.equivalence import _address, batches, compare, launch  # noqa: E402
+from secondorder.optim.registry import METHODS  # noqa: E402
+
+FULL = os.environ.get("SECONDORDER_FULL_DISTRIBUTED") == "1"
+four = pytest.param(4, marks=pytest.mark.skipif(
+    not FULL, reason="4 ranks run in nox -s distributed (SECONDORDER_FULL_DISTRIBUTED=1)"))
+
+
+@pytest.mark.parametrize("ranks", [2, four])
+def test_a_nan_on_one_rank_is_skipped_by_every_rank_and_the_run_stays_one_process(ranks):
+    """Batch 3 has a NaN in its last sample, which only the last rank holds: every rank rejects
+    that step, as one process does, and after 10 steps every rank's parameters are those of one
+    process to 1e-12."""
+    rows = compare(sorted(METHODS), ranks, steps=10, nan_at=3)
+    for row in rows:
+        assert row.finite == [t != 3 for t in range(10)], row.method
+        assert row.agree, row.method
+        assert row.deviation <= 1e-12, (row.method, row.deviation)
+
+
+@pytest.mark.skipif(not FULL, reason="runs in nox -s distributed; check --ranks 2 runs here")
+def test_every_method_on_four_ranks_is_one_process():
+    for row in compare(sorted(METHODS), 4, steps=10):
+        assert row.agree and all(row.finite), row.method
+        assert row.deviation <= 1e-12, (row.method, row.deviation)
+
+
+def test_torch_optimizer_on_plain_and_ddp_modules(tmp_path):
+    """secondorder.integrations.torch.Optimizer under torchrun-style ranks: rank 0's weights
+    are broadcast, each rank steps on its shard, and the module of every rank ends as the one
+    process's module trained on the whole batches."""
+    launch_integration(2, tmp_path)
+    data = batches(5)
+    for method, ddp in workers.CONFIGS:
+        reference = workers.train(workers.module(seed=0), data, method)
+        for rank in range(2):
+            flat = np.load(Path(tmp_path) / f"{method}.{ddp}.{rank}.npy")
+            assert np.max(np.abs(flat - reference)) <= 1e-12, (method, ddp, rank)
+
+
+def launch_integration(ranks: int, out: Path) -> None:
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(workers.integration, args=(ranks, _address(), str(out)),
+                                 nprocs=ranks, join=False, start_method="spawn")
+    while not context.join(timeout=300):
+        pass
+
+
+def test_launch_reports_a_rank_that_fails(tmp_path):
+    with pytest.raises(Exception, match="unknown-method|KeyError"):
+        launch(["unknown-method"], 2, 1, None, str(tmp_path), timeout=120)
