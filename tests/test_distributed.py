@@ -70,3 +70,25 @@ def launch_integration(ranks: int, out: Path) -> None:
 def test_launch_reports_a_rank_that_fails(tmp_path):
     with pytest.raises(Exception, match="unknown-method|KeyError"):
         launch(["unknown-method"], 2, 1, None, str(tmp_path), timeout=120)
+
+
+@pytest.mark.skipif(not FULL, reason="runs in nox -s distributed (torchrun twice)")
+def test_readme_torchrun_example_on_two_ranks_prints_the_one_process_loss(tmp_path):
+    """The README's train.py under ``torchrun --nproc_per_node 2`` prints the loss and flag of
+    the same script on one rank (every rank takes the one-process step)."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Data-parallel training", 1)[1]
+    script = tmp_path / "train.py"
+    script.write_text(re.search(r"```python\n(.*?)```", section, flags=re.S).group(1))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    printed = []
+    for n in (1, 2):
+        done = subprocess.run([str(torchrun), "--nproc_per_node", str(n), "--master_port",
+                               _address().rsplit(":", 1)[1], str(script)],
+                              capture_output=True, text=True, timeout=300, check=True)
+        printed.append(done.stdout.split())
+    assert printed[0] == printed[1] and printed[0][1] == "True", printed
