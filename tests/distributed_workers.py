@@ -45,6 +45,11 @@ def integration(rank: int, ranks: int, address: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=ranks)
     try:
+        from secondorder import backends
+
+        mean = backends.get("torch").mean_reduce(
+            {"r": torch.tensor([rank, 1.0], dtype=torch.float64)})
+        np.save(Path(out) / f"mean.{rank}.npy", mean["r"].numpy())
         for method, ddp in CONFIGS:
             model = module(seed=rank)
             if ddp:

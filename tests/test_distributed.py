@@ -50,6 +50,8 @@ def test_torch_optimizer_on_plain_and_ddp_modules(tmp_path):
     are broadcast, each rank steps on its shard, and the module of every rank ends as the one
     process's module trained on the whole batches."""
     launch_integration(2, tmp_path)
+    for rank in range(2):  # Backend.mean_reduce: the mean over the ranks of (rank, 1)
+        assert np.array_equal(np.load(Path(tmp_path) / f"mean.{rank}.npy"), [0.5, 1.0])
     data = batches(5)
     for method, ddp in workers.CONFIGS:
         reference = workers.train(workers.module(seed=0), data, method)

@@ -282,14 +282,17 @@ class Backend(ABC):
         return x
 
     def mean_reduce(self, x: Tree) -> Tree:
-        """Average a per-process batch mean over data-parallel processes.
+        """Average a per-process value over data-parallel processes: (1/R) sum_r m_r.
 
-        For a loss, gradient or statistic m_r = (1/B) sum_{b in batch r} g_b computed on
-        process r of R processes holding equal-sized batches, returns (1/R) sum_r m_r, the mean
-        over the global batch. This is the single point at which the library reduces batch
-        means; on a single process (the only mode implemented) it is the identity. The
-        data-parallel issue fills it in (``torch.distributed.all_reduce`` then divide by the
-        world size; ``jax.lax.pmean`` over a named axis or a sharded mean under ``jax.jit``).
+        The methods never call it. A data-parallel step (:mod:`secondorder.distributed`)
+        reduces inside the network's derivatives instead: the parameters' cotangents are
+        all-reduced where they enter the network and the per-sample outputs all-gathered where
+        they leave it, so every batch mean of every method (loss, gradient, curvature products,
+        CurveBall's 2x2 system, the dual Gauss-Newton system, Kronecker statistics) is the one
+        of a single process on the whole batch. This is for a user's own per-rank numbers
+        (metrics, a validation loss). The identity on one process and on backends without
+        process groups; torch with an initialised ``torch.distributed`` group of R > 1 ranks
+        averages over them; under JAX sharding a mean over a sharded axis is already global.
         """
         return x
 
