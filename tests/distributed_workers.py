@@ -56,5 +56,20 @@ def integration(rank: int, ranks: int, address: str, out: str) -> None:
                 model = torch.nn.parallel.DistributedDataParallel(model)
             flat = train(model, batches(5), method, rank, ranks)
             np.save(Path(out) / f"{method}.{ddp}.{rank}.npy", flat)
+        # shards of different sizes: the same named error on every rank, nothing moved
+        from secondorder import losses, optim
+        from secondorder.distributed import data_parallel
+        from secondorder.errors import ShapeError
+        from secondorder.models import MLP
+
+        model = MLP([3, 5, 3])
+        opt = data_parallel(optim.SGD(model, losses.SoftmaxCrossEntropy(), lr=0.1))
+        params = model.init(0, "torch")
+        rows = 8 - 2 * rank
+        try:
+            opt.step(params, opt.init(params), (torch.zeros(rows, 3, dtype=torch.float64),
+                                                torch.zeros(rows, dtype=torch.int64)))
+        except ShapeError as err:
+            (Path(out) / f"uneven.{rank}.txt").write_text(str(err))
     finally:
         dist.destroy_process_group()

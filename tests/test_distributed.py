@@ -52,6 +52,8 @@ def test_torch_optimizer_on_plain_and_ddp_modules(tmp_path):
     launch_integration(2, tmp_path)
     for rank in range(2):  # Backend.mean_reduce: the mean over the ranks of (rank, 1)
         assert np.array_equal(np.load(Path(tmp_path) / f"mean.{rank}.npy"), [0.5, 1.0])
+    for rank in range(2):  # shards of 8 and 6 samples: a ShapeError on both ranks
+        assert "[8, 6] samples" in (Path(tmp_path) / f"uneven.{rank}.txt").read_text()
     data = batches(5)
     for method, ddp in workers.CONFIGS:
         reference = workers.train(workers.module(seed=0), data, method)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ShapeError, StructureError
+from .._pytree import flatten
+from ..errors import MixedBackendError, ShapeError, StructureError
 from ..optim.base import Optimizer
 from . import collectives
 from .model import DataParallel
@@ -70,6 +71,12 @@ class DataParallelOptimizer:
         if not isinstance(batch, tuple | list) or len(batch) != 2:
             return self.inner.step(params, state, batch)  # its own StructureError
         x, y = batch
+        if self.model.world_size > 1 and not all(
+                isinstance(a, torch.Tensor) for a in flatten(params)[0]):
+            raise MixedBackendError(
+                f"{type(self.inner).__name__}.step: data_parallel runs on torch.distributed "
+                "and takes torch parameters; for JAX shard the batch over a Mesh instead "
+                "(secondorder.distributed.sharding, docs/jax_sharding.md)")
         if isinstance(y, torch.Tensor) and y.ndim and self.model.world_size > 1:
             sizes = collectives.all_gather_sizes(int(y.shape[0]), self.group)
             if len(set(sizes)) != 1:
