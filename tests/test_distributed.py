@@ -3,8 +3,9 @@ process on the whole batch: every registered method, the torch.optim integration
 a DistributedDataParallel module, and a NaN on one rank's shard.
 
 The 4-rank runs take a minute on two cores and run in ``nox -s distributed``
-(``SECONDORDER_FULL_DISTRIBUTED=1``); ``secondorder check --ranks 2`` (tests/test_cli.py) and
-the 2-rank runs here run everywhere.
+(``SECONDORDER_FULL_DISTRIBUTED=1``); on 2 ranks, ``secondorder check --ranks 2``
+(tests/test_cli.py: every method, with a NaN in one rank's shard) and the integration test here
+run everywhere.
 """
 
 from __future__ import annotations
@@ -22,16 +23,15 @@ from secondorder.distributed.equivalence import _address, batches, compare, laun
 from secondorder.optim.registry import METHODS  # noqa: E402
 
 FULL = os.environ.get("SECONDORDER_FULL_DISTRIBUTED") == "1"
-four = pytest.param(4, marks=pytest.mark.skipif(
-    not FULL, reason="4 ranks run in nox -s distributed (SECONDORDER_FULL_DISTRIBUTED=1)"))
 
 
-@pytest.mark.parametrize("ranks", [2, four])
-def test_a_nan_on_one_rank_is_skipped_by_every_rank_and_the_run_stays_one_process(ranks):
+@pytest.mark.skipif(not FULL, reason="runs in nox -s distributed; on 2 ranks, "
+                    "test_cli.py's check --ranks 2 makes the same run")
+def test_a_nan_on_one_rank_is_skipped_by_every_rank_and_the_run_stays_one_process():
     """Batch 3 has a NaN in its last sample, which only the last rank holds: every rank rejects
     that step, as one process does, and after 10 steps every rank's parameters are those of one
     process to 1e-12."""
-    rows = compare(sorted(METHODS), ranks, steps=10, nan_at=3)
+    rows = compare(sorted(METHODS), 4, steps=10, nan_at=3)
     for row in rows:
         assert row.finite == [t != 3 for t in range(10)], row.method
         assert row.agree, row.method

@@ -134,16 +134,19 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _check_ranks(args: argparse.Namespace) -> int:
     """``check --ranks N``: every method on N gloo processes against one process."""
-    from .distributed.equivalence import BATCH, SIZES, TOLERANCE, compare
+    from .distributed.equivalence import BATCH, NAN_STEP, SIZES, TOLERANCE, compare
 
-    rows = compare(args.methods, args.ranks, steps=args.steps)
+    nan_at = NAN_STEP if args.steps > NAN_STEP else None
+    rows = compare(args.methods, args.ranks, steps=args.steps, nan_at=nan_at)
     table = [[r.method, r.ranks, r.deviation, "yes" if r.agree else "NO",
               f"{r.calls.get('all_reduce', 0):g}", f"{r.bytes.get('all_reduce', 0):g}",
               f"{r.calls.get('all_gather', 0):g}", f"{r.bytes.get('all_gather', 0):g}",
               "ok" if r.ok else "FAIL"] for r in rows]
     print(f"\n{args.steps} steps of an MLP {'-'.join(map(str, SIZES))} on batches of {BATCH} "
           f"(float64), {args.ranks} torch.distributed ranks (gloo) against one process; "
-          "deviation = max |params_rank - params_one_process|; communication per step and "
+          + (f"batch {NAN_STEP + 1} has a NaN in the last rank's shard, which every rank and "
+             "the one process must reject; " if nan_at is not None else "")
+          + "deviation = max |params_rank - params_one_process|; communication per step and "
           "rank (calls, bytes sent)")
     print(format_table(["method", "ranks", "deviation", "same skips", "all-reduce",
                         "bytes", "all-gather", "bytes", "status"], table))
@@ -454,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="size of the factor G")
     check.add_argument("--ranks", type=_ranks, default=None, metavar="N",
                        help="instead: run every method on N local torch.distributed processes "
-                       "(gloo) and compare with one process; N in {2, 4, 8, 16} (default: off)")
+                       "(gloo) and compare with one process, batch 4 holding a NaN on the last "
+                       "rank; N in {2, 4, 8, 16} (default: off)")
     check.add_argument("--methods", type=_choice_list(sorted(METHODS)),
                        default=sorted(METHODS), metavar="M1,M2",
                        help="with --ranks: the methods (default: every registered method)")

@@ -220,9 +220,10 @@ def scatter_rows(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     return x if world_size(group) == 1 else _ScatterRows.apply(x, group, 0)
 
 
-def all_gather_sizes(n: int, group: Any = None) -> list[int]:
-    """The integer ``n`` of every rank, in rank order (one small all-gather)."""
-    t = torch.tensor([n], dtype=torch.int64)
+def all_gather_sizes(n: int, group: Any = None, device: Any = None) -> list[int]:
+    """The integer ``n`` of every rank, in rank order (one small all-gather of a tensor on
+    ``device``: a CUDA device with NCCL, which moves only GPU tensors)."""
+    t = torch.tensor([n], dtype=torch.int64, device=device)
     return [int(v) for v in _all_gather(t, group)]
 
 

@@ -24,6 +24,8 @@ import numpy as np
 
 #: the largest deviation ``secondorder check --ranks N`` accepts
 TOLERANCE = 1e-10
+#: the step whose batch ``secondorder check --ranks N`` gives a NaN in the last rank's shard
+NAN_STEP = 3
 SIZES = (3, 5, 3)
 BATCH = 16
 #: settings of the check that differ from the registry's defaults. Newton's default damping
@@ -147,7 +149,7 @@ def launch(methods: list[str], ranks: int, steps: int, nan_at: int | None, out: 
 def compare(methods: list[str], ranks: int, steps: int = 10, nan_at: int | None = None,
             timeout: float = 600.0) -> list[Row]:
     """One :class:`Row` per method: ``ranks`` processes against one (see the module
-    docstring)."""
+    docstring); with ``nan_at``, that step's batch has a NaN in the last rank's shard."""
     if BATCH % ranks:
         raise ValueError(f"--ranks must divide the batch of {BATCH} samples, got {ranks}")
     reference = {m: run(m, steps, nan_at=nan_at) for m in methods}

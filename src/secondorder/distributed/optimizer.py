@@ -78,7 +78,7 @@ class DataParallelOptimizer:
                 "and takes torch parameters; for JAX shard the batch over a Mesh instead "
                 "(secondorder.distributed.sharding, docs/jax_sharding.md)")
         if isinstance(y, torch.Tensor) and y.ndim and self.model.world_size > 1:
-            sizes = collectives.all_gather_sizes(int(y.shape[0]), self.group)
+            sizes = collectives.all_gather_sizes(int(y.shape[0]), self.group, y.device)
             if len(set(sizes)) != 1:
                 raise ShapeError(
                     f"{type(self.inner).__name__}.step: the ranks hold {sizes} samples; a "
