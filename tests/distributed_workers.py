@@ -7,14 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
-CONFIGS = (("kfac", False), ("kfac", True), ("curveball", False), ("curveball", True))
+#: (method, wrapped in DistributedDataParallel, a CNN instead of an MLP)
+CONFIGS = (("kfac", False, False), ("kfac", True, False), ("curveball", False, False),
+           ("curveball", True, False), ("kfac", True, True), ("kbfgs", False, True))
 
 
-def module(seed: int):
+def module(seed: int, conv: bool = False):
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
+    if conv:  # the 3 inputs as a 1-channel 1-D signal: tapped Conv1d patches get gathered too
+        return nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Conv1d(1, 2, 2), nn.Tanh(),
+                             nn.Flatten(), nn.Linear(4, 3)).double()
     return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
@@ -50,12 +55,12 @@ def integration(rank: int, ranks: int, address: str, out: str) -> None:
         mean = backends.get("torch").mean_reduce(
             {"r": torch.tensor([rank, 1.0], dtype=torch.float64)})
         np.save(Path(out) / f"mean.{rank}.npy", mean["r"].numpy())
-        for method, ddp in CONFIGS:
-            model = module(seed=rank)
+        for method, ddp, conv in CONFIGS:
+            model = module(seed=rank, conv=conv)
             if ddp:
                 model = torch.nn.parallel.DistributedDataParallel(model)
             flat = train(model, batches(5), method, rank, ranks)
-            np.save(Path(out) / f"{method}.{ddp}.{rank}.npy", flat)
+            np.save(Path(out) / f"{method}.{ddp}.{conv}.{rank}.npy", flat)
         # shards of different sizes: the same named error on every rank, nothing moved
         from secondorder import losses, optim
         from secondorder.distributed import data_parallel

@@ -55,11 +55,11 @@ def test_torch_optimizer_on_plain_and_ddp_modules(tmp_path):
     for rank in range(2):  # shards of 8 and 6 samples: a ShapeError on both ranks
         assert "[8, 6] samples" in (Path(tmp_path) / f"uneven.{rank}.txt").read_text()
     data = batches(5)
-    for method, ddp in workers.CONFIGS:
-        reference = workers.train(workers.module(seed=0), data, method)
+    for method, ddp, conv in workers.CONFIGS:
+        reference = workers.train(workers.module(seed=0, conv=conv), data, method)
         for rank in range(2):
-            flat = np.load(Path(tmp_path) / f"{method}.{ddp}.{rank}.npy")
-            assert np.max(np.abs(flat - reference)) <= 1e-12, (method, ddp, rank)
+            flat = np.load(Path(tmp_path) / f"{method}.{ddp}.{conv}.{rank}.npy")
+            assert np.max(np.abs(flat - reference)) <= 1e-12, (method, ddp, conv, rank)
 
 
 def launch_integration(ranks: int, out: Path) -> None:
