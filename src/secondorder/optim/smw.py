@@ -136,8 +136,8 @@ def tap_gram(backend: Backend, inputs: Array, deltas: Array) -> Array:
     return g @ xp.matrix_transpose(g)
 
 
-def gram_from_taps(model: Model, params: Tree, x: Array, cotangent: Array | None = None
-                   ) -> Array:
+def gram_from_taps(model: Model, params: Tree, x: Array, cotangent: Array | None = None,
+                   rows: int | None = None) -> Array:
     """K = J J^T on the batch ``x`` from ``model``'s layer taps (one tapped forward pass).
 
     ``cotangent=None``: the Gauss-Newton Gram matrix, (m k, m k) with rows ordered sample by
@@ -145,9 +145,22 @@ def gram_from_taps(model: Model, params: Tree, x: Array, cotangent: Array | None
     matrix of the per-example gradients J_i^T u_i (NG with u the loss gradients), from one VJP.
     Sums :func:`tap_gram` over the tapped layers, so it is J J^T exactly when the tapped layers
     hold every parameter.
+
+    ``rows``: the Gram matrix of the first ``rows`` samples only (``cotangent`` then has
+    ``rows`` rows). The tapped pass runs on those samples of ``x``; for a network on a sharded
+    batch (:class:`secondorder.distributed.DataParallel`, whose first samples may sit on other
+    ranks) it runs on the whole batch and keeps those samples' layer inputs and gradients.
     """
     backend = backend_of(params)
     xp = backend.xp
+    sharded = rows is not None and hasattr(model, "global_rows")
+    if rows is not None and not sharded:
+        x = tree_map(lambda leaf: leaf[:rows], x)
+    if sharded and cotangent is not None:  # zero cotangents for the samples left out
+        m = model.global_rows(x)
+        cotangent = xp.concat([cotangent, xp.zeros(
+            (m - rows, cotangent.shape[1]), dtype=cotangent.dtype,
+            device=backend.device(cotangent))], axis=0)
     taps = model.zero_taps(x)
     (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
     zeros = [xp.zeros_like(a) for a in inputs]
@@ -160,7 +173,9 @@ def gram_from_taps(model: Model, params: Tree, x: Array, cotangent: Array | None
     per_layer: list[list[Array]] = [[] for _ in taps]
     for u in cotangents:
         for i, d in enumerate(pullback((u, zeros))):
-            per_layer[i].append(d)
+            per_layer[i].append(d if not sharded else d[:rows])
+    if sharded:
+        inputs = [a[:rows] for a in inputs]
     total = None
     for a, ds in zip(inputs, per_layer):
         term = tap_gram(backend, a, xp.stack(ds, axis=1))
@@ -355,7 +370,7 @@ class _SMW(Optimizer):
         leaves = flatten(params)[0]
         if self._tapped(leaves):
             cotangent = u2 if self.curvature == "ng" else None
-            gram = gram_from_taps(self.model, params, head(x), cotangent)
+            gram = gram_from_taps(self.model, params, x, cotangent, None if whole else n2)
         else:
             gram = self._gram_jacobian(jop, jtop, n, f)
         v = jop(grad)
