@@ -15,12 +15,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["DataParallel", "DataParallelOptimizer", "data_parallel"]
+__all__ = ["DataParallel", "DataParallelOptimizer", "data_parallel", "mesh", "replicate",
+           "shard_batch"]
 
 
 def __getattr__(name: str) -> Any:  # torch is imported only when one of these is asked for
     where = {"DataParallel": "model", "DataParallelOptimizer": "optimizer",
-             "data_parallel": "optimizer"}.get(name)
+             "data_parallel": "optimizer", "mesh": "sharding", "replicate": "sharding",
+             "shard_batch": "sharding"}.get(name)
     if where is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{where}"), name)

@@ -64,14 +64,8 @@ __all__ = ["OVERRIDES", "Run", "compare", "mesh", "replicate", "run_sharded", "s
 
 AXIS = "batch"
 #: the settings of :func:`run_sharded` that differ from the registry's: those of the torch
-#: check (:data:`~.equivalence.OVERRIDES`), and Levenberg-Marquardt with D = I. With Moré's
-#: scaling (the default) the damping lambda * D is weak along parameters whose GGN diagonal is
-#: small (D down to 2e-3 on this problem, where the GGN of 16 samples x 2 logit directions has
-#: rank <= 32 < 38 parameters), and one device's run moves by up to 5e-12 over the 10 steps
-#: when only the order of the samples in each batch is permuted: rounding alone, which a
-#: sharded reduction cannot avoid. With D = I that sensitivity is 2e-14.
-OVERRIDES: dict[str, dict[str, Any]] = {
-    **_TORCH_OVERRIDES, "levenberg-marquardt": {"scaling": "identity"}}
+#: check (one problem for both; the reasons are there)
+OVERRIDES: dict[str, dict[str, Any]] = _TORCH_OVERRIDES
 
 
 def mesh(devices: Sequence[Any] | int | None = None, axis: str = AXIS) -> Any:
