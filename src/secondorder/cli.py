@@ -137,7 +137,10 @@ def _check_ranks(args: argparse.Namespace) -> int:
     from .distributed.equivalence import BATCH, NAN_STEP, SIZES, TOLERANCE, compare
 
     nan_at = NAN_STEP if args.steps > NAN_STEP else None
-    rows = compare(args.methods, args.ranks, steps=args.steps, nan_at=nan_at)
+    from .optim.registry import METHODS
+
+    rows = compare(args.methods or sorted(METHODS), args.ranks, steps=args.steps,
+                   nan_at=nan_at)
     table = [[r.method, r.ranks, r.deviation, "yes" if r.agree else "NO",
               f"{r.calls.get('all_reduce', 0):g}", f"{r.bytes.get('all_reduce', 0):g}",
               f"{r.calls.get('all_gather', 0):g}", f"{r.bytes.get('all_gather', 0):g}",
@@ -459,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="instead: run every method on N local torch.distributed processes "
                        "(gloo) and compare with one process, batch 4 holding a NaN on the last "
                        "rank; N in {2, 4, 8, 16} (default: off)")
-    check.add_argument("--methods", type=_choice_list(sorted(METHODS)),
-                       default=sorted(METHODS), metavar="M1,M2",
+    check.add_argument("--methods", type=_choice_list(sorted(METHODS)), default=None,
+                       metavar="M1,M2",
                        help="with --ranks: the methods (default: every registered method)")
     check.add_argument("--steps", type=_positive_int, default=10,
                        help="with --ranks: steps per method")
