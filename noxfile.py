@@ -119,14 +119,18 @@ def distributed(session: nox.Session) -> None:
     """Data-parallel equivalence in full: every registered method on 2 and 4 torch.distributed
     ranks (gloo, local processes) and on 1, 2 and 4 JAX host devices against one process, to
     1e-12 in float64 after 10 steps, with and without a NaN on one shard; then the
-    communication benchmark (``benchmarks/distributed.py``). The default ``tests`` session runs
-    the 2-rank part only (``secondorder check --ranks 2`` and the NaN run)."""
+    communication benchmark (``benchmarks/distributed.py``, which exits 1 when a step's
+    collectives differ from its communication model). The default ``tests`` session runs the
+    2-rank part (``secondorder check --ranks 2``, the torch.optim integration) and the JAX
+    sharding of four methods on 4 devices."""
     install_with(session, "all")
     full = {"SECONDORDER_FULL_DISTRIBUTED": "1"}
     session.run("pytest", "-p", "no:cacheprovider", "tests/test_distributed.py",
                 "tests/test_jax_sharding.py", *session.posargs, env=full)
     session.run("pytest", "-p", "no:cacheprovider", "tests/test_cli.py", "-k", "ranks",
                 *session.posargs, env=full)
+    session.run("python", "benchmarks/distributed.py", "--json",
+                "benchmarks/results/distributed.json")
 
 
 @nox.session(name="bench-peers")
