@@ -53,13 +53,20 @@ def parser(doc: str, name: str, *, batch: int, warmup: int, repeats: int
 def interleaved_ms(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any], *,
                    warmup: int, repeats: int) -> dict[str, float]:
     """Median milliseconds per call of each function, timed in interleaved rounds (one call of
-    each per round, in turn) so that all of them see the same machine load."""
+    each per round) so that all of them see the same machine load. Each round calls them in a
+    new random order (seeded): in a fixed order every function would always follow the same
+    one, and the first of a pair (ours, reference) would always meet the caches and allocator
+    that the previous case left: ``overhead.py``'s torch SGD ratio was 1.20-1.26 in the fixed
+    order and 1.08-1.09 shuffled (two runs each, alternated, on an idle machine)."""
     for fn in fns.values():
         for _ in range(warmup):
             sync(fn())
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = np.random.default_rng(0)
+    names = list(fns)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for i in order.permutation(len(names)):
+            name, fn = names[i], fns[names[i]]
             start = time.perf_counter()
             sync(fn())
             times[name].append(time.perf_counter() - start)
