@@ -137,15 +137,18 @@ def distributed(session: nox.Session) -> None:
 def bench_peers(session: nox.Session) -> None:
     """Peer comparison on torch against curvlinops, in its own environment; run after
     ``bench``: it adds ``curvlinops_ms`` and ``ours_over_curvlinops`` (ours / curvlinops, both
-    timed in this run) under "torch" in the same JSON file.
+    timed in this run) under "torch" in the same JSON file, and times the dense GGN of the digits
+    CNN against curvlinops' (``benchmarks/results/spectral_peers.json``).
 
     curvlinops-for-pytorch pulls torchvision and with it its own torch build, so it never enters
     the default install or test environments.
     """
-    session.install("curvlinops-for-pytorch")
+    session.install("curvlinops-for-pytorch", "-r", requirements("data"))
     session.install("-e", ".")
     session.run("python", "benchmarks/curvature_products.py", "--backends", "torch", "--peers",
                 "--json", "benchmarks/results/curvature_products.json", *session.posargs)
+    session.run("python", "benchmarks/spectral.py", "--backends", "torch", "--peers", "--json",
+                "benchmarks/results/spectral_peers.json")
 
 
 # The peer libraries that the peer sessions check our curvature against; pinned, because the

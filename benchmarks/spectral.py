@@ -11,7 +11,11 @@ limited to ``--threads`` intra-op threads. Per backend it times, as medians afte
 * ``to_dense_s``: ``GGN(...).to_dense()`` through the backend's ``vmap`` in chunks of
   ``--chunk`` columns;
 * ``to_dense_columns_s`` (with ``--columns``): the same matrix one column at a time, the previous
-  implementation, and the ratio of the two.
+  implementation, and the ratio of the two;
+* with ``--peers`` (torch): curvlinops' ``GGNLinearOperator`` of an equivalent ``nn.Sequential``
+  holding the same weights, materialised as ``op @ I`` (``curvlinops_to_dense_s``,
+  ``to_dense_over_curvlinops``: the issue's target is at most 2, and the relative difference of
+  the two matrices). Run it in the ``bench-peers`` nox session, which installs curvlinops.
 
 Writes ``{"problem": {...}, "<backend>": {...}}`` as JSON to ``--json``.
 """
@@ -71,6 +75,9 @@ def run_backend(name: str, args: Any) -> dict[str, Any]:
     out = {"parameters": int(ggn.shape[0]), "top_eigenvalue": float(b.to_numpy(value)[0]),
            "lanczos_iterations": int(info.iterations), "converged": bool(info.converged),
            "top_eigenvalue_s": eig_s, "to_dense_s": dense_s, "vectorised": bool(ggn._vmap_ok)}
+    if args.peers and name == "torch":
+        out.update(curvlinops_dense(model, params, batch, dense, sync, args))
+        out["to_dense_over_curvlinops"] = dense_s / out["curvlinops_to_dense_s"]
     if args.columns:
         ggn._vmap_ok = False  # the column loop
         cols_s, cols = _median_s(ggn.to_dense, sync, 0, 1)
@@ -78,6 +85,51 @@ def run_backend(name: str, args: Any) -> dict[str, Any]:
         out.update(to_dense_columns_s=cols_s, columns_over_vmap=cols_s / dense_s,
                    max_abs_difference=float(np.abs(a - c).max()))
     return out
+
+
+def curvlinops_dense(model: Any, params: Any, batch: Any, ours: Any, sync: Any, args: Any
+                     ) -> dict[str, Any]:
+    """curvlinops' GGN of the same network (an equivalent ``nn.Sequential`` holding our weights,
+    its parameters listed in our canonical order) materialised as ``op @ I``: its seconds, ours
+    over them, and the largest difference from our matrix relative to its largest entry."""
+    import torch
+    from curvlinops import GGNLinearOperator
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    c_in = 1
+    for c_out in args.channels:
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2)]
+        c_in = c_out
+    layers.append(nn.Flatten())
+    width = c_in * (8 // 2 ** len(args.channels)) ** 2
+    for j, d in enumerate(args.dense):
+        layers.append(nn.Linear(width, d))
+        if j < len(args.dense) - 1:
+            layers.append(nn.Tanh())
+        width = d
+    net = nn.Sequential(*layers)
+    ours_layers = [m for m in net if isinstance(m, nn.Conv2d | nn.Linear)]
+    order = []
+    with torch.no_grad():
+        for m, p in zip(ours_layers, params):
+            m.weight.copy_(p["w"])
+            m.bias.copy_(p["b"])
+            order += [m.bias, m.weight]  # our leaves in canonical (sorted-key) order
+    x, y = batch
+    if not torch.allclose(net(x), model.apply(params, x), atol=1e-5):
+        raise RuntimeError("the nn.Sequential does not reproduce the ConvNet")
+    op = GGNLinearOperator(net, nn.CrossEntropyLoss(), order, [(x, y)], progressbar=False,
+                           check_deterministic=False)
+    n = int(ours.shape[0])
+    eye = torch.eye(n, dtype=x.dtype)
+    peer_s, theirs = _median_s(lambda: op @ eye, sync, args.warmup, args.repeats)
+    theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
+    a = ours.detach().numpy()
+    return {"curvlinops_to_dense_s": peer_s,
+            "to_dense_over_curvlinops": None,  # filled by the caller, which has ours
+            "curvlinops_relative_difference": float(np.abs(a - theirs).max()
+                                                    / np.abs(theirs).max())}
 
 
 def main() -> None:
@@ -91,6 +143,9 @@ def main() -> None:
                    help="columns per vmapped call in to_dense (default: 256)")
     p.add_argument("--columns", action="store_true",
                    help="also time to_dense one column at a time (slow)")
+    p.add_argument("--peers", action="store_true",
+                   help="also materialise curvlinops' GGN of the same network (torch; needs "
+                   "the bench-peers nox session, which installs curvlinops)")
     args = p.parse_args()
     results: dict[str, Any] = {"problem": {
         "data": "sklearn digits 8x8", "batch": args.batch, "channels": args.channels,
