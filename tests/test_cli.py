@@ -86,6 +86,11 @@ def test_check_ranks_fails_on_a_deviation(monkeypatch, capsys):
     assert main(["check", "--ranks", "2", "--methods", "sgd"]) == 1
     assert "deviate from one process" in capsys.readouterr().err
     assert main(["check", "--ranks", "3"]) == 2  # 3 does not divide the batch of 16
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["check", "--ranks", "2"]) == 2
+    assert "pip install -r backends/torch.txt" in capsys.readouterr().err
 
 
 def test_unknown_backend_is_a_usage_error():

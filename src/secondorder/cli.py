@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -134,6 +135,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _check_ranks(args: argparse.Namespace) -> int:
     """``check --ranks N``: every method on N gloo processes against one process."""
+    if importlib.util.find_spec("torch") is None:
+        print("check --ranks runs torch.distributed, and torch is not installed: "
+              "pip install -r backends/torch.txt", file=sys.stderr)
+        return 2
     from .distributed.equivalence import BATCH, NAN_STEP, SIZES, TOLERANCE, compare
 
     nan_at = NAN_STEP if args.steps > NAN_STEP else None
