@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 import _setup as setup
+from secondorder.distributed.launch import spawn
 
 PROBLEMS = ("mnist1d-mlp", "mnist1d-cnn", "small-mlp")
 #: settings that differ from the registry's defaults (see the module docstring)
@@ -312,30 +313,6 @@ def _worker(rank: int, ranks: int, address: str, jobs: list[tuple[str, str]], ar
         dist.destroy_process_group()
 
 
-def launch(jobs: list[tuple[str, str]], args: Any, out: str) -> None:
-    """``_worker`` on ``args.ranks`` spawned processes (as ``equivalence.launch``)."""
-    import torch.multiprocessing as mp
-
-    from secondorder.distributed.equivalence import _address
-
-    env = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        context = mp.start_processes(_worker, args=(args.ranks, _address(), jobs, args, out),
-                                     nprocs=args.ranks, join=False, start_method="spawn")
-    finally:
-        if env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
-    deadline = time.monotonic() + args.timeout
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.terminate()
-            raise RuntimeError(f"the {args.ranks} ranks did not finish in {args.timeout:g} s")
-
-
 def period_ms(steps: list[dict[str, Any]], period: int) -> float:
     """The median over measured periods of the mean step time within each period."""
     per = [float(np.mean([s["ms"] for s in steps[i:i + period]]))
@@ -442,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        launch(jobs, args, out)
+        spawn(_worker, args.ranks, jobs, args, out, timeout=args.timeout)
         dp = {job: [json.loads((Path(out) / f"{job[0]}.{job[1]}.{r}.json").read_text())
                     for r in range(args.ranks)] for job in jobs}
         print(f"{len(jobs)} runs on {args.ranks} ranks in {time.perf_counter() - started:.0f} s")

@@ -19,7 +19,8 @@ import pytest
 pytest.importorskip("torch")
 
 import distributed_workers as workers  # noqa: E402
-from secondorder.distributed.equivalence import _address, batches, compare, launch  # noqa: E402
+from secondorder.distributed.equivalence import _worker, batches, compare  # noqa: E402
+from secondorder.distributed.launch import free_address, spawn  # noqa: E402
 from secondorder.optim.registry import METHODS  # noqa: E402
 
 FULL = os.environ.get("SECONDORDER_FULL_DISTRIBUTED") == "1"
@@ -49,7 +50,7 @@ def test_torch_optimizer_on_plain_and_ddp_modules(tmp_path):
     """secondorder.integrations.torch.Optimizer under torchrun-style ranks: rank 0's weights
     are broadcast, each rank steps on its shard, and the module of every rank ends as the one
     process's module trained on the whole batches."""
-    launch_integration(2, tmp_path)
+    spawn(workers.integration, 2, str(tmp_path), timeout=300)
     for rank in range(2):  # Backend.mean_reduce: the mean over the ranks of (rank, 1)
         assert np.array_equal(np.load(Path(tmp_path) / f"mean.{rank}.npy"), [0.5, 1.0])
     for rank in range(2):  # shards of 8 and 6 samples: a ShapeError on both ranks
@@ -62,18 +63,9 @@ def test_torch_optimizer_on_plain_and_ddp_modules(tmp_path):
             assert np.max(np.abs(flat - reference)) <= 1e-12, (method, ddp, conv, rank)
 
 
-def launch_integration(ranks: int, out: Path) -> None:
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(workers.integration, args=(ranks, _address(), str(out)),
-                                 nprocs=ranks, join=False, start_method="spawn")
-    while not context.join(timeout=300):
-        pass
-
-
 def test_launch_reports_a_rank_that_fails(tmp_path):
     with pytest.raises(Exception, match="unknown-method|KeyError"):
-        launch(["unknown-method"], 2, 1, None, str(tmp_path), timeout=120)
+        spawn(_worker, 2, ["unknown-method"], 1, None, str(tmp_path), timeout=120)
 
 
 @pytest.mark.skipif(not FULL, reason="runs in nox -s distributed (torchrun twice)")
@@ -92,7 +84,7 @@ def test_readme_torchrun_example_on_two_ranks_prints_the_one_process_loss(tmp_pa
     printed = []
     for n in (1, 2):
         done = subprocess.run([str(torchrun), "--nproc_per_node", str(n), "--master_port",
-                               _address().rsplit(":", 1)[1], str(script)],
+                               free_address().rsplit(":", 1)[1], str(script)],
                               capture_output=True, text=True, timeout=300, check=True)
         printed.append(done.stdout.split())
     assert printed[0] == printed[1] and printed[0][1] == "True", printed

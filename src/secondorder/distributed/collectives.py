@@ -144,60 +144,34 @@ class _Replicate(torch.autograd.Function):
         return _Replicate.apply(x, group), in_dims[0]
 
 
-class _GatherRows(torch.autograd.Function):
-    """The rows of every rank, concatenated in rank order (along ``dim``)."""
+class _Rows(torch.autograd.Function):
+    """``gather=True``: the rows of every rank, concatenated in rank order along ``dim``;
+    ``gather=False``: the local rank's rows of a whole-batch array. Each is the other's VJP, and
+    its own JVP."""
 
     @staticmethod
-    def forward(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.group, ctx.dim = inputs[1], inputs[2]
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return _ScatterRows.apply(g, ctx.group, ctx.dim), None, None
-
-    @staticmethod
-    def jvp(ctx: Any, t: torch.Tensor, *_: Any) -> torch.Tensor:
-        return _GatherRows.apply(t, ctx.group, ctx.dim)
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, group: Any, dim: int) -> tuple:
-        b = in_dims[0]
-        if b is None:
-            return _GatherRows.apply(x, group, dim), None
-        x = x.movedim(b, 0)
-        return _GatherRows.apply(x, group, dim + 1), 0
-
-
-class _ScatterRows(torch.autograd.Function):
-    """The local rank's rows of a whole-batch array (along ``dim``)."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
-        return _local_rows(x, group, dim).clone()
+    def forward(x: torch.Tensor, group: Any, dim: int, gather: bool) -> torch.Tensor:
+        return _all_gather(x, group, dim) if gather else _local_rows(x, group, dim).clone()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.group, ctx.dim = inputs[1], inputs[2]
+        ctx.group, ctx.dim, ctx.gather = inputs[1], inputs[2], inputs[3]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return _GatherRows.apply(g, ctx.group, ctx.dim), None, None
+        return _Rows.apply(g, ctx.group, ctx.dim, not ctx.gather), None, None, None
 
     @staticmethod
     def jvp(ctx: Any, t: torch.Tensor, *_: Any) -> torch.Tensor:
-        return _ScatterRows.apply(t, ctx.group, ctx.dim)
+        return _Rows.apply(t, ctx.group, ctx.dim, ctx.gather)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, group: Any, dim: int) -> tuple:
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, group: Any, dim: int, gather: bool
+             ) -> tuple:
         b = in_dims[0]
         if b is None:
-            return _ScatterRows.apply(x, group, dim), None
-        x = x.movedim(b, 0)
-        return _ScatterRows.apply(x, group, dim + 1), 0
+            return _Rows.apply(x, group, dim, gather), None
+        return _Rows.apply(x.movedim(b, 0), group, dim + 1, gather), 0
 
 
 def all_reduce(x: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -212,12 +186,12 @@ def replicate(x: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 def gather_rows(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     """The whole batch from every rank's shard ``x`` (rank order along axis 0)."""
-    return x if world_size(group) == 1 else _GatherRows.apply(x, group, 0)
+    return x if world_size(group) == 1 else _Rows.apply(x, group, 0, True)
 
 
 def scatter_rows(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     """This rank's shard of the whole-batch array ``x`` (axis 0)."""
-    return x if world_size(group) == 1 else _ScatterRows.apply(x, group, 0)
+    return x if world_size(group) == 1 else _Rows.apply(x, group, 0, False)
 
 
 def all_gather_sizes(n: int, group: Any = None, device: Any = None) -> list[int]:

@@ -12,15 +12,14 @@ softmax cross-entropy on batches of 16 samples, float64.
 from __future__ import annotations
 
 import ast
-import os
-import socket
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .launch import spawn
 
 #: the largest deviation ``secondorder check --ranks N`` accepts
 TOLERANCE = 1e-10
@@ -121,38 +120,6 @@ def _worker(rank: int, ranks: int, address: str, methods: list[str], steps: int,
         dist.destroy_process_group()
 
 
-def _address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"tcp://127.0.0.1:{port}"
-
-
-def launch(methods: list[str], ranks: int, steps: int, nan_at: int | None, out: str,
-           timeout: float) -> None:
-    """Run :func:`_worker` on ``ranks`` local processes (spawned) and wait for all of them;
-    RuntimeError when one fails or they run past ``timeout`` seconds."""
-    import torch.multiprocessing as mp
-
-    env = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        context = mp.start_processes(
-            _worker, args=(ranks, _address(), methods, steps, nan_at, out), nprocs=ranks,
-            join=False, start_method="spawn")
-    finally:
-        if env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.terminate()
-            raise RuntimeError(f"the {ranks} ranks did not finish within {timeout:g} s")
-
-
 def compare(methods: list[str], ranks: int, steps: int = 10, nan_at: int | None = None,
             timeout: float = 600.0) -> list[Row]:
     """One :class:`Row` per method: ``ranks`` processes against one (see the module
@@ -161,7 +128,7 @@ def compare(methods: list[str], ranks: int, steps: int = 10, nan_at: int | None 
         raise ValueError(f"--ranks must divide the batch of {BATCH} samples, got {ranks}")
     reference = {m: run(m, steps, nan_at=nan_at) for m in methods}
     with tempfile.TemporaryDirectory() as out:
-        launch(methods, ranks, steps, nan_at, out, timeout)
+        spawn(_worker, ranks, methods, steps, nan_at, out, timeout=timeout)
         rows = []
         for m in methods:
             flat_ref, finite_ref, _ = reference[m]
