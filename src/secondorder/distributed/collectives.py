@@ -94,54 +94,30 @@ def _local_rows(x: torch.Tensor, group: Any, dim: int = 0) -> torch.Tensor:
     return x.narrow(dim, r * rows, rows)
 
 
-class _AllReduce(torch.autograd.Function):
-    """sum_r x_r on every rank: per-rank values into one logical value. JVP: the all-reduce of
-    the tangents; VJP: the logical cotangent itself on every rank (``replicate``, the dual)."""
+class _Sum(torch.autograd.Function):
+    """``reduce=True``: sum_r x_r on every rank, per-rank values into one logical value (the
+    all-reduce); ``reduce=False``: one logical value into a copy per rank (the identity). Each
+    is the other's VJP, and its own JVP."""
 
     @staticmethod
-    def forward(x: torch.Tensor, group: Any) -> torch.Tensor:
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.group = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return _Replicate.apply(g, ctx.group), None
-
-    @staticmethod
-    def jvp(ctx: Any, t: torch.Tensor, _: Any) -> torch.Tensor:
-        return _AllReduce.apply(t, ctx.group)
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, group: Any) -> tuple:
-        return _AllReduce.apply(x, group), in_dims[0]
-
-
-class _Replicate(torch.autograd.Function):
-    """One logical value into a copy per rank: the identity forward and JVP; the all-reduce
-    sum of the per-rank cotangents backward (``all_reduce``, the dual)."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, group: Any) -> torch.Tensor:
-        return x.view_as(x)
+    def forward(x: torch.Tensor, group: Any, reduce: bool) -> torch.Tensor:
+        return _all_reduce(x, group) if reduce else x.view_as(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.group = inputs[1]
+        ctx.group, ctx.reduce = inputs[1], inputs[2]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple:
-        return _AllReduce.apply(g, ctx.group), None
+        return _Sum.apply(g, ctx.group, not ctx.reduce), None, None
 
     @staticmethod
-    def jvp(ctx: Any, t: torch.Tensor, _: Any) -> torch.Tensor:
-        return t.view_as(t)
+    def jvp(ctx: Any, t: torch.Tensor, *_: Any) -> torch.Tensor:
+        return _Sum.apply(t, ctx.group, ctx.reduce)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, group: Any) -> tuple:
-        return _Replicate.apply(x, group), in_dims[0]
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, group: Any, reduce: bool) -> tuple:
+        return _Sum.apply(x, group, reduce), in_dims[0]
 
 
 class _Rows(torch.autograd.Function):
@@ -176,12 +152,12 @@ class _Rows(torch.autograd.Function):
 
 def all_reduce(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     """sum_r x_r on every rank (differentiable); ``x`` itself on one process."""
-    return x if world_size(group) == 1 else _AllReduce.apply(x, group)
+    return x if world_size(group) == 1 else _Sum.apply(x, group, True)
 
 
 def replicate(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     """``x`` itself, whose cotangent is summed over the ranks (see the module docstring)."""
-    return x if world_size(group) == 1 else _Replicate.apply(x, group)
+    return x if world_size(group) == 1 else _Sum.apply(x, group, False)
 
 
 def gather_rows(x: torch.Tensor, group: Any = None) -> torch.Tensor:
