@@ -61,6 +61,13 @@ def integration(rank: int, ranks: int, address: str, out: str) -> None:
                 model = torch.nn.parallel.DistributedDataParallel(model)
             flat = train(model, batches(5), method, rank, ranks)
             np.save(Path(out) / f"{method}.{ddp}.{conv}.{rank}.npy", flat)
+        # BatchNorm in train mode: local statistics, but the same step and buffers on every rank
+        torch.manual_seed(rank)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5),
+                                  torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+        train(net, batches(3), "curveball", rank, ranks)
+        state = np.concatenate([t.detach().numpy().ravel() for t in net.state_dict().values()])
+        np.save(Path(out) / f"batchnorm.{rank}.npy", state)
         # shards of different sizes: the same named error on every rank, nothing moved
         from secondorder import losses, optim
         from secondorder.distributed import data_parallel

@@ -53,6 +53,11 @@ def test_torch_optimizer_on_plain_and_ddp_modules(tmp_path):
     spawn(workers.integration, 2, str(tmp_path), timeout=300)
     for rank in range(2):  # Backend.mean_reduce: the mean over the ranks of (rank, 1)
         assert np.array_equal(np.load(Path(tmp_path) / f"mean.{rank}.npy"), [0.5, 1.0])
+    # BatchNorm in train mode normalises each shard by its own statistics (as DDP without
+    # SyncBatchNorm): not the one-process step, but every rank's module, running statistics
+    # included, is the same, and training moved it from rank 0's initial weights
+    bn = [np.load(Path(tmp_path) / f"batchnorm.{rank}.npy") for rank in range(2)]
+    assert np.array_equal(bn[0], bn[1])
     for rank in range(2):  # shards of 8 and 6 samples: a ShapeError on both ranks
         assert "[8, 6] samples" in (Path(tmp_path) / f"uneven.{rank}.txt").read_text()
     data = batches(5)

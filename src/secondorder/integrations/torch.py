@@ -37,7 +37,10 @@ may be plain or wrapped in ``DistributedDataParallel`` (its ``module`` is traine
 parameters and buffers of rank 0 are broadcast to the others when the optimiser is built, as
 ``DistributedDataParallel`` does. Normalisation layers in train mode normalise with the
 statistics of the local shard and dropout masks are drawn per shard, so for such networks the
-step is a data-parallel one but not that of one process on the whole batch.
+step is a data-parallel one (the same on every rank) but not that of one process on the whole
+batch; after every step the running statistics of rank 0 are broadcast to the others, as
+``DistributedDataParallel`` does before each forward pass. For the one-process step, use
+normalisation without batch statistics (``LayerNorm``, ``GroupNorm``) or eval mode.
 """
 
 from __future__ import annotations
@@ -153,12 +156,13 @@ def _step_seed(seed: int, step: int) -> int:
     return (z ^ (z >> 31)) % 2**63
 
 
-def _broadcast_from_rank0(model: torch.nn.Module, group: Any) -> None:
-    """Rank 0's parameters and buffers on every rank (as DistributedDataParallel does)."""
+def _broadcast_from_rank0(model: torch.nn.Module, group: Any, parameters: bool = True) -> None:
+    """Rank 0's parameters (unless ``parameters`` is False) and buffers on every rank, as
+    DistributedDataParallel does when it is built and before every forward pass."""
     from ..distributed.collectives import broadcast
 
     with torch.no_grad():
-        for t in chain(model.parameters(), model.buffers()):
+        for t in chain(model.parameters() if parameters else (), model.buffers()):
             broadcast(t, group)
 
 
@@ -487,6 +491,9 @@ class Optimizer(torch.optim.Optimizer):
             accepted = bool(info.finite)
             if accepted and training and self._should_update_buffers():
                 self._adapter.update_buffers(x)  # the module still holds the old parameters
+        if self.data_parallel and training and self._adapter.has_running_stats:
+            # running statistics of the local shard: rank 0's everywhere, as DDP does
+            _broadcast_from_rank0(self.model, self.process_group, parameters=False)
         self._state = self._write_back(new, state)
         self._steps += 1
         self.info = info
