@@ -67,6 +67,35 @@ def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: i
     raise ValueError(f"unknown mode {mode!r}: use 'exact', 'mc' or 'empirical'")
 
 
+def layer_statistics(model: Model, params: Tree, x: Array,
+                     cotangents: Callable[[Array], list[Array]],
+                     statistic: Callable[[int, Array, list[Array]], Any]) -> tuple[Array, list]:
+    """``(f, [statistic(i, a_i, deltas_i) for every tapped layer i])`` from one tapped forward
+    pass of ``model`` on ``x``: a_i the layer's inputs, deltas_i its output gradients
+    J_{s,i}^T u for each cotangent u of ``cotangents(f)`` (one VJP per cotangent).
+
+    ``statistic`` must return batch means over the samples of ``a_i`` (trees of arrays, e.g.
+    K-FAC's factors). On a network over a sharded batch
+    (:class:`secondorder.distributed.DataParallel`, which has ``mean_reduce``) the pass keeps
+    each rank's own samples (``f`` is still the whole batch's, so the cotangents are), each rank
+    forms the means of its shard, and one mean over the ranks makes them the whole batch's:
+    the factors are all-reduced (d_in^2 + d_out^2 numbers per layer) instead of the layer
+    inputs and gradients gathered (batch x (d_in + d_out)).
+    """
+    backend = backend_of(params, x)
+    xp = backend.xp
+    sharded = hasattr(model, "mean_reduce")
+    taps = model.local_zero_taps(x) if sharded else model.zero_taps(x)
+    (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
+    zeros = [xp.zeros_like(a) for a in inputs]
+    deltas: list[list[Array]] = [[] for _ in taps]
+    for u in cotangents(f):
+        for i, d in enumerate(pullback((u, zeros))):
+            deltas[i].append(d)
+    out = [statistic(i, a, ds) for i, (a, ds) in enumerate(zip(inputs, deltas))]
+    return f, (model.mean_reduce(out) if sharded else out)
+
+
 def kronecker_factors(model: Model, loss: Loss, params: Tree, batch: tuple[Array, Array], *,
                       mode: str = "exact", samples: int = 1, seed: int = 0,
                       noise: list[Any] | None = None, key: Array | None = None
@@ -75,19 +104,15 @@ def kronecker_factors(model: Model, loss: Loss, params: Tree, batch: tuple[Array
     ``mode="mc"`` samples its targets from ``noise``, a :mod:`secondorder.random` ``key`` or
     NumPy's Generator(``seed``), as :class:`~secondorder.curvature.Fisher` does."""
     x, y = batch
-    backend = backend_of(params, x)
-    check_batch(backend, x)
-    xp = backend.xp
-    taps = model.zero_taps(x)
-    (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
-    loss.check(f, y)
-    zeros = [xp.zeros_like(a) for a in inputs]
-    deltas: list[list[Array]] = [[] for _ in taps]
-    for u in _cotangents(loss, f, y, mode, samples, seed, noise, key):
-        for i, d in enumerate(pullback((u, zeros))):
-            deltas[i].append(d)
-    return [LayerFactors(layer, *kronecker_statistics(a, ds))
-            for layer, a, ds in zip(model.layers, inputs, deltas)]
+    check_batch(backend_of(params, x), x)
+
+    def cotangents(f: Array) -> list[Array]:
+        loss.check(f, y)
+        return _cotangents(loss, f, y, mode, samples, seed, noise, key)
+
+    _, stats = layer_statistics(model, params, x, cotangents,
+                                lambda i, a, ds: kronecker_statistics(a, ds))
+    return [LayerFactors(layer, *ag) for layer, ag in zip(model.layers, stats)]
 
 
 class LayerKronecker(LinearOperator):

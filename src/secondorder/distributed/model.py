@@ -3,11 +3,13 @@ whole batch.
 
 ``DataParallel(model)(params, x_r)`` runs the network on the local shard ``x_r`` with the
 parameters entering through :func:`~.collectives.replicate` and returns the outputs of the
-whole batch through :func:`~.collectives.gather_rows`; with layer taps (K-FAC, K-BFGS, SMW) the
-taps are whole-batch arrays cut to the shard by :func:`~.collectives.scatter_rows` and the
-layers' inputs come back gathered. Every method built on it therefore sees the network of a
-single process on the whole batch, and its Jacobian products, J v = gather(J_r v) and
-J^T u = sum_r J_r^T u_r, are those of that network: no method has communication code of its own.
+whole batch through :func:`~.collectives.gather_rows`; with layer taps of the whole batch
+(K-BFGS, SMW) the taps are cut to the shard by :func:`~.collectives.scatter_rows` and the
+layers' inputs come back gathered, while with taps of the shard (K-FAC's factors, which are
+batch means) the inputs stay local and the statistics are averaged by :meth:`mean_reduce`.
+Every method built on it therefore sees the network of a single process on the whole batch, and
+its Jacobian products, J v = gather(J_r v) and J^T u = sum_r J_r^T u_r, are those of that
+network: no method has communication code of its own.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ from . import collectives
 Array = Any
 
 
-def _replicate(params: Any, group: Any) -> Any:
-    """``params`` through :func:`~.collectives.replicate` as one flat vector when its leaves
-    share a dtype and device (one all-reduce per VJP, like a single gradient bucket), else leaf
-    by leaf."""
-    leaves, treedef = flatten(params)
-    if len(leaves) < 2 or len({(a.dtype, a.device) for a in leaves}) > 1:
-        return tree_map(lambda a: collectives.replicate(a, group), params)
+def _through_one_vector(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """``tree`` with ``fn`` applied to its leaves concatenated into one flat vector (one
+    collective instead of one per leaf, like a single gradient bucket), then split back; leaf by
+    leaf when the leaves differ in dtype or device."""
     import torch
 
-    flat = collectives.replicate(torch.cat([torch.reshape(a, (-1,)) for a in leaves]), group)
+    leaves, treedef = flatten(tree)
+    if len(leaves) < 2 or len({(a.dtype, a.device) for a in leaves}) > 1:
+        return tree_map(fn, tree)
+    flat = fn(torch.cat([torch.reshape(a, (-1,)) for a in leaves]))
     parts = torch.split(flat, [a.numel() for a in leaves])
     return unflatten(treedef, [torch.reshape(p, a.shape) for p, a in zip(parts, leaves)])
 
@@ -74,14 +76,33 @@ class DataParallel(Model):
         return int(x.shape[0]) * self.world_size
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
+        """The outputs of the whole batch; with ``taps`` of the whole batch (``zero_taps``),
+        also every tapped layer's inputs of the whole batch. With taps of this rank's shard
+        (``local_zero_taps``) the layer inputs stay this rank's: for statistics that are batch
+        means, reduced afterwards with :meth:`mean_reduce` instead of gathered."""
         group = self.group
-        params = _replicate(params, group)
+        params = _through_one_vector(params, lambda a: collectives.replicate(a, group))
         if taps is None:
             return collectives.gather_rows(self.inner(params, x), group)
-        local = [collectives.scatter_rows(t, group) for t in taps]
-        f, inputs = self.inner.apply(params, x, local)
-        return (collectives.gather_rows(f, group),
-                [collectives.gather_rows(a, group) for a in inputs])
+        local = bool(taps) and self.world_size > 1 and int(taps[0].shape[0]) == int(x.shape[0])
+        if not local:
+            taps = [collectives.scatter_rows(t, group) for t in taps]
+        f, inputs = self.inner.apply(params, x, taps)
+        if not local:
+            inputs = [collectives.gather_rows(a, group) for a in inputs]
+        return collectives.gather_rows(f, group), inputs
+
+    def local_zero_taps(self, x: Array) -> list[Array]:
+        """Zero taps of this rank's shard ``x`` (see :meth:`apply`)."""
+        return self.inner.zero_taps(x)
+
+    def mean_reduce(self, tree: Any) -> Any:
+        """The mean over the ranks of a tree of per-rank batch means (equal shards make it the
+        mean over the whole batch), as one all-reduce of the flattened leaves."""
+        n, group = self.world_size, self.group
+        if n == 1:
+            return tree
+        return _through_one_vector(tree, lambda a: collectives.all_reduce(a, group) / n)
 
     def __call__(self, params: Any, x: Array) -> Array:
         return self.apply(params, x)

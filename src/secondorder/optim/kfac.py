@@ -16,7 +16,7 @@ from .. import random
 from .._pytree import flatten, unflatten
 from ..backends import backend_of
 from ..curvature.blocks import BlockState, ConvBlock, DenseBlock, KroneckerBlock
-from ..curvature.kfac import _cotangents
+from ..curvature.kfac import _cotangents, layer_statistics
 from ..errors import HyperparameterError, StructureError
 from ..losses import Loss
 from ..models.base import LayerInfo, Model
@@ -379,24 +379,20 @@ class KFAC(Optimizer):
         """Every tapped layer's batch statistics (Gamma^, Omega^) (the blocks' factor order)
         from one tapped forward pass and one backward pass per cotangent."""
         x, y = batch
-        backend = backend_of(params)
-        xp = backend.xp
-        taps = self.model.zero_taps(x)
-        (f, inputs), pullback = backend.vjp(lambda t: self.model.apply(params, x, t), taps)
-        zeros = [xp.zeros_like(a) for a in inputs]
-        deltas: list[list[Array]] = [[] for _ in taps]
-        for u in _cotangents(self.loss, f, y, self.mode, self.samples, self.seed, None,
-                             key if self.mode == "mc" else None):
-            for i, d in enumerate(pullback((u, zeros))):
-                deltas[i].append(d)
-        out = []
-        for layer, a, ds in zip(layers, inputs, deltas):
+
+        def cotangents(f: Array) -> list[Array]:
+            return _cotangents(self.loss, f, y, self.mode, self.samples, self.seed, None,
+                               key if self.mode == "mc" else None)
+
+        def statistic(i: int, a: Array, ds: list[Array]) -> tuple[Array, Array]:
+            layer = layers[i]
             g, a_stat = layer.block.batch_statistics(a, ds)
             if self.conv_convention == "curvlinops" and layer.info.kind == "conv":
                 positions = a.shape[1]
                 g, a_stat = g * positions, a_stat / positions
-            out.append((g, a_stat))
-        return out
+            return g, a_stat
+
+        return layer_statistics(self.model, params, x, cotangents, statistic)[1]
 
     def _precondition(self, layers: list[_Layer], blocks: tuple[BlockState, ...],
                       leaves: list[Array], lam: Array, fallback: Any
