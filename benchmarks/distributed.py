@@ -33,15 +33,19 @@ parameters, and per tapped layer l: T_l positions per sample (1 for a dense laye
 * ``A = sum_l n T_l (d_in_l + 1) s``: the tapped layer inputs of one statistics pass;
 * ``G = sum_l n T_l d_out_l s``: the tap cotangents of one statistics pass (a VJP through
   ``scatter_rows``);
+* ``F = sum_l ((d_in_l + 1)^2 + d_out_l^2) s``: K-FAC's factors of one statistics pass,
+  formed on each rank's shard and averaged over the ranks by one all-reduce (K-BFGS and SMW
+  gather A and G instead: they need per-sample rows or means beyond the factors);
 * ``PO = P O``: a JVP vmapped over P tangents (the Jacobian of Newton and LM);
 * ``V = P s``: one VJP's parameter all-reduce; ``VP = P^2 s``: a VJP vmapped over P
   cotangents (Newton's Hessian).
 
 Bytes each rank sends per step: ``all_gather = L0 + c_O O + c_A A + c_G G + c_PO PO`` and
-``all_reduce = c_V V + c_VP VP``, with the counts c_* of :data:`COUNTS` (functions of the step
+``all_reduce = c_V V + c_VP VP + c_F F``, with the counts c_* of :data:`COUNTS` (functions of
+the step
 number t, the method's intervals, CG iterations m = info.inner_iterations and objective
 evaluations e, counted by wrapping the optimiser's ``objective``). Calls: ``2 + c_O + c_PO +
-L (c_A + c_G)`` all-gathers (L tapped layers) and ``(c_V + c_VP) x calls per VJP``
+L (c_A + c_G)`` all-gathers (L tapped layers) and ``(c_V + c_VP) x calls per VJP + c_F``
 all-reduces, where the calls per VJP (1 with the parameters replicated as one flat vector,
 else one per leaf) are measured on SGD's step and reported. The benchmark checks every
 measured step against the formula and reports the largest mismatch (0 when the model holds).
@@ -153,18 +157,20 @@ def units(model: Any, batch: int, ranks: int, k: int, params: Any, itemsize: int
         int(np.prod(leaf.shape)) for leaf in _leaves(params))
     x = np.zeros((n, *_input_shape(model)), dtype=np.float32)
     shapes = model.tap_shapes(x) if getattr(model, "layers", ()) else []
-    A = G = 0
+    A = G = F = 0
     layers = []
     for info, shape in zip(getattr(model, "layers", ()), shapes):
         T = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
         d_in = info.in_features + (info.bias is not None)
         A += n * T * d_in * itemsize
         G += n * T * info.out_features * itemsize
+        F += (d_in ** 2 + info.out_features ** 2) * itemsize
         layers.append({"kind": info.kind, "positions": T, "d_in": info.in_features,
                        "d_out": info.out_features})
     out = n * k * itemsize
     return {"n": n, "k": k, "P": P, "s": itemsize, "L": len(layers), "L0": 8 + 8 * n,
-            "O": out, "A": A, "G": G, "PO": P * out, "V": P * itemsize, "VP": P * P * itemsize,
+            "O": out, "A": A, "G": G, "F": F, "PO": P * out, "V": P * itemsize,
+            "VP": P * P * itemsize,
             "layers": layers}
 
 
@@ -193,10 +199,10 @@ COUNTS: dict[str, tuple[str, Callable[..., dict[str, int]]]] = {
                 lambda t, m, e, o, u: {"O": 1, "V": 1}),
     "tnt": ("O; (1 + s1) V, s1 = [t mod T1 = 0] (a sampled-label VJP for the statistics)",
             lambda t, m, e, o, u: {"O": 1, "V": 1 + _every(t, o.statistics_interval)}),
-    "kfac": ("(1 + s1) O + s1 (A + G); V, s1 = [t mod T1 = 0] (inverses are local)",
-             lambda t, m, e, o, u: {"O": 1 + _every(t, o.statistics_interval),
-                                    "A": _every(t, o.statistics_interval),
-                                    "G": _every(t, o.statistics_interval), "V": 1}),
+    "kfac": ("(1 + s1) O; V + s1 F, s1 = [t mod T1 = 0] (the factors of each rank's shard "
+             "all-reduced; inverses are local)",
+             lambda t, m, e, o, u: {"O": 1 + _every(t, o.statistics_interval), "V": 1,
+                                    "F": _every(t, o.statistics_interval)}),
     "kbfgs": ("(1 + c)(O + A + G); V, c = [t mod T = 0] (the second tapped pass)",
               lambda t, m, e, o, u: {**dict.fromkeys(
                   "OAG", 1 + _every(t, o.curvature_interval)), "V": 1}),
@@ -246,9 +252,9 @@ def predict(method: str, t: int, m: int, e: int, opt: Any, u: dict[str, Any],
     get = c.get
     gather = (u["L0"] + get("O", 0) * u["O"] + get("A", 0) * u["A"] + get("G", 0) * u["G"]
               + get("PO", 0) * u["PO"])
-    reduce = get("V", 0) * u["V"] + get("VP", 0) * u["VP"]
+    reduce = get("V", 0) * u["V"] + get("VP", 0) * u["VP"] + get("F", 0) * u["F"]
     calls_g = 2 + get("O", 0) + get("PO", 0) + u["L"] * (get("A", 0) + get("G", 0))
-    calls_r = (get("V", 0) + get("VP", 0)) * calls_per_vjp
+    calls_r = (get("V", 0) + get("VP", 0)) * calls_per_vjp + get("F", 0)
     return {"calls": {"all_gather": calls_g, "all_reduce": calls_r},
             "bytes": {"all_gather": gather, "all_reduce": reduce}}
 
@@ -360,8 +366,8 @@ def summarise(problem: str, method: str, dp: dict[str, Any], one: dict[str, Any]
             "gradient_bytes": gradient_bytes, "per_step": per_step, "per_period": per_period,
             "steps": rows,
             "formula": {"counts": COUNTS[method][0], "units": {
-                key: u[key] for key in ("n", "k", "P", "s", "L", "L0", "O", "A", "G", "PO",
-                                        "V", "VP")}},
+                key: u[key] for key in ("n", "k", "P", "s", "L", "L0", "O", "A", "G", "F",
+                                        "PO", "V", "VP")}},
             "check": {"max_abs_mismatch": mismatch, "holds": mismatch == 0},
             "ms_per_step": {"ranks": ms_dp, "one_process": ms_one, "ratio": ms_dp / ms_one,
                             "note": "sanity check only: depends on this machine"}}
