@@ -18,10 +18,9 @@ shape and uniform labels; the values matter only where a method's own inner loop
 
 Methods: every name of ``optim.registry.METHODS`` with the registry's defaults (the Kronecker
 family's short periods: K-FAC T1 = 2 / T2 = 3, Shampoo roots every 2, TNT inverses every 2,
-K-BFGS curvature every 2), except SMW-GN and SMW-NG, which get ``curvature_batch = B`` (with a
-curvature batch smaller than the whole batch their data-parallel step is wrong today; see
-benchmarks/README.md). The period of a method is the lcm of its intervals; it runs one period
-of warm-up, then ``--periods`` periods (at least 6 steps) are measured.
+K-BFGS curvature every 2; SMW's curvature batch of 30 of the B samples). The period of a
+method is the lcm of its intervals; it runs one period of warm-up, then ``--periods`` periods
+(at least 6 steps) are measured.
 
 The formula. With s the itemsize, n = B / R the rows of a shard, k the outputs, P the
 parameters, and per tapped layer l: T_l positions per sample (1 for a dense layer), d_in_l
@@ -116,10 +115,7 @@ def methods_for(problem: str, names: list[str]) -> list[str]:
 def make(method: str, model: Any, loss: Any, batch: int) -> Any:
     from secondorder.optim.registry import METHODS
 
-    kwargs = dict(OVERRIDES.get(method, {}))
-    if method.startswith("smw"):
-        kwargs["curvature_batch"] = batch
-    return METHODS[method](model, loss, **kwargs)
+    return METHODS[method](model, loss, **OVERRIDES.get(method, {}))
 
 
 def intervals(opt: Any) -> dict[str, int]:
