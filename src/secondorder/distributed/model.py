@@ -38,6 +38,11 @@ def _through_one_vector(tree: Any, fn: Callable[[Any], Any]) -> Any:
     return unflatten(treedef, [torch.reshape(p, a.shape) for p, a in zip(parts, leaves)])
 
 
+def _rows(x: Any) -> int:
+    """The samples of this rank's inputs: the leading axis of ``x`` or of its first leaf."""
+    return int(flatten(x)[0][0].shape[0])
+
+
 class DataParallel(Model):
     """``model`` (a :class:`~secondorder.models.Model`, e.g. from ``from_torch``, or any
     ``apply(params, x)``) on a batch sharded over the ranks of ``group``.
@@ -72,8 +77,9 @@ class DataParallel(Model):
         return collectives.world_size(self.group)
 
     def global_rows(self, x: Array) -> int:
-        """The number of samples of the whole batch when this rank holds ``x``."""
-        return int(x.shape[0]) * self.world_size
+        """The number of samples of the whole batch when this rank holds ``x`` (an array, or a
+        tree of arrays with the samples along the leading axis of each)."""
+        return _rows(x) * self.world_size
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
         """The outputs of the whole batch; with ``taps`` of the whole batch (``zero_taps``),
@@ -84,7 +90,7 @@ class DataParallel(Model):
         params = _through_one_vector(params, lambda a: collectives.replicate(a, group))
         if taps is None:
             return collectives.gather_rows(self.inner(params, x), group)
-        local = bool(taps) and self.world_size > 1 and int(taps[0].shape[0]) == int(x.shape[0])
+        local = bool(taps) and self.world_size > 1 and int(taps[0].shape[0]) == _rows(x)
         if not local:
             taps = [collectives.scatter_rows(t, group) for t in taps]
         f, inputs = self.inner.apply(params, x, taps)
