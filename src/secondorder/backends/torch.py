@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.func
 
-from .._pytree import check_same_structure, flatten, tree_map, unflatten
+from .._pytree import check_same_structure, flatten, unflatten
 from ._base import Array, Backend, Tree
 
 
@@ -116,14 +116,13 @@ class TorchBackend(Backend):
         return (y, pullback, aux) if has_aux else (y, pullback)
 
     def mean_reduce(self, x: Tree) -> Tree:
-        """The mean over the ranks of the default ``torch.distributed`` group, leaf by leaf
-        (``x`` itself on one process)."""
+        """The mean over the ranks of the default ``torch.distributed`` group (``x`` itself
+        on one process): :func:`secondorder.distributed.collectives.mean_over_ranks`."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return x
-        from ..distributed.collectives import all_reduce
+        from ..distributed.collectives import mean_over_ranks
 
-        n = dist.get_world_size()
-        return tree_map(lambda a: all_reduce(a) / n, x)
+        return mean_over_ranks(x)
 
     def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
         """``torch.func.linearize`` (one trace, replayed per product); with more than one

@@ -27,11 +27,14 @@ rule, so they work under eager autograd and under ``torch.func`` (``grad``, ``vj
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .._pytree import flatten, tree_map, unflatten
 
 
 @dataclass
@@ -184,3 +187,24 @@ def broadcast(x: torch.Tensor, group: Any = None) -> torch.Tensor:
         dist.broadcast(x, src=dist.get_global_rank(group, 0) if group is not None else 0,
                        group=group)
     return x
+
+
+def through_one_vector(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """``tree`` with ``fn`` applied to its leaves concatenated into one flat vector (one
+    collective instead of one per leaf, like a single gradient bucket), then split back; leaf by
+    leaf when the leaves differ in dtype or device."""
+    leaves, treedef = flatten(tree)
+    if len(leaves) < 2 or len({(a.dtype, a.device) for a in leaves}) > 1:
+        return tree_map(fn, tree)
+    flat = fn(torch.cat([torch.reshape(a, (-1,)) for a in leaves]))
+    parts = torch.split(flat, [a.numel() for a in leaves])
+    return unflatten(treedef, [torch.reshape(p, a.shape) for p, a in zip(parts, leaves)])
+
+
+def mean_over_ranks(tree: Any, group: Any = None) -> Any:
+    """(1/R) sum_r tree_r leaf by leaf, as one all-reduce of the flattened leaves (``tree``
+    itself on one process)."""
+    n = world_size(group)
+    if n == 1:
+        return tree
+    return through_one_vector(tree, lambda a: all_reduce(a, group) / n)

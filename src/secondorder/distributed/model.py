@@ -17,25 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._pytree import flatten, tree_map, unflatten
+from .._pytree import flatten
 from ..models.base import Model
 from . import collectives
 
 Array = Any
-
-
-def _through_one_vector(tree: Any, fn: Callable[[Any], Any]) -> Any:
-    """``tree`` with ``fn`` applied to its leaves concatenated into one flat vector (one
-    collective instead of one per leaf, like a single gradient bucket), then split back; leaf by
-    leaf when the leaves differ in dtype or device."""
-    import torch
-
-    leaves, treedef = flatten(tree)
-    if len(leaves) < 2 or len({(a.dtype, a.device) for a in leaves}) > 1:
-        return tree_map(fn, tree)
-    flat = fn(torch.cat([torch.reshape(a, (-1,)) for a in leaves]))
-    parts = torch.split(flat, [a.numel() for a in leaves])
-    return unflatten(treedef, [torch.reshape(p, a.shape) for p, a in zip(parts, leaves)])
 
 
 def _rows(x: Any) -> int:
@@ -87,7 +73,8 @@ class DataParallel(Model):
         (``local_zero_taps``) the layer inputs stay this rank's: for statistics that are batch
         means, reduced afterwards with :meth:`mean_reduce` instead of gathered."""
         group = self.group
-        params = _through_one_vector(params, lambda a: collectives.replicate(a, group))
+        params = collectives.through_one_vector(params,
+                                                lambda a: collectives.replicate(a, group))
         if taps is None:
             return collectives.gather_rows(self.inner(params, x), group)
         local = bool(taps) and self.world_size > 1 and int(taps[0].shape[0]) == _rows(x)
@@ -105,10 +92,7 @@ class DataParallel(Model):
     def mean_reduce(self, tree: Any) -> Any:
         """The mean over the ranks of a tree of per-rank batch means (equal shards make it the
         mean over the whole batch), as one all-reduce of the flattened leaves."""
-        n, group = self.world_size, self.group
-        if n == 1:
-            return tree
-        return _through_one_vector(tree, lambda a: collectives.all_reduce(a, group) / n)
+        return collectives.mean_over_ranks(tree, self.group)
 
     def __call__(self, params: Any, x: Array) -> Array:
         return self.apply(params, x)
