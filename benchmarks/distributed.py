@@ -75,10 +75,10 @@ import numpy as np
 
 import _setup as setup
 from secondorder.distributed.launch import spawn
+from secondorder.optim.registry import METHODS
 
 PROBLEMS = ("mnist1d-mlp", "mnist1d-cnn", "small-mlp")
 #: settings that differ from the registry's defaults (see the module docstring)
-OVERRIDES: dict[str, dict[str, Any]] = {}
 #: the interval attributes whose lcm is a method's period
 INTERVALS = ("statistics_interval", "inverse_interval", "root_interval", "curvature_interval",
              "tau")
@@ -111,11 +111,6 @@ def methods_for(problem: str, names: list[str]) -> list[str]:
         return [m for m in names if m in SMALL_ONLY]
     return [m for m in names if m not in SMALL_ONLY]
 
-
-def make(method: str, model: Any, loss: Any, batch: int) -> Any:
-    from secondorder.optim.registry import METHODS
-
-    return METHODS[method](model, loss, **OVERRIDES.get(method, {}))
 
 
 def intervals(opt: Any) -> dict[str, int]:
@@ -266,7 +261,7 @@ def run_method(problem: str, method: str, args: Any, rank: int, ranks: int,
     from secondorder.distributed import data_parallel as wrap
 
     model, loss, d, k = build(problem, args.batch)
-    opt = make(method, model, loss, args.batch)
+    opt = METHODS[method](model, loss)
     period = period_of(opt)
     measured = period * max(args.periods, math.ceil(6 / period))
     if data_parallel:
@@ -329,7 +324,7 @@ def summarise(problem: str, method: str, dp: dict[str, Any], one: dict[str, Any]
     from secondorder.distributed import collectives
 
     model, loss, d, k = build(problem, args.batch)
-    opt = make(method, model, loss, args.batch)
+    opt = METHODS[method](model, loss)
     params = model.init(args.seed, "torch", dtype="float32")
     u = units(model, args.batch, args.ranks, k, params, 4)
     u["groups"] = int(opt.partition(params).size) if method == "grouped-newton" else 0
@@ -392,8 +387,6 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from secondorder.optim.registry import METHODS
-
     parser = setup.parser(__doc__, "distributed", batch=100, warmup=1, repeats=3)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--problems", default=",".join(PROBLEMS))

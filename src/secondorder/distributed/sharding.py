@@ -58,14 +58,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ..errors import ShapeError
-from .equivalence import OVERRIDES as _TORCH_OVERRIDES
+from .equivalence import OVERRIDES
 
-__all__ = ["OVERRIDES", "Run", "compare", "mesh", "replicate", "run_sharded", "shard_batch"]
+__all__ = ["Run", "compare", "mesh", "replicate", "run_sharded", "shard_batch"]
 
 AXIS = "batch"
-#: the settings of :func:`run_sharded` that differ from the registry's: those of the torch
-#: check (one problem for both; the reasons are there)
-OVERRIDES: dict[str, dict[str, Any]] = _TORCH_OVERRIDES
 
 
 def mesh(devices: Sequence[Any] | int | None = None, axis: str = AXIS) -> Any:
@@ -174,8 +171,8 @@ def run_sharded(method: str, devices: int, steps: int = 10, nan_at: int | None =
     after the last step, ``info.finite`` of each step and whether the parameters came out
     replicated. The problem is that of :mod:`secondorder.distributed.equivalence` (the MLP
     3-5-3 with tanh, softmax cross-entropy, its batches of 16 and initial weights, with
-    ``nan_at`` as there), on JAX in float64, with the settings of :data:`OVERRIDES`; needs
-    ``jax_enable_x64``."""
+    ``nan_at`` as there), on JAX in float64, with the settings of
+    :data:`~.equivalence.OVERRIDES` (one problem for both checks); needs ``jax_enable_x64``."""
     import jax
     import numpy as np
 
