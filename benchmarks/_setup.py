@@ -5,6 +5,7 @@ interleaved timing, the package each backend needs and the JSON writer."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +72,19 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], sync: Callable[[Any], Any]
             sync(fn())
             times[name].append(time.perf_counter() - start)
     return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def installed(backends: str, results: dict[str, Any]) -> list[str]:
+    """The backends of the comma-separated ``backends`` whose framework is installed; each
+    missing one gets ``{"skipped": "<package> is not installed"}`` in ``results``."""
+    names = []
+    for name in backends.split(","):
+        package = NEEDS.get(name, name)
+        if importlib.util.find_spec(package) is None:
+            results[name] = {"skipped": f"{package} is not installed"}
+        else:
+            names.append(name)
+    return names
 
 
 def write_json(path: str | Path, data: Any) -> None:

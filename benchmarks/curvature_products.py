@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     p = problem(args.batch, args.seed)
     results: dict[str, Any] = {}
-    for name in args.backends.split(","):
-        if importlib.util.find_spec(setup.NEEDS[name]) is None:
-            results[name] = {"skipped": f"{setup.NEEDS[name]} is not installed"}
-            continue
+    for name in setup.installed(args.backends, results):
         results[name] = BENCHES[name](p, args)
         print(name, json.dumps(results[name]))
     from importlib.metadata import version

@@ -33,7 +33,6 @@ Writes ``{"<backend>": {"<problem>": {"<method>": {"step_ms", "ratio_to_sgd",
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import platform
 import time
@@ -149,10 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the most epochs SMW-GN and SMW-NG get to reach the target")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
-    for backend in args.backends.split(","):
-        if importlib.util.find_spec(setup.NEEDS[backend]) is None:
-            results[backend] = {"skipped": f"{setup.NEEDS[backend]} is not installed"}
-            continue
+    for backend in setup.installed(args.backends, results):
         results[backend] = {}
         for name in args.problems.split(","):
             rows = bench_steps(backend, name, args)

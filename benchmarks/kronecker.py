@@ -38,7 +38,6 @@ Writes ``{"<backend>": {"<problem>": {"<method>": {"step_ms", "ratio_to_sgd", ..
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 from collections.abc import Callable
@@ -233,10 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also time kfac_jax.Optimizer on the MLP (needs kfac-jax)")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
-    for backend in args.backends.split(","):
-        if importlib.util.find_spec(setup.NEEDS[backend]) is None:
-            results[backend] = {"skipped": f"{setup.NEEDS[backend]} is not installed"}
-            continue
+    for backend in setup.installed(args.backends, results):
         results[backend] = {}
         for name in args.problems.split(","):
             rows = bench(backend, name, args)

@@ -479,9 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.backends.split(","):
         if name not in BENCHES:
             parser.error(f"overhead.py measures {', '.join(BENCHES)}, not {name!r}")
-        if importlib.util.find_spec(setup.NEEDS[name]) is None:
-            results[name] = {"skipped": f"{setup.NEEDS[name]} is not installed"}
-            continue
+    for name in setup.installed(args.backends, results):
         results[name] = BENCHES[name](args)
     versions = {n: version(n) for n in ("torch", "jax", "jaxlib")
                 if importlib.util.find_spec(n) is not None}

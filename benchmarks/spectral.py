@@ -22,13 +22,12 @@ Writes ``{"problem": {...}, "<backend>": {...}}`` as JSON to ``--json``.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from typing import Any
 
 import numpy as np
 
-from _setup import NEEDS, parser, write_json
+from _setup import installed, parser, write_json
 from secondorder import backends, losses
 from secondorder.curvature import GGN, Hessian
 from secondorder.linalg import eigsh
@@ -150,10 +149,7 @@ def main() -> None:
     results: dict[str, Any] = {"problem": {
         "data": "sklearn digits 8x8", "batch": args.batch, "channels": args.channels,
         "dense": args.dense, "dtype": "float32", "threads": args.threads}}
-    for name in args.backends.split(","):
-        if importlib.util.find_spec(NEEDS.get(name, name)) is None:
-            results[name] = {"skipped": f"{NEEDS.get(name, name)} is not installed"}
-            continue
+    for name in installed(args.backends, results):
         results[name] = run_backend(name, args)
         print(name, results[name], flush=True)
     write_json(args.json, results)

@@ -17,7 +17,6 @@ Writes ``{"<backend>": {"<method>": {"step_ms", "ratio_to_sgd", "ratio_to_handwr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 from typing import Any
@@ -65,10 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = setup.parser(__doc__, "step_time", batch=128, warmup=3, repeats=30)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
-    for name in args.backends.split(","):
-        if importlib.util.find_spec(setup.NEEDS[name]) is None:
-            results[name] = {"skipped": f"{setup.NEEDS[name]} is not installed"}
-            continue
+    for name in setup.installed(args.backends, results):
         results[name] = bench_backend(name, args)
         print(name, json.dumps({k: round(v["ratio_to_sgd"], 3) for k, v in results[name].items()}))
     results["_meta"] = {"problem": f"MLP {'-'.join(map(str, SIZES))} tanh, softmax CE, "
