@@ -12,6 +12,7 @@ jax = pytest.importorskip("jax")
 eqx = pytest.importorskip("equinox")
 jnp = jax.numpy
 
+from equinox_nets import BNNet  # noqa: E402
 from secondorder.curvature import kronecker_factors  # noqa: E402
 from secondorder.errors import StructureError  # noqa: E402
 from secondorder.losses import MSE  # noqa: E402
@@ -93,29 +94,13 @@ def test_taps_follow_the_tree_not_the_call_order(batch):
     assert max_diff(a_out, a1) < 1e-12 and max_diff(g_out, g1) < 1e-12
 
 
-class BNNet(eqx.Module):
-    first: eqx.nn.Linear
-    norm: eqx.nn.BatchNorm
-    drop: eqx.nn.Dropout
-    last: eqx.nn.Linear
-
-    def __init__(self, key):
-        k1, k2 = jax.random.split(key)
-        self.first = eqx.nn.Linear(4, 6, dtype=F64, key=k1)
-        self.norm = eqx.nn.BatchNorm(6, axis_name="batch", momentum=0.9, dtype=F64, mode="ema")
-        self.drop = eqx.nn.Dropout(0.25)
-        self.last = eqx.nn.Linear(6, 3, dtype=F64, key=k2)
-
-    def __call__(self, x, state, *, key):
-        h, state = self.norm(self.first(x), state)
-        return self.last(self.drop(jnp.tanh(h), key=key)), state
 
 
 def test_taps_take_the_step_state_and_key(batch):
     """Taps on the step's EquinoxInputs: the batch's BatchNorm statistics and one dropout
     mask (read off equinox's own Dropout with the per-example keys)."""
     x, y = batch
-    net, state = eqx.nn.make_with_state(BNNet)(KEY)
+    net, state = eqx.nn.make_with_state(BNNet)(KEY, 4, 3)
     model, params = from_equinox(net, state)
     key = jax.random.key(5)
     inputs = model.inputs(x, key=key)

@@ -17,6 +17,7 @@ nn = pytest.importorskip("flax.linen")
 eqx = pytest.importorskip("equinox")
 jnp = jax.numpy
 
+from equinox_nets import BNNet  # noqa: E402
 from secondorder import tree  # noqa: E402
 from secondorder.curvature import kronecker_factors  # noqa: E402
 from secondorder.curvature.kfac import LayerFactors  # noqa: E402
@@ -285,27 +286,11 @@ def test_equinox_mlp_trains_like_the_handwritten_network(data, equinox_mlp, name
     assert max_diff(jax.vmap(trained)(x), ref_apply(ref_params, x)) < 1e-12
 
 
-class EquinoxBNNet(eqx.Module):
-    first: eqx.nn.Linear
-    norm: eqx.nn.BatchNorm
-    drop: eqx.nn.Dropout
-    last: eqx.nn.Linear
-
-    def __init__(self, key):
-        k1, k2 = jax.random.split(key)
-        self.first = eqx.nn.Linear(3, 6, dtype=F64, key=k1)
-        self.norm = eqx.nn.BatchNorm(6, axis_name="batch", momentum=0.9, dtype=F64, mode="ema")
-        self.drop = eqx.nn.Dropout(RATE)
-        self.last = eqx.nn.Linear(6, 2, dtype=F64, key=k2)
-
-    def __call__(self, x, state, *, key):
-        h, state = self.norm(self.first(x), state)
-        return self.last(self.drop(jnp.tanh(h), key=key)), state
 
 
 def test_equinox_batchnorm_dropout_trains_under_jit(data):
     x, y = data
-    net, state0 = eqx.nn.make_with_state(EquinoxBNNet)(jax.random.key(3))
+    net, state0 = eqx.nn.make_with_state(BNNet)(jax.random.key(3), 3, 2, rate=RATE)
     model, params = from_equinox(net, state0)
     opt = METHODS["curveball"](model, MSE())
     step = model.make_step(opt)
