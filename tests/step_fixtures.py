@@ -58,6 +58,12 @@ CONFIGS: dict[str, tuple[int, Factory]] = {
     "grouped-newton": (32, lambda a, f: GroupedNewton(a, f, tau=5)),
     "newton-abs-cubic": (4, lambda a, f: Newton(a, f, variant="abs", damping=1e-3,
                                                 line_search="cubic")),
+    # recorded later than the others, at the same commit: at damping 1e-3 the abs variant's
+    # trajectory moves by 2e-3 when only the order of each batch's samples changes, so the
+    # configuration above is held to that sensitivity (see test_step_fixtures); this one is
+    # well conditioned (3.9e-14) and keeps the abs/cubic path at 1e-12
+    "newton-abs-cubic-damped": (4, lambda a, f: Newton(a, f, variant="abs", damping=0.1,
+                                                       line_search="cubic")),
     "newton-plain": (4, lambda a, f: Newton(a, f, damping=1.0)),
     "levenberg-marquardt": (4, lambda a, f: LevenbergMarquardt(a, f)),
     "bfgs": (4, lambda a, f: BFGS(a, f)),
@@ -71,9 +77,10 @@ def problem(hidden: int) -> Any:
     return DigitsMLP(hidden=hidden, batch_size=64)
 
 
-def run(name: str, backend: Any = None) -> dict[str, Any]:
+def run(name: str, backend: Any = None, permute: bool = False) -> dict[str, Any]:
     """The first :data:`STEPS` steps of ``name``: losses, step norms, damping and the raveled
-    parameters after the steps in :data:`SAVED`, as NumPy float64 arrays."""
+    parameters after the steps in :data:`SAVED`, as NumPy float64 arrays. ``permute``: the
+    samples of every batch in another order (the same mean loss, other rounding)."""
     import numpy as np
 
     from secondorder import backends, tree
@@ -82,6 +89,7 @@ def run(name: str, backend: Any = None) -> dict[str, Any]:
     hidden, factory = CONFIGS[name]
     prob = problem(hidden)
     rng = np.random.default_rng(SEED)
+    order = np.random.default_rng(SEED + 1)
     params = tree.map(lambda a: backend.asarray(np.asarray(a, dtype=np.float64)),
                       prob.model._numpy_params(rng))
     opt = factory(prob.model, prob.loss)
@@ -89,6 +97,9 @@ def run(name: str, backend: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {"loss": [], "step_norm": [], "damping": []}
     for t in range(1, STEPS + 1):
         x, y = prob._numpy_batch(rng)
+        if permute:
+            p = order.permutation(len(y))
+            x, y = x[p], y[p]
         batch = (backend.asarray(np.asarray(x, dtype=np.float64)), backend.asarray(y))
         params, state, info = opt.step(params, state, batch)
         out["loss"].append(float(info.loss))
