@@ -176,9 +176,16 @@ def damped_inverse(a: Any, damping: Any = 0.0) -> Any:
         pivots = xp.linalg.diagonal(factor)
         if not bool(xp.all(xp.isfinite(factor))):
             raise _not_pd("damped_inverse", "the matrix has NaN or inf entries")
-        floor = n * xp.finfo(a.dtype).eps * xp.max(xp.linalg.diagonal(ad))
-        if n and not bool(xp.min(pivots * pivots) > floor):
+        eps = xp.finfo(a.dtype).eps
+        top = xp.max(xp.linalg.diagonal(ad))
+        smallest = xp.min(pivots * pivots) if n else None
+        if n and not bool(smallest > n * eps * top):
             raise _not_pd("damped_inverse", "A + damping I is singular to working precision")
+        if n and not bool(smallest > math.sqrt(eps) * top):
+            # ill-conditioned: Cholesky's own rounding can leave a pivot^2 of ~50 eps ||A|| on
+            # a singular matrix (machine dependent), so eigh's backward-stable spectrum decides,
+            # with matrix_power's tolerance
+            _positive_spectrum(backend, backend.eigh(ad)[0], "damped_inverse")
     return backend.cholesky_solve(factor, eye)
 
 
@@ -257,12 +264,24 @@ def inverse_root(
     dev = backend.device(a)
     init = (xp.asarray(0, device=dev), x0, m0, err0, fro0, xp.asarray(False, device=dev))
     _, x, _, err, _, _ = backend.while_loop(keep_going, step, init)
-    x = x * 2.0 ** (-e / p)
     # a singular or indefinite A leaves an eigenvalue of M at <= 0 or far from 1: err stays large
     failed = ~(err <= 0.5) | ~xp.all(xp.isfinite(x))
+    # ... unless rounding moved a zero eigenvalue to a tiny positive one, from which the
+    # iteration converges too (machine dependent): when 1 / ||X||_F^p, a lower bound on the
+    # smallest eigenvalue, is under sqrt(eps) ||A||_F, eigh's spectrum decides as for "eigh"
+    eps = xp.finfo(ad.dtype).eps
+    suspicious = ~(xp.linalg.matrix_norm(x) ** (-p) > math.sqrt(eps) * xp.linalg.matrix_norm(ad))
+
+    def singular(m: Any) -> Any:
+        v = xp.clip(backend.eigh(m)[0], min=0.0)
+        return ~xp.all(v > n * eps * xp.max(v))
+
+    x = x * 2.0 ** (-e / p)
     if _is_concrete(backend, x, err):
-        if bool(failed):
+        if bool(failed) or (bool(suspicious) and bool(singular(ad))):
             raise _not_pd("inverse_root", "the coupled Newton iteration did not converge (A + "
                                           "damping I is singular or indefinite)")
         return x
+    if backend.has_jit:
+        failed = failed | backend.cond(suspicious, singular, lambda m: xp.asarray(False), ad)
     return xp.where(failed, xp.asarray(float("nan"), dtype=x.dtype), x)
