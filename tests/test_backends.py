@@ -215,3 +215,29 @@ def test_to_numpy_round_trip(backend, rng):
     out = backend.to_numpy(backend.asarray(a))
     assert isinstance(out, np.ndarray) and out.dtype == np.float64
     np.testing.assert_array_equal(out, a)
+
+
+def test_torch_namespace_direct_calls_are_array_api_compat_results():
+    """The torch namespace sends where/maximum/minimum/logical_and/logical_or/all/any straight
+    to torch for plain tensors of one dtype; each result (values, dtype) must be
+    array_api_compat's, the fall-back cases (Python scalars, mixed dtypes, 0-d against n-d)
+    included."""
+    torch = pytest.importorskip("torch")
+    compat = pytest.importorskip("array_api_compat.torch")
+    xp = backends.get("torch").xp
+    x = torch.tensor([1.0, -2.0, float("nan"), 4.0])
+    y = torch.tensor([0.5, 3.0, 1.0, float("inf")])
+    c = x > 0
+    zero_d = torch.tensor(2.0, dtype=torch.float64)
+    cases = [("where", (c, x, y)), ("where", (c, x, 1.5)), ("where", (c, zero_d, x)),
+             ("maximum", (x, y)), ("maximum", (x, zero_d)), ("minimum", (x, y)),
+             ("minimum", (x.to(torch.float64), y)), ("logical_and", (c, y > 1)),
+             ("logical_or", (c, y > 1)), ("logical_and", (c, True))]
+    for name, args in cases:
+        ours, theirs = getattr(xp, name)(*args), getattr(compat, name)(*args)
+        assert ours.dtype == theirs.dtype, (name, args)
+        assert torch.equal(torch.nan_to_num(ours), torch.nan_to_num(theirs)), (name, args)
+    for name in ("all", "any"):
+        for a, kwargs in ((c, {}), (c, {"keepdims": True}), (c.reshape(2, 2), {"axis": 0}),
+                          (x, {})):
+            assert torch.equal(getattr(xp, name)(a, **kwargs), getattr(compat, name)(a, **kwargs))

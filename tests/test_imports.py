@@ -12,7 +12,7 @@ import secondorder
 FRAMEWORKS = {"torch", "jax", "jaxlib", "cupy", "cupyx", "autograd"}
 SRC = pathlib.Path(secondorder.__file__).parent
 BACKEND_MODULES = {"numpy.py", "torch.py", "jax.py", "cupy.py", "array_api_strict.py",
-                   "_autograd_namespace.py"}
+                   "_autograd_namespace.py", "_torch_namespace.py"}
 
 
 def _module_level_imports(path: pathlib.Path) -> set[str]:

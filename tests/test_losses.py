@@ -112,6 +112,14 @@ def test_derivatives_match_formulas(backend, case, rng):
     assert_close(loss.hessian(fb, yb), H, backend=backend)
     S = back(backend, loss.hessian_sqrt(fb, yb))
     assert_close(S @ np.swapaxes(S, 1, 2), H)
+    # the fused pair (one softmax for both) is the dense formulas too, and scaled by c
+    grad, hvp = loss.grad_hvp_at(fb, yb)
+    assert_close(grad, np_grad(case, f, y), backend=backend)
+    assert_close(hvp(vb), bmv(H, v), backend=backend)
+    scaled = losses.get(LOSS[case], scale=2.5)
+    grad, hvp = scaled.grad_hvp_at(fb, yb)
+    assert_close(grad, 2.5 * np_grad(case, f, y), backend=backend)
+    assert_close(hvp(vb), 2.5 * bmv(H, v), backend=backend)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -324,6 +324,11 @@ class Backend(ABC):
         than the selection (CG's scalar bookkeeping runs a dozen per iteration)."""
         return self.xp.where(condition, x, y)
 
+    def label_cross_entropy(self, f: Array, labels: Array) -> Array:
+        """logsumexp(f_i) - f_i[labels_i] for every row i: softmax cross-entropy per sample at
+        integer class labels (a framework's fused kernel where it has one)."""
+        return self.logsumexp(f, axis=1)[:, 0] - self.take_labels(f, labels)
+
     def take_labels(self, f: Array, labels: Array) -> Array:
         """f[i, labels[i]] for every row i: the entries of integer class labels."""
         xp = self.xp

@@ -1,8 +1,9 @@
 """PyTorch backend: ``torch.func`` for autodiff, CPU and CUDA devices.
 
-The namespace is ``array_api_compat.torch``. ``jvp``, ``vjp``, ``grad`` and ``linearize`` are the
-``torch.func`` transforms applied to a function of one (tree) argument; ``hvp`` is forward over
-reverse (``jvp`` of ``grad``). Loops run in Python.
+The namespace is ``array_api_compat.torch``, with its most called two-argument functions sent
+straight to torch where that is the standard's result (:mod:`._torch_namespace`). ``jvp``,
+``vjp``, ``grad`` and ``linearize`` are the ``torch.func`` transforms applied to a function of
+one (tree) argument; ``hvp`` is forward over reverse (``jvp`` of ``grad``). Loops run in Python.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.func
 
 from .._pytree import check_same_structure, flatten, unflatten
 from ._base import Array, Backend, Tree
+from ._torch_namespace import namespace
 
 
 def _eager() -> bool:
@@ -56,9 +58,7 @@ class TorchBackend(Backend):
 
     @property
     def xp(self) -> Any:
-        import array_api_compat.torch as xp
-
-        return xp
+        return namespace
 
     def is_array(self, x: Any) -> bool:
         return isinstance(x, torch.Tensor)
@@ -91,27 +91,28 @@ class TorchBackend(Backend):
 
     # -- autodiff -------------------------------------------------------------------------
     def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
-        try:
-            return torch.func.jvp(f, (x,), (v,))
-        except RuntimeError as err:
-            if not _order_mismatch(err):
-                raise
-            # torch.func compares dict key order; ours does not: give v the order of x
-            return torch.func.jvp(f, (x,), (_like(x, v),))
+        # torch.func sees the leaf lists (in our canonical order, so dict key order cannot
+        # differ), and f the tree: torch's pytree code costs more per dict node than ours
+        x_leaves, x_def = flatten(x)
+        v_leaves, v_def = flatten(v)
+        check_same_structure(x_def, v_def)
+        return torch.func.jvp(_of_leaves(f, x_def), (x_leaves,), (v_leaves,))
 
     def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
+        x_leaves, x_def = flatten(x)
         if has_aux:
-            y, vjp_fn, aux = torch.func.vjp(f, x, has_aux=True)
+            y, vjp_fn, aux = torch.func.vjp(_of_leaves(f, x_def), x_leaves, has_aux=True)
         else:
-            y, vjp_fn = torch.func.vjp(f, x)
+            y, vjp_fn = torch.func.vjp(_of_leaves(f, x_def), x_leaves)
 
         def pullback(u: Tree) -> Tree:
             try:
-                return vjp_fn(u)[0]
+                cotangent = vjp_fn(u)[0]
             except RuntimeError as err:
                 if not _order_mismatch(err):
                     raise
-                return vjp_fn(_like(y, u))[0]
+                cotangent = vjp_fn(_like(y, u))[0]
+            return unflatten(x_def, cotangent)
 
         return (y, pullback, aux) if has_aux else (y, pullback)
 
@@ -185,6 +186,11 @@ class TorchBackend(Backend):
     def take_labels(self, f: Array, labels: Array) -> Array:
         return torch.gather(f, 1, labels[:, None].long())[:, 0]
 
+    def label_cross_entropy(self, f: Array, labels: Array) -> Array:
+        # log_softmax and the label pick fused (with their own backward): fewer dispatches
+        # than logsumexp - gather, on a step's small (batch, classes) outputs
+        return torch.nn.functional.cross_entropy(f, labels.long(), reduction="none")
+
     def axpy(self, alpha: Any, x: Array, y: Array) -> Array:
         if isinstance(alpha, int | float):
             return torch.add(y, x, alpha=alpha)  # one kernel instead of two
@@ -193,6 +199,8 @@ class TorchBackend(Backend):
         return alpha * x + y
 
     def dot(self, x: Array, y: Array) -> Array:
+        if x.ndim == 1:  # a bias: no reshape to dispatch
+            return torch.vdot(x, y)
         return torch.vdot(x.reshape(-1), y.reshape(-1))
 
     def where(self, condition: Array, x: Any, y: Any) -> Array:
@@ -217,6 +225,11 @@ class TorchBackend(Backend):
         if b.ndim == 1:
             return torch.cholesky_solve(b[:, None], factor)[:, 0]
         return torch.cholesky_solve(b, factor)
+
+
+def _of_leaves(f: Callable, treedef: Any) -> Callable:
+    """``f`` as a function of the leaf list of a tree of structure ``treedef``."""
+    return lambda leaves: f(unflatten(treedef, leaves))
 
 
 def _like(x: Tree, v: Tree) -> Tree:

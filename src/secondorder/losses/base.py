@@ -101,6 +101,12 @@ class Loss(ABC):
         (softmax, sigmoid) do it once here, for operators that take many products."""
         return lambda v: self.hvp(f, y, v)
 
+    def grad_hvp_at(self, f: Array, y: Array) -> tuple[Array, Callable[[Array], Array]]:
+        """``(grad(f, y), hvp_at(f, y))``, the same numbers; losses whose gradient and Hessian
+        share work on f (softmax cross-entropy's s = softmax(f)) do it once here, for methods
+        that need both at one output (CurveBall's J_L and H_L, eqs. 16-18)."""
+        return self.grad(f, y), self.hvp_at(f, y)
+
     def targets(self, f: Array, y: Array) -> Array:
         """The targets as (m, k) rows in the output space; y itself unless a loss takes another
         form (integer class labels for softmax cross-entropy)."""

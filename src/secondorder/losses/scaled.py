@@ -175,6 +175,11 @@ class Scaled(Loss):
         base = self.loss.hvp_at(f, y)
         return lambda v: c * base(v)
 
+    def grad_hvp_at(self, f: Array, y: Array) -> tuple[Array, Callable[[Array], Array]]:
+        c = self.factor(f)
+        grad, base = self.loss.grad_hvp_at(f, y)
+        return c * grad, lambda v: c * base(v)
+
     def targets(self, f: Array, y: Array) -> Array:
         return self.loss.targets(f, y)
 

@@ -74,10 +74,9 @@ class SoftmaxCrossEntropy(Loss):
     def per_sample(self, f: Array, y: Array) -> Array:
         self.check_values(f, y)
         backend = backend_of(f)
-        lse = backend.logsumexp(f, axis=1)[:, 0]
         if y.ndim == 1:  # integer labels: pick the entries instead of a one-hot product
-            return lse - backend.take_labels(f, y)
-        return lse - backend.xp.sum(f * y, axis=1)
+            return backend.label_cross_entropy(f, y)
+        return backend.logsumexp(f, axis=1)[:, 0] - backend.xp.sum(f * y, axis=1)
 
     def grad(self, f: Array, y: Array) -> Array:
         s, _ = self._softmax(f)
@@ -90,6 +89,18 @@ class SoftmaxCrossEntropy(Loss):
         xp = backend_of(f).xp
         s, _ = self._softmax(f)
         return lambda v: s * v - xp.sum(v * s, axis=1, keepdims=True) * s
+
+    def grad_hvp_at(self, f: Array, y: Array) -> tuple[Array, Callable[[Array], Array]]:
+        """s - y and v -> s * v - <v, s> s from one softmax s (what :meth:`grad` and
+        :meth:`hvp_at` compute, each with its own); a subclass that overrides either gets
+        them from its own methods."""
+        cls = type(self)
+        if cls.grad is not SoftmaxCrossEntropy.grad or \
+                cls.hvp_at is not SoftmaxCrossEntropy.hvp_at:
+            return super().grad_hvp_at(f, y)
+        xp = backend_of(f).xp
+        s, _ = self._softmax(f)
+        return s - self.targets(f, y), lambda v: s * v - xp.sum(v * s, axis=1, keepdims=True) * s
 
     def hessian(self, f: Array, y: Array) -> Array:
         s, _ = self._softmax(f)
