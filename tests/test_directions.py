@@ -167,6 +167,31 @@ def test_curveball_2x2_minimises_the_quadratic_model(ad_backend, rng, curvature)
     assert_close(flat_np(ad_backend, out.z), center[0] * z_np - center[1] * delta, rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_curveball_2x2_on_host_is_the_select_both_form_to_the_bit(backend, dtype):
+    """Where the coefficients are host scalars (NumPy, CPU torch) the 2x2 solve branches on
+    them; its (rho, beta) must be the traced form's, every case of eq. 18 included."""
+    from secondorder.optim import directions
+
+    if backend.host_scalar(backend.asarray(1.0)) is None:
+        pytest.skip("no host scalars on this backend: only the select-both form runs")
+    cases = [(2.0, 0.5, 1.0, 0.3, -0.2), (1.0, 1.0, 1.0, 0.4, 0.1),  # regular; singular
+             (0.0, 0.0, 0.0, 0.0, 0.0), (-1.0, 0.0, 0.0, 0.5, 0.0),  # z = 0; a <= 0
+             (1e-30, 0.0, 0.0, 1e30, 0.0), (np.nan, 1.0, 1.0, 1.0, 1.0),  # d / a overflows
+             (2.0, 0.5, 1.0, np.inf, 0.1), (3.0, 1.0, 2.0, 0.7, np.nan)]
+    original = directions._curveball_2x2_on_host
+    for case in cases:
+        args = [backend.asarray(v, dtype=dtype) for v in case]
+        host = directions.curveball_2x2(*args)
+        directions._curveball_2x2_on_host = lambda *a: None
+        try:
+            traced = directions.curveball_2x2(*args)
+        finally:
+            directions._curveball_2x2_on_host = original
+        for h, t in zip(host, traced):
+            assert back(backend, h).tobytes() == back(backend, t).tobytes(), case
+
+
 def test_curveball_direction_with_fixed_rho_and_beta():
     from secondorder import backends
 

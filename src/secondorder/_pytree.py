@@ -131,16 +131,8 @@ def _flatten_dict(tree: dict, leaves: list[Any]) -> TreeDef:
         order = (OrderedDict, keys, positions or tuple(range(len(keys))))
     else:
         order = None if positions is None else (dict, keys, positions)
-    children = []
-    for k in canonical:  # _flatten_into inlined: most values are leaves
-        value = tree[k]
-        kind = _KIND.get(type(value)) or _classify(type(value))
-        if kind is _flatten_leaf:
-            leaves.append(value)
-            children.append(LEAF)
-        else:
-            children.append(kind(value, leaves))
-    return TreeDef("dict", canonical, tuple(children), order)
+    return TreeDef("dict", canonical, _flatten_children([tree[k] for k in canonical], leaves),
+                   order)
 
 
 #: dict keys in insertion order -> (sorted keys, positions of the keys in the sorted order, or
@@ -162,16 +154,31 @@ def _sort_keys(keys: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[int, ...] 
     return canonical, tuple(position[k] for k in keys)
 
 
+def _flatten_children(values: Any, leaves: list[Any]) -> tuple[TreeDef, ...]:
+    """The structures of a sequence's elements, their leaves appended to ``leaves``: a plain
+    loop with :func:`_flatten_into` inlined (most elements are leaves or dicts, and a step
+    flattens trees dozens of times)."""
+    children = []
+    for value in values:
+        kind = _KIND.get(type(value)) or _classify(type(value))
+        if kind is _flatten_leaf:
+            leaves.append(value)
+            children.append(LEAF)
+        else:
+            children.append(kind(value, leaves))
+    return tuple(children)
+
+
 def _flatten_tuple(tree: tuple, leaves: list[Any]) -> TreeDef:
-    return TreeDef("tuple", None, tuple(_flatten_into(c, leaves) for c in tree))
+    return TreeDef("tuple", None, _flatten_children(tree, leaves))
 
 
 def _flatten_namedtuple(tree: tuple, leaves: list[Any]) -> TreeDef:
-    return TreeDef("namedtuple", type(tree), tuple(_flatten_into(c, leaves) for c in tree))
+    return TreeDef("namedtuple", type(tree), _flatten_children(tree, leaves))
 
 
 def _flatten_list(tree: list, leaves: list[Any]) -> TreeDef:
-    return TreeDef("list", None, tuple(_flatten_into(c, leaves) for c in tree))
+    return TreeDef("list", None, _flatten_children(tree, leaves))
 
 
 def _flatten_jax(tree: Any, leaves: list[Any]) -> TreeDef:

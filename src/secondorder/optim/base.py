@@ -269,10 +269,11 @@ class Optimizer(ABC):
     def backend(params: Tree) -> Backend:
         return backend_of(params)
 
-    def check_state(self, params: Tree, state: Any) -> Backend:
-        """The backend of ``params``, after checking that ``state`` is this method's state on
-        that backend (:class:`~secondorder.errors.StateError` otherwise)."""
-        backend = backend_of(flatten(params)[0][0])
+    def check_state(self, params: Tree, state: Any, leaf: Any = None) -> Backend:
+        """The backend of ``params`` (of ``leaf``, one of their leaves, when given), after
+        checking that ``state`` is this method's state on that backend
+        (:class:`~secondorder.errors.StateError` otherwise)."""
+        backend = backend_of(flatten(params)[0][0] if leaf is None else leaf)
         check_state(state, self.State, backend, type(self).__name__)
         return backend
 
@@ -291,7 +292,8 @@ class Optimizer(ABC):
         (:meth:`Loss.check_values <secondorder.losses.Loss.check_values>`), once per batch and
         only on concrete arrays; under ``jax.jit`` use :func:`secondorder.checked`.
         """
-        backend = self.check_state(params, state)
+        leaf = flatten(params)[0][0]
+        backend = self.check_state(params, state, leaf)
         method = type(self).__name__
         if not isinstance(batch, tuple | list) or len(batch) != 2:
             raise StructureError(
@@ -299,7 +301,6 @@ class Optimizer(ABC):
                 f"{type(batch).__name__}" + (f" of length {len(batch)}"
                                              if isinstance(batch, tuple | list) else ""))
         x, y = batch
-        leaf = flatten(params)[0][0]
         for what, a in (("x", x), ("y", y)):
             if not hasattr(a, "shape") or isinstance(a, numbers.Number):
                 continue  # a structured input (a flax or equinox model's inputs): its model checks

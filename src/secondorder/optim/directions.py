@@ -36,15 +36,30 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from .. import random
-from .._pytree import tree_map
+from .._pytree import check_same_structure, flatten, tree_map, unflatten
 from ..backends import backend_of
 from ..curvature import GGN, Fisher, Hessian
 from ..curvature.blocks import BlockState, CurvatureBlock
 from ..errors import HyperparameterError
 from ..linalg import CGInfo, cg, eigh
 from ..losses import Loss
-from ..tree import add, axpy, combine, leaves, neg, norm, partition, ravel, scale, vdot
+from ..tree import (
+    _axpy_leaves,
+    _dot_leaves,
+    add,
+    axpy,
+    combine,
+    leaves,
+    neg,
+    norm,
+    partition,
+    ravel,
+    scale,
+    vdot,
+)
 from .prox_linear import Direction, prox_linear_direction
 
 Tree = Any
@@ -243,23 +258,30 @@ def curveball_quantities(apply: Apply, loss: Loss, params: Tree, z: Tree, dampin
         f, jvp, vjp = backend.linearize_vjp(lambda p: apply(p, x), params)
         m = f.shape[0]
         value = loss.value(f, y)
-        jl = loss.grad(f, y) / m
+        grad_out, hvp_out = loss.grad_hvp_at(f, y)
+        jl = grad_out / m
 
         def h_out(t: Array) -> Array:
-            return loss.hvp(f, y, t) / m
+            return hvp_out(t) / m
 
+        # z and Delta as leaf lists: the tree is flattened once here, not in every vdot
+        z_leaves, treedef = flatten(z)
         u = jvp(z)
         hu = h_out(u)
         # one pullback of H_L u + J_L gives C z + g (eq. 16); the gradient alone is not needed
-        delta = axpy(lam, z, vjp(hu + jl))
+        cz_g, cz_g_def = flatten(vjp(hu + jl))
+        treedef = check_same_structure(treedef, cz_g_def)
+        delta_leaves = _axpy_leaves(lam, z_leaves, cz_g)
+        delta = unflatten(treedef, delta_leaves)
         grad = None
         if not coefficients:
             return CurveBallQuantities(value, grad, delta)
         v = jvp(delta)
         hv = h_out(v)
         return CurveBallQuantities(
-            value, grad, delta, xp.sum(v * hv) + lam * vdot(delta, delta),
-            xp.sum(u * hv) + lam * vdot(z, delta), xp.sum(u * hu) + lam * vdot(z, z),
+            value, grad, delta, xp.sum(v * hv) + lam * _dot_leaves(xp, delta_leaves, delta_leaves),
+            xp.sum(u * hv) + lam * _dot_leaves(xp, z_leaves, delta_leaves),
+            xp.sum(u * hu) + lam * _dot_leaves(xp, z_leaves, z_leaves),
             xp.sum(jl * v), xp.sum(jl * u))
     if curvature != "hessian":
         raise HyperparameterError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
@@ -284,8 +306,17 @@ def curveball_2x2(a: Array, b: Array, c: Array, d: Array, e: Array) -> tuple[Arr
 
     When the system is singular (a c - b^2 <= eps |a c|, e.g. z = 0 at the first step) its
     pseudo-inverse gives beta = d / a, rho = 0 (beta = 0 when a <= 0), and (0, 0) when nothing
-    finite comes out."""
-    xp = backend_of(a).xp
+    finite comes out.
+
+    Where the five numbers can be read from host memory without a synchronisation (eager
+    NumPy, CPU torch: :meth:`Backend.host_scalar`), the branches are chosen on those host
+    values, rounded in the arrays' dtype, and only the chosen one is computed with array
+    operations: the same numbers as the select-both form below, in a third of the operations."""
+    backend = backend_of(a)
+    chosen = _curveball_2x2_on_host(backend, a, b, c, d, e)
+    if chosen is not None:
+        return chosen
+    xp = backend.xp
     det = a * c - b * b
     eps = xp.finfo(a.dtype).eps
     regular = det > eps * xp.abs(a * c)
@@ -298,6 +329,31 @@ def curveball_2x2(a: Array, b: Array, c: Array, d: Array, e: Array) -> tuple[Arr
     rho = xp.where(regular, rho_full, xp.zeros_like(a))
     ok = xp.logical_and(xp.isfinite(beta), xp.isfinite(rho))
     return xp.where(ok, rho, xp.zeros_like(rho)), xp.where(ok, beta, xp.zeros_like(beta))
+
+
+def _curveball_2x2_on_host(backend: Any, a: Array, b: Array, c: Array, d: Array, e: Array
+                           ) -> tuple[Array, Array] | None:
+    """:func:`curveball_2x2` with its decisions made on host scalars (None where a value is not
+    on the host): the array operations of the chosen branch only, so the results are those of
+    the array form to the bit and stay differentiable where the arrays are."""
+    values = [backend.host_scalar(v) for v in (a, b, c, d, e)]
+    if any(v is None for v in values):
+        return None
+    a_h, b_h, c_h, d_h, e_h = values
+    cast = type(a_h)
+    xp = backend.xp
+    with np.errstate(all="ignore"):
+        det_h = a_h * c_h - b_h * b_h
+        if det_h > cast(xp.finfo(a.dtype).eps) * abs(a_h * c_h):
+            beta_h = (c_h * d_h - b_h * e_h) / det_h
+            rho_h = (b_h * d_h - a_h * e_h) / det_h
+            if np.isfinite(beta_h) and np.isfinite(rho_h):
+                det = a * c - b * b
+                return (b * d - a * e) / det, (c * d - b * e) / det
+        elif a_h > 0 and np.isfinite(d_h / a_h):
+            return xp.zeros_like(a), d / a
+    zero = xp.zeros_like(a)
+    return zero, zero
 
 
 def curveball_predicted_change(rho: Array, beta: Array, d: Array, e: Array) -> Array:

@@ -56,8 +56,9 @@ def initial_count(backend: Backend, device: Any = None) -> Any:
 def check_state(state: Any, expected: type, backend: Backend, method: str) -> None:
     """Raise :class:`StateError` unless ``state`` is an ``expected`` made on ``backend``.
 
-    Only the type and the first array of the state are inspected, so the check costs nothing
-    next to a step.
+    Only the type and one array of the state are inspected (its step count, which every
+    state has; the first array of the tree otherwise), so the check costs nothing next to a
+    step.
     """
     if not isinstance(state, expected):
         owner = getattr(type(state), "method", None)
@@ -71,7 +72,8 @@ def check_state(state: Any, expected: type, backend: Backend, method: str) -> No
             f"{method}.step got {made}, but needs a {expected.__name__}: create it with "
             f"{method}(...).init(params) and pass the state that {method}.step returns"
         )
-    for leaf in flatten(state)[0]:
+    count = getattr(state, "count", None)
+    for leaf in [count] if hasattr(count, "shape") else flatten(state)[0]:
         if hasattr(leaf, "shape"):
             if not backend.is_array(leaf):
                 raise StateError(
