@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from secondorder import losses  # noqa: E402
+from secondorder.tree import leaves as tree_leaves  # noqa: E402
 from secondorder.errors import (  # noqa: E402
     HyperparameterError,
     MissingBatchError,
@@ -114,6 +115,35 @@ def test_parameters_are_written_in_place() -> None:
     Optimizer(model, SoftmaxCrossEntropy(), method="curveball").step(batches(1)[0])
     assert all(a is b for a, b in zip(tensors, model.parameters()))
     assert all(not torch.equal(a, b) for a, b in zip(before, tensors))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_donated_gradient_step_is_the_pure_step_written_in_place(name: str) -> None:
+    """``step(..., donate=True)`` (what the Optimizer uses for gradient methods) adds the update
+    into the given tensors: the pure step's parameters to the bit, in the caller's storage; a
+    rejected step (a NaN batch) writes nothing and keeps the state."""
+    apply, params = from_torch(mlp())
+    method = METHODS[name](apply, SoftmaxCrossEntropy())
+    state = method.init(params)
+    data = batches(3)
+    for batch in data[:2]:  # a momentum buffer that is not zero
+        params, state, _ = method.step(params, state, batch)
+    expected, expected_state, _ = method.step({k: v.clone() for k, v in params.items()},
+                                              state, data[2])
+    donated = {k: v.clone() for k, v in params.items()}
+    storage = {k: v.data_ptr() for k, v in donated.items()}
+    out, out_state, info = method.step(donated, state, data[2], donate=True)
+    assert bool(info.finite)
+    assert all(out[k] is donated[k] and out[k].data_ptr() == storage[k] for k in out)
+    assert all(torch.equal(out[k], expected[k]) for k in expected)
+    assert all(torch.equal(a, b) for a, b in zip(tree_leaves(out_state),
+                                                 tree_leaves(expected_state)))
+    x, y = data[2]
+    bad = (torch.where(torch.arange(len(x))[:, None] == 0, float("nan"), x), y)
+    before = {k: v.clone() for k, v in out.items()}
+    kept, kept_state, info = method.step(out, out_state, bad, donate=True)
+    assert not bool(info.finite) and kept_state is out_state
+    assert all(torch.equal(out[k], before[k]) and kept[k] is out[k] for k in out)
 
 
 def test_leftover_backward_and_zero_grad_are_harmless() -> None:

@@ -310,6 +310,13 @@ class Backend(ABC):
         shift = xp.max(f, axis=axis, keepdims=True)
         return xp.log(xp.sum(xp.exp(f - shift), axis=axis, keepdims=True)) + shift
 
+    def add_into(self, x_leaves: list[Array], y_leaves: list[Array]) -> bool:
+        """x_i += y_i in place for every pair, where the framework has mutable arrays and these
+        may be written (eager, not watched by autodiff); True when done, False (nothing
+        written) otherwise. The default writes nothing: JAX arrays are immutable, and NumPy's
+        parameters may be autograd boxes."""
+        return False
+
     def axpy(self, alpha: Any, x: Array, y: Array) -> Array:
         """alpha x + y for a scalar alpha (a Python number or a 0-d array)."""
         return alpha * x + y

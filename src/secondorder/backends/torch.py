@@ -186,6 +186,16 @@ class TorchBackend(Backend):
     def take_labels(self, f: Array, labels: Array) -> Array:
         return torch.gather(f, 1, labels[:, None].long())[:, 0]
 
+    def add_into(self, x_leaves: list[Array], y_leaves: list[Array]) -> bool:
+        writable = all(type(a) is torch.Tensor and not a.requires_grad
+                       and not torch._C._functorch.is_functorch_wrapped_tensor(a)
+                       for a in x_leaves)
+        if not writable or len(x_leaves) != len(y_leaves):
+            return False
+        with torch.no_grad():
+            torch._foreach_add_(x_leaves, y_leaves)  # one call: what torch.optim's foreach does
+        return True
+
     def label_cross_entropy(self, f: Array, labels: Array) -> Array:
         # log_softmax and the label pick fused (with their own backward): fewer dispatches
         # than logsumexp - gather, on a step's small (batch, classes) outputs

@@ -59,6 +59,7 @@ from .._pytree import flatten, unflatten
 from ..errors import HyperparameterError, MissingBatchError, StateError, StructureError
 from ..models.adapters import TorchModel
 from ..optim.base import StepInfo
+from ..optim.gradient_descent import GradientDescent
 
 __all__ = ["Optimizer"]
 
@@ -486,8 +487,13 @@ class Optimizer(torch.optim.Optimizer):
         training = self.model.training
         context = (self._adapter.randomness(_step_seed(self.dropout_seed, self._steps))
                    if training and self._adapter.random else nullcontext())
+        # the gradient methods add their update into the module's tensors (no new tree to
+        # copy back), unless the running statistics still need the old parameters
+        donate = (isinstance(method, GradientDescent)
+                  and not (training and self._adapter.has_running_stats))
         with context:
-            new, state, info = method.step(params, self._state, (x, y))
+            new, state, info = (method.step(params, self._state, (x, y), donate=True)
+                                if donate else method.step(params, self._state, (x, y)))
             accepted = bool(info.finite)
             if accepted and training and self._should_update_buffers():
                 self._adapter.update_buffers(x)  # the module still holds the old parameters

@@ -60,10 +60,16 @@ class GradientDescent(Optimizer):
         return self.State(initial_count(backend, backend.device(first)),
                           self.transform.init(params))
 
-    def step(self, params: Tree, state: Any, batch: Batch) -> tuple[Tree, Any, StepInfo]:
+    def step(self, params: Tree, state: Any, batch: Batch, *, donate: bool = False
+             ) -> tuple[Tree, Any, StepInfo]:
+        """One step (see :meth:`Optimizer.step`). ``donate=True``: the caller gives up
+        ``params``, so an accepted step may add the update into their arrays in place and
+        return them (torch, eagerly: one fused add instead of a new tree that the caller then
+        copies into its module, as ``integrations.torch.Optimizer`` does); a rejected step
+        leaves them untouched, and where arrays cannot be written the step is the pure one."""
         self.check_batch(params, state, batch)
         loss, grad = self.value_and_grad(params, batch)
-        return self._apply_gradient(params, state, grad, loss)
+        return self._apply_gradient(params, state, grad, loss, donate)
 
     def step_with_gradient(self, params: Tree, state: Any, grad: Tree, loss: Array = None
                            ) -> tuple[Tree, Any, StepInfo]:
@@ -74,16 +80,25 @@ class GradientDescent(Optimizer):
         self.check_state(params, state)
         return self._apply_gradient(params, state, grad, loss)
 
-    def _apply_gradient(self, params: Tree, state: Any, grad: Tree, loss: Array
-                        ) -> tuple[Tree, Any, StepInfo]:
+    def _apply_gradient(self, params: Tree, state: Any, grad: Tree, loss: Array,
+                        donate: bool = False) -> tuple[Tree, Any, StepInfo]:
         updates, inner = self.transform.update(grad, state.transform, params)
-        new = add(params, updates)
         new_state = self.State(state.count + 1, inner)
         checked = self.scalar(params, 0.0) if loss is None else loss
+        verdict = None
+        if donate:
+            verdict = self.verdict(checked, update=updates)
+            ok, step_norm = verdict
+            if (backend_of(ok).is_concrete(ok) and bool(ok)
+                    and backend_of(ok).add_into(flatten(params)[0], flatten(updates)[0])):
+                if loss is None:
+                    loss = self.scalar(params, float("nan"))
+                return params, new_state, self.info(params, loss, step_norm, finite=ok)
+        new = add(params, updates)
         # a non-finite gradient makes the new parameters non-finite through every transform,
         # so the guard checks the loss and the new parameters only
         params, state, ok, step_norm = self.guard(params, state, new, new_state, checked,
-                                                  update=updates)
+                                                  update=updates, verdict=verdict)
         if loss is None:
             loss = self.scalar(params, float("nan"))
         return params, state, self.info(params, loss, step_norm, finite=ok)
