@@ -17,7 +17,6 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 
 from secondorder import losses  # noqa: E402
-from secondorder.tree import leaves as tree_leaves  # noqa: E402
 from secondorder.errors import (  # noqa: E402
     HyperparameterError,
     MissingBatchError,
@@ -36,6 +35,7 @@ from secondorder.optim.transforms import (  # noqa: E402
     scale,
     scale_by_schedule,
 )
+from secondorder.tree import leaves as tree_leaves  # noqa: E402
 
 DT = torch.float64
 
