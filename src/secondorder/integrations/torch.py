@@ -18,7 +18,8 @@ parameters of their own choosing. So ``step`` takes the batch ``(x, y)`` and cal
 itself through :func:`~secondorder.models.from_torch`; ``step(closure)`` raises
 :class:`~secondorder.errors.MissingBatchError`.
 
-After each step the new parameters are copied into the module's own tensors in place, so
+After each step the new parameters are in the module's own tensors, written in place (copied
+there; the gradient methods add their update into them directly, with ``donate=True``), so
 ``model.state_dict()``, ``model(x)``, other references to the parameters and checkpoints all see
 the trained weights.
 
@@ -185,8 +186,8 @@ class Optimizer(torch.optim.Optimizer):
     model : torch.nn.Module
         The network to train. Every parameter of ``model.named_parameters()`` with
         ``requires_grad=True`` is optimised (one parameter group; frozen parameters stay
-        constants of the forward pass); the new values are copied into these tensors in place
-        after every step. Train mode and eval mode are honoured as the module docstring says.
+        constants of the forward pass); the new values are written into these tensors in
+        place after every step. Train mode and eval mode are honoured as the module docstring says.
     loss : secondorder.losses.Loss or torch loss module
         The objective on the module's output: a library loss (``MSE()``,
         ``SoftmaxCrossEntropy()``, ``SigmoidBCE()``) or ``nn.MSELoss``, ``nn.CrossEntropyLoss``,
@@ -417,8 +418,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def _aliases(self) -> dict[str, torch.Tensor]:
         """The module's parameters as detached tensors that share their storage (no copy): a
-        step is pure, so it only reads them; :meth:`_write_back` protects any state leaf that
-        still shares their storage before overwriting them."""
+        pure step only reads them (a donated gradient step adds its update into them, after its
+        guard accepted it); :meth:`_write_back` protects any state leaf that still shares their
+        storage before overwriting them."""
         return {n: p.detach() for n, p in self._named()}
 
     def _write_back(self, new: dict[str, torch.Tensor], state: Any) -> Any:
