@@ -150,13 +150,19 @@ def _positive_spectrum(backend: Any, v: Any, what: str) -> Any:
     at or below n eps max(v) (singular or indefinite to working precision, or NaN) raises
     :class:`NotPositiveDefiniteError` when concrete and becomes NaN when traced."""
     xp = backend.xp
-    bad = ~(v > v.shape[0] * xp.finfo(v.dtype).eps * xp.max(v))
+    bad = _not_positive(xp, v)
     if _is_concrete(backend, v):
         if bool(xp.any(bad)):
             raise _not_pd(what, "A + damping I is singular or indefinite (an eigenvalue, "
                                 "clipped at 0, is 0 to working precision)")
         return v
     return xp.where(bad, xp.asarray(float("nan"), dtype=v.dtype), v)
+
+
+def _not_positive(xp: Any, v: Any) -> Any:
+    """The entries of the eigenvalues ``v`` that are not above n eps max(v): zero (or below)
+    to working precision, or NaN."""
+    return ~(v > v.shape[0] * xp.finfo(v.dtype).eps * xp.max(v))
 
 
 def damped_inverse(a: Any, damping: Any = 0.0) -> Any:
@@ -184,8 +190,8 @@ def damped_inverse(a: Any, damping: Any = 0.0) -> Any:
         if n and not bool(smallest > math.sqrt(eps) * top):
             # ill-conditioned: Cholesky's own rounding can leave a pivot^2 of ~50 eps ||A|| on
             # a singular matrix (machine dependent), so eigh's backward-stable spectrum decides,
-            # with matrix_power's tolerance
-            _positive_spectrum(backend, backend.eigh(ad)[0], "damped_inverse")
+            # with matrix_power's tolerance (its clip at 0 included)
+            _positive_spectrum(backend, xp.clip(backend.eigh(ad)[0], min=0.0), "damped_inverse")
     return backend.cholesky_solve(factor, eye)
 
 
@@ -273,8 +279,7 @@ def inverse_root(
     suspicious = ~(xp.linalg.matrix_norm(x) ** (-p) > math.sqrt(eps) * xp.linalg.matrix_norm(ad))
 
     def singular(m: Any) -> Any:
-        v = xp.clip(backend.eigh(m)[0], min=0.0)
-        return ~xp.all(v > n * eps * xp.max(v))
+        return xp.any(_not_positive(xp, xp.clip(backend.eigh(m)[0], min=0.0)))
 
     x = x * 2.0 ** (-e / p)
     if _is_concrete(backend, x, err):
