@@ -86,8 +86,12 @@ class SoftmaxCrossEntropy(Loss):
         return self.hvp_at(f, y)(v)
 
     def hvp_at(self, f: Array, y: Array) -> Callable[[Array], Array]:
-        xp = backend_of(f).xp
-        s, _ = self._softmax(f)
+        return self._hvp_with(self._softmax(f)[0])
+
+    @staticmethod
+    def _hvp_with(s: Array) -> Callable[[Array], Array]:
+        """v -> H v = s * v - <v, s> s for the softmax s of the outputs."""
+        xp = backend_of(s).xp
         return lambda v: s * v - xp.sum(v * s, axis=1, keepdims=True) * s
 
     def grad_hvp_at(self, f: Array, y: Array) -> tuple[Array, Callable[[Array], Array]]:
@@ -98,9 +102,8 @@ class SoftmaxCrossEntropy(Loss):
         if cls.grad is not SoftmaxCrossEntropy.grad or \
                 cls.hvp_at is not SoftmaxCrossEntropy.hvp_at:
             return super().grad_hvp_at(f, y)
-        xp = backend_of(f).xp
         s, _ = self._softmax(f)
-        return s - self.targets(f, y), lambda v: s * v - xp.sum(v * s, axis=1, keepdims=True) * s
+        return s - self.targets(f, y), self._hvp_with(s)
 
     def hessian(self, f: Array, y: Array) -> Array:
         s, _ = self._softmax(f)

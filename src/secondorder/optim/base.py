@@ -269,11 +269,10 @@ class Optimizer(ABC):
     def backend(params: Tree) -> Backend:
         return backend_of(params)
 
-    def check_state(self, params: Tree, state: Any, leaf: Any = None) -> Backend:
-        """The backend of ``params`` (of ``leaf``, one of their leaves, when given), after
-        checking that ``state`` is this method's state on that backend
-        (:class:`~secondorder.errors.StateError` otherwise)."""
-        backend = backend_of(flatten(params)[0][0] if leaf is None else leaf)
+    def check_state(self, params: Tree, state: Any) -> Backend:
+        """The backend of ``params``, after checking that ``state`` is this method's state on
+        that backend (:class:`~secondorder.errors.StateError` otherwise)."""
+        backend = backend_of(flatten(params)[0][0])
         check_state(state, self.State, backend, type(self).__name__)
         return backend
 
@@ -292,9 +291,10 @@ class Optimizer(ABC):
         (:meth:`Loss.check_values <secondorder.losses.Loss.check_values>`), once per batch and
         only on concrete arrays; under ``jax.jit`` use :func:`secondorder.checked`.
         """
-        leaf = flatten(params)[0][0]
-        backend = self.check_state(params, state, leaf)
+        leaf = flatten(params)[0][0]  # flattened once for the state check and the batch's
+        backend = backend_of(leaf)
         method = type(self).__name__
+        check_state(state, self.State, backend, method)
         if not isinstance(batch, tuple | list) or len(batch) != 2:
             raise StructureError(
                 f"{method}.step takes the batch as a pair (x, y) of inputs and targets, got "

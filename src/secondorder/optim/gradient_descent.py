@@ -85,20 +85,21 @@ class GradientDescent(Optimizer):
         updates, inner = self.transform.update(grad, state.transform, params)
         new_state = self.State(state.count + 1, inner)
         checked = self.scalar(params, 0.0) if loss is None else loss
-        verdict = None
-        if donate:
+        verdict, in_place = None, False
+        if donate:  # accepted steps only, so a rejected one leaves the donated arrays as they are
             verdict = self.verdict(checked, update=updates)
             ok, step_norm = verdict
-            if (backend_of(ok).is_concrete(ok) and bool(ok)
-                    and backend_of(ok).add_into(flatten(params)[0], flatten(updates)[0])):
-                if loss is None:
-                    loss = self.scalar(params, float("nan"))
-                return params, new_state, self.info(params, loss, step_norm, finite=ok)
-        new = add(params, updates)
-        # a non-finite gradient makes the new parameters non-finite through every transform,
-        # so the guard checks the loss and the new parameters only
-        params, state, ok, step_norm = self.guard(params, state, new, new_state, checked,
-                                                  update=updates, verdict=verdict)
+            backend = backend_of(ok)
+            in_place = (backend.is_concrete(ok) and bool(ok)
+                        and backend.add_into(flatten(params)[0], flatten(updates)[0]))
+        if in_place:
+            state = new_state
+        else:
+            # a non-finite gradient makes the new parameters non-finite through every
+            # transform, so the guard checks the loss and the new parameters only
+            params, state, ok, step_norm = self.guard(params, state, add(params, updates),
+                                                      new_state, checked, update=updates,
+                                                      verdict=verdict)
         if loss is None:
             loss = self.scalar(params, float("nan"))
         return params, state, self.info(params, loss, step_norm, finite=ok)
