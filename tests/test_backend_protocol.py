@@ -165,3 +165,29 @@ def test_declared_capabilities(backend):
         assert backend.device_from_name("cpu") == jax.devices("cpu")[0]
     else:
         assert backend.device_from_name("cpu") == "cpu"
+
+
+def test_jax_control_flow_is_python_eagerly_and_lax_under_jit():
+    """Eagerly, fori_loop / while_loop / cond run the Python body with concrete values (no
+    compilation of a new closure at every call); under jax.jit they are lax primitives; the
+    results agree (sum of squares 0..9, the first power of 2 above 100, a branch)."""
+    jax = pytest.importorskip("jax")
+    b = backends.get("jax")
+    seen = []
+
+    def body(i, s):
+        seen.append(type(i))
+        return s + i * i
+
+    def run(x):
+        total = b.fori_loop(0, 10, body, x)
+        power = b.while_loop(lambda v: v < 100.0, lambda v: 2.0 * v, x + 1.0)
+        sign = b.cond(total > 0, lambda t: t, lambda t: -t, total)
+        return total, power, sign
+
+    eager = run(jax.numpy.asarray(0.0))
+    assert seen == [int] * 10
+    seen.clear()
+    jitted = jax.jit(run)(jax.numpy.asarray(0.0))
+    assert len(seen) == 1 and issubclass(seen[0], jax.core.Tracer)
+    assert [float(v) for v in eager] == [float(v) for v in jitted] == [285.0, 128.0, 285.0]
