@@ -101,7 +101,9 @@ def _reference(params, batches, *, lr, mu, beta, eps, wd, t1, t2, size, b1, b2, 
             v[j] = b2 * v[j] + (1 - b2) * g * g
             p = np.zeros_like(w)
             for b, window in enumerate(_blocks(w.shape, size)):
-                gb, k = g[window], w.ndim
+                # a block's axes of length 1 are not modes (Distributed Shampoo's convention)
+                block = tuple(n for n in g[window].shape if n != 1) or (1,)
+                gb, k = g[window].reshape(block), len(block)
                 if t % t1 == 0:
                     s = [_unfold_stat(gb, i) for i in range(k)]
                     old = stats.get((j, b))
@@ -109,10 +111,10 @@ def _reference(params, batches, *, lr, mu, beta, eps, wd, t1, t2, size, b1, b2, 
                                                          for o, n in zip(old, s)]
                 if t % t2 == 0:
                     roots[j, b] = [_root(f, eps, k) for f in stats[j, b]]
-                pb = m[j][window]
+                pb = m[j][window].reshape(block)
                 for i in range(k):
                     pb = _mode_product(pb, roots[j, b][i], i)
-                p[window] = pb
+                p[window] = pb.reshape(p[window].shape)
             q = (a1[j] / (1 - b1 ** (t + 1))) / (np.sqrt(v[j] / (1 - b2 ** (t + 1))) + aeps)
             p = p * np.linalg.norm(q) / np.linalg.norm(p) + wd * w
             new.append(w - lr * p)
@@ -131,8 +133,11 @@ def test_first_steps_equal_a_numpy_reimplementation_of_algorithm_16():
                   graft_b1=hp["b1"], graft_b2=hp["b2"], graft_eps=hp["aeps"])
     state = opt.init(params)
     # the 4 x 3 kernel is cut into 3 x 3 and 1 x 3 blocks, the bias of 4 into 3 and 1
-    # (leaves in sorted-key order: b1, w1, b2, w2); w2 (2 x 4) into 2 x 3 and 2 x 1
+    # (leaves in sorted-key order: b1, w1, b2, w2); w2 (2 x 4) into 2 x 3 and 2 x 1; the blocks
+    # 1 x 3 and 2 x 1 are vectors, with one factor each
     assert [len(b) for b in state.blocks] == [2, 2, 1, 2]
+    assert [[len(block.factors) for block in leaf] for leaf in state.blocks] == [
+        [1, 1], [2, 1], [1], [2, 1]]
     out = params
     for batch in batches:
         out, state, info = opt.step(out, state, batch)
@@ -161,6 +166,38 @@ def test_blocks_split_and_join_round_trip():
     parts = tb.split(x, plan, NP.xp)
     np.testing.assert_array_equal(parts[3], x[3:6, 3:5])
     np.testing.assert_array_equal(tb.join(parts, plan, NP.xp), x)
+
+
+def test_blocks_drop_axes_of_length_one_when_the_plan_squeezes():
+    plan = tb.plan_leaf((7, 1, 5), (7, 1, 5), 3, squeeze=True)
+    assert plan.tensor == (7, 5)
+    assert plan.block_shapes == [(3, 3), (3, 2), (3, 3), (3, 2), (3,), (2,)]
+    x = np.arange(35.0).reshape(7, 1, 5)
+    parts = tb.split(x, plan, NP.xp)
+    np.testing.assert_array_equal(parts[4], x[6, 0, 0:3])
+    np.testing.assert_array_equal(tb.join(parts, plan, NP.xp), x)
+    assert tb.plan_leaf((1, 1), (1, 1), None, squeeze=True).block_shapes == [(1,)]
+
+
+def test_axes_of_length_one_are_not_modes():
+    """A (1, 3, 2) kernel is preconditioned as the 3 x 2 matrix it holds (k = 2, exponent
+    -1/4) and a (2, 1) one as a vector (k = 1, exponent -1/2): the first step against the
+    dense roots of the squeezed gradients."""
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((8, 3)), rng.integers(0, 2, 8)
+    params = {"w": rng.standard_normal((1, 3, 2)), "v": rng.standard_normal((2, 1))}
+
+    def apply(p, x):
+        return (x @ p["w"][0]) * p["v"][:, 0]
+
+    opt = Shampoo(apply, LOSS, lr=0.1, eps=1e-2)
+    new, state, _ = opt.step(params, opt.init(params), (x, y))
+    grad = NP.grad(lambda p: LOSS.value(apply(p, x), y), params)
+    gw, gv = np.array(grad["w"])[0], np.array(grad["v"])[:, 0]
+    pw = _root(gw @ gw.T, 1e-2, 2) @ gw @ _root(gw.T @ gw, 1e-2, 2)
+    pv = _root(np.outer(gv, gv), 1e-2, 1) @ gv
+    np.testing.assert_allclose(new["w"], params["w"] - 0.1 * pw[None], rtol=1e-12)
+    np.testing.assert_allclose(new["v"], params["v"] - 0.1 * pv[:, None], rtol=1e-12)
 
 
 def test_a_failing_root_keeps_the_previous_one():
@@ -210,9 +247,10 @@ def test_torch_sequential_with_linear_and_conv2d_steps():
     y = torch.as_tensor(rng.integers(0, 3, 6))
     opt = Shampoo(apply, LOSS, lr=0.05, eps=1e-3, graft="adam")
     state = opt.init(params)
-    # the 4-way kernel (2, 1, 3, 3) has four factors and roots -1/8
-    kernel = [b for b in state.blocks if len(b[0].factors) == 4]
-    assert len(kernel) == 1 and float(kernel[0][0].cache.power) == -1.0 / 8
+    # the kernel (2, 1, 3, 3) has one input channel: three factors (2, 3, 3) and roots -1/6
+    kernel = [b for b in state.blocks if len(b[0].factors) == 3]
+    assert len(kernel) == 1 and float(kernel[0][0].cache.power) == -1.0 / 6
+    assert [f.shape for f in kernel[0][0].factors] == [(2, 2), (3, 3), (3, 3)]
     losses_seen = []
     for _ in range(10):
         params, state, info = opt.step(params, state, (x, y))

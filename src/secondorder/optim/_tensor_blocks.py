@@ -10,6 +10,11 @@ Each block, the sub-tensor of one chunk per axis, is a :class:`~secondorder.curv
 TensorBlock` with its own k factors, so a 4096 x 4096 matrix with ``block_size=1024`` has 16
 blocks of two 1024 x 1024 factors rather than two 4096 x 4096 ones. Blocks never mix entries of
 different leaves.
+
+A plan made with ``squeeze=True`` (Shampoo) gives each block the factors of its axes longer than
+1 only: a block of shape (1, 3) is preconditioned as a vector of 3, with one factor and the
+exponent of a 1-way tensor, as Distributed Shampoo does with axes of length 1. A 1 x 1 factor
+would only rescale the block, and would change k, and with it every other factor's exponent.
 """
 
 from __future__ import annotations
@@ -29,17 +34,31 @@ Array = Any
 
 
 class LeafPlan(NamedTuple):
-    """Static layout of one leaf: its shape, the tensor shape the factors act on, and the chunk
-    sizes of every tensor axis."""
+    """Static layout of one leaf: its shape, the tensor shape the factors act on, the chunk
+    sizes of every tensor axis, and whether blocks drop their axes of length 1."""
 
     shape: tuple[int, ...]
     tensor: tuple[int, ...]
     chunks: tuple[tuple[int, ...], ...]
+    squeeze: bool = False
+
+    @property
+    def windows(self) -> list[tuple[int, ...]]:
+        """The shapes of the blocks as cut from the tensor, in row-major order of their chunk
+        indices."""
+        return [tuple(c) for c in itertools.product(*self.chunks)]
 
     @property
     def block_shapes(self) -> list[tuple[int, ...]]:
-        """The shapes of the blocks, in row-major order of their chunk indices."""
-        return [tuple(c) for c in itertools.product(*self.chunks)]
+        """The shapes the blocks' factors act on: :attr:`windows`, without their axes of length
+        1 when the plan squeezes (:func:`squeezed`)."""
+        return [squeezed(w) for w in self.windows] if self.squeeze else self.windows
+
+
+def squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` without its axes of length 1; ``(1,)`` when nothing is left (a scalar, or a
+    tensor of one entry)."""
+    return tuple(int(n) for n in shape if n != 1) or (1,)
 
 
 def _chunks(n: int, block_size: int | None) -> tuple[int, ...]:
@@ -49,14 +68,22 @@ def _chunks(n: int, block_size: int | None) -> tuple[int, ...]:
     return (block_size,) * full + ((rest,) if rest else ())
 
 
-def plan_leaf(shape: Sequence[int], tensor: Sequence[int], block_size: int | None) -> LeafPlan:
-    """The :class:`LeafPlan` of a leaf of ``shape`` viewed as a tensor of shape ``tensor``."""
-    shape, tensor = tuple(int(s) for s in shape), tuple(int(t) for t in tensor)
-    return LeafPlan(shape, tensor, tuple(_chunks(n, block_size) for n in tensor))
+def plan_leaf(shape: Sequence[int], tensor: Sequence[int], block_size: int | None,
+              squeeze: bool = False) -> LeafPlan:
+    """The :class:`LeafPlan` of a leaf of ``shape`` viewed as a tensor of shape ``tensor``
+    (with ``squeeze``, axes of length 1 are dropped from ``tensor`` and from every block)."""
+    shape = tuple(int(s) for s in shape)
+    tensor = squeezed(tensor) if squeeze else tuple(int(t) for t in tensor)
+    return LeafPlan(shape, tensor, tuple(_chunks(n, block_size) for n in tensor), squeeze)
+
+
+def _reshaped(parts: Sequence[Array], shapes: Sequence[tuple[int, ...]], xp: Any) -> list[Array]:
+    return [p if tuple(p.shape) == s else xp.reshape(p, s) for p, s in zip(parts, shapes)]
 
 
 def split(x: Array, plan: LeafPlan, xp: Any) -> list[Array]:
-    """The blocks of the leaf ``x`` (row-major order of the chunk indices)."""
+    """The blocks of the leaf ``x`` (row-major order of the chunk indices), each of its shape
+    in :attr:`LeafPlan.block_shapes`."""
     t = xp.reshape(x, plan.tensor)
     if all(len(c) == 1 for c in plan.chunks):
         return [t]
@@ -66,11 +93,12 @@ def split(x: Array, plan: LeafPlan, xp: Any) -> list[Array]:
         window = tuple(slice(starts[a][i], starts[a][i] + plan.chunks[a][i])
                        for a, i in enumerate(index))
         out.append(t[window])
-    return out
+    return _reshaped(out, plan.block_shapes, xp)
 
 
 def join(parts: Sequence[Array], plan: LeafPlan, xp: Any) -> Array:
     """The inverse of :func:`split`: the leaf (of ``plan.shape``) from its blocks."""
+    parts = _reshaped(parts, plan.windows, xp)
     counts = [len(c) for c in plan.chunks]
 
     def glue(items: Sequence[Array], axis: int) -> Array:

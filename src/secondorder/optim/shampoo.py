@@ -44,8 +44,9 @@ class ShampooState(NamedTuple):
 class Shampoo(Optimizer):
     """Shampoo, Algorithm 16 of Ren's thesis, for any tree of parameter tensors.
 
-    For every parameter tensor W (a leaf of the tree; viewed as a k-way tensor of its own
-    shape, a scalar as shape (1,)), with g the gradient of the mean batch loss at step
+    For every parameter tensor W (a leaf of the tree, viewed as a k-way tensor of its own
+    shape without the axes of length 1: a (1, n) or (n, 1, 1) kernel is a vector, k = 1, and a
+    scalar has shape (1,)), with g the gradient of the mean batch loss at step
     t = 0, 1, ... (``state.count``)::
 
         g <- g + gamma W                                   (coupled weight decay only)
@@ -74,7 +75,8 @@ class Shampoo(Optimizer):
 
     Blocking (Distributed Shampoo): every tensor axis longer than ``block_size`` is cut into
     chunks of ``block_size`` (the last one holds the rest), and each block (one chunk per axis)
-    gets its own k factors. This keeps every factor at most ``block_size`` wide, with the
+    gets its own factors, one per axis of the block longer than 1 (a 1 x 3 block at the end
+    of an axis is a vector of 3). This keeps every factor at most ``block_size`` wide, with the
     statistics of a block only from the gradient entries inside it (a block-diagonal
     approximation within the mode). The alternative of Distributed Shampoo, a diagonal factor
     for a long axis, is not used: blocks keep full-matrix information at bounded cost.
@@ -164,7 +166,7 @@ class Shampoo(Optimizer):
     # ------------------------------------------------------------------ layout
     def plans(self, params: Tree) -> list[tb.LeafPlan]:
         """The block layout of every leaf (:mod:`._tensor_blocks`)."""
-        return [tb.plan_leaf(leaf.shape, tuple(leaf.shape) or (1,), self.block_size)
+        return [tb.plan_leaf(leaf.shape, leaf.shape, self.block_size, squeeze=True)
                 for leaf in flatten(params)[0]]
 
     def init(self, params: Tree) -> ShampooState:
