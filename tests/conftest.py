@@ -2,12 +2,14 @@
 
 ``pytest --backend torch`` (repeatable) restricts the run to the named backends; backends that are
 not installed are skipped with the reason, and CuPy only runs where a CUDA device is present.
-JAX runs in float64 (x64 mode) so that every backend can be held to the float64 tolerances.
+JAX runs in float64 (x64 mode) so that every backend can be held to the float64 tolerances, and
+compiles without XLA's LLVM optimisation passes unless ``SECONDORDER_TEST_XLA_OPTIMIZE=1``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -19,6 +21,14 @@ if importlib.util.find_spec("jax") is not None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    # XLA compiles without its LLVM optimisation passes (the HLO graph, and so the arithmetic,
+    # is the same; only machine-code generation differs): the suite compiles hundreds of small
+    # programs and runs each a few times, and this takes a sixth off the JAX tests' time.
+    # SECONDORDER_TEST_XLA_OPTIMIZE=1 runs the suite with XLA's default optimisation.
+    # The environment variable carries the setting to the CLI and multi-process tests' children.
+    if os.environ.get("SECONDORDER_TEST_XLA_OPTIMIZE") != "1":
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+        jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
