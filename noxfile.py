@@ -75,6 +75,15 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-n", "auto", *session.posargs)
 
 
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Only the tests marked ``slow`` (each takes more than about 30 s on two cores: the dense
+    Newton fixtures, the JAX dense oracles, the multi-process and paper checks). ``tests`` runs
+    them too, first, so that they do not finish last."""
+    install_with(session, "all")
+    session.run("pytest", "-n", "auto", "-m", "slow", *session.posargs)
+
+
 def _make_backend_session(backend: str) -> None:
     extra = GPU_BACKENDS.get(backend)
 

@@ -31,6 +31,13 @@ if importlib.util.find_spec("jax") is not None:
         jax.config.update("jax_disable_most_optimizations", True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first, the rest in their order: pytest-xdist hands tests out in
+    collection order, and a slow test that starts last keeps one worker busy after the others
+    have finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--backend",

@@ -59,6 +59,7 @@ def test_check_reports_a_missing_backend(tmp_path):
         assert results[0]["error"] and not results[0]["ok"]
 
 
+@pytest.mark.slow
 def test_check_ranks_2_gives_every_method_the_one_process_step(tmp_path, capsys):
     """Issue 16's command: every registered method on 2 gloo ranks, 10 steps, against one
     process on the whole batches (float64), to 1e-12 here (the command's own bound is 1e-10);

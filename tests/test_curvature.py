@@ -91,6 +91,7 @@ def _batch(backend, x, y):
     return bx, by
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_operators_match_dense_oracles(ad_backend, rng, case):
     model, loss_name, x, y = _data(case, rng)

@@ -101,6 +101,7 @@ def handwritten(scale):
     return apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sgd", "curveball", "hessian-free"])
 def test_flax_bn_dropout_trains_under_jit(data, bn_net, name):
     """A jitted training loop through ``make_step``. Its first step equals the same step on the

@@ -85,6 +85,7 @@ def check(out: dict, methods: list[str], devices: list[int]) -> float:
     return max(r["deviation"] for r in rows)
 
 
+@pytest.mark.slow
 def test_four_methods_sharded_over_four_devices_are_one_device():
     methods = list(DEFAULT_METHODS)
     assert check(sharded_runs(methods, [4]), methods, [4]) <= TOLERANCE

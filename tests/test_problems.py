@@ -69,6 +69,7 @@ def test_reproduction_runs_end_to_end(tmp_path):
     assert 5 <= cell["mean"] <= 30
 
 
+@pytest.mark.slow
 def test_second_order_columns_within_30_percent_of_the_paper():
     """The issue's acceptance check on the default protocol (100 runs): CurveBall,
     Levenberg-Marquardt and Newton within 30 % of Table 1's means on the three Rosenbrock

@@ -30,6 +30,7 @@ def test_readme_torch_journey_runs():
     assert run_example(0) == ["True", "True"]
 
 
+@pytest.mark.slow
 def test_readme_flax_journey_runs():
     """Your flax model in a jitted optax step: the same CNN in flax.linen with CurveBall in an
     optax chain trains under jax.jit to over 85% training accuracy."""

@@ -66,6 +66,7 @@ def _hessian(backend):
 
 
 # ------------------------------------------------------------------ eigsh and Lanczos
+@pytest.mark.slow
 def test_eigsh_top3_matches_dense_hessian(ad_backend, oracle):
     """The issue's criterion: ours and SciPy's eigsh on to_scipy() give the top 3 eigenvalues of
     the dense float64 Hessian to 1e-8."""
@@ -136,6 +137,7 @@ def test_eigsh_arguments(backend):
 
 
 # ------------------------------------------------------------------ flat vectors and scipy
+@pytest.mark.slow
 def test_flat_matvec_equals_tree_matvec(ad_backend):
     """op @ flat == ravel(op @ unravel(flat)) for trees of several leaves, in tree.ravel's
     order; rectangular operators too (a Jacobian: flat in, flat out, and its adjoint)."""
@@ -190,6 +192,7 @@ def test_to_scipy_float32_operator(ad_backend):
 
 
 # ------------------------------------------------------------------ vectorised to_dense
+@pytest.mark.slow
 def test_vmapped_to_dense_equals_columns(ad_backend, oracle):
     """to_dense through vmap (torch, jax) equals the one-column-at-a-time version (forced)."""
     model, loss, params, batch, _, _ = _problem(ad_backend)
