@@ -33,16 +33,11 @@ def _tracing() -> bool:
     return not _trace_state_clean()
 
 
-def _probe_trace_state() -> bool:
-    """Fallback where JAX's trace-state query is not available: an operation inside a trace
-    returns a tracer."""
-    return not _is_tracer(jnp.zeros(()))
-
-
 try:
     from jax._src.core import trace_state_clean as _trace_state_clean
-except ImportError:  # a JAX without it: ask an operation
-    _trace_state_clean = _probe_trace_state
+except ImportError:  # a JAX without this query: lax everywhere, as inside a trace (correct, slower)
+    def _trace_state_clean() -> bool:
+        return False
 
 
 def structure(tree: Tree) -> TreeDef:
@@ -194,7 +189,7 @@ class JaxBackend(Backend):
     # -- control flow ---------------------------------------------------------------------
     def fori_loop(self, lower: int, upper: int, body: Callable, init: Any) -> Any:
         """``lax.fori_loop`` under a transformation; eagerly, a Python loop (module notes)."""
-        if _tracing() or _is_tracer(lower) or _is_tracer(upper):
+        if _tracing():
             return jax.lax.fori_loop(lower, upper, body, init)
         return super().fori_loop(lower, upper, body, init)
 
@@ -208,7 +203,7 @@ class JaxBackend(Backend):
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
         """``lax.cond`` under a transformation; eagerly, a Python branch that runs only the
         chosen function (module notes)."""
-        if _tracing() or _is_tracer(pred):
+        if _tracing():
             return jax.lax.cond(pred, true_fn, false_fn, *operands)
         return super().cond(pred, true_fn, false_fn, *operands)
 
