@@ -14,6 +14,10 @@
     secondorder reproduce kronecker-mnist1d [--epochs N] [--seeds N] [--json OUT] [--plot PNG]
                                      K-FAC, Shampoo and TNT against SGD-momentum and Adam on
                                      MNIST-1D (CNN and MLP), tuned on a validation split
+    secondorder reproduce kbfgs-autoencoder [--epochs N] [--seeds N] [--json OUT] [--plot PNG]
+                                     the thesis's Table 3.3 shape: final training loss of
+                                     K-BFGS, K-BFGS(L), K-FAC, Adam and SGD-momentum on a
+                                     digits autoencoder
 """
 
 from __future__ import annotations
@@ -205,6 +209,8 @@ def _check(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     if args.experiment == "kronecker-mnist1d":
         return _reproduce_kronecker(args)
+    if args.experiment == "kbfgs-autoencoder":
+        return _reproduce_autoencoder(args)
     from .bench.curveball_table1 import SETTINGS, reproduce, table
 
     quiet = args.quiet or not sys.stdout.isatty()
@@ -222,16 +228,17 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _reproduce_kronecker(args: argparse.Namespace) -> int:
+    from .bench import kronecker_mnist1d as study
     from .bench.kronecker_mnist1d import EXPERIMENT, METHOD_NAMES, MODELS, plot, reproduce, table
 
     quiet = args.quiet or not sys.stdout.isatty()
     try:
         result = reproduce(
             models=args.models or list(MODELS), methods=args.methods or list(METHOD_NAMES),
-            epochs=args.epochs, seeds=args.seeds, grid_size=args.grid_size,
-            backend=args.backend, dtype=args.dtype, validation=args.validation,
-            refit=not args.no_refit, subset=args.subset, schedule=args.schedule,
-            progress=None if quiet else print)
+            epochs=args.epochs or study.DEFAULT_EPOCHS, seeds=args.seeds or study.DEFAULT_SEEDS,
+            grid_size=args.grid_size, backend=args.backend, dtype=args.dtype,
+            validation=args.validation, refit=not args.no_refit, subset=args.subset,
+            schedule=args.schedule or "constant", progress=None if quiet else print)
     except ImportError as err:  # mnist1d (or the backend's framework) is not installed
         print(f"secondorder reproduce: {err}", file=sys.stderr)
         return 2
@@ -243,8 +250,43 @@ def _reproduce_kronecker(args: argparse.Namespace) -> int:
         "SGD-momentum's final test accuracy; to target: median [min, max] over the seeds that "
         "reach it", width=100))
     print(format_table(*table(result)))
+    failed = [m for per in result["results"].values() for m, e in per.items() if "error" in e]
+    return _report_study(args, result, METHOD_NAMES, plot, failed)
+
+
+def _reproduce_autoencoder(args: argparse.Namespace) -> int:
+    from .bench import kbfgs_autoencoder as study
+    from .bench.kbfgs_autoencoder import EXPERIMENT, METHOD_NAMES, plot, reproduce, table
+
+    quiet = args.quiet or not sys.stdout.isatty()
+    try:
+        result = reproduce(
+            methods=args.methods or list(METHOD_NAMES),
+            epochs=args.epochs or study.DEFAULT_EPOCHS, seeds=args.seeds or study.DEFAULT_SEEDS,
+            grid_size=args.grid_size, backend=args.backend,
+            dtype=args.dtype, subset=args.subset, schedule=args.schedule or "step",
+            progress=None if quiet else print)
+    except ImportError as err:  # scikit-learn (or the backend's framework) is not installed
+        print(f"secondorder reproduce: {err}", file=sys.stderr)
+        return 2
+    proto = result["protocol"]
+    print(textwrap.fill(
+        f"\n{EXPERIMENT}: {proto['problem']}, {proto['backend']} {proto['dtype']}, "
+        f"{proto['epochs']} epochs ({proto['schedule']} schedule), seeds {proto['seeds']}; "
+        "hyperparameters with the smallest final training loss from the tuning seed; final "
+        "training loss mean +- std over seeds, beside the thesis's Table 3.3 MNIST column "
+        "(other data and network: compare the order, not the values)", width=100))
+    print(format_table(*table(result)))
+    failed = [m for m, e in result["results"].items() if "error" in e]
+    return _report_study(args, result, METHOD_NAMES, plot, failed)
+
+
+def _report_study(args: argparse.Namespace, result: dict[str, Any], names: dict[str, str],
+                  plot: Any, failed: list[str]) -> int:
+    """The methods not available, the JSON and the plot of a reproduction; 1 if a method
+    failed."""
     for method in result["not_available"]:
-        print(f"{METHOD_NAMES.get(method, method)} ({method}): not available (not registered "
+        print(f"{names.get(method, method)} ({method}): not available (not registered "
               "in secondorder.optim.registry.METHODS); skipped", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as fh:
@@ -256,19 +298,20 @@ def _reproduce_kronecker(args: argparse.Namespace) -> int:
         except ImportError:
             print("no plot: matplotlib is not installed (pip install matplotlib)",
                   file=sys.stderr)
-    failed = [m for per in result["results"].values() for m, e in per.items() if "error" in e]
     return 1 if failed else 0
 
 
 def _check_reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """The checks that depend on the experiment (argparse's own format on failure)."""
-    if args.experiment == "kronecker-mnist1d":
-        from .bench.kronecker_mnist1d import METHOD_NAMES
+    if args.experiment in ("kronecker-mnist1d", "kbfgs-autoencoder"):
+        from .bench import kbfgs_autoencoder, kronecker_mnist1d
 
-        unknown = [m for m in args.methods or () if m not in METHOD_NAMES]
+        names = (kronecker_mnist1d if args.experiment == "kronecker-mnist1d"
+                 else kbfgs_autoencoder).METHOD_NAMES
+        unknown = [m for m in args.methods or () if m not in names]
         if unknown:
             parser.error(f"argument --methods: {', '.join(unknown)} is not a method of "
-                         f"kronecker-mnist1d; choose from {', '.join(METHOD_NAMES)}")
+                         f"{args.experiment}; choose from {', '.join(names)}")
         try:
             backend = backends.get(args.backend)
         except Exception as err:  # unknown or not installed
@@ -474,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --ranks: steps per method")
     check.set_defaults(func=_check)
 
+    from .bench import kbfgs_autoencoder as kae
     from .bench import kronecker_mnist1d as kmn
+    from .bench.training import SCHEDULES
 
     grid_text = "; ".join(
         f"{name}: " + ", ".join("(" + ", ".join(f"{k}={v:g}" for k, v in point.items()) + ")"
@@ -484,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
                            for name in kmn.METHOD_NAMES if kmn.FIXED[name])
     rep = sub.add_parser(
         "reproduce", help="a paper's experiment: curveball-table1 (the CurveBall paper's "
-        "Table 1, needs jax) or kronecker-mnist1d (K-FAC, Shampoo and TNT against SGD-momentum "
-        "and Adam on MNIST-1D)",
+        "Table 1, needs jax), kronecker-mnist1d (K-FAC, Shampoo and TNT against SGD-momentum "
+        "and Adam on MNIST-1D) or kbfgs-autoencoder (the K-BFGS thesis's Table 3.3 shape)",
         description="curveball-table1: iterations to reach an objective below 1e-4 on the "
         "stochastic Rosenbrock function and the linear network, for the methods of the "
         "CurveBall paper's Table 1, next to the paper's numbers. Needs jax. "
@@ -503,10 +548,22 @@ def build_parser() -> argparse.ArgumentParser:
         "reach SGD-momentum's final test accuracy (median and range over seeds). Methods not "
         "registered in secondorder.optim.registry are reported as not available and skipped. "
         f"Grids (--grid-size N keeps the first N points of each): {grid_text}. Fixed settings: "
-        f"{fixed_text}; settings a method's constructor does not take are dropped and listed.",
+        f"{fixed_text}; settings a method's constructor does not take are dropped and listed. "
+        "kbfgs-autoencoder: final training loss of K-BFGS, K-BFGS(L), K-FAC, Adam and "
+        f"SGD-momentum on the digits autoencoder {'-'.join(map(str, kae.SIZES))} (ReLU, linear "
+        "code, sigmoid BCE summed over the pixels; all 1797 images, batches of 128); every "
+        f"grid point trains --epochs epochs from tuning seed {kae.TUNE_SEED}, the point with "
+        "the smallest final training loss is kept (the thesis's rule) and trained once per "
+        "seed; reported beside the thesis's Table 3.3 MNIST column, whose data and network "
+        "differ (compare the order of the methods). Grids: " + "; ".join(
+            f"{name}: {len(kae.GRIDS[name])} points, first "
+            + ", ".join(f"{k}={v:g}" for k, v in kae.GRIDS[name][0].items())
+            for name in kae.METHOD_NAMES) + ".",
         **fmt)
-    rep.add_argument("experiment", choices=["curveball-table1", "kronecker-mnist1d"],
-                     help="the experiment: curveball-table1 or kronecker-mnist1d")
+    rep.add_argument("experiment",
+                     choices=["curveball-table1", "kronecker-mnist1d", "kbfgs-autoencoder"],
+                     help="the experiment: curveball-table1, kronecker-mnist1d or "
+                     "kbfgs-autoencoder")
     rep.add_argument("--runs", type=_positive_int, default=100,
                      help="curveball-table1: random starts per cell")
     rep.add_argument("--tune-runs", type=_positive_int, default=20,
@@ -520,42 +577,49 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="M1,M2",
                      help="comma-separated subset of the methods: for curveball-table1 the "
                      "table's rows (" + ", ".join(PAPER) + "); for kronecker-mnist1d registry "
-                     "names (" + ", ".join(kmn.METHOD_NAMES) + ") (default: all)")
+                     "names (" + ", ".join(kmn.METHOD_NAMES) + "); for kbfgs-autoencoder ("
+                     + ", ".join(kae.METHOD_NAMES) + ") (default: all)")
     rep.add_argument("--settings", type=_choice_list(list(SETTINGS)), metavar="S1,S2",
                      help="curveball-table1: comma-separated subset of the settings: "
                      + ", ".join(SETTINGS) + " (default: all)")
     rep.add_argument("--models", type=_choice_list(list(kmn.MODELS)), metavar="M1,M2",
                      help="kronecker-mnist1d: comma-separated subset of the models: "
                      + ", ".join(kmn.MODELS) + " (default: all)")
-    rep.add_argument("--epochs", type=_positive_int, default=kmn.DEFAULT_EPOCHS,
-                     help="kronecker-mnist1d: epochs of every run (tuning and evaluation)")
-    rep.add_argument("--seeds", type=_positive_int, default=kmn.DEFAULT_SEEDS,
-                     help="kronecker-mnist1d: evaluation seeds (initial weights and batch "
-                     "order)")
+    rep.add_argument("--epochs", type=_positive_int, default=None,
+                     help="kronecker-mnist1d and kbfgs-autoencoder: epochs of every run (tuning "
+                     f"and evaluation) (default: {kmn.DEFAULT_EPOCHS} and {kae.DEFAULT_EPOCHS})")
+    rep.add_argument("--seeds", type=_positive_int, default=None,
+                     help="kronecker-mnist1d and kbfgs-autoencoder: evaluation seeds (initial "
+                     f"weights and batch order) (default: {kmn.DEFAULT_SEEDS} and "
+                     f"{kae.DEFAULT_SEEDS})")
     rep.add_argument("--grid-size", dest="grid_size", type=_positive_int, default=None,
                      metavar="N",
-                     help="kronecker-mnist1d: keep the first N points of each method's grid "
-                     "(default: the whole grid)")
+                     help="kronecker-mnist1d and kbfgs-autoencoder: keep the first N points of "
+                     "each method's grid (default: the whole grid)")
     rep.add_argument("--backend", default="jax", choices=backends.names(), metavar="NAME",
-                     help="kronecker-mnist1d: the backend: " + ", ".join(backends.names()))
+                     help="kronecker-mnist1d and kbfgs-autoencoder: the backend: "
+                     + ", ".join(backends.names()))
     rep.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                     help="kronecker-mnist1d: precision of weights and data")
+                     help="kronecker-mnist1d and kbfgs-autoencoder: precision of weights and "
+                     "data")
     rep.add_argument("--validation", type=_bounded_int(1, 3999), default=500, metavar="N",
                      help="kronecker-mnist1d: training signals held out for model selection")
     rep.add_argument("--subset", type=_positive_int, default=None, metavar="N",
                      help="kronecker-mnist1d: use only the first N signals of the training, "
-                     "validation and test sets, for a quick run (default: all)")
-    rep.add_argument("--schedule", choices=list(kmn.SCHEDULES), default="constant",
-                     help="kronecker-mnist1d: the learning rate over each run, the same for "
-                     "every method: constant, or cosine (lr (1 + cos(pi t / T)) / 2 over the T "
-                     "steps of the run)")
+                     "validation and test sets; kbfgs-autoencoder: the first N images; for a "
+                     "quick run (default: all)")
+    rep.add_argument("--schedule", choices=list(SCHEDULES), default=None,
+                     help="kronecker-mnist1d and kbfgs-autoencoder: the learning rate over each "
+                     "run, the same for every method: constant, cosine (lr (1 + cos(pi t / T)) "
+                     "/ 2 over the T steps of the run) or step (a tenth after each third of the "
+                     "run) (default: constant and step)")
     rep.add_argument("--no-refit", dest="no_refit", action="store_true",
                      help="kronecker-mnist1d: train the evaluation runs on the training split "
                      "only, not on training plus validation signals")
     rep.add_argument("--plot", metavar="PNG", type=_writable,
-                     help="kronecker-mnist1d: write the figure (test accuracy against epochs "
-                     "and against seconds, per model) to PNG; needs matplotlib (default: no "
-                     "plot)")
+                     help="kronecker-mnist1d and kbfgs-autoencoder: write the figure (test "
+                     "accuracy, or training loss, against epochs and against seconds) to PNG; "
+                     "needs matplotlib (default: no plot)")
     rep.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     rep.set_defaults(func=_reproduce, check=lambda args: _check_reproduce(args, rep))
     return parser

@@ -43,9 +43,7 @@ constructor does not take are dropped and listed in the result.
 
 from __future__ import annotations
 
-import inspect
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from .. import backends
+from .training import Trainer, finite, spread
 
 EXPERIMENT = "kronecker-mnist1d"
 #: the methods compared, by registry name, with the names the report uses
@@ -127,144 +126,9 @@ TUNE_SEED = 1000
 DEFAULT_EPOCHS = 100
 DEFAULT_SEEDS = 3
 BATCH_SIZE = 100
-#: learning-rate schedules over a run: "constant", or "cosine" (lr_t = lr (1 + cos(pi t / T)) / 2
-#: for the T steps of the run, the same for every method)
-SCHEDULES = ("constant", "cosine")
-
-
-# -- runs ------------------------------------------------------------------------------------
-
-def _accepted(cls: type, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The settings the constructor of ``cls`` takes, and the names it does not."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return dict(settings), []
-    kept = {k: v for k, v in settings.items() if k in params}
-    return kept, [k for k in settings if k not in params]
-
-
-class _Runner:
-    """Trains one method on one problem on one backend: builds the optimiser from a grid point,
-    compiles the step once per method where the backend compiles (hyperparameters traced), and
-    evaluates loss and accuracy on whole data sets."""
-
-    def __init__(self, method: str, factory: Any, problem: Any, backend: backends.Backend,
-                 dtype: str, schedule: str = "constant"):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
-        self.method, self.factory, self.problem = method, factory, problem
-        self.backend, self.dtype, self.schedule = backend, dtype, schedule
-        cls = getattr(factory, "cls", None)
-        fixed = FIXED.get(method, {})
-        self.fixed, self.dropped = (_accepted(cls, fixed) if cls is not None else (fixed, []))
-        self._traced_step: Callable | None = None
-        self._traced_ok = backend.has_jit
-        model, loss = problem.model, problem.loss
-        xp = backend.xp
-
-        def evaluate(params: Any, x: Any, y: Any) -> tuple[Any, Any]:
-            f = model.apply(params, x)
-            correct = xp.astype(xp.argmax(f, axis=1) == y, f.dtype)
-            return xp.mean(loss.per_sample(f, y)), xp.mean(correct)
-
-        self._evaluate = backend.jit(evaluate)
-
-    def grid_keys(self, point: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        cls = getattr(self.factory, "cls", None)
-        return _accepted(cls, point) if cls is not None else (dict(point), [])
-
-    def optimiser(self, hp: dict[str, Any]) -> Any:
-        """The optimiser of the grid point ``hp``; its ``"horizon"`` entry (the steps of the
-        run) turns the learning rate into the cosine schedule when ``schedule="cosine"``."""
-        hp = dict(hp)
-        horizon = hp.pop("horizon", None)
-        if self.schedule == "cosine" and horizon is not None and "lr" in hp:
-            base, xp = hp["lr"], self.backend.xp
-            hp["lr"] = lambda t: base * (0.5 + 0.5 * xp.cos(math.pi * t / horizon))
-        return self.factory(self.problem.model, self.problem.loss, **self.fixed, **hp)
-
-    def _step(self, hp: dict[str, Any]) -> Callable:
-        """The step for ``hp``: on a compiling backend one compiled function of (hp, params,
-        state, batch) shared by every grid point and seed (falling back to compiling per point
-        when the method needs its hyperparameters as Python numbers)."""
-        b = self.backend
-        if not b.has_jit:
-            return self.optimiser(hp).step
-        if self._traced_ok:
-            if self._traced_step is None:
-                self._traced_step = b.jit(
-                    lambda h, params, state, batch: self.optimiser(h).step(params, state, batch))
-            traced = self._traced_step
-            arrays = {k: b.asarray(v, dtype=self.dtype) for k, v in hp.items()}
-            return lambda params, state, batch: traced(arrays, params, state, batch)
-        return b.jit(self.optimiser(hp).step)
-
-    def evaluate(self, params: Any, data: tuple[Any, Any]) -> tuple[float, float]:
-        loss, acc = self._evaluate(params, *data)
-        return float(self.backend.to_numpy(loss)), float(self.backend.to_numpy(acc))
-
-    def to_backend(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        return (self.backend.asarray(x, dtype=self.dtype), self.backend.asarray(y))
-
-    def train(self, hp: dict[str, Any], seed: int, x: np.ndarray, y: np.ndarray, epochs: int,
-              evals: dict[str, tuple[Any, Any]], batch_size: int) -> dict[str, Any]:
-        """``epochs`` epochs from the weights of ``seed`` with batches in the order of
-        ``default_rng(seed)``; after each epoch, loss and accuracy on each of ``evals`` and the
-        cumulative seconds of the steps."""
-        b = self.backend
-        n_batches = x.shape[0] // batch_size
-        if n_batches < 1:
-            raise ValueError(f"{x.shape[0]} training signals make no batch of {batch_size}")
-        hp = {**hp, "horizon": epochs * n_batches}
-        params = self.problem.model.init(seed, b, self.dtype)
-        state = self.optimiser(hp).init(params)
-        rng = np.random.default_rng(seed)
-        batch0 = self.to_backend(x[:batch_size], y[:batch_size])
-        try:
-            step = self._step(hp)
-            b.synchronize(step(params, state, batch0))  # compile (discarded) before the clock
-        except Exception:
-            if not (b.has_jit and self._traced_ok):
-                raise
-            self._traced_ok = False  # this method wants Python-number hyperparameters
-            step = self._step(hp)
-            b.synchronize(step(params, state, batch0))
-        curves: dict[str, list[float]] = {"seconds": [], "batch_loss": [], "non_finite_steps": []}
-        for name in evals:
-            curves[f"{name}_loss"], curves[f"{name}_accuracy"] = [], []
-        elapsed = 0.0
-        for _ in range(epochs):
-            order = rng.permutation(x.shape[0])
-            batches = [self.to_backend(x[idx], y[idx])
-                       for idx in np.split(order[:n_batches * batch_size], n_batches)]
-            losses, finite = [], []
-            start = time.perf_counter()
-            for batch in batches:
-                params, state, info = step(params, state, batch)
-                losses.append(info.loss)
-                finite.append(info.finite)
-            b.synchronize(params)
-            elapsed += time.perf_counter() - start
-            curves["seconds"].append(elapsed)
-            curves["batch_loss"].append(float(np.mean([_scalar(b, v) for v in losses])))
-            curves["non_finite_steps"].append(int(sum(not _scalar(b, f) for f in finite)))
-            for name, data in evals.items():
-                loss, acc = self.evaluate(params, data)
-                curves[f"{name}_loss"].append(loss)
-                curves[f"{name}_accuracy"].append(acc)
-        return curves
 
 
 # -- the study -------------------------------------------------------------------------------
-
-def _spread(values: Sequence[float]) -> dict[str, Any]:
-    vals = [float(v) for v in values]
-    if not vals:
-        return {"n": 0, "mean": None, "std": None, "median": None, "min": None, "max": None}
-    return {"n": len(vals), "mean": statistics.fmean(vals),
-            "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0,
-            "median": statistics.median(vals), "min": min(vals), "max": max(vals)}
-
 
 def time_to_target(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
     """Epochs and seconds each run needs until its test accuracy first reaches ``target``:
@@ -278,7 +142,7 @@ def time_to_target(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
             epochs.append(hit + 1)
             seconds.append(run["seconds"][hit])
     return {"target": target, "reached": len(epochs), "runs": len(runs),
-            "epochs": _spread(epochs), "seconds": _spread(seconds)}
+            "epochs": spread(epochs), "seconds": spread(seconds)}
 
 
 def reproduce(models: Sequence[str] = tuple(MODELS), methods: Sequence[str] = tuple(METHOD_NAMES),
@@ -314,9 +178,10 @@ def reproduce(models: Sequence[str] = tuple(MODELS), methods: Sequence[str] = tu
     subset : int or None, default None
         Use only the first ``subset`` signals of the training split, the validation split and
         the test set (a quick run; None: all of them).
-    schedule : {"constant", "cosine"}, default "constant"
-        The learning rate over a run (:data:`SCHEDULES`), the same rule for every method and
-        every run: ``"cosine"`` decays each grid point's lr to 0 over the run's steps.
+    schedule : {"constant", "cosine", "step"}, default "constant"
+        The learning rate over a run (:data:`secondorder.bench.training.SCHEDULES`), the same
+        rule for every method and every run: ``"cosine"`` decays each grid point's lr to 0 over
+        the run's steps, ``"step"`` by a tenth after each third of them.
     progress : callable or None, default None
         Receives one line per finished run.
 
@@ -374,7 +239,8 @@ def reproduce(models: Sequence[str] = tuple(MODELS), methods: Sequence[str] = tu
             entry: dict[str, Any] = {"name": METHOD_NAMES.get(method, method)}
             per_method[method] = entry
             try:
-                runner = _Runner(method, METHODS[method], problem, b, dtype, schedule)
+                runner = Trainer(method, METHODS[method], problem, b, dtype, schedule,
+                                 FIXED.get(method, {}))
                 _study(runner, entry, method, grid_size, seed_list, epochs, batch_size,
                        (x_tr, y_tr), (x_val, y_val), (x_fit, y_fit), (x_te, y_te), progress,
                        model_key)
@@ -391,7 +257,7 @@ def reproduce(models: Sequence[str] = tuple(MODELS), methods: Sequence[str] = tu
     return out
 
 
-def _study(runner: _Runner, entry: dict[str, Any], method: str, grid_size: int | None,
+def _study(runner: Trainer, entry: dict[str, Any], method: str, grid_size: int | None,
            seeds: list[int], epochs: int, batch_size: int, train: tuple, val: tuple,
            fit: tuple, test: tuple, progress: Callable[[str], None] | None,
            model_key: str) -> None:
@@ -414,8 +280,8 @@ def _study(runner: _Runner, entry: dict[str, Any], method: str, grid_size: int |
             if progress:
                 progress(f"{model_key:<4} {method:<8} tune {hp}: validation accuracy "
                          f"{tuning[-1]['val_accuracy']:.4f}")
-        best = min(tuning, key=lambda t: (-_finite(t["val_accuracy"]),
-                                          _finite(t["val_loss"], math.inf)))
+        best = min(tuning, key=lambda t: (-finite(t["val_accuracy"]),
+                                          finite(t["val_loss"], math.inf)))
         chosen = best["hyperparameters"]
     else:
         chosen = grid[0]
@@ -430,25 +296,16 @@ def _study(runner: _Runner, entry: dict[str, Any], method: str, grid_size: int |
                      f"{curves['test_accuracy'][-1]:.4f} after {epochs} epochs, "
                      f"{curves['seconds'][-1]:.1f} s")
     entry["runs"] = runs
-    entry["final_test_accuracy"] = _spread([r["test_accuracy"][-1] for r in runs])
-    entry["seconds_per_epoch"] = _spread([r["seconds"][-1] / epochs for r in runs])
-
-
-def _scalar(b: backends.Backend, value: Any) -> float:
-    """A step's 0-d result (an array of the backend, or a Python number) as a float."""
-    return float(np.asarray(b.to_numpy(value)) if hasattr(value, "shape") else value)
-
-
-def _finite(value: float, default: float = -math.inf) -> float:
-    return value if math.isfinite(value) else default
+    entry["final_test_accuracy"] = spread([r["test_accuracy"][-1] for r in runs])
+    entry["seconds_per_epoch"] = spread([r["seconds"][-1] / epochs for r in runs])
 
 
 # -- report ----------------------------------------------------------------------------------
 
-def _range(spread: dict[str, Any], fmt: str) -> str:
-    if not spread["n"]:
+def _range(values: dict[str, Any], fmt: str) -> str:
+    if not values["n"]:
         return "-"
-    return (f"{spread['median']:{fmt}} [{spread['min']:{fmt}}, {spread['max']:{fmt}}]")
+    return f"{values['median']:{fmt}} [{values['min']:{fmt}}, {values['max']:{fmt}}]"
 
 
 def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

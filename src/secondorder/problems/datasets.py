@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -62,15 +63,30 @@ class DigitsMLP(ModelProblem):
 
 
 class DigitsAutoencoder(ModelProblem):
-    """Digits autoencoder 64-32-8-32-64 (sigmoid hidden layers, linear code), sigmoid BCE on
-    the pixel intensities."""
+    """Digits autoencoder (linear code and output layers), sigmoid BCE on the pixel intensities
+    summed over the 64 pixels and averaged over the batch.
+
+    Parameters
+    ----------
+    batch_size : int, default 64
+        Images per mini-batch.
+    sizes : sequence of int, default (64, 32, 8, 32, 64)
+        Layer widths, 64 at both ends; the narrowest inner layer is the linear code.
+    activation : str, default "sigmoid"
+        The hidden layers' activation ("relu" gives the thesis's autoencoders' shape).
+    """
 
     name = "digits-autoencoder"
 
-    def __init__(self, batch_size: int = 64):
+    def __init__(self, batch_size: int = 64, sizes: Sequence[int] = (64, 32, 8, 32, 64),
+                 activation: str = "sigmoid"):
+        sizes = tuple(int(s) for s in sizes)
+        if len(sizes) < 3 or sizes[0] != 64 or sizes[-1] != 64:
+            raise HyperparameterError(
+                f"sizes={sizes}: an autoencoder of the 8 x 8 digits needs at least three "
+                "layer widths, 64 first and last")
         x, _ = load_digits()
-        super().__init__(Autoencoder([64, 32, 8, 32, 64], "sigmoid"), SigmoidBCE(), x, x,
-                         batch_size)
+        super().__init__(Autoencoder(sizes, activation), SigmoidBCE(), x, x, batch_size)
 
 
 class TeacherStudent(ModelProblem):
