@@ -155,6 +155,36 @@ def test_lbfgs_two_loop_equals_dense_bfgs(pushes):
         np.testing.assert_allclose(product(mem, m, h0), dense @ m, rtol=1e-12)
 
 
+def test_tiny_pairs_in_float32_give_the_float64_update():
+    """Near convergence the pairs are tiny: at ||s|| ~ ||y|| ~ 3e-15, s^T y ~ 1e-29 and
+    rho^2 ~ 1e58 overflows float32 in the expanded update. The BFGS update, the L-BFGS memory
+    and both products in float32 still equal the float64 textbook matrix of the same pairs to
+    float32 precision (the pair is scaled to ||s|| = 1 inside, which BFGS does not see)."""
+    rng = np.random.default_rng(11)
+    n, h0 = 6, 0.5
+    b = _spd(rng, n)
+    pairs = []
+    for _ in range(3):
+        s = 1e-15 * rng.standard_normal(n)
+        pairs.append((s, b @ s))
+    dense = h0 * np.eye(n)
+    h32 = np.float32(h0) * np.eye(n, dtype=np.float32)
+    mem = qn.lbfgs_init(n, 4, np.zeros(1, np.float32))
+    for s, y in pairs:
+        dense = _bfgs(dense, s, y)
+        s32, y32 = s.astype(np.float32), y.astype(np.float32)
+        h32 = qn.bfgs_inverse_update(h32, s32, y32)
+        mem = qn.lbfgs_push(mem, s32, y32)
+    assert h32.dtype == np.float32 and np.isfinite(h32).all()
+    np.testing.assert_allclose(h32, dense, rtol=1e-5, atol=1e-6 * np.abs(dense).max())
+    filled = mem.rho > 0
+    np.testing.assert_allclose(np.linalg.norm(mem.s[filled], axis=1), 1.0, rtol=1e-6)
+    v = rng.standard_normal((n, 2)).astype(np.float32)
+    for product in (qn.lbfgs_apply, qn.lbfgs_apply_compact):
+        out = product(mem, v, np.float32(h0))
+        np.testing.assert_allclose(out, dense @ v, rtol=1e-4, atol=1e-5 * np.abs(dense @ v).max())
+
+
 # ------------------------------------------------------------------ Algorithm 9 by brute force
 
 

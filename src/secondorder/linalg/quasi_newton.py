@@ -61,6 +61,20 @@ def _safe_reciprocal(sy: Array, xp: Any) -> Array:
     return xp.where(ok, 1.0 / xp.where(ok, sy, xp.ones_like(sy)), xp.zeros_like(sy))
 
 
+def _unit_pair(s: Array, y: Array, xp: Any) -> tuple[Array, Array]:
+    """(c s, c y) with c = 1 / ||s|| (c = 1 where ||s|| is 0 or not finite). BFGS and L-BFGS
+    are unchanged by a common scaling of a pair (rho = 1 / (s^T y) scales by 1 / c^2, every
+    term rho s y^T, rho s s^T by 1), but their intermediates are not: near convergence in
+    float32, s^T y ~ 1e-20 makes rho^2 ~ 1e40 overflow in the expanded update, and makes the
+    compact representation's triangular solves amplify rounding by 1e20. With ||s|| = 1 the
+    pair's own scale is gone, and s^T y is its curvature along s (bounded below by the pair
+    damping, e.g. lambda_G after D_LM)."""
+    length = xp.sqrt(_dot(s, s, xp))
+    ok = xp.logical_and(length > 0, xp.isfinite(length))
+    c = xp.where(ok, 1.0 / xp.where(ok, length, xp.ones_like(length)), xp.ones_like(length))
+    return c * s, c * y
+
+
 def bfgs_inverse_update(h: Array, s: Array, y: Array) -> Array:
     """The BFGS update of the inverse estimate H with the pair (s, y):
 
@@ -69,9 +83,11 @@ def bfgs_inverse_update(h: Array, s: Array, y: Array) -> Array:
     expanded as H+ = H - rho (s u^T + u s^T) + (rho^2 y^T H y + rho) s s^T with u = H y
     (two matrix-vector products and three rank-one terms, O(n^2)). H+ y = s (the secant
     condition) and H+ is positive definite when H is and s^T y > 0. A pair with s^T y <= 0 or
-    non-finite is skipped: rho = 0 gives H+ = H exactly.
+    non-finite is skipped: rho = 0 gives H+ = H exactly. The pair is first scaled to ||s|| = 1,
+    which leaves H+ unchanged in exact arithmetic and keeps rho^2 y^T H y from overflowing.
     """
     xp = backend_of(h).xp
+    s, y = _unit_pair(s, y, xp)
     u = h @ y
     rho = _safe_reciprocal(_dot(s, y, xp), xp)
     # where the pair is skipped, u and y^T H y may be anything: zero them so nothing leaks
@@ -154,8 +170,10 @@ def lbfgs_init(n: int, memory: int, like: Array) -> LBFGSMemory:
 
 def lbfgs_push(mem: LBFGSMemory, s: Array, y: Array) -> LBFGSMemory:
     """``mem`` with the pair (s, y) appended as the newest and the oldest dropped; a pair with
-    s^T y <= 0 or non-finite is skipped (``mem`` is returned with the same values)."""
+    s^T y <= 0 or non-finite is skipped (``mem`` is returned with the same values). The pair is
+    stored scaled to ||s|| = 1 (the L-BFGS matrix is the same; see :func:`_unit_pair`)."""
     xp = backend_of(s).xp
+    s, y = _unit_pair(s, y, xp)
     rho = _safe_reciprocal(_dot(s, y, xp), xp)
     keep = rho > 0
 
@@ -182,27 +200,48 @@ def lbfgs_apply(mem: LBFGSMemory, v: Array, h0: Any) -> Array:
     memory = mem.rho.shape[0]
     matrix = v.ndim == 2
     q = v if matrix else v[:, None]
+    rho_s = mem.rho[:, None] * mem.s  # rows rho_i s_i and rho_i y_i, formed once
+    rho_y = mem.rho[:, None] * mem.y
+    if backend.is_concrete(v):
+        r = _two_loop_eager(rho_s, rho_y, mem.s, mem.y, q, h0)
+        return r if matrix else r[:, 0]
 
     def first(j: int, carry: tuple[Array, Array]) -> tuple[Array, Array]:
         q, alphas = carry
         i = memory - 1 - j
-        alpha = mem.rho[i] * (mem.s[i] @ q)  # (k,)
+        alpha = rho_s[i] @ q  # (k,)
         q = q - mem.y[i][:, None] * alpha[None, :]
         alphas = _set_row(alphas, i, alpha, backend)
         return q, alphas
 
     alphas0 = xp.zeros((memory, q.shape[1]), dtype=q.dtype, device=backend.device(q))
-    # eager arrays loop in Python (JAX's fori_loop would compile the body at every call)
-    loop = backend.fori_loop if not backend.is_concrete(v) else _python_loop
-    q, alphas = loop(0, memory, first, (q, alphas0))
+    q, alphas = backend.fori_loop(0, memory, first, (q, alphas0))
     r = h0 * q
 
     def second(i: int, r: Array) -> Array:
-        beta = mem.rho[i] * (mem.y[i] @ r)
+        beta = rho_y[i] @ r
         return r + mem.s[i][:, None] * (alphas[i] - beta)[None, :]
 
-    r = loop(0, memory, second, r)
+    r = backend.fori_loop(0, memory, second, r)
     return r if matrix else r[:, 0]
+
+
+def _two_loop_eager(rho_s: Array, rho_y: Array, s: Array, y: Array, q: Array, h0: Any
+                    ) -> Array:
+    """The two-loop recursion on eager arrays: a Python loop (JAX's eager ``fori_loop`` would
+    compile its body at every call) with the alphas in a list and the rows split once, so each
+    pair costs four array operations. Empty slots (rho = 0) give alpha = beta = 0 and change
+    nothing, as in the traced loop."""
+    rows_rs, rows_ry = list(rho_s), list(rho_y)
+    rows_s, rows_y = list(s), list(y)
+    alphas: list[Array] = [None] * len(rows_s)  # type: ignore[list-item]
+    for i in reversed(range(len(rows_s))):
+        alphas[i] = rows_rs[i] @ q
+        q = q - rows_y[i][:, None] * alphas[i][None, :]
+    r = h0 * q
+    for i in range(len(rows_s)):
+        r = r + rows_s[i][:, None] * (alphas[i] - rows_ry[i] @ r)[None, :]
+    return r
 
 
 def lbfgs_apply_compact(mem: LBFGSMemory, v: Array, h0: Any) -> Array:
@@ -237,13 +276,6 @@ def lbfgs_apply_compact(mem: LBFGSMemory, v: Array, h0: Any) -> Array:
     t = backend.solve_triangular(xp.matrix_transpose(r), rhs, lower=True)
     out = h0 * q + xp.matrix_transpose(s) @ t - h0 * (xp.matrix_transpose(y) @ u)
     return out if matrix else out[:, 0]
-
-
-def _python_loop(lower: int, upper: int, body: Any, init: Any) -> Any:
-    state = init
-    for i in range(lower, upper):
-        state = body(i, state)
-    return state
 
 
 def _set_row(a: Array, i: Any, row: Array, backend: Any) -> Array:

@@ -486,8 +486,9 @@ class KBFGSL(KBFGS):
         :func:`~secondorder.linalg.quasi_newton.lbfgs_apply_compact`), the thesis's "non-loop"
         implementation (sec. 3.4.3): two p x p triangular solves and a few large products.
         ``"two-loop"``: the two-loop recursion
-        (:func:`~secondorder.linalg.quasi_newton.lbfgs_apply`), 2p small steps through the
-        backend's ``fori_loop``; about 5-10x slower per step on eager torch at p = 100.
+        (:func:`~secondorder.linalg.quasi_newton.lbfgs_apply`), 2p small steps (the backend's
+        ``fori_loop`` when traced); as fast under ``jax.jit``, about 2.3x slower per step on
+        eager torch at p = 100 (MLP 784-256-10, batch 128).
 
     The state is a :class:`KBFGSLState`.
     """
