@@ -229,76 +229,72 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def _reproduce_kronecker(args: argparse.Namespace) -> int:
     from .bench import kronecker_mnist1d as study
-    from .bench.kronecker_mnist1d import EXPERIMENT, METHOD_NAMES, MODELS, plot, reproduce, table
 
-    quiet = args.quiet or not sys.stdout.isatty()
-    try:
-        result = reproduce(
-            models=args.models or list(MODELS), methods=args.methods or list(METHOD_NAMES),
-            epochs=args.epochs or study.DEFAULT_EPOCHS, seeds=args.seeds or study.DEFAULT_SEEDS,
-            grid_size=args.grid_size, backend=args.backend, dtype=args.dtype,
-            validation=args.validation, refit=not args.no_refit, subset=args.subset,
-            schedule=args.schedule or "constant", progress=None if quiet else print)
-    except ImportError as err:  # mnist1d (or the backend's framework) is not installed
-        print(f"secondorder reproduce: {err}", file=sys.stderr)
-        return 2
-    proto = result["protocol"]
-    print(textwrap.fill(
-        f"\n{EXPERIMENT}: {proto['backend']} {proto['dtype']}, {proto['epochs']} epochs, seeds "
-        f"{proto['seeds']}; hyperparameters chosen on {proto['validation']} validation signals "
-        "(best final validation accuracy); test accuracy mean +- std over seeds; target = "
-        "SGD-momentum's final test accuracy; to target: median [min, max] over the seeds that "
-        "reach it", width=100))
-    print(format_table(*table(result)))
-    failed = [m for per in result["results"].values() for m, e in per.items() if "error" in e]
-    return _report_study(args, result, METHOD_NAMES, plot, failed)
+    def caption(proto: dict[str, Any]) -> str:
+        return (f"{study.EXPERIMENT}: {proto['backend']} {proto['dtype']}, {proto['epochs']} "
+                f"epochs, seeds {proto['seeds']}; hyperparameters chosen on "
+                f"{proto['validation']} validation signals (best final validation accuracy); "
+                "test accuracy mean +- std over seeds; target = SGD-momentum's final test "
+                "accuracy; to target: median [min, max] over the seeds that reach it")
+
+    return _reproduce_study(args, study, caption, "constant",
+                            models=args.models or list(study.MODELS),
+                            validation=args.validation, refit=not args.no_refit)
 
 
 def _reproduce_autoencoder(args: argparse.Namespace) -> int:
     from .bench import kbfgs_autoencoder as study
-    from .bench.kbfgs_autoencoder import EXPERIMENT, METHOD_NAMES, plot, reproduce, table
 
+    def caption(proto: dict[str, Any]) -> str:
+        return (f"{study.EXPERIMENT}: {proto['problem']}, {proto['backend']} {proto['dtype']}, "
+                f"{proto['epochs']} epochs ({proto['schedule']} schedule), seeds "
+                f"{proto['seeds']}; hyperparameters with the smallest final training loss from "
+                "the tuning seed; final training loss mean +- std over seeds, beside the "
+                "thesis's Table 3.3 MNIST column (other data and network: compare the order, "
+                "not the values)")
+
+    return _reproduce_study(args, study, caption, "step")
+
+
+def _reproduce_study(args: argparse.Namespace, study: Any, caption: Any, schedule: str,
+                     **settings: Any) -> int:
+    """Run a reproduction module's ``reproduce`` with the options the studies share and
+    ``settings``; print ``caption(protocol)``, its table and the methods not available; write
+    the JSON and the plot. 1 if a method failed, 2 if a package is missing."""
     quiet = args.quiet or not sys.stdout.isatty()
     try:
-        result = reproduce(
-            methods=args.methods or list(METHOD_NAMES),
+        result = study.reproduce(
+            methods=args.methods or list(study.METHOD_NAMES),
             epochs=args.epochs or study.DEFAULT_EPOCHS, seeds=args.seeds or study.DEFAULT_SEEDS,
-            grid_size=args.grid_size, backend=args.backend,
-            dtype=args.dtype, subset=args.subset, schedule=args.schedule or "step",
-            progress=None if quiet else print)
-    except ImportError as err:  # scikit-learn (or the backend's framework) is not installed
+            grid_size=args.grid_size, backend=args.backend, dtype=args.dtype,
+            subset=args.subset, schedule=args.schedule or schedule,
+            progress=None if quiet else print, **settings)
+    except ImportError as err:  # the data's package (or the backend's framework) is missing
         print(f"secondorder reproduce: {err}", file=sys.stderr)
         return 2
-    proto = result["protocol"]
-    print(textwrap.fill(
-        f"\n{EXPERIMENT}: {proto['problem']}, {proto['backend']} {proto['dtype']}, "
-        f"{proto['epochs']} epochs ({proto['schedule']} schedule), seeds {proto['seeds']}; "
-        "hyperparameters with the smallest final training loss from the tuning seed; final "
-        "training loss mean +- std over seeds, beside the thesis's Table 3.3 MNIST column "
-        "(other data and network: compare the order, not the values)", width=100))
-    print(format_table(*table(result)))
-    failed = [m for m, e in result["results"].items() if "error" in e]
-    return _report_study(args, result, METHOD_NAMES, plot, failed)
-
-
-def _report_study(args: argparse.Namespace, result: dict[str, Any], names: dict[str, str],
-                  plot: Any, failed: list[str]) -> int:
-    """The methods not available, the JSON and the plot of a reproduction; 1 if a method
-    failed."""
+    print(textwrap.fill("\n" + caption(result["protocol"]), width=100))
+    print(format_table(*study.table(result)))
     for method in result["not_available"]:
-        print(f"{names.get(method, method)} ({method}): not available (not registered "
-              "in secondorder.optim.registry.METHODS); skipped", file=sys.stderr)
+        print(f"{study.METHOD_NAMES.get(method, method)} ({method}): not available (not "
+              "registered in secondorder.optim.registry.METHODS); skipped", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     if args.plot:
         try:
-            plot(result, args.plot)
+            study.plot(result, args.plot)
             print(f"plot: {args.plot}")
         except ImportError:
             print("no plot: matplotlib is not installed (pip install matplotlib)",
                   file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if _has_error(result["results"]) else 0
+
+
+def _has_error(node: Any) -> bool:
+    """Whether a study's results (nested dicts of entries) hold an entry with an error."""
+    if not isinstance(node, dict):
+        return False
+    return "error" in node or any(_has_error(v) for v in node.values())
 
 
 def _check_reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -170,13 +170,8 @@ def reproduce(methods: Sequence[str] = tuple(METHOD_NAMES), epochs: int = DEFAUL
 def _study(trainer: Trainer, entry: dict[str, Any], method: str, grid_size: int | None,
            seeds: list[int], epochs: int, batch_size: int, x: Any,
            progress: Callable[[str], None] | None) -> None:
-    grid, dropped = [], set(trainer.dropped)
-    for point in GRIDS.get(method, [{}])[:grid_size]:
-        kept, gone = trainer.grid_keys(point)
-        dropped.update(gone)
-        if kept not in grid:
-            grid.append(kept)
-    entry["fixed"], entry["dropped"] = trainer.fixed, sorted(dropped)
+    grid, dropped = trainer.grid(GRIDS.get(method, [{}])[:grid_size])
+    entry["fixed"], entry["dropped"] = trainer.fixed, dropped
     evals = {"train": trainer.to_backend(x, x)}
     tuning = []
     if len(grid) > 1:

@@ -261,13 +261,8 @@ def _study(runner: Trainer, entry: dict[str, Any], method: str, grid_size: int |
            seeds: list[int], epochs: int, batch_size: int, train: tuple, val: tuple,
            fit: tuple, test: tuple, progress: Callable[[str], None] | None,
            model_key: str) -> None:
-    grid, dropped = [], set(runner.dropped)
-    for point in GRIDS.get(method, [{}])[:grid_size]:
-        kept, gone = runner.grid_keys(point)
-        dropped.update(gone)
-        if kept not in grid:
-            grid.append(kept)
-    entry["fixed"], entry["dropped"] = runner.fixed, sorted(dropped)
+    grid, dropped = runner.grid(GRIDS.get(method, [{}])[:grid_size])
+    entry["fixed"], entry["dropped"] = runner.fixed, dropped
     tuning = []
     if len(grid) > 1:
         val_data = runner.to_backend(*val)

@@ -94,9 +94,17 @@ class Trainer:
 
         self._evaluate = backend.jit(evaluate)
 
-    def grid_keys(self, point: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    def grid(self, points: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The distinct grid points with the keys the constructor takes, and the names of the
+        settings (fixed or in ``points``) it does not take."""
         cls = getattr(self.factory, "cls", None)
-        return accepted(cls, point) if cls is not None else (dict(point), [])
+        grid, dropped = [], set(self.dropped)
+        for point in points:
+            kept, gone = accepted(cls, point) if cls is not None else (dict(point), [])
+            dropped.update(gone)
+            if kept not in grid:
+                grid.append(kept)
+        return grid, sorted(dropped)
 
     def optimiser(self, hp: dict[str, Any]) -> Any:
         """The optimiser of the grid point ``hp``; its ``"horizon"`` entry (the steps of the
