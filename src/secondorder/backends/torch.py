@@ -100,21 +100,21 @@ class TorchBackend(Backend):
 
     def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
         x_leaves, x_def = flatten(x)
-        if has_aux:
-            y, vjp_fn, aux = torch.func.vjp(_of_leaves(f, x_def), x_leaves, has_aux=True)
-        else:
-            y, vjp_fn = torch.func.vjp(_of_leaves(f, x_def), x_leaves)
+        return _vjp_of_leaves(_of_leaves(f, x_def), x_leaves, x_def, has_aux)
 
-        def pullback(u: Tree) -> Tree:
-            try:
-                cotangent = vjp_fn(u)[0]
-            except RuntimeError as err:
-                if not _order_mismatch(err):
-                    raise
-                cotangent = vjp_fn(_like(y, u))[0]
-            return unflatten(x_def, cotangent)
+    def linearize_vjp(self, f: Callable, x: Tree
+                      ) -> tuple[Tree, Callable[[Tree], Tree], Callable[[Tree], Tree]]:
+        # the default's products, with x flattened once for the VJP and every JVP
+        x_leaves, x_def = flatten(x)
+        g = _of_leaves(f, x_def)
+        y, pullback = _vjp_of_leaves(g, x_leaves, x_def, False)
 
-        return (y, pullback, aux) if has_aux else (y, pullback)
+        def jvp_fn(v: Tree) -> Tree:
+            v_leaves, v_def = flatten(v)
+            check_same_structure(x_def, v_def)
+            return torch.func.jvp(g, (x_leaves,), (v_leaves,))[1]
+
+        return y, jvp_fn, pullback
 
     def mean_reduce(self, x: Tree) -> Tree:
         """The mean over the ranks of the default ``torch.distributed`` group (``x`` itself
@@ -235,6 +235,26 @@ class TorchBackend(Backend):
         if b.ndim == 1:
             return torch.cholesky_solve(b[:, None], factor)[:, 0]
         return torch.cholesky_solve(b, factor)
+
+
+def _vjp_of_leaves(g: Callable, x_leaves: list[Array], x_def: Any, has_aux: bool) -> Any:
+    """``torch.func.vjp`` of ``g`` (a function of the leaf list) with a pullback that takes a
+    cotangent tree and returns the tree of structure ``x_def``."""
+    if has_aux:
+        y, vjp_fn, aux = torch.func.vjp(g, x_leaves, has_aux=True)
+    else:
+        y, vjp_fn = torch.func.vjp(g, x_leaves)
+
+    def pullback(u: Tree) -> Tree:
+        try:
+            cotangent = vjp_fn(u)[0]
+        except RuntimeError as err:
+            if not _order_mismatch(err):
+                raise
+            cotangent = vjp_fn(_like(y, u))[0]
+        return unflatten(x_def, cotangent)
+
+    return (y, pullback, aux) if has_aux else (y, pullback)
 
 
 def _of_leaves(f: Callable, treedef: Any) -> Callable:
