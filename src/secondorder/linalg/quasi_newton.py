@@ -65,9 +65,8 @@ def _unit_pair(s: Array, y: Array, xp: Any) -> tuple[Array, Array]:
     """(c s, c y) with c = 1 / ||s|| (c = 1 where ||s|| is 0 or not finite). BFGS and L-BFGS
     are unchanged by a common scaling of a pair (rho = 1 / (s^T y) scales by 1 / c^2, every
     term rho s y^T, rho s s^T by 1), but their intermediates are not: near convergence in
-    float32, s^T y ~ 1e-20 makes rho^2 ~ 1e40 overflow in the expanded update, and makes the
-    compact representation's triangular solves amplify rounding by 1e20. With ||s|| = 1 the
-    pair's own scale is gone, and s^T y is its curvature along s (bounded below by the pair
+    float32, s^T y ~ 1e-20 makes rho^2 ~ 1e40 overflow in the expanded update. With ||s|| = 1
+    the pair's own scale is gone, and s^T y is its curvature along s (bounded below by the pair
     damping, e.g. lambda_G after D_LM)."""
     length = xp.sqrt(_dot(s, s, xp))
     ok = xp.logical_and(length > 0, xp.isfinite(length))
