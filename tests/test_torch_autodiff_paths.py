@@ -1,0 +1,128 @@
+"""The torch backend's two ways to differentiate: outside every transform it records on the
+autograd tape (VJPs, gradients) and pushes dual tensors (JVPs); inside a torch.func transform,
+or where the function takes a forward-mode derivative of its own, it uses torch.func. Each case
+is held to torch.func itself (the independent reference) on a float64 tanh network, to 1e-12,
+and the results must come back detached, as torch.func's do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secondorder import backends
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+TOL = 1e-12
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x = r(7, 5)
+    params = {"w1": r(4, 5), "b1": r(4), "w2": r(3, 4), "b2": r(3)}
+    tangent = {k: r(*v.shape) for k, v in params.items()}
+    cotangent = r(7, 3)
+    return x, params, tangent, cotangent
+
+
+def _net(x):
+    def apply(p):
+        return F.linear(torch.tanh(F.linear(x, p["w1"], p["b1"])), p["w2"], p["b2"])
+
+    return apply
+
+
+def _close(a, b):
+    la = a if isinstance(a, (list, tuple)) else [a]
+    lb = b if isinstance(b, (list, tuple)) else [b]
+    for u, v in zip(la, lb, strict=True):
+        if isinstance(u, dict):
+            _close([u[k] for k in sorted(u)], [v[k] for k in sorted(v)])
+            continue
+        assert not u.requires_grad and u.grad_fn is None
+        np.testing.assert_allclose(u.numpy(), v.detach().numpy(), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("context", ["plain", "no_grad", "parameters"])
+def test_jvp_vjp_linearize_vjp_match_torch_func(problem, context):
+    """Plain tensors, a caller's torch.no_grad and nn.Parameters (requires_grad) all give
+    torch.func's products; nothing returned carries an autograd graph."""
+    b = backends.get("torch")
+    x, params, tangent, cotangent = problem
+    if context == "parameters":
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    f = _net(x)
+    ref_out, ref_jvp = torch.func.jvp(f, (params,), (tangent,))
+    ref_vjp = torch.func.vjp(f, params)[1](cotangent)[0]
+    with torch.no_grad() if context == "no_grad" else torch.enable_grad():
+        out, jv = b.jvp(f, params, tangent)
+        y, pullback = b.vjp(f, params)
+        vj = pullback(cotangent)
+        vj_again = pullback(2.0 * cotangent)  # the graph is kept for further products
+        y2, jvp_fn, pullback2 = b.linearize_vjp(f, params)
+        jv2, vj2 = jvp_fn(tangent), pullback2(cotangent)
+    _close([out, jv, y, y2, jv2], [ref_out, ref_jvp, ref_out, ref_out, ref_jvp])
+    _close([vj, vj2], [ref_vjp, ref_vjp])
+    _close([vj_again], [{k: 2.0 * v for k, v in ref_vjp.items()}])
+
+
+def test_vjp_with_aux_tree_outputs_and_unused_leaves(problem):
+    """A tree of outputs, aux data, and a leaf no output depends on (zero cotangent, as
+    torch.func gives)."""
+    b = backends.get("torch")
+    x, params, _, cotangent = problem
+    params = dict(params, unused=torch.ones(2, dtype=torch.float64))
+    f = _net(x)
+
+    def g(p):
+        out = f(p)
+        return {"out": out, "sq": (out ** 2).sum(1)}, {"mean": out.mean()}
+
+    cot = {"out": cotangent, "sq": cotangent[:, 0]}
+    y, pullback, aux = b.vjp(g, params, has_aux=True)
+    ref_y, ref_pullback, ref_aux = torch.func.vjp(g, params, has_aux=True)
+    _close([y["out"], y["sq"], aux["mean"]], [ref_y["out"], ref_y["sq"], ref_aux["mean"]])
+    got, ref = pullback(cot), ref_pullback(cot)[0]
+    _close([got], [ref])
+    assert float(got["unused"].abs().sum()) == 0.0
+    # an output that does not depend on the inputs at all: a zero tangent and cotangent
+    const = torch.arange(3.0, dtype=torch.float64)
+    _, jv = b.jvp(lambda p: const, params, params)
+    _close([jv], [torch.zeros(3, dtype=torch.float64)])
+    _close([b.vjp(lambda p: const, params)[1](const)],
+           [{k: torch.zeros_like(v) for k, v in params.items()}])
+    # an output that is not a tensor is refused, as torch.func refuses it
+    with pytest.raises(RuntimeError, match="only tensors"):
+        b.jvp(lambda p: (f(p), 2.0), params, params)
+    with pytest.raises(RuntimeError, match="only tensors"):
+        torch.func.jvp(lambda p: (f(p), 2.0), (params,), (params,))
+
+
+def test_nested_forward_mode_and_transforms_use_torch_func(problem):
+    """A JVP of a Hessian-vector product (forward over forward over reverse, as GroupedNewton
+    takes third derivatives) and the backend's products under torch.func.vmap match the
+    all-torch.func computation."""
+    b = backends.get("torch")
+    x, params, tangent, _ = problem
+    f = _net(x)
+
+    def scalar(p):
+        return (torch.tanh(f(p)) ** 2).sum()
+
+    def hvp_ref(p):
+        return torch.func.jvp(torch.func.grad(scalar), (p,), (tangent,))[1]
+
+    got = b.jvp(lambda p: b.hvp(scalar, p, tangent), params, tangent)
+    ref = torch.func.jvp(hvp_ref, (params,), (tangent,))
+    _close([got[0], got[1]], [ref[0], ref[1]])
+    # inside vmap: a batch of two tangents
+    batched = {k: torch.stack([v, -2.0 * v]) for k, v in tangent.items()}
+    got_v = torch.func.vmap(lambda t: b.jvp(f, params, t)[1])(batched)
+    ref_v = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(batched)
+    _close([got_v], [ref_v])
