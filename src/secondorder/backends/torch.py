@@ -126,7 +126,8 @@ def _jvp_of_leaves(g: Callable, x_leaves: list[Array], v_leaves: list[Array]
 
 
 #: torch dtypes whose values NumPy scalars hold with the same rounding
-_HOST_SCALARS: dict[Any, Any] = {torch.float32: np.float32, torch.float64: np.float64}
+_HOST_SCALARS: dict[Any, Any] = {torch.float32: np.float32, torch.float64: np.float64,
+                                 torch.int32: np.int32, torch.int64: np.int64}
 
 
 class TorchBackend(Backend):
@@ -262,6 +263,9 @@ class TorchBackend(Backend):
 
     def logsumexp(self, f: Array, axis: int = -1) -> Array:
         return torch.logsumexp(f, dim=axis, keepdim=True)
+
+    def softmax(self, f: Array, axis: int = -1) -> Array:
+        return torch.softmax(f, dim=axis)
 
     def take_labels(self, f: Array, labels: Array) -> Array:
         return torch.gather(f, 1, labels[:, None].long())[:, 0]

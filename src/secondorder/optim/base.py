@@ -360,16 +360,19 @@ class Optimizer(ABC):
              damping: Any = float("nan"), finite: Any = True, inner_iterations: Any = 0,
              inner_residual: Any = float("nan"), extras: Mapping[str, Array] | None = None
              ) -> StepInfo:
-        s = self.scalar
-        xp = backend_of(loss).xp
-
-        def as_array(v: Any) -> Array:
-            return v if hasattr(v, "shape") else s(like, v)
+        backend = backend_of(loss)
+        xp, device = backend.xp, backend.device(loss)
+        if hasattr(loss, "dtype") and xp.isdtype(loss.dtype, "real floating"):
+            def as_array(v: Any) -> Array:  # the loss has the parameters' dtype and device
+                return v if hasattr(v, "shape") else xp.asarray(v, dtype=loss.dtype,
+                                                                device=device)
+        else:
+            def as_array(v: Any) -> Array:
+                return v if hasattr(v, "shape") else self.scalar(like, v)
 
         iters = inner_iterations if hasattr(inner_iterations, "shape") else xp.asarray(
-            inner_iterations, device=backend_of(loss).device(loss))
-        fin = finite if hasattr(finite, "shape") else xp.asarray(
-            bool(finite), device=backend_of(loss).device(loss))
+            inner_iterations, device=device)
+        fin = finite if hasattr(finite, "shape") else xp.asarray(bool(finite), device=device)
         return StepInfo(loss, as_array(step_norm), as_array(damping), fin, iters,
                         as_array(inner_residual), dict(extras or {}))
 
