@@ -243,8 +243,8 @@ def test_torch_namespace_direct_calls_are_array_api_compat_results():
             assert torch.equal(getattr(xp, name)(a, **kwargs), getattr(compat, name)(a, **kwargs))
 
 
-def test_fused_softmax_logsumexp_and_labels_match_the_formulas(backend, rng):
-    """Each backend's softmax, logsumexp, label pick and per-sample cross-entropy (a framework's
+def test_fused_logsumexp_and_labels_match_the_formulas(backend, rng):
+    """Each backend's logsumexp, label pick and per-sample cross-entropy (a framework's
     fused kernel where it has one) against the float64 formulas, on logits from -800 to 800
     (where exp without the shift overflows) and a row of equal logits."""
     f = rng.standard_normal((6, 5)) * 3.0
@@ -253,11 +253,9 @@ def test_fused_softmax_logsumexp_and_labels_match_the_formulas(backend, rng):
     labels = np.array([0, 1, 4, 3, 2, 1])
     shift = f.max(axis=1, keepdims=True)
     lse = np.log(np.exp(f - shift).sum(axis=1, keepdims=True)) + shift
-    probabilities = np.exp(f - lse)
     picked = f[np.arange(6), labels]
     fb = to(backend, f)
     yb = backend.asarray(labels)
-    assert_close(back(backend, backend.softmax(fb, axis=1)), probabilities)
     assert_close(back(backend, backend.logsumexp(fb, axis=1)), lse)
     assert_close(back(backend, backend.take_labels(fb, yb)), picked)
     assert_close(back(backend, backend.label_cross_entropy(fb, yb)), lse[:, 0] - picked)

@@ -310,13 +310,6 @@ class Backend(ABC):
         shift = xp.max(f, axis=axis, keepdims=True)
         return xp.log(xp.sum(xp.exp(f - shift), axis=axis, keepdims=True)) + shift
 
-    def softmax(self, f: Array, axis: int = -1) -> Array:
-        """exp(z - log sum_j exp(z_j)) along ``axis``, with z = f - max f (a framework's fused
-        kernel where it has one: the same numbers up to rounding)."""
-        xp = self.xp
-        z = f - xp.max(f, axis=axis, keepdims=True)
-        return xp.exp(z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True)))
-
     def add_into(self, x_leaves: list[Array], y_leaves: list[Array]) -> bool:
         """x_i += y_i in place for every pair, where the framework has mutable arrays and these
         may be written (eager, not watched by autodiff); True when done, False (nothing

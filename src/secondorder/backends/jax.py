@@ -211,9 +211,6 @@ class JaxBackend(Backend):
     def logsumexp(self, f: Array, axis: int = -1) -> Array:
         return jax.nn.logsumexp(f, axis=axis, keepdims=True)
 
-    def softmax(self, f: Array, axis: int = -1) -> Array:
-        return jax.nn.softmax(f, axis=axis)
-
     def take_labels(self, f: Array, labels: Array) -> Array:
         return jnp.take_along_axis(f, labels[:, None], axis=1)[:, 0]
 

@@ -264,9 +264,6 @@ class TorchBackend(Backend):
     def logsumexp(self, f: Array, axis: int = -1) -> Array:
         return torch.logsumexp(f, dim=axis, keepdim=True)
 
-    def softmax(self, f: Array, axis: int = -1) -> Array:
-        return torch.softmax(f, dim=axis)
-
     def take_labels(self, f: Array, labels: Array) -> Array:
         return torch.gather(f, 1, labels[:, None].long())[:, 0]
 

@@ -56,8 +56,13 @@ class SoftmaxCrossEntropy(Loss):
 
     @staticmethod
     def _softmax(f: Array) -> Array:
-        """s = softmax(f) row by row (:meth:`Backend.softmax`)."""
-        return backend_of(f).softmax(f, axis=1)
+        """s = exp(z - log sum exp z) with z = f - max f, row by row. Written out on every
+        backend (not torch.softmax / jax.nn.softmax, which round differently): the recorded
+        steps and the published runs were taken with these numbers, and float32 Hessian-free
+        runs diverge from rounding-level changes within tens of steps."""
+        xp = backend_of(f).xp
+        z = f - xp.max(f, axis=1, keepdims=True)
+        return xp.exp(z - xp.log(xp.sum(xp.exp(z), axis=1, keepdims=True)))
 
     def targets(self, f: Array, y: Array) -> Array:
         """y as rows of probabilities: integer labels become one-hot rows."""
