@@ -22,6 +22,7 @@ __all__ = [
     "NotPositiveDefiniteError",
     "RandomKeyError",
     "SecondOrderError",
+    "DenseSizeWarning",
     "ShapeError",
     "StructureError",
     "UnsupportedLossError",
@@ -109,3 +110,9 @@ class CheckpointError(SecondOrderError, ValueError):
 
 class CheckpointNotFoundError(SecondOrderError, FileNotFoundError):
     """A checkpoint path (or the directory to save it in) that does not exist."""
+
+
+class DenseSizeWarning(UserWarning):
+    """A dense method (Newton, Levenberg-Marquardt, BFGS) given so many parameters p that its
+    p x p matrix is larger than :data:`secondorder.optim.dense_size.DENSE_WARNING_BYTES`: each
+    step needs p^2 numbers of memory and O(p^3) time."""

@@ -12,6 +12,7 @@ from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import axpy, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .dense_size import warn_if_too_large
 from .schedules import Schedule, resolve
 from .state import initial_count, method_state
 
@@ -88,6 +89,7 @@ class BFGS(Optimizer):
         return f"BFGS(c1={self.c1}, c2={self.c2}, max_line_search={self.max_line_search})"
 
     def init(self, params: Tree) -> BFGSState:
+        warn_if_too_large("BFGS", params, "updates it at every step, O(p^2) time")
         flat, _ = ravel(params)
         backend = self.backend(flat)
         dev = backend.device(flat)

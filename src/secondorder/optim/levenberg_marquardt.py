@@ -14,6 +14,7 @@ from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import add, ravel
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
+from .dense_size import warn_if_too_large
 from .directions import dense_system, newton_direction
 from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
 from .state import initial_count, method_state
@@ -132,6 +133,7 @@ class LevenbergMarquardt(Optimizer):
         return f"LevenbergMarquardt(damping={self.damping}, scaling={self.scaling!r})"
 
     def init(self, params: Tree) -> LevenbergMarquardtState:
+        warn_if_too_large("LevenbergMarquardt", params)
         flat, _ = ravel(params)
         backend = self.backend(flat)
         count = initial_count(backend, backend.device(flat))

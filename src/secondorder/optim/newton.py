@@ -15,6 +15,7 @@ from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import axpy, scale
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number
+from .dense_size import warn_if_too_large
 from .directions import NEWTON_VARIANTS as VARIANTS
 from .directions import dense_system, finite_or_zero, newton_direction
 from .line_search import INTERPOLATIONS, check_line_search
@@ -123,6 +124,7 @@ class Newton(Optimizer):
                 f"line_search={self.line_search!r})")
 
     def init(self, params: Tree) -> NewtonState:
+        warn_if_too_large("Newton", params)
         leaf = self.scalar(params, 0.0)
         return NewtonState(initial_count(self.backend(leaf), self.backend(leaf).device(leaf)),
                            init_transform(self.transform, params))

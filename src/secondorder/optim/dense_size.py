@@ -1,0 +1,47 @@
+"""The warning a dense method gives before it forms a p x p matrix too large for a network.
+
+Newton and Levenberg-Marquardt form the p x p Hessian or Gauss-Newton matrix at every step and
+factor it (memory p^2, time O(p^3)); BFGS keeps a p x p inverse in its state. For p = 20,000
+parameters that is 1.5 GiB in float32 per matrix and minutes per step, which looks like a hang
+to someone who passed a convolutional network. Their ``init`` calls :func:`warn_if_too_large`,
+which emits :class:`~secondorder.errors.DenseSizeWarning` naming the size and the matrix-free or
+Kronecker-factored methods to use instead.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from .._pytree import flatten
+from ..errors import DenseSizeWarning
+
+__all__ = ["DENSE_WARNING_BYTES", "warn_if_too_large"]
+
+#: bytes of one p x p matrix above which :func:`warn_if_too_large` warns (1 GiB); set it higher
+#: (or filter :class:`~secondorder.errors.DenseSizeWarning`) to silence the warning
+DENSE_WARNING_BYTES = 2**30
+
+
+def warn_if_too_large(method: str, params: Any,
+                      work: str = "factors it at every step, O(p^3) time") -> None:
+    """Warn with :class:`~secondorder.errors.DenseSizeWarning` when a p x p matrix of the
+    parameters' dtype, p = the number of scalars in ``params``, exceeds
+    :data:`DENSE_WARNING_BYTES` (read at call time); ``work`` says what the method does with
+    the matrix."""
+    leaves = flatten(params)[0]
+    shaped = [a for a in leaves if hasattr(a, "shape")]
+    if not shaped:
+        return
+    p = sum(math.prod(a.shape) for a in shaped)
+    itemsize = getattr(shaped[0].dtype, "itemsize", 8)
+    size = p * p * itemsize
+    if size > DENSE_WARNING_BYTES:
+        warnings.warn(
+            f"{method} forms a dense {p} x {p} matrix ({size / 2**30:.1f} GiB at "
+            f"{itemsize} bytes an entry) and {work}. For a "
+            "network this size use a matrix-free method ('hessian-free', 'curveball') or a "
+            "Kronecker-factored one ('kfac', 'shampoo', 'kbfgs'); to keep this method, raise "
+            "secondorder.optim.dense_size.DENSE_WARNING_BYTES or filter DenseSizeWarning.",
+            DenseSizeWarning, stacklevel=3)
