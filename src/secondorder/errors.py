@@ -26,6 +26,7 @@ __all__ = [
     "ShapeError",
     "StructureError",
     "UnsupportedLossError",
+    "UnsupportedModelError",
 ]
 
 
@@ -110,6 +111,14 @@ class CheckpointError(SecondOrderError, ValueError):
 
 class CheckpointNotFoundError(SecondOrderError, FileNotFoundError):
     """A checkpoint path (or the directory to save it in) that does not exist."""
+
+
+class UnsupportedModelError(SecondOrderError, ValueError):
+    """A model whose layers a method cannot tap: a ``Linear`` or ``Conv2d`` layer that its
+    forward pass calls not exactly once (a layer called twice, or one whose weight is used
+    without calling it, as ``nn.MultiheadAttention`` does with ``out_proj``). Methods that need
+    each layer's input and output gradient (K-FAC, TNT, K-BFGS, SMW-NG/GN) cannot take such a
+    model; methods built on products (CurveBall, Hessian-free) and Shampoo can."""
 
 
 class DenseSizeWarning(UserWarning):

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import SecondOrderError
+from ..errors import SecondOrderError, UnsupportedModelError
 from .base import Array, LayerInfo, Model
 
 
@@ -60,6 +60,7 @@ class TorchModel(Model):
         index = {name: i for i, name in enumerate(names)}
         self.names = names
         self._tapped = []
+        self._tapped_names: list[str] = []
         layers = []
         norms = []
         for prefix, sub in module.named_modules():
@@ -72,6 +73,7 @@ class TorchModel(Model):
                 fan_in = sub.weight[0].numel()
                 layers.append(LayerInfo(kind, w, b, fan_in, sub.weight.shape[0]))
                 self._tapped.append(sub)
+                self._tapped_names.append(prefix or type(sub).__name__)
             if isinstance(sub, _NormBase):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
                 buffers = [f"{prefix}.{b}" if prefix else b for b in self._STAT_BUFFERS
                            if getattr(sub, b, None) is not None]
@@ -212,21 +214,32 @@ class TorchModel(Model):
         return hook
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
+        """The output shape of every tapped layer, in the order of :attr:`layers` (the
+        module's registration order, which need not be the order its forward pass calls them),
+        from one forward pass without gradients at the module's own parameters. Raises
+        :class:`~secondorder.errors.UnsupportedModelError` for a tapped layer that the forward
+        pass calls not exactly once (its tap would be missing or ambiguous)."""
         import torch
         from torch.func import functional_call
 
         key = tuple(x.shape)
         if key not in self._shapes:
-            shapes: list[tuple[int, ...]] = []
+            shapes: list[tuple[int, ...] | None] = [None] * len(self._tapped)
+            calls = [0] * len(self._tapped)
 
-            def record(mod: Any, args: tuple, out: Array) -> None:
-                if out.ndim == 4:
-                    m, c, h, w = out.shape
-                    shapes.append((m, h * w, c))
-                else:
-                    shapes.append(tuple(out.shape))
+            def recorder(k: int) -> Callable:
+                def record(mod: Any, args: tuple, out: Array) -> None:
+                    calls[k] += 1
+                    if out.ndim == 4:
+                        m, c, h, w = out.shape
+                        shapes[k] = (m, h * w, c)
+                    else:
+                        shapes[k] = tuple(out.shape)
 
-            handles = [sub.register_forward_hook(record) for sub in self._tapped]
+                return record
+
+            handles = [sub.register_forward_hook(recorder(k))
+                       for k, sub in enumerate(self._tapped)]
             try:
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
                     # the module's own parameters; running statistics left as they are
@@ -234,6 +247,16 @@ class TorchModel(Model):
             finally:
                 for h in handles:
                     h.remove()
+            wrong = [f"{name!r} ({n} calls)" for name, n in zip(self._tapped_names, calls)
+                     if n != 1]
+            if wrong:
+                raise UnsupportedModelError(
+                    "this method taps every Linear and Conv2d layer (its input and output "
+                    "gradient), so each must be called exactly once per forward pass through its "
+                    f"own forward(); here {', '.join(wrong)} are not (a layer reused, or a weight "
+                    "used directly, as nn.MultiheadAttention does with out_proj). Use a method "
+                    "without taps ('curveball', 'hessian-free', 'shampoo', 'sgd', 'adam') for "
+                    "this model")
             self._shapes[key] = shapes
         return self._shapes[key]
 
