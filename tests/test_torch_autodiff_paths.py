@@ -126,3 +126,53 @@ def test_nested_forward_mode_and_transforms_use_torch_func(problem):
     got_v = torch.func.vmap(lambda t: b.jvp(f, params, t)[1])(batched)
     ref_v = torch.func.vmap(lambda t: torch.func.jvp(f, (params,), (t,))[1])(batched)
     _close([got_v], [ref_v])
+
+
+class _Square(torch.autograd.Function):
+    """x^2 with a backward formula and no forward-mode (jvp) formula."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2.0 * x * g
+
+
+def test_an_operation_without_forward_mode_raises_a_named_error():
+    """A JVP through an operation torch has no forward-mode formula for raises
+    AutodiffUnavailableError (still a NotImplementedError) naming what can run instead; VJPs
+    through it still work (d/dx x^2 = 2x); a CurveBall step through the torch.optim adapter
+    raises it and leaves the module's weights as they were."""
+    from secondorder.errors import AutodiffUnavailableError
+    from secondorder.integrations.torch import Optimizer
+
+    b = backends.get("torch")
+    w = {"w": torch.arange(1.0, 4.0, dtype=torch.float64)}
+    with pytest.raises(AutodiffUnavailableError, match="'kfac'") as err:
+        b.jvp(lambda p: _Square.apply(p["w"]), w, w)
+    assert isinstance(err.value, NotImplementedError)
+    cot = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    _close([b.vjp(lambda p: _Square.apply(p["w"]), w)[1](cot)], [{"w": 2.0 * w["w"] * cot}])
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(_Square.apply(x @ torch.ones(3, 3) + self.lin.weight.sum()))
+
+    net = Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    with pytest.raises(AutodiffUnavailableError, match="curveball"):
+        Optimizer(net, torch.nn.CrossEntropyLoss(), "curveball").step((x, y))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert torch.isfinite(Optimizer(net, torch.nn.CrossEntropyLoss(), "sgd", lr=0.1).step((x, y)))

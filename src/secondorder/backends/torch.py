@@ -23,6 +23,7 @@ import torch.func
 from torch.autograd import forward_ad
 
 from .._pytree import check_same_structure, flatten, unflatten
+from ..errors import AutodiffUnavailableError
 from ._base import Array, Backend, Tree
 from ._torch_namespace import namespace
 
@@ -115,14 +116,25 @@ def _jvp_of_leaves(g: Callable, x_leaves: list[Array], v_leaves: list[Array]
                    ) -> tuple[Tree, Tree]:
     """The JVP of ``g`` at the leaf list: dual tensors where no transform is active
     (:func:`_dual_jvp`), else ``torch.func.jvp``; also ``torch.func.jvp`` when ``g`` itself
-    takes a forward-mode derivative (torch nests no dual levels, torch.func does)."""
-    if _eager() and _differentiable(x_leaves):
-        try:
-            return _dual_jvp(g, x_leaves, v_leaves)
-        except RuntimeError as err:
-            if "Nested forward mode AD" not in str(err):
-                raise
-    return torch.func.jvp(g, (x_leaves,), (v_leaves,))
+    takes a forward-mode derivative (torch nests no dual levels, torch.func does). An operation
+    without a forward-mode formula in torch raises :class:`AutodiffUnavailableError`."""
+    try:
+        if _eager() and _differentiable(x_leaves):
+            try:
+                return _dual_jvp(g, x_leaves, v_leaves)
+            except RuntimeError as err:
+                if "Nested forward mode AD" not in str(err):
+                    raise
+        return torch.func.jvp(g, (x_leaves,), (v_leaves,))
+    except NotImplementedError as err:
+        if not any(s in str(err) for s in ("forward AD", "forward mode AD")):
+            raise
+        raise AutodiffUnavailableError(
+            "torch has no forward-mode derivative (JVP) for an operation of this model: "
+            f"{str(err).splitlines()[0]} Methods built on Jacobian-vector products ('curveball', "
+            "'hessian-free', 'newton', 'levenberg-marquardt', GGN and Hessian operators) "
+            "cannot run on it; those that need only gradients ('sgd', 'adam', 'kfac', "
+            "'shampoo', 'tnt', 'kbfgs') can") from err
 
 
 #: torch dtypes whose values NumPy scalars hold with the same rounding
