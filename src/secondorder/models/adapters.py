@@ -6,7 +6,12 @@ keeps; the canonical leaf order, and so the layer table's leaf indices, sorts th
 result differentiates with ``torch.func`` like any other function of a parameter tree. Its
 ``nn.Linear`` and ``nn.Conv2d`` layers are tappable through forward hooks: the hook adds the tap
 to the layer's output and records its input (im2col patches for convolutions, by
-``torch.nn.functional.unfold``), with the same layouts as the reference models. ``from_jax``
+``torch.nn.functional.unfold``, after the layer's own padding: a ``padding_mode`` or an
+asymmetric ``padding="same"``), with the same layouts as the reference models. Taps are matched to
+layers in the module's registration order, whatever order the forward pass calls them in; a tapped
+layer must be called exactly once per forward pass (else ``UnsupportedModelError``). Grouped
+convolutions (``groups > 1``) and every other layer type are not tapped: methods with per-layer
+blocks treat their parameters as they treat any untapped leaf. ``from_jax``
 wraps any pure JAX apply function (flax ``Module.apply``, an equinox model split into arrays and
 static parts, ...) as it is.
 
@@ -65,7 +70,11 @@ class TorchModel(Model):
         norms = []
         for prefix, sub in module.named_modules():
             weight = f"{prefix}.weight" if prefix else "weight"
-            if isinstance(sub, torch.nn.Linear | torch.nn.Conv2d) and weight in index:
+            # grouped convolutions are not tapped (their weight is block-diagonal over groups,
+            # which the Kronecker blocks do not model): their parameters are left untapped,
+            # like those of every other layer type
+            if (isinstance(sub, torch.nn.Linear | torch.nn.Conv2d) and weight in index
+                    and getattr(sub, "groups", 1) == 1):
                 kind = "dense" if isinstance(sub, torch.nn.Linear) else "conv"
                 w = index[f"{prefix}.weight" if prefix else "weight"]
                 b_name = f"{prefix}.bias" if prefix else "bias"
@@ -200,7 +209,14 @@ class TorchModel(Model):
         def hook(mod: Any, args: tuple, out: Array) -> Array:
             a = args[0]
             if isinstance(mod, torch.nn.Conv2d):
-                a = torch.nn.functional.unfold(a, mod.kernel_size, mod.dilation, mod.padding,
+                padding = mod.padding
+                if mod.padding_mode != "zeros" or isinstance(padding, str):
+                    # the patches the layer sees: reflect / replicate / circular padding, and
+                    # padding="same" (asymmetric for even kernels), applied as the layer does
+                    mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+                    a = torch.nn.functional.pad(a, mod._reversed_padding_repeated_twice, mode)
+                    padding = 0
+                a = torch.nn.functional.unfold(a, mod.kernel_size, mod.dilation, padding,
                                                mod.stride).transpose(1, 2)
                 m, c_out, ho, wo = out.shape
                 out = out + tap.transpose(1, 2).reshape(m, c_out, ho, wo)
