@@ -347,3 +347,33 @@ def test_flax_kfac_operator_equals_the_reference_operator():
     for g, w in zip(got, want, strict=True):
         scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in tree.leaves(w))
         assert max_diff(_reference_layout(g), w) < 1e-12 * scale
+
+
+class DepthwiseCNN(nn.Module):
+    """A depthwise convolution (feature_group_count = channels), a 1 x 1 convolution, a Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(2, (3, 3), feature_group_count=2, padding="VALID", param_dtype=F64)(x)
+        h = jnp.tanh(nn.Conv(3, (1, 1), param_dtype=F64)(h))
+        return nn.Dense(3, param_dtype=F64)(h.reshape(h.shape[0], -1))
+
+
+def test_flax_grouped_convolutions_are_left_untapped():
+    """A grouped convolution is not a Kronecker block: from_flax taps the other layers only (as
+    from_torch does), with the factors of the same layers' inputs, and K-FAC steps."""
+    from secondorder import optim
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((6, 5, 5, 2)))
+    y = jnp.asarray(np.arange(6) % 3)
+    module = DepthwiseCNN()
+    model, params = from_flax(module, module.init(jax.random.key(2), x), example=x)
+    assert [layer.kind for layer in model.layers] == ["conv", "dense"]
+    assert [s[1:] for s in model.tap_shapes(x)] == [(9, 3), (3,)]
+    opt = optim.KFAC(model, SoftmaxCrossEntropy(), lr=0.1, damping=1e-2)
+    state, losses = opt.init(params), []
+    for _ in range(3):
+        params, state, info = opt.step(params, state, (x, y))
+        losses.append(float(info.loss))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]

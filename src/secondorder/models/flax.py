@@ -25,7 +25,8 @@ Layer taps. ``nn.Dense`` and ``nn.Conv`` calls are intercepted with ``flax.linen
 to add a tap to their outputs and record their inputs in the layouts of the reference models
 (:mod:`secondorder.models.layers`): a dense layer's input (m, d_in [+1]) and tap (m, d_out); a
 convolution's im2col patches (m, Ho Wo, C_in kh kw [+1]), channel-major within a patch as a
-(C_out, C_in, kh, kw) kernel flattened row-major, and tap (m, Ho Wo, C_out). So
+(C_out, C_in, kh, kw) kernel flattened row-major, and tap (m, Ho Wo, C_out). Grouped and masked
+convolutions are not tapped (their parameters are treated as any untapped leaf). So
 :func:`secondorder.curvature.kronecker_factors` gives the same A and G as on the reference models.
 Flax stores a dense kernel as (d_in, d_out) and a convolution kernel as (kh, kw, C_in, C_out),
 transposes of the reference layouts: the factors are the same, but ``secondorder.curvature.KFAC``
@@ -380,6 +381,10 @@ def _kind(module: Any) -> str | None:
     if isinstance(module, nn.Dense):
         return "dense"
     if isinstance(module, nn.Conv):
+        # grouped and masked convolutions are not Kronecker blocks: left untapped, like every
+        # other layer type (as from_torch leaves grouped Conv2d layers)
+        if module.feature_group_count != 1 or module.mask is not None:
+            return None
         return "conv"
     return None
 
@@ -398,9 +403,6 @@ def _describe(module: Any, kind: str, a: Any, out: Any) -> _Tapped:
     if a.ndim != 4:
         raise ShapeError(f"layer taps take 2-D convolutions on (batch, H, W, C) inputs; {name} "
                          f"gets {tuple(a.shape)}")
-    if module.feature_group_count != 1 or module.mask is not None:
-        raise SecondOrderError(f"layer taps do not support grouped or masked convolutions "
-                               f"({name})")
     padding = module.padding
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
