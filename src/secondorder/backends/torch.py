@@ -48,14 +48,10 @@ def _autograd_value_and_grad(f: Callable, x: Tree) -> tuple[Array, Tree]:
     """``(f(x), grad f(x))`` by reverse mode on the autograd tape, for a scalar ``f``; the
     results are detached, like ``torch.func``'s."""
     leaves, treedef = flatten(x)
-    inputs = [leaf.detach().requires_grad_(True) for leaf in leaves]
+    inputs = _tape_inputs(leaves)
     with torch.enable_grad():
         value = f(unflatten(treedef, inputs))
-    if not value.requires_grad:  # f does not depend on x
-        return value, unflatten(treedef, [torch.zeros_like(leaf) for leaf in leaves])
-    grads = torch.autograd.grad(value, inputs, allow_unused=True)
-    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
-    return value.detach(), unflatten(treedef, grads)
+    return _detach(value), unflatten(treedef, _tape_grads([value], [None], inputs, False))
 
 
 def _tape_vjp(g: Callable, x_leaves: list[Array], x_def: Any, has_aux: bool) -> Any:
@@ -63,34 +59,46 @@ def _tape_vjp(g: Callable, x_leaves: list[Array], x_def: Any, has_aux: bool) -> 
     forward pass recorded at detached copies of the leaves; the pullback is
     ``torch.autograd.grad`` with the graph kept for the next call. Outputs (and aux) come back
     detached, and a leaf the outputs do not depend on gets a zero cotangent, as torch.func's."""
-    inputs = [leaf.detach().requires_grad_(True) for leaf in x_leaves]
+    inputs = _tape_inputs(x_leaves)
     with torch.enable_grad():
         out = g(inputs)
     aux = None
     if has_aux:
         out, aux = out
-        aux = _detached(aux)
+        aux_leaves, aux_def = flatten(aux)
+        aux = unflatten(aux_def, [_detach(a) for a in aux_leaves])
     out_leaves, out_def = flatten(out)
 
     def pullback(u: Tree) -> Tree:
         u_leaves, u_def = flatten(u)
         check_same_structure(out_def, u_def)
-        pairs = [(o, c) for o, c in zip(out_leaves, u_leaves)
-                 if isinstance(o, torch.Tensor) and o.requires_grad]
-        grads: Any = [None] * len(inputs)
-        if pairs:
-            grads = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs],
-                                        retain_graph=True, allow_unused=True)
-        return unflatten(x_def, [torch.zeros_like(a) if d is None else d
-                                 for a, d in zip(x_leaves, grads)])
+        return unflatten(x_def, _tape_grads(out_leaves, u_leaves, inputs, True))
 
-    y = unflatten(out_def, [_detached(o) for o in out_leaves])
+    y = unflatten(out_def, [_detach(o) for o in out_leaves])
     return (y, pullback, aux) if has_aux else (y, pullback)
 
 
-def _detached(tree: Any) -> Any:
-    leaves, treedef = flatten(tree)
-    return unflatten(treedef, [a.detach() if isinstance(a, torch.Tensor) else a for a in leaves])
+def _tape_inputs(leaves: list[Array]) -> list[Array]:
+    """Detached copies of the leaves that the tape records from."""
+    return [leaf.detach().requires_grad_(True) for leaf in leaves]
+
+
+def _tape_grads(outputs: list[Any], cotangents: list[Any], inputs: list[Array],
+                retain: bool) -> list[Array]:
+    """sum_i cotangent_i^T d output_i / d input by ``torch.autograd.grad`` (a None cotangent
+    for a scalar output), over the outputs recorded on the tape; zero for an input that no
+    output reaches. ``retain`` keeps the graph for another call."""
+    pairs = [(o, c) for o, c in zip(outputs, cotangents)
+             if isinstance(o, torch.Tensor) and o.requires_grad]
+    grads: Any = [None] * len(inputs)
+    if pairs:
+        grads = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs],
+                                    retain_graph=retain, allow_unused=True)
+    return [torch.zeros_like(a) if d is None else d for a, d in zip(inputs, grads)]
+
+
+def _detach(a: Any) -> Any:
+    return a.detach() if isinstance(a, torch.Tensor) else a
 
 
 def _dual_jvp(g: Callable, x_leaves: list[Array], v_leaves: list[Array]) -> tuple[Tree, Tree]:

@@ -65,7 +65,6 @@ class TorchModel(Model):
         index = {name: i for i, name in enumerate(names)}
         self.names = names
         self._tapped = []
-        self._tapped_names: list[str] = []
         layers = []
         norms = []
         for prefix, sub in module.named_modules():
@@ -82,7 +81,6 @@ class TorchModel(Model):
                 fan_in = sub.weight[0].numel()
                 layers.append(LayerInfo(kind, w, b, fan_in, sub.weight.shape[0]))
                 self._tapped.append(sub)
-                self._tapped_names.append(prefix or type(sub).__name__)
             if isinstance(sub, _NormBase):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
                 buffers = [f"{prefix}.{b}" if prefix else b for b in self._STAT_BUFFERS
                            if getattr(sub, b, None) is not None]
@@ -263,9 +261,11 @@ class TorchModel(Model):
             finally:
                 for h in handles:
                     h.remove()
-            wrong = [f"{name!r} ({n} calls)" for name, n in zip(self._tapped_names, calls)
-                     if n != 1]
-            if wrong:
+            if any(n != 1 for n in calls):
+                names = {id(sub): prefix or type(sub).__name__
+                         for prefix, sub in self.module.named_modules()}
+                wrong = [f"{names[id(sub)]!r} ({n} calls)"
+                         for sub, n in zip(self._tapped, calls) if n != 1]
                 raise UnsupportedModelError(
                     "this method taps every Linear and Conv2d layer (its input and output "
                     "gradient), so each must be called exactly once per forward pass through its "

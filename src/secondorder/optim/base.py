@@ -362,13 +362,12 @@ class Optimizer(ABC):
              ) -> StepInfo:
         backend = backend_of(loss)
         xp, device = backend.xp, backend.device(loss)
-        if hasattr(loss, "dtype") and xp.isdtype(loss.dtype, "real floating"):
-            def as_array(v: Any) -> Array:  # the loss has the parameters' dtype and device
-                return v if hasattr(v, "shape") else xp.asarray(v, dtype=loss.dtype,
-                                                                device=device)
-        else:
-            def as_array(v: Any) -> Array:
-                return v if hasattr(v, "shape") else self.scalar(like, v)
+        # a floating loss has the parameters' dtype and device: a leaf to copy them from
+        # without flattening the parameters
+        source = loss if xp.isdtype(loss.dtype, "real floating") else like
+
+        def as_array(v: Any) -> Array:
+            return v if hasattr(v, "shape") else self.scalar(source, v)
 
         iters = inner_iterations if hasattr(inner_iterations, "shape") else xp.asarray(
             inner_iterations, device=device)

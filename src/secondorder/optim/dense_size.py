@@ -10,12 +10,12 @@ Kronecker-factored methods to use instead.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 from .._pytree import flatten
 from ..errors import DenseSizeWarning
+from ..tree import size
 
 __all__ = ["DENSE_WARNING_BYTES", "warn_if_too_large"]
 
@@ -31,15 +31,14 @@ def warn_if_too_large(method: str, params: Any,
     :data:`DENSE_WARNING_BYTES` (read at call time); ``work`` says what the method does with
     the matrix."""
     leaves = flatten(params)[0]
-    shaped = [a for a in leaves if hasattr(a, "shape")]
-    if not shaped:
+    if not leaves:
         return
-    p = sum(math.prod(a.shape) for a in shaped)
-    itemsize = getattr(shaped[0].dtype, "itemsize", 8)
-    size = p * p * itemsize
-    if size > DENSE_WARNING_BYTES:
+    p = size(params)
+    itemsize = getattr(leaves[0].dtype, "itemsize", 8)
+    nbytes = p * p * itemsize
+    if nbytes > DENSE_WARNING_BYTES:
         warnings.warn(
-            f"{method} forms a dense {p} x {p} matrix ({size / 2**30:.1f} GiB at "
+            f"{method} forms a dense {p} x {p} matrix ({nbytes / 2**30:.1f} GiB at "
             f"{itemsize} bytes an entry) and {work}. For a "
             "network this size use a matrix-free method ('hessian-free', 'curveball') or a "
             "Kronecker-factored one ('kfac', 'shampoo', 'kbfgs'); to keep this method, raise "

@@ -92,8 +92,8 @@ def every(backend: Backend, count: Any, period: int, fn: Callable[..., T],
     compiled conditional under ``jax.jit``). ``period=1`` always runs ``fn``."""
     if period == 1:
         return fn(*operands)
-    host = (backend.host_scalar(count)
-            if hasattr(count, "shape") and backend.is_concrete(count) else None)
+    # host_scalar is None for traced and device counts
+    host = backend.host_scalar(count) if hasattr(count, "shape") else None
     if host is not None:  # an eager CPU count: the test in Python, no array arithmetic
         return fn(*operands) if int(host) % period == 0 else otherwise(*operands)
     due = count % period == 0
