@@ -208,6 +208,31 @@ def test_jit_gives_the_eager_updates_and_scan_runs_the_state(name):
     assert losses_seen.shape == (STEPS,)
 
 
+@pytest.mark.parametrize("name", ["adam", "curveball"])
+def test_a_donated_train_step_gives_the_eager_updates(name):
+    # the usual JAX loop donates the parameters and the optimiser state to the jitted step,
+    # which needs every leaf of the state in a buffer of its own
+    opt = METHODS[name](MODEL.apply, CE)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), as_optax(opt))
+    params, eager = _params(), _params()
+    state, eager_state = tx.init(params), tx.init(eager)
+    buffers = [a.unsafe_buffer_pointer() for a in jax.tree.leaves((params, state))]
+    assert len(set(buffers)) == len(buffers)
+
+    def train_step(p, s, batch):
+        grad, extra = _update_args(opt, p, batch)
+        u, s = tx.update(grad, s, p, **extra)
+        return optax.apply_updates(p, u), s
+
+    donated = jax.jit(train_step, donate_argnums=(0, 1))
+    for batch in _batches():
+        params, state = donated(params, state, batch)
+        eager, eager_state = train_step(eager, eager_state, batch)
+    assert_close(_numpy(params), _numpy(eager), rtol=1e-10)
+    assert float(step_info(state).loss) == pytest.approx(float(step_info(eager_state).loss),
+                                                         rel=1e-10)
+
+
 @pytest.mark.parametrize(("name", "key"), [("sgd", "lr"), ("curveball", "damping")])
 def test_vmap_over_a_hyperparameter_gives_the_separate_runs(name, key):
     batches = _batches()

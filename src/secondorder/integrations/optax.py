@@ -84,11 +84,15 @@ def _dtype(params: Any) -> Any:
 
 
 def _blank_info(method: Optimizer, params: Any) -> StepInfo:
-    """The info before the first update: NaN values, no iterations, finite."""
+    """The info before the first update: NaN values, no iterations, finite. Every field is an
+    array of its own, so that the state can be donated (``jax.jit(..., donate_argnums)``)."""
     dtype = _dtype(params)
-    nan = jnp.asarray(float("nan"), dtype=dtype)
-    return StepInfo(nan, nan, nan, jnp.asarray(True), jnp.asarray(0, dtype=jnp.int32), nan,
-                    {key: nan for key in method.info_extras})
+
+    def nan() -> Any:
+        return jnp.full((), jnp.nan, dtype=dtype)
+
+    return StepInfo(nan(), nan(), nan(), jnp.asarray(True), jnp.asarray(0, dtype=jnp.int32),
+                    nan(), {key: nan() for key in method.info_extras})
 
 
 def _fixed_info(method: Optimizer, info: StepInfo, params: Any) -> StepInfo:

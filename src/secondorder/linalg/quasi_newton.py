@@ -163,8 +163,10 @@ def lbfgs_init(n: int, memory: int, like: Array) -> LBFGSMemory:
     device of the array ``like``."""
     backend = backend_of(like)
     xp, dev = backend.xp, backend.device(like)
-    zeros = xp.zeros((memory, n), dtype=like.dtype, device=dev)
-    return LBFGSMemory(zeros, zeros, xp.zeros((memory,), dtype=like.dtype, device=dev))
+    def zeros(*shape: int) -> Array:  # a buffer per field: shared ones could not be donated
+        return xp.zeros(shape, dtype=like.dtype, device=dev)
+
+    return LBFGSMemory(zeros(memory, n), zeros(memory, n), zeros(memory))
 
 
 def lbfgs_push(mem: LBFGSMemory, s: Array, y: Array) -> LBFGSMemory:
@@ -256,10 +258,19 @@ def lbfgs_apply_compact(mem: LBFGSMemory, v: Array, h0: Any) -> Array:
     H v = h0 v + S^T t - h0 Y^T u: two triangular solves of the memory's size and six
     products with S or Y, so a matrix v costs O(memory n k) in a few large operations instead
     of 4 memory small ones. An empty slot (s = y = 0) gets R_ii = 1, which leaves its u_i = 0
-    and its row out of the product."""
+    and its row out of the product.
+
+    For a matrix v (n x k) the products with S and Y cost about 6 memory n k multiply-adds;
+    when forming H itself (the same products on the n x n identity, 6 memory n^2) and then
+    H v (n^2 k) is cheaper, as for K-BFGS(L)'s H_G (n = d_out) on a wide layer, that is what
+    is done."""
     backend = backend_of(v)
     xp = backend.xp
     matrix = v.ndim == 2
+    n, memory = v.shape[0], mem.s.shape[0]
+    if matrix and 6 * memory * n * n + n * n * v.shape[1] < 6 * memory * n * v.shape[1]:
+        eye = xp.eye(n, dtype=v.dtype, device=backend.device(v))
+        return lbfgs_apply_compact(mem, eye, h0) @ v
     q = v if matrix else v[:, None]
     s, y = mem.s, mem.y
     filled = mem.rho > 0

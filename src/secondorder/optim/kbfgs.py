@@ -23,10 +23,10 @@ from ..linalg.matrix_function import damped_inverse
 from ..losses import Loss
 from ..models.base import LayerInfo
 from ..tree import add, axpy, scale
-from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number
+from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number, select
 from .kfac import _find_model, _from_reference, _is_flax, _to_reference, fallback_indices
 from .schedules import Schedule, resolve
-from .state import every, initial_count, method_state
+from .state import due_now, every, initial_count, method_state
 from .transforms import chain, scale_by_adam, trace
 
 __all__ = ["KBFGS", "KBFGSL", "KBFGSLState", "KBFGSLayerState", "KBFGSState"]
@@ -309,10 +309,10 @@ class KBFGS(Optimizer):
         states = []
         for layer in layers:
             like = leaves[layer.info.weight]
-            zeros = xp.zeros((layer.d_out,), dtype=like.dtype, device=dev)
+            s_g, y_g = (xp.zeros((layer.d_out,), dtype=like.dtype, device=dev) for _ in "sy")
             states.append(KBFGSLayerState(
                 xp.eye(layer.d_in, dtype=like.dtype, device=dev), self._empty_h_g(layer, like),
-                zeros, zeros))
+                s_g, y_g))
         rest = fallback_indices(layers, len(leaves))
         fallback: Any = ()
         if self.fallback == "adam" and rest:
@@ -332,15 +332,17 @@ class KBFGS(Optimizer):
         backend = backend_of(params)
         xp = backend.xp
         taps = self.model.zero_taps(x)
+        # the tapped inputs come back as aux: no (zero) cotangent flows back through them
         if with_grad:
-            (f, inputs), pullback = backend.vjp(
-                lambda pt: self.model.apply(pt[0], x, pt[1]), (params, taps))
+            f, pullback, inputs = backend.vjp(
+                lambda pt: self.model.apply(pt[0], x, pt[1]), (params, taps), has_aux=True)
         else:
-            (f, inputs), pullback = backend.vjp(lambda t: self.model.apply(params, x, t), taps)
+            f, pullback, inputs = backend.vjp(
+                lambda t: self.model.apply(params, x, t), taps, has_aux=True)
         m = f.shape[0]
         loss = self.loss.value(f, y)
         u = self.loss.grad(f, y) / m  # the cotangent of the mean loss
-        pulled = pullback((u, [xp.zeros_like(a) for a in inputs]))
+        pulled = pullback(u)
         grad, deltas = pulled if with_grad else (None, pulled)
         leaves = flatten(params)[0]
         out = []
@@ -418,23 +420,61 @@ class KBFGS(Optimizer):
         lam = state.damping
         leaves, treedef = flatten(params)
         layers = self._layers(leaves)
-        loss, grad, passes = self._pass(params, layers, batch, with_grad=True)
+        # The tapped pass (inputs a, mean pre-activations and their gradients) serves only the
+        # curvature steps (every T, the first included). Eager: a curvature step takes its
+        # gradient from that pass and the other steps run an untapped one. Traced: the step's
+        # gradient is untapped and the curvature branch repeats the pass at the same weights,
+        # so the T - 1 other steps carry no taps (one more pass per T steps).
+        curvature_now = due_now(backend, state.count, self.curvature_interval)
+        if curvature_now:
+            loss, grad, passes = self._pass(params, layers, batch, with_grad=True)
+
+            def first_pass() -> list[_Pass]:
+                return passes
+        else:
+            loss, grad = self.value_and_grad(params, batch)
+            passes = []
+
+            def first_pass() -> list[_Pass]:
+                return self._pass(params, layers, batch, with_grad=False)[2]
         nan = self.scalar(params, float("nan"))
         if backend.is_concrete(loss) and not bool(
-                xp.isfinite(loss) and all_finite(*(p.a for p in passes))):
+                xp.isfinite(loss) and (not passes or all_finite(*(p.a for p in passes)))):
             return self._reject(params, state, loss, nan)
 
-        # the passes hold Python ints (sizes): captured, not operands of the conditional
-        states = _on_first(backend, state.count,
-                           lambda s, lam: self._warm_start(s, passes, lam), state.layers, lam)
+        # the passes hold Python ints (sizes): captured, not operands of the conditionals
+        def warm(layer_states: tuple[KBFGSLayerState, ...]) -> tuple[KBFGSLayerState, ...]:
+            return _on_first(backend, state.count,
+                             lambda s, lam: self._warm_start(s, first_pass(), lam),
+                             layer_states, lam)
 
+        traced = curvature_now is None
+        # Eager, the warm start (step 0) is a Python branch. Traced, the large H_A and H_G are
+        # never the output of a conditional on the steps that leave them alone (an output is a
+        # copy): the first step's direction comes from a conditional on the direction only,
+        # and the curvature branch warm-starts its own copy of the states.
+        states = state.layers if traced else warm(state.layers)
         direction, inner = self.gradient_transform.update(grad, state.transform, params)
         d_leaves = flatten(direction)[0]
-        p_leaves = list(d_leaves)
-        for layer, st, ps in zip(layers, states, passes):
-            _, lam_g = self._split(lam, ps.positions)
-            m_l = self._matrix(layer, d_leaves)
-            self._unmatrix(layer, self._apply_h_g(st.h_g, m_l @ st.h_a, lam_g), p_leaves)
+        # output positions per layer, from the tap shapes (m, |T|..., d_out): 1 for dense
+        positions = [math.prod(shape[1:-1]) for shape in self.model.tap_shapes(batch[0])]
+
+        def precondition(layer_states: tuple[KBFGSLayerState, ...], d: list[Array]
+                         ) -> list[Array]:
+            """p_l = H_G m_l H_A for every tapped layer, the other leaves of ``d`` as given."""
+            out = list(d)
+            for layer, st, t in zip(layers, layer_states, positions):
+                _, lam_g = self._split(lam, t)
+                m_l = self._matrix(layer, d)
+                self._unmatrix(layer, self._apply_h_g(st.h_g, m_l @ st.h_a, lam_g), out)
+            return out
+
+        if traced:
+            p_leaves = backend.cond(state.count == 0,
+                                    lambda s, d: precondition(warm(s), d), precondition,
+                                    states, d_leaves)
+        else:
+            p_leaves = precondition(states, d_leaves)
         rest = fallback_indices(layers, len(leaves))
         fallback = state.fallback
         if self.fallback == "adam" and rest:
@@ -447,14 +487,26 @@ class KBFGS(Optimizer):
         alpha = self.scalar(params, resolve(self.lr, state.count, params))
         update = scale(-alpha, p)
         trial = add(params, update)
+        ok, step_norm = self.verdict(loss, update=update)
 
-        states = every(backend, state.count, self.curvature_interval,
-                       lambda s, t: self._curvature(s, passes, t, layers, batch, lam),
-                       lambda s, t: s, states, trial)
+        def curvature(layer_states: tuple[KBFGSLayerState, ...], ok: Array
+                      ) -> tuple[tuple[KBFGSLayerState, ...], Array]:
+            """The curvature update, kept only when it and the step are finite (the guard of
+            the states happens here, so the steps without it leave them untouched)."""
+            prepared = warm(layer_states) if traced else layer_states
+            new = self._curvature(prepared, first_pass(), trial, layers, batch, lam)
+            ok = xp.logical_and(ok, all_finite(new))
+            if backend.is_concrete(ok):
+                return (new if bool(ok) else layer_states), ok
+            return select(ok, new, layer_states), ok
+
+        states, ok = every(backend, state.count, self.curvature_interval, curvature,
+                           lambda s, ok: (s, ok), states, ok)
+        # both states hold the selected layers: the guard's select on them folds away
         new_state = self.State(state.count + 1, states, lam, inner, fallback)
         params, state, ok, step_norm = self.guard(
-            params, state, trial, new_state, loss, states, damping_key="damping",
-            update=update)
+            params, state._replace(layers=states), trial, new_state, loss,
+            damping_key="damping", update=update, verdict=(ok, step_norm))
         return params, state, self.info(params, loss, step_norm, state.damping, ok,
                                         extras={"lr": alpha})
 

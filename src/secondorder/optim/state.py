@@ -85,20 +85,28 @@ def check_state(state: Any, expected: type, backend: Backend, method: str) -> No
             return
 
 
+def due_now(backend: Backend, count: Any, period: int) -> bool | None:
+    """Whether a step with this ``count`` is one of every ``period``-th steps (count a multiple
+    of ``period``), as a Python bool when the count is concrete (eager backends, an eager JAX
+    array), ``None`` when it is traced and only a compiled conditional can tell."""
+    if period == 1:
+        return True
+    # host_scalar is None for traced and device counts
+    host = backend.host_scalar(count) if hasattr(count, "shape") else None
+    if host is not None:  # an eager CPU count: the test in Python, no array arithmetic
+        return int(host) % period == 0
+    due = count % period == 0
+    return bool(due) if backend.is_concrete(due) else None
+
+
 def every(backend: Backend, count: Any, period: int, fn: Callable[..., T],
           otherwise: Callable[..., T], *operands: Any) -> T:
     """``fn(*operands)`` on the steps whose ``count`` is a multiple of ``period``, else
     ``otherwise(*operands)``, through ``backend.cond`` (a Python branch on eager backends, one
     compiled conditional under ``jax.jit``). ``period=1`` always runs ``fn``."""
-    if period == 1:
-        return fn(*operands)
-    # host_scalar is None for traced and device counts
-    host = backend.host_scalar(count) if hasattr(count, "shape") else None
-    if host is not None:  # an eager CPU count: the test in Python, no array arithmetic
-        return fn(*operands) if int(host) % period == 0 else otherwise(*operands)
-    due = count % period == 0
-    if backend.is_concrete(due):
+    due = due_now(backend, count, period)
+    if due is not None:
         # eager (JAX included): a Python branch; jax.lax.cond would trace and compile both
         # branches at every call, since the branches are new closures each step
-        return fn(*operands) if bool(due) else otherwise(*operands)
-    return backend.cond(due, fn, otherwise, *operands)
+        return fn(*operands) if due else otherwise(*operands)
+    return backend.cond(count % period == 0, fn, otherwise, *operands)

@@ -131,8 +131,8 @@ def scale_by_adam(b1: float | Array = 0.9, b2: float | Array = 0.999,
                f"Adam needs 0 <= b1, b2 < 1 and eps > 0, got b1={b1}, b2={b2}, eps={eps}")
 
     def init(params: Tree) -> ScaleByAdamState:
-        zeros = zeros_like(params)
-        return ScaleByAdamState(_count(params), zeros, zeros)
+        # two trees of their own: a leaf shared between the moments could not be donated
+        return ScaleByAdamState(_count(params), zeros_like(params), zeros_like(params))
 
     def update(updates: Tree, state: ScaleByAdamState, params: Tree = None
                ) -> tuple[Tree, ScaleByAdamState]:

@@ -122,8 +122,8 @@ class CurvatureBlock(ABC):
         eyes = tuple(xp.eye(n, dtype=dtype, device=dev) for n in self.dims)
         if cache_type(kind) is EigenCache:
             ones = tuple(xp.ones((n,), dtype=dtype, device=dev) for n in self.dims)
-            one = xp.ones((), dtype=dtype, device=dev)
-            cache: FactorCache | EigenCache = EigenCache(eyes, ones, (one,) * len(self.dims))
+            scales = tuple(xp.ones((), dtype=dtype, device=dev) for _ in self.dims)
+            cache: FactorCache | EigenCache = EigenCache(eyes, ones, scales)
         else:
             cache = FactorCache(eyes, xp.asarray(power, dtype=dtype, device=dev))
         return BlockState(zeros, xp.asarray(0, device=dev), cache)
