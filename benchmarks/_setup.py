@@ -37,9 +37,28 @@ def mlp_problem(name: str, sizes: Sequence[int], batch: int, seed: int, threads:
     return b, model, loss, params, x, y
 
 
+def single_threaded_blas() -> None:
+    """Keep OpenBLAS (NumPy's and SciPy's; JAX's CPU LAPACK calls such as ``eigh``, Cholesky
+    and triangular solves go through SciPy's) to one thread. After each call OpenBLAS's idle
+    threads spin for a while, and on a machine with few cores they take the cores from XLA's
+    own thread pool: K-BFGS(L)'s jitted ConvNet step, with eight 100 x 100 triangular solves,
+    took 100-112 ms with the default threads and 70 ms with one (SGD: 52-54 ms). Uses
+    ``threadpoolctl`` (installed with scikit-learn, backends/data.txt); without it the limit
+    is left to ``OPENBLAS_NUM_THREADS=1`` in the environment."""
+    try:
+        import scipy.linalg  # noqa: F401 - loads SciPy's OpenBLAS, so that the limit reaches it
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1, user_api="blas")
+
+
 def parser(doc: str, name: str, *, batch: int, warmup: int, repeats: int
            ) -> argparse.ArgumentParser:
-    """The options every benchmark takes; ``name`` sets the default JSON path."""
+    """The options every benchmark takes; ``name`` sets the default JSON path. Building it
+    also limits BLAS to one thread (:func:`single_threaded_blas`), as torch runs with
+    ``--threads`` intra-op threads."""
+    single_threaded_blas()
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--json", default=f"benchmarks/results/{name}.json")
     p.add_argument("--backends", default="numpy,torch,jax")
