@@ -21,10 +21,20 @@ from ..errors import HyperparameterError, StructureError
 from ..losses import Loss
 from ..models.base import LayerInfo, Model
 from ..tree import add, axpy, scale, vdot
-from .base import Array, Batch, Optimizer, StepInfo, Tree, adapt_damping, all_finite, is_number
+from .base import (
+    Array,
+    Batch,
+    Optimizer,
+    StepInfo,
+    Tree,
+    adapt_damping,
+    all_finite,
+    is_number,
+    select,
+)
 from .directions import curveball_2x2
 from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
-from .state import every, initial_count, method_state
+from .state import due_now, every, initial_count, method_state
 from .transforms import add_decayed_weights, chain, scale_by_adam, trace
 
 __all__ = ["KFAC", "KFACState"]
@@ -451,12 +461,6 @@ class KFAC(Optimizer):
             return tuple(layer.block.update_statistics(b, s, self.statistics_decay)
                          for layer, b, s in zip(layers, blocks, stats))
 
-        blocks = every(backend, state.count, self.statistics_interval, refresh,
-                       lambda blocks, key: blocks, state.blocks, sample_key)
-        if backend.is_concrete(loss) and not bool(all_finite(*(b.factors for b in blocks))):
-            # a factorisation of non-finite statistics would raise on an eager backend
-            return self._reject(params, state, loss, damping_key, nan)
-
         def invert(blocks: tuple[BlockState, ...], lam: Array) -> tuple[BlockState, ...]:
             if self.cache == "eigh":
                 return tuple(layer.block.update_cache(b, kind="eigh")
@@ -465,63 +469,110 @@ class KFAC(Optimizer):
                                                   split=self.damping_split)
                          for layer, b in zip(layers, blocks))
 
-        blocks = every(backend, state.count, self.inverse_interval, invert,
-                       lambda blocks, lam: blocks, blocks, lam)
+        def periodic(blocks: tuple[BlockState, ...]) -> tuple[BlockState, ...] | None:
+            """The statistics (every T1) and the factorisations (every T2); None when eager
+            statistics are not finite (the step is then rejected before factorising)."""
+            blocks = every(backend, state.count, self.statistics_interval, refresh,
+                           lambda blocks, key: blocks, blocks, sample_key)
+            if backend.is_concrete(loss) and not bool(
+                    all_finite(*(b.factors for b in blocks))):
+                return None
+            return every(backend, state.count, self.inverse_interval, invert,
+                         lambda blocks, lam: blocks, blocks, lam)
 
-        direction, inner = self.gradient_transform.update(grad, state.transform, params)
-        p_leaves, fallback = self._precondition(layers, blocks, flatten(direction)[0], lam,
-                                                state.fallback)
-        p = unflatten(treedef, p_leaves)
-        wd = 0.0 if _is_zero(self.weight_decay) else self.weight_decay
-        g_model = direction  # g + wd w: the gradient of the regularised objective
+        def finish(blocks: tuple[BlockState, ...]) -> tuple[Any, ...]:
+            """The rest of the step with these blocks: the preconditioned direction, the
+            learning rate and momentum, the trial parameters, the damping's adaptation and
+            the verdict on them."""
+            direction, inner = self.gradient_transform.update(grad, state.transform, params)
+            p_leaves, fallback = self._precondition(layers, blocks, flatten(direction)[0], lam,
+                                                    state.fallback)
+            p = unflatten(treedef, p_leaves)
+            wd = 0.0 if _is_zero(self.weight_decay) else self.weight_decay
+            g_model = direction  # g + wd w: the gradient of the regularised objective
 
-        def h_out(t: Array) -> Array:
-            return self.loss.hvp(f, y, t) / m
+            def h_out(t: Array) -> Array:
+                return self.loss.hvp(f, y, t) / m
 
-        def curvature(jv: Array, jw: Array, v: Tree, w: Tree) -> Array:
-            return xp.sum(jv * h_out(jw)) + (lam + wd) * vdot(v, w)
+            def curvature(jv: Array, jw: Array, v: Tree, w: Tree) -> Array:
+                return xp.sum(jv * h_out(jw)) + (lam + wd) * vdot(v, w)
 
-        velocity: Any = ()
-        if self.lr is None:
-            v = state.velocity
-            jp, jv = jvp(p), jvp(v)
-            a = curvature(jp, jp, p, p)
-            b = curvature(jv, jp, v, p)
-            c = curvature(jv, jv, v, v)
-            d, e = vdot(g_model, p), vdot(g_model, v)
-            mu, alpha = curveball_2x2(a, b, c, d, e)
-            update = axpy(-alpha, p, scale(mu, v))
-            predicted = 0.5 * (mu * e - alpha * d)
-            velocity = update
+            velocity: Any = ()
+            if self.lr is None:
+                v = state.velocity
+                jp, jv = jvp(p), jvp(v)
+                a = curvature(jp, jp, p, p)
+                b = curvature(jv, jp, v, p)
+                c = curvature(jv, jv, v, v)
+                d, e = vdot(g_model, p), vdot(g_model, v)
+                mu, alpha = curveball_2x2(a, b, c, d, e)
+                update = axpy(-alpha, p, scale(mu, v))
+                predicted = 0.5 * (mu * e - alpha * d)
+                velocity = update
+            else:
+                alpha = self.scalar(params, resolve(self.lr, state.count, params))
+                mu = self.scalar(params, self.momentum)
+                update = scale(-alpha, p)
+                predicted = nan
+            trial = add(params, update)
+            lam_new, ratio = lam, nan
+            if self.adapt_damping:
+                def adapted(_: Any) -> tuple[Array, Array, Array]:
+                    if self.lr is None:
+                        change = predicted
+                    else:
+                        ju = jvp(update)
+                        change = vdot(g_model, update) + 0.5 * curvature(ju, ju, update, update)
+                    actual = self.objective(trial, batch) - loss
+                    if wd:
+                        actual = actual + 0.5 * wd * (vdot(trial, trial) - vdot(params, params))
+                    rho = actual / change
+                    new = adapt_damping(rho, lam, 1.0 / self.damping_decay, self.damping_decay)
+                    low = self.scalar(params, self.min_damping)
+                    high = self.scalar(params, self.max_damping)
+                    return xp.minimum(xp.maximum(new, low), high), rho, change
+
+                lam_new, ratio, predicted = every(backend, state.count + 1,
+                                                  self.damping_interval, adapted,
+                                                  lambda _: (lam, nan, predicted), None)
+            verdict = self.verdict(loss, update=update)
+            return (trial, update, inner, fallback, velocity, lam_new, ratio, predicted, alpha,
+                    mu, verdict)
+
+        due = [due_now(backend, state.count, t)
+               for t in (self.statistics_interval, self.inverse_interval)]
+        if due[0] is None:
+            # Traced: one conditional holds the periodic work and the rest of the step, so the
+            # factors and their inverses are the output of a conditional once per step (a
+            # copy) and the guard's choice between old and new blocks is made inside the branch
+            # that changes them, not by a select over them at every step.
+            def changed(blocks: tuple[BlockState, ...]) -> Any:
+                new = periodic(blocks)
+                out = finish(new)
+                return select(out[-1][0], new, blocks), out
+
+            def unchanged(blocks: tuple[BlockState, ...]) -> Any:
+                return blocks, finish(blocks)
+
+            count = state.count
+            blocks, out = backend.cond(
+                xp.logical_or(count % self.statistics_interval == 0,
+                              count % self.inverse_interval == 0),
+                changed, unchanged, state.blocks)
         else:
-            alpha = self.scalar(params, resolve(self.lr, state.count, params))
-            mu = self.scalar(params, self.momentum)
-            update = scale(-alpha, p)
-            predicted = nan
-        trial = add(params, update)
-        count = state.count + 1
-        lam_new, ratio = lam, nan
-        if self.adapt_damping:
-            def adapted(_: Any) -> tuple[Array, Array, Array]:
-                if self.lr is None:
-                    change = predicted
-                else:
-                    ju = jvp(update)
-                    change = vdot(g_model, update) + 0.5 * curvature(ju, ju, update, update)
-                actual = self.objective(trial, batch) - loss
-                if wd:
-                    actual = actual + 0.5 * wd * (vdot(trial, trial) - vdot(params, params))
-                rho = actual / change
-                new = adapt_damping(rho, lam, 1.0 / self.damping_decay, self.damping_decay)
-                low = self.scalar(params, self.min_damping)
-                high = self.scalar(params, self.max_damping)
-                return xp.minimum(xp.maximum(new, low), high), rho, change
-
-            lam_new, ratio, predicted = every(backend, count, self.damping_interval, adapted,
-                                              lambda _: (lam, nan, predicted), None)
-        new_state = KFACState(count, blocks, lam_new, new_key, inner, fallback, velocity)
+            blocks = periodic(state.blocks) if any(due) else state.blocks
+            if blocks is None:
+                # a factorisation of non-finite statistics would raise on an eager backend
+                return self._reject(params, state, loss, damping_key, nan)
+            out = finish(blocks)
+        (trial, update, inner, fallback, velocity, lam_new, ratio, predicted, alpha, mu,
+         verdict) = out
+        new_state = KFACState(state.count + 1, blocks, lam_new, new_key, inner, fallback,
+                              velocity)
+        # both states hold the chosen blocks: the guard's select on them folds away
         params, state, ok, step_norm = self.guard(
-            params, state, trial, new_state, loss, damping_key=damping_key, update=update)
+            params, state._replace(blocks=blocks), trial, new_state, loss,
+            damping_key=damping_key, update=update, verdict=verdict)
         extras = {"lr": alpha, "momentum": mu, "predicted": predicted, "rho": ratio}
         return params, state, self.info(params, loss, step_norm, state.damping, ok,
                                         extras=extras)

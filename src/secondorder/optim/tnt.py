@@ -15,10 +15,11 @@ from ..backends import Backend
 from ..curvature.blocks import BlockState, TensorBlock
 from ..errors import HyperparameterError
 from ..losses import Loss
+from ..tree import add
 from . import _tensor_blocks as tb
-from .base import Array, Batch, Optimizer, StepInfo, Tree
+from .base import Array, Batch, Optimizer, StepInfo, Tree, select
 from .schedules import Schedule, resolve
-from .state import every, initial_count, method_state
+from .state import due_now, every, initial_count, method_state
 
 __all__ = ["TNT", "TNTState", "normalise"]
 
@@ -234,30 +235,64 @@ class TNT(Optimizer):
         next_key, sample_key = keys[0, :], keys[1, :]
 
         def stats(blocks: tuple) -> tuple:
-            sampled = flatten(self.sampled_gradient(pullback, f, sample_key))[0]
+            # traced, the pass is repeated inside the branch: reusing the step's pullback
+            # would keep the forward pass's residuals alive (and copied into other layouts)
+            # at every step for the one step in T1 that needs them
+            out, back = (f, pullback) if backend.is_concrete(loss) else backend.vjp(
+                lambda p: self.apply(p, x), params)
+            sampled = flatten(self.sampled_gradient(back, out, sample_key))[0]
             return tb.update_statistics(plans, blocks, sampled, self.beta, xp)
 
-        blocks = every(backend, count, self.statistics_interval, stats, lambda b: b,
-                       state.blocks)
-
-        def inverses(blocks: tuple) -> tuple[tuple, Array]:
-            return self._inverses(backend, blocks)
+        def periodic(blocks: tuple) -> tuple[tuple, Array]:
+            """The statistics (every T1) and the inverses (every T2)."""
+            blocks = every(backend, count, self.statistics_interval, stats, lambda b: b, blocks)
+            return every(backend, count, self.inverse_interval,
+                         lambda b: self._inverses(backend, b), keep, blocks)
 
         def keep(blocks: tuple) -> tuple[tuple, Array]:
             return blocks, blocks[0][0].factors[0][0, 0] * 0
 
-        blocks, kept = every(backend, count, self.inverse_interval, inverses, keep, blocks)
-        m = [self.momentum * mi + gi for mi, gi in zip(flatten(state.momentum)[0], g)]
-        p = [tb.precondition(plan, st, mi, xp) for plan, st, mi in zip(plans, blocks, m)]
-        if not (isinstance(self.weight_decay, int | float) and self.weight_decay == 0):
-            p = [pi + self.weight_decay * wi for pi, wi in zip(p, w)]
-        lr = resolve(self.lr, count, params)
-        update = [-lr * pi for pi in p]
-        new_params = unflatten(treedef, [wi + ui for wi, ui in zip(w, update)])
+        def finish(blocks: tuple, *checks: Any) -> tuple[Any, ...]:
+            """The momentum, the preconditioned step and the verdict on it (and on ``checks``)."""
+            m = [self.momentum * mi + gi for mi, gi in zip(flatten(state.momentum)[0], g)]
+            p = [tb.precondition(plan, st, mi, xp) for plan, st, mi in zip(plans, blocks, m)]
+            if not (isinstance(self.weight_decay, int | float) and self.weight_decay == 0):
+                p = [pi + self.weight_decay * wi for pi, wi in zip(p, w)]
+            lr = resolve(self.lr, count, params)
+            update = unflatten(treedef, [-lr * pi for pi in p])
+            return m, update, self.verdict(loss, *checks, update=update)
+
+        def changed(blocks: tuple) -> tuple[tuple, Array, tuple[Any, ...]]:
+            # the new statistics are checked too: a NaN in them (a non-finite sampled gradient)
+            # must reject the step, not stay in the state behind roots or inverses that were
+            # kept
+            new, kept = periodic(blocks)
+            out = finish(new, new)
+            ok = out[-1][0]
+            if backend.is_concrete(ok):
+                return (new if bool(ok) else blocks), kept, out
+            return select(ok, new, blocks), kept, out
+
+        def unchanged(blocks: tuple) -> tuple[tuple, Array, tuple[Any, ...]]:
+            return blocks, keep(blocks)[1], finish(blocks)
+
+        due = [due_now(backend, count, t)
+               for t in (self.statistics_interval, self.inverse_interval)]
+        if due[0] is None:
+            # traced: one conditional, so the factors and inverses leave a conditional once per
+            # step and are chosen (old or new) only in the branch that changes them (as K-FAC)
+            blocks, kept, out = backend.cond(
+                xp.logical_or(count % self.statistics_interval == 0,
+                              count % self.inverse_interval == 0),
+                changed, unchanged, state.blocks)
+        else:
+            blocks, kept, out = (changed if any(due) else unchanged)(state.blocks)
+        m, update, verdict = out
+        new_params = add(params, update)
         new_state = TNTState(count + 1, next_key, blocks, unflatten(treedef, m))
-        # the new statistics are checked too: a NaN in them (a non-finite sampled gradient)
-        # must reject the step, not stay in the state behind roots or inverses that were kept
-        params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
-                                                  blocks, update=unflatten(treedef, update))
+        # both states hold the chosen blocks: the guard's select on them folds away
+        params, state, ok, step_norm = self.guard(params, state._replace(blocks=blocks),
+                                                  new_params, new_state, loss, update=update,
+                                                  verdict=verdict)
         return params, state, self.info(params, loss, step_norm, self.eps, ok,
                                         extras={"inverses_kept": kept})
