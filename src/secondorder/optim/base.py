@@ -196,6 +196,16 @@ def select(pred: Any, new: Tree, old: Tree) -> Tree:
     return tree_map(pick, new, old)
 
 
+def choose(ok: Any, new: Tree, old: Tree) -> Tree:
+    """``new`` if the 0-d flag ``ok`` holds, else ``old``: a Python branch where ``ok`` is
+    concrete (as :meth:`Optimizer.guard` decides on eager backends), :func:`select` in traced
+    code."""
+    backend = backend_of(ok)
+    if backend.is_concrete(ok):
+        return new if bool(ok) else old
+    return select(ok, new, old)
+
+
 def adapt_damping(rho: Any, damping: Any, increase: Any, decrease: Any) -> Any:
     """Moré's rule on the reduction ratio ``rho``: ``damping * increase`` if rho < 1/4,
     ``damping * decrease`` if rho > 3/4, else unchanged (also for NaN)."""

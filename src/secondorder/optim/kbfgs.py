@@ -23,7 +23,7 @@ from ..linalg.matrix_function import damped_inverse
 from ..losses import Loss
 from ..models.base import LayerInfo
 from ..tree import add, axpy, scale
-from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number, select
+from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, choose, is_number
 from .kfac import _find_model, _from_reference, _is_flax, _to_reference, fallback_indices
 from .schedules import Schedule, resolve
 from .state import due_now, every, initial_count, method_state
@@ -496,9 +496,7 @@ class KBFGS(Optimizer):
             prepared = warm(layer_states) if traced else layer_states
             new = self._curvature(prepared, first_pass(), trial, layers, batch, lam)
             ok = xp.logical_and(ok, all_finite(new))
-            if backend.is_concrete(ok):
-                return (new if bool(ok) else layer_states), ok
-            return select(ok, new, layer_states), ok
+            return choose(ok, new, layer_states), ok
 
         states, ok = every(backend, state.count, self.curvature_interval, curvature,
                            lambda s, ok: (s, ok), states, ok)

@@ -29,12 +29,12 @@ from .base import (
     Tree,
     adapt_damping,
     all_finite,
+    choose,
     is_number,
-    select,
 )
 from .directions import curveball_2x2
 from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
-from .state import due_now, every, initial_count, method_state
+from .state import every, every_any, initial_count, method_state
 from .transforms import add_decayed_weights, chain, scale_by_adam, trace
 
 __all__ = ["KFAC", "KFACState"]
@@ -539,32 +539,27 @@ class KFAC(Optimizer):
             return (trial, update, inner, fallback, velocity, lam_new, ratio, predicted, alpha,
                     mu, verdict)
 
-        due = [due_now(backend, state.count, t)
-               for t in (self.statistics_interval, self.inverse_interval)]
-        if due[0] is None:
-            # Traced: one conditional holds the periodic work and the rest of the step, so the
-            # factors and their inverses are the output of a conditional once per step (a
-            # copy) and the guard's choice between old and new blocks is made inside the branch
-            # that changes them, not by a select over them at every step.
-            def changed(blocks: tuple[BlockState, ...]) -> Any:
-                new = periodic(blocks)
-                out = finish(new)
-                return select(out[-1][0], new, blocks), out
+        # One conditional (traced) holds the periodic work and the rest of the step, so the
+        # factors and their inverses are the output of a conditional once per step (a copy) and
+        # the guard's choice between old and new blocks is made inside the branch that changes
+        # them, not by a select over them at every step.
+        def changed(blocks: tuple[BlockState, ...]) -> Any:
+            new = periodic(blocks)
+            if new is None:
+                return None
+            out = finish(new)
+            return choose(out[-1][0], new, blocks), out
 
-            def unchanged(blocks: tuple[BlockState, ...]) -> Any:
-                return blocks, finish(blocks)
+        def unchanged(blocks: tuple[BlockState, ...]) -> Any:
+            return blocks, finish(blocks)
 
-            count = state.count
-            blocks, out = backend.cond(
-                xp.logical_or(count % self.statistics_interval == 0,
-                              count % self.inverse_interval == 0),
-                changed, unchanged, state.blocks)
-        else:
-            blocks = periodic(state.blocks) if any(due) else state.blocks
-            if blocks is None:
-                # a factorisation of non-finite statistics would raise on an eager backend
-                return self._reject(params, state, loss, damping_key, nan)
-            out = finish(blocks)
+        result = every_any(backend, state.count,
+                           (self.statistics_interval, self.inverse_interval),
+                           changed, unchanged, state.blocks)
+        if result is None:
+            # a factorisation of non-finite statistics would raise on an eager backend
+            return self._reject(params, state, loss, damping_key, nan)
+        blocks, out = result
         (trial, update, inner, fallback, velocity, lam_new, ratio, predicted, alpha, mu,
          verdict) = out
         new_state = KFACState(state.count + 1, blocks, lam_new, new_key, inner, fallback,

@@ -99,6 +99,21 @@ def due_now(backend: Backend, count: Any, period: int) -> bool | None:
     return bool(due) if backend.is_concrete(due) else None
 
 
+def every_any(backend: Backend, count: Any, periods: tuple[int, ...], fn: Callable[..., T],
+              otherwise: Callable[..., T], *operands: Any) -> T:
+    """``fn(*operands)`` on the steps whose ``count`` is a multiple of any of ``periods`` (the
+    steps with some periodic work), else ``otherwise(*operands)``: one compiled conditional
+    under ``jax.jit``, a Python branch on eager backends."""
+    due = [due_now(backend, count, period) for period in periods]
+    if None not in due:
+        return fn(*operands) if any(due) else otherwise(*operands)
+    pred = None
+    for period in periods:
+        term = count % period == 0
+        pred = term if pred is None else backend.xp.logical_or(pred, term)
+    return backend.cond(pred, fn, otherwise, *operands)
+
+
 def every(backend: Backend, count: Any, period: int, fn: Callable[..., T],
           otherwise: Callable[..., T], *operands: Any) -> T:
     """``fn(*operands)`` on the steps whose ``count`` is a multiple of ``period``, else

@@ -17,9 +17,9 @@ from ..errors import HyperparameterError
 from ..losses import Loss
 from ..tree import add
 from . import _tensor_blocks as tb
-from .base import Array, Batch, Optimizer, StepInfo, Tree, select
+from .base import Array, Batch, Optimizer, StepInfo, Tree, choose
 from .schedules import Schedule, resolve
-from .state import due_now, every, initial_count, method_state
+from .state import every, every_any, initial_count, method_state
 
 __all__ = ["TNT", "TNTState", "normalise"]
 
@@ -268,25 +268,16 @@ class TNT(Optimizer):
             # kept
             new, kept = periodic(blocks)
             out = finish(new, new)
-            ok = out[-1][0]
-            if backend.is_concrete(ok):
-                return (new if bool(ok) else blocks), kept, out
-            return select(ok, new, blocks), kept, out
+            return choose(out[-1][0], new, blocks), kept, out
 
         def unchanged(blocks: tuple) -> tuple[tuple, Array, tuple[Any, ...]]:
             return blocks, keep(blocks)[1], finish(blocks)
 
-        due = [due_now(backend, count, t)
-               for t in (self.statistics_interval, self.inverse_interval)]
-        if due[0] is None:
-            # traced: one conditional, so the factors and inverses leave a conditional once per
-            # step and are chosen (old or new) only in the branch that changes them (as K-FAC)
-            blocks, kept, out = backend.cond(
-                xp.logical_or(count % self.statistics_interval == 0,
-                              count % self.inverse_interval == 0),
-                changed, unchanged, state.blocks)
-        else:
-            blocks, kept, out = (changed if any(due) else unchanged)(state.blocks)
+        # traced, one conditional: the factors and inverses leave a conditional once per step
+        # and are chosen (old or new) only in the branch that changes them (as K-FAC)
+        blocks, kept, out = every_any(backend, count,
+                                      (self.statistics_interval, self.inverse_interval),
+                                      changed, unchanged, state.blocks)
         m, update, verdict = out
         new_params = add(params, update)
         new_state = TNTState(count + 1, next_key, blocks, unflatten(treedef, m))
