@@ -292,8 +292,13 @@ def test_conv_block_on_the_convnet(ad_backend, rng):
     rows = np.array([np.append(padded[i, 0, r:r + 3, c:c + 3].ravel(), 1.0)
                      for i in range(3) for r in range(4) for c in range(4)])
     assert_close(sa, rows.T @ rows / 3, backend=b)  # A sums over them
-    with pytest.raises(ShapeError, match="DenseBlock"):
-        DenseBlock((2, 9)).batch_statistics(inputs[0], deltas[0])
+    # a dense layer shared over positions (a sequence) takes the same statistics: A sums, G
+    # averages; a convolution block refuses inputs without positions
+    dg, da = DenseBlock((2, 9)).batch_statistics(inputs[0], deltas[0])
+    assert_close(dg, d0.T @ d0 / (3 * 16), backend=b)
+    assert_close(da, rows.T @ rows / 3, backend=b)
+    with pytest.raises(ShapeError, match="ConvBlock takes tapped inputs with 3 axes"):
+        block.batch_statistics(inputs[0][:, 0], deltas[0][:, 0])
 
     # KFAC's damped inverse on the ConvNet: per layer (A + pi sqrt(l) I)^-1 (x) (G + ...)^-1
     op = KFAC(net, loss, params, batch)
@@ -387,8 +392,8 @@ def test_named_errors(rng):
         block.init(np.zeros(1), kind="cholesky")
     with pytest.raises(ShapeError, match="batch_statistics"):
         block.update_statistics(state, (np.eye(3), np.eye(4)), 0.9)
-    with pytest.raises(ShapeError, match="ConvBlock"):
-        block.batch_statistics(np.zeros((2, 3, 5)), np.zeros((2, 3, 3)))
+    with pytest.raises(ShapeError, match="DenseBlock takes tapped inputs with 2 or 3 axes"):
+        block.batch_statistics(np.zeros((2, 3, 1, 5)), np.zeros((2, 3, 1, 3)))
     s = block.update_cache(block.update_statistics(state, (spd(rng, 3), spd(rng, 5)), 0.9), LAM)
     v = (np.zeros(3), np.zeros((3, 4)))
     with pytest.raises(CacheKindError, match="damping"):

@@ -85,7 +85,7 @@ def layer_statistics(model: Model, params: Tree, x: Array,
     backend = backend_of(params, x)
     xp = backend.xp
     sharded = hasattr(model, "mean_reduce")
-    taps = model.local_zero_taps(x) if sharded else model.zero_taps(x)
+    taps = model.local_zero_taps(x, params) if sharded else model.zero_taps(x, params)
     (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
     zeros = [xp.zeros_like(a) for a in inputs]
     deltas: list[list[Array]] = [[] for _ in taps]

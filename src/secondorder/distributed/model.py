@@ -85,9 +85,10 @@ class DataParallel(Model):
             inputs = [collectives.gather_rows(a, group) for a in inputs]
         return collectives.gather_rows(f, group), inputs
 
-    def local_zero_taps(self, x: Array) -> list[Array]:
-        """Zero taps of this rank's shard ``x`` (see :meth:`apply`)."""
-        return self.inner.zero_taps(x)
+    def local_zero_taps(self, x: Array, params: Any = None) -> list[Array]:
+        """Zero taps of this rank's shard ``x`` (see :meth:`apply`), in the dtype of
+        ``params``' tapped weights."""
+        return self.inner.zero_taps(x, params)
 
     def mean_reduce(self, tree: Any) -> Any:
         """The mean over the ranks of a tree of per-rank batch means (equal shards make it the

@@ -4,12 +4,16 @@
 entry per named parameter, in the module's order, which every tree operation and optimiser step
 keeps; the canonical leaf order, and so the layer table's leaf indices, sorts the names), so the
 result differentiates with ``torch.func`` like any other function of a parameter tree. Its
-``nn.Linear`` and ``nn.Conv2d`` layers are tappable through forward hooks: the hook adds the tap
-to the layer's output and records its input (im2col patches for convolutions, by
-``torch.nn.functional.unfold``, after the layer's own padding: a ``padding_mode`` or an
-asymmetric ``padding="same"``), with the same layouts as the reference models. Taps are matched to
-layers in the module's registration order, whatever order the forward pass calls them in; a tapped
-layer must be called exactly once per forward pass (else ``UnsupportedModelError``). Grouped
+``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers are tappable through forward hooks: the
+hook adds the tap to the layer's output and records its input (im2col patches for convolutions,
+by ``torch.nn.functional.unfold``, after the layer's own padding: a ``padding_mode`` or an
+asymmetric ``padding="same"``; a ``Conv1d`` as a 2-D convolution on a 1 x L image), with the
+same layouts as the reference models. A ``Linear`` layer on (m, ..., d_in) inputs (a sequence)
+shares its weight over the middle axes, like a convolution with a 1 x 1 kernel over positions:
+its input is recorded as (m, positions, d_in [+1]) and its tap is (m, positions, d_out). Taps
+are matched to layers in the module's registration order, whatever order the forward pass calls
+them in; a tapped layer must be called exactly once per forward pass (else
+``UnsupportedModelError``). Grouped
 convolutions (``groups > 1``) and every other layer type are not tapped: methods with per-layer
 blocks treat their parameters as they treat any untapped leaf. ``from_jax``
 wraps any pure JAX apply function (flax ``Module.apply``, an equinox model split into arrays and
@@ -34,12 +38,13 @@ Modules with state (``from_torch``). An optimiser calls ``apply`` many times per
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from ..errors import SecondOrderError, UnsupportedModelError
-from .base import Array, LayerInfo, Model
+from .base import Array, LayerInfo, Model, tap_dtype
 
 
 class TorchModel(Model):
@@ -72,8 +77,8 @@ class TorchModel(Model):
             # grouped convolutions are not tapped (their weight is block-diagonal over groups,
             # which the Kronecker blocks do not model): their parameters are left untapped,
             # like those of every other layer type
-            if (isinstance(sub, torch.nn.Linear | torch.nn.Conv2d) and weight in index
-                    and getattr(sub, "groups", 1) == 1):
+            if (isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)
+                    and weight in index and getattr(sub, "groups", 1) == 1):
                 kind = "dense" if isinstance(sub, torch.nn.Linear) else "conv"
                 w = index[f"{prefix}.weight" if prefix else "weight"]
                 b_name = f"{prefix}.bias" if prefix else "bias"
@@ -206,26 +211,44 @@ class TorchModel(Model):
 
         def hook(mod: Any, args: tuple, out: Array) -> Array:
             a = args[0]
-            if isinstance(mod, torch.nn.Conv2d):
+            if isinstance(mod, torch.nn.Conv1d | torch.nn.Conv2d):
                 padding = mod.padding
                 if mod.padding_mode != "zeros" or isinstance(padding, str):
                     # the patches the layer sees: reflect / replicate / circular padding, and
                     # padding="same" (asymmetric for even kernels), applied as the layer does
                     mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
                     a = torch.nn.functional.pad(a, mod._reversed_padding_repeated_twice, mode)
-                    padding = 0
-                a = torch.nn.functional.unfold(a, mod.kernel_size, mod.dilation, padding,
-                                               mod.stride).transpose(1, 2)
-                m, c_out, ho, wo = out.shape
-                out = out + tap.transpose(1, 2).reshape(m, c_out, ho, wo)
-            else:
-                out = out + tap
+                    padding = (0,) * len(mod.kernel_size)
+                geometry = (mod.kernel_size, mod.dilation, padding, mod.stride)
+                if isinstance(mod, torch.nn.Conv1d):  # a 2-D convolution on a 1 x L image
+                    a = a.unsqueeze(-2)
+                    kernel, dilation, pads, stride = geometry
+                    geometry = ((1, *kernel), (1, *dilation), (0, *pads), (1, *stride))
+                a = torch.nn.functional.unfold(a, *geometry).transpose(1, 2)
+                out = out + tap.transpose(1, 2).reshape(out.shape)
+            else:  # a Linear layer, on (m, d_in) or weight-shared on (m, ..., d_in)
+                if a.ndim > 2:
+                    a = a.reshape(a.shape[0], -1, a.shape[-1])
+                out = out + tap.reshape(out.shape)
             if mod.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             inputs[k] = a
             return out
 
         return hook
+
+    def zero_taps(self, x: Array, params: Any = None) -> list[Array]:
+        """Zero taps for a batch ``x`` on its device, in the dtype of the tapped weights of
+        ``params`` (or, without them, of the module's), never the batch's: token indices are
+        integers, and a float64 tap would promote a float32 layer's output."""
+        import torch
+
+        shapes = self.tap_shapes(x)
+        dtype = tap_dtype(self, params)
+        if dtype is None:
+            dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()),
+                         torch.get_default_dtype())
+        return [torch.zeros(s, dtype=dtype, device=x.device) for s in shapes]
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
         """The output shape of every tapped layer, in the order of :attr:`layers` (the
@@ -244,11 +267,12 @@ class TorchModel(Model):
             def recorder(k: int) -> Callable:
                 def record(mod: Any, args: tuple, out: Array) -> None:
                     calls[k] += 1
-                    if out.ndim == 4:
-                        m, c, h, w = out.shape
-                        shapes[k] = (m, h * w, c)
-                    else:
-                        shapes[k] = tuple(out.shape)
+                    m = out.shape[0]
+                    if isinstance(mod, torch.nn.Linear):  # (m, d_out) or (m, ..., d_out)
+                        shapes[k] = ((m, out.shape[-1]) if out.ndim == 2
+                                     else (m, math.prod(out.shape[1:-1]), out.shape[-1]))
+                    else:  # (m, C_out, *spatial)
+                        shapes[k] = (m, math.prod(out.shape[2:]), out.shape[1])
 
                 return record
 
@@ -267,7 +291,7 @@ class TorchModel(Model):
                 wrong = [f"{names[id(sub)]!r} ({n} calls)"
                          for sub, n in zip(self._tapped, calls) if n != 1]
                 raise UnsupportedModelError(
-                    "this method taps every Linear and Conv2d layer (its input and output "
+                    "this method taps every Linear, Conv1d and Conv2d layer (its input and output "
                     "gradient), so each must be called exactly once per forward pass through its "
                     f"own forward(); here {', '.join(wrong)} are not (a layer reused, or a weight "
                     "used directly, as nn.MultiheadAttention does with out_proj). Use a method "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import backends
-from .._pytree import tree_map
+from .._pytree import flatten, tree_map
 
 Array = Any
 
@@ -68,12 +68,27 @@ class Model(ABC):
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
         """The shapes of the taps for a batch ``x``, one per layer in ``layers``."""
 
-    def zero_taps(self, x: Array) -> list[Array]:
-        """Zero taps for a batch ``x``: one per layer in ``layers``."""
+    def zero_taps(self, x: Array, params: Any = None) -> list[Array]:
+        """Zero taps for a batch ``x``: one per layer in ``layers``, in the dtype of the tapped
+        weights of ``params`` (:func:`tap_dtype`), or without ``params`` in the batch's
+        floating dtype (float64 for integer batches)."""
         backend = backends.backend_of(x)
         xp = backend.xp
-        dtype = x.dtype if str(x.dtype).startswith(("float", "torch.float")) else xp.float64
-        return [xp.zeros(s, dtype=dtype, device=backend.device(x)) for s in self.tap_shapes(x)]
+        shapes = self.tap_shapes(x)
+        dtype = tap_dtype(self, params)
+        if dtype is None:
+            dtype = x.dtype if str(x.dtype).startswith(("float", "torch.float")) else xp.float64
+        return [xp.zeros(s, dtype=dtype, device=backend.device(x)) for s in shapes]
+
+
+def tap_dtype(model: Model, params: Any) -> Any:
+    """The dtype of ``model``'s taps at ``params``: that of its first tapped weight (a layer's
+    output, its tap and its output gradient have its weight's dtype, whatever the batch's: a
+    token batch is integer), or None without ``params`` or tapped layers."""
+    if params is None or not model.layers:
+        return None
+    leaves, _ = flatten(params)
+    return leaves[model.layers[0].weight].dtype
 
 
 def lecun_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import SecondOrderError, StructureError
-from .base import Array, LayerInfo, Model
+from .base import Array, LayerInfo, Model, tap_dtype
 from .flax import _as_jax_key
 
 
@@ -336,12 +336,16 @@ class EquinoxModel(Model):
         m = int(jax.tree_util.tree_leaves(data)[0].shape[0])
         return [(m, s.out_features) for s in self._slots]
 
-    def zero_taps(self, x: Any) -> list[Array]:
+    def zero_taps(self, x: Any, params: Any = None) -> list[Array]:
         """Zero taps for a batch ``x`` (array or :class:`EquinoxInputs`), in the dtype of the
-        parameters."""
+        tapped weights of ``params`` (without them, of the model given to
+        :func:`from_equinox`)."""
         import jax.numpy as jnp
 
-        return [jnp.zeros(s, dtype=self._tap_dtype) for s in self.tap_shapes(x)]
+        shapes = self.tap_shapes(x)
+        dtype = tap_dtype(self, params)
+        dtype = self._tap_dtype if dtype is None else dtype
+        return [jnp.zeros(s, dtype=dtype) for s in shapes]
 
     def to_module(self, params: Any) -> Any:
         """The equinox module with ``params`` (``eqx.combine(params, static)``)."""

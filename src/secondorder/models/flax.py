@@ -25,10 +25,14 @@ Layer taps. ``nn.Dense`` and ``nn.Conv`` calls are intercepted with ``flax.linen
 to add a tap to their outputs and record their inputs in the layouts of the reference models
 (:mod:`secondorder.models.layers`): a dense layer's input (m, d_in [+1]) and tap (m, d_out); a
 convolution's im2col patches (m, Ho Wo, C_in kh kw [+1]), channel-major within a patch as a
-(C_out, C_in, kh, kw) kernel flattened row-major, and tap (m, Ho Wo, C_out). Grouped and masked
-convolutions are not tapped (their parameters are treated as any untapped leaf). So
+(C_out, C_in, kh, kw) kernel flattened row-major, and tap (m, Ho Wo, C_out). Convolutions with
+one or three spatial axes are tapped the same way (a 1-D convolution's positions are its output
+length). A Dense layer on (m, ..., d_in) inputs (a sequence, an image's pixels) shares its
+weight over the middle axes, as a convolution over positions with a 1 x 1 kernel: input
+(m, positions, d_in [+1]), tap (m, positions, d_out). Grouped and masked convolutions are not
+tapped (their parameters are treated as any untapped leaf). So
 :func:`secondorder.curvature.kronecker_factors` gives the same A and G as on the reference models.
-Flax stores a dense kernel as (d_in, d_out) and a convolution kernel as (kh, kw, C_in, C_out),
+Flax stores a dense kernel as (d_in, d_out) and a convolution kernel as (k_1, .., k_n, C_in, C_out),
 transposes of the reference layouts: the factors are the same, but ``secondorder.curvature.KFAC``
 reads the weights in the reference layouts, so build the K-FAC operator of a flax model with
 :meth:`FlaxModel.kfac`, which transposes each layer's kernel around the same blocks.
@@ -44,7 +48,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import RandomKeyError, SecondOrderError, ShapeError
-from .base import Array, LayerInfo, Model
+from .base import Array, LayerInfo, Model, tap_dtype
+from .layers import channels_last_to_reference, reference_to_channels_last
 
 
 class FlaxInputs(NamedTuple):
@@ -365,14 +370,15 @@ class FlaxModel(Model):
         factors = kronecker_factors(self, loss, params, batch, **options)
         return assemble(factors, params, _flax_layer_kronecker)
 
-    def zero_taps(self, x: Any) -> list[Array]:
+    def zero_taps(self, x: Any, params: Any = None) -> list[Array]:
         """Zero taps for a batch ``x`` (array or :class:`FlaxInputs`), in the dtype of the
-        parameters."""
-        import jax
+        tapped kernels of ``params`` (without them, of the parameters given to
+        :func:`from_flax`)."""
         import jax.numpy as jnp
 
-        dtype = jax.tree_util.tree_leaves(self._params)[0].dtype
-        return [jnp.zeros(s, dtype=dtype) for s in self.tap_shapes(x)]
+        shapes = self.tap_shapes(x)
+        dtype = tap_dtype(self, self._params if params is None else params)
+        return [jnp.zeros(s, dtype=dtype) for s in shapes]
 
 
 def _kind(module: Any) -> str | None:
@@ -389,20 +395,28 @@ def _kind(module: Any) -> str | None:
     return None
 
 
+#: the spatial axes' letters of a convolution with 1, 2 or 3 of them, for lax's dimension numbers
+_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
+
+
 def _describe(module: Any, kind: str, a: Any, out: Any) -> _Tapped:
-    """What the taps need to know about one Dense or Conv call (from its input and output)."""
+    """What the taps need to know about one Dense or Conv call (from its input and output).
+
+    A Dense layer on (batch, ..., features) inputs shares its weight over the middle axes (a
+    sequence's positions, say): its taps are (batch, positions, features), as a convolution's."""
     path = tuple(module.path)
     name = "/".join(path) or "the root module"
+    if a.ndim < 2:
+        raise ShapeError(f"layer taps take batched inputs, (batch, ...); {name} gets "
+                         f"{tuple(a.shape)}")
     if kind == "dense":
-        if a.ndim != 2:
-            raise ShapeError(
-                f"layer taps take Dense layers on (batch, features) inputs; {name} gets "
-                f"{tuple(a.shape)}"
-            )
-        return _Tapped(path, kind, bool(module.use_bias), tuple(out.shape))
-    if a.ndim != 4:
-        raise ShapeError(f"layer taps take 2-D convolutions on (batch, H, W, C) inputs; {name} "
-                         f"gets {tuple(a.shape)}")
+        m, d_out = out.shape[0], out.shape[-1]
+        shape = (m, d_out) if out.ndim == 2 else (m, int(np.prod(out.shape[1:-1])), d_out)
+        return _Tapped(path, kind, bool(module.use_bias), shape)
+    n = a.ndim - 2
+    if n not in _SPATIAL:
+        raise ShapeError(f"layer taps take convolutions with 1, 2 or 3 spatial axes on (batch, "
+                         f"..., C) inputs; {name} gets {tuple(a.shape)}")
     padding = module.padding
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
@@ -412,53 +426,42 @@ def _describe(module: Any, kind: str, a: Any, out: Any) -> _Tapped:
     else:
         from flax.linen.linear import canonicalize_padding
 
-        padding = tuple(tuple(int(v) for v in p) for p in canonicalize_padding(padding, 2))
-    m, ho, wo, c_out = out.shape
-    return _Tapped(path, kind, bool(module.use_bias), (m, ho * wo, c_out),
-                   kernel_size=_tuple(module.kernel_size, 2),
-                   strides=_tuple(module.strides, 2), padding=padding,
-                   input_dilation=_tuple(module.input_dilation, 2),
-                   kernel_dilation=_tuple(module.kernel_dilation, 2))
+        padding = tuple(tuple(int(v) for v in p) for p in canonicalize_padding(padding, n))
+    m, c_out = out.shape[0], out.shape[-1]
+    return _Tapped(path, kind, bool(module.use_bias), (m, int(np.prod(out.shape[1:-1])), c_out),
+                   kernel_size=_tuple(module.kernel_size, n),
+                   strides=_tuple(module.strides, n), padding=padding,
+                   input_dilation=_tuple(module.input_dilation, n),
+                   kernel_dilation=_tuple(module.kernel_dilation, n))
 
 
 def _layer_input(info: _Tapped, a: Array) -> Array:
-    """A tapped layer's homogeneous input: (m, d_in [+1]), or the patches (m, Ho Wo, C kh kw
-    [+1]) channel-major, as the reference models record them."""
+    """A tapped layer's homogeneous input: (m, d_in [+1]), (m, positions, d_in [+1]) for a
+    Dense layer on sequences, or the patches (m, positions, C k_1 ... k_n [+1]) channel-major,
+    as the reference models record them."""
     import jax
     import jax.numpy as jnp
 
     if info.kind == "conv":
-        patches = jax.lax.conv_general_dilated_patches(
+        spatial = _SPATIAL[len(info.kernel_size)]
+        lhs = f"N{spatial}C"
+        a = jax.lax.conv_general_dilated_patches(
             a, info.kernel_size, info.strides, info.padding, lhs_dilation=info.input_dilation,
-            rhs_dilation=info.kernel_dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        m, ho, wo, p = patches.shape
-        a = patches.reshape(m, ho * wo, p)
+            rhs_dilation=info.kernel_dilation, dimension_numbers=(lhs, f"{spatial}IO", lhs))
+    if a.ndim > 2:
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
     if info.bias:
         a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), dtype=a.dtype)], axis=-1)
     return a
-
-
-def _to_reference(kernel: Array) -> Array:
-    """A flax kernel in the reference layout: (d_in, d_out) -> (d_out, d_in),
-    (kh, kw, C_in, C_out) -> (C_out, C_in, kh, kw)."""
-    import jax.numpy as jnp
-
-    return kernel.T if kernel.ndim == 2 else jnp.transpose(kernel, (3, 2, 0, 1))
-
-
-def _from_reference(w: Array) -> Array:
-    import jax.numpy as jnp
-
-    return w.T if w.ndim == 2 else jnp.transpose(w, (2, 3, 1, 0))
 
 
 def _relayout(matvec: Callable[[Any], Any], v: Any) -> Any:
     """``matvec`` (on reference-layout ``(b, W)`` or ``W``) applied to a flax-layout vector."""
     if isinstance(v, tuple):
         b, k = v
-        out_b, out_w = matvec((b, _to_reference(k)))
-        return out_b, _from_reference(out_w)
-    return _from_reference(matvec(_to_reference(v)))
+        out_b, out_w = matvec((b, channels_last_to_reference(k)))
+        return out_b, reference_to_channels_last(out_w)
+    return reference_to_channels_last(matvec(channels_last_to_reference(v)))
 
 
 def _flax_layer_kronecker(factors: Any, bias_like: Array | None, kernel_like: Array) -> Any:
@@ -484,7 +487,7 @@ def _flax_layer_kronecker(factors: Any, bias_like: Array | None, kernel_like: Ar
 
     class FlaxLayerKronecker(LayerKronecker):
         def __init__(self) -> None:
-            super().__init__(factors, bias_like, _to_reference(kernel_like))
+            super().__init__(factors, bias_like, channels_last_to_reference(kernel_like))
             self.like = kernel_like if bias_like is None else (bias_like, kernel_like)
             s = Structure.of(self.like)
             LinearOperator.__init__(self, s, s, *placement(self.like))

@@ -35,6 +35,25 @@ def dense(p: dict, a: Array, tap: Array | None = None) -> tuple[Array, Array | N
     return s + tap, homogeneous(a)
 
 
+def reference_axes(ndim: int) -> tuple[int, ...]:
+    """The axes that take a channels-last kernel with ``ndim`` axes to the reference layout."""
+    n = ndim - 2
+    return (n + 1, n, *range(n))
+
+
+def channels_last_to_reference(w: Array) -> Array:
+    """A kernel stored channels-last, as flax does, in the reference layout: (d_in, d_out) ->
+    (d_out, d_in), and (k_1, ..., k_n, C_in, C_out) -> (C_out, C_in, k_1, ..., k_n) for a
+    convolution with n spatial axes (so that it flattens row-major to the im2col layout)."""
+    return namespace(w).permute_dims(w, reference_axes(w.ndim))
+
+
+def reference_to_channels_last(w: Array) -> Array:
+    """The inverse of :func:`channels_last_to_reference`."""
+    n = w.ndim - 2
+    return namespace(w).permute_dims(w, (*range(2, n + 2), 1, 0))
+
+
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 

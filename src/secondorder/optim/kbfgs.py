@@ -22,6 +22,7 @@ from ..linalg import quasi_newton as qn
 from ..linalg.matrix_function import damped_inverse
 from ..losses import Loss
 from ..models.base import LayerInfo
+from ..models.layers import reference_axes
 from ..tree import add, axpy, scale
 from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, choose, is_number
 from .kfac import _find_model, _from_reference, _is_flax, _to_reference, fallback_indices
@@ -259,8 +260,7 @@ class KBFGS(Optimizer):
         for info in self.model.layers:
             shape = tuple(int(s) for s in leaves[info.weight].shape)
             if flax:
-                shape = (shape[1], shape[0]) if len(shape) == 2 else (
-                    shape[3], shape[2], shape[0], shape[1])
+                shape = tuple(shape[i] for i in reference_axes(len(shape)))
             d_in = math.prod(shape[1:]) + (0 if info.bias is None else 1)
             layers.append(_Layer(info, shape, shape[0], d_in, flax))
         if not layers:
@@ -331,7 +331,7 @@ class KBFGS(Optimizer):
         x, y = batch
         backend = backend_of(params)
         xp = backend.xp
-        taps = self.model.zero_taps(x)
+        taps = self.model.zero_taps(x, params)
         # the tapped inputs come back as aux: no (zero) cotangent flows back through them
         if with_grad:
             f, pullback, inputs = backend.vjp(

@@ -20,6 +20,11 @@ from ..curvature.kfac import _cotangents, layer_statistics
 from ..errors import HyperparameterError, StructureError
 from ..losses import Loss
 from ..models.base import LayerInfo, Model
+from ..models.layers import (
+    channels_last_to_reference,
+    reference_axes,
+    reference_to_channels_last,
+)
 from ..tree import add, axpy, scale, vdot
 from .base import (
     Array,
@@ -90,19 +95,13 @@ def _is_flax(model: Model) -> bool:
 
 
 def _to_reference(w: Array, flax: bool) -> Array:
-    """A kernel in the reference layout (d_out, d_in) or (C_out, C_in, kh, kw); flax stores
-    (d_in, d_out) and (kh, kw, C_in, C_out)."""
-    if not flax:
-        return w
-    xp = backend_of(w).xp
-    return xp.matrix_transpose(w) if w.ndim == 2 else xp.permute_dims(w, (3, 2, 0, 1))
+    """A kernel in the reference layout (d_out, d_in) or (C_out, C_in, k_1, ..., k_n); flax
+    stores (d_in, d_out) and (k_1, ..., k_n, C_in, C_out)."""
+    return channels_last_to_reference(w) if flax else w
 
 
 def _from_reference(w: Array, flax: bool) -> Array:
-    if not flax:
-        return w
-    xp = backend_of(w).xp
-    return xp.matrix_transpose(w) if w.ndim == 2 else xp.permute_dims(w, (2, 3, 1, 0))
+    return reference_to_channels_last(w) if flax else w
 
 
 def fallback_indices(layers: Sequence[Any], n: int) -> list[int]:
@@ -347,8 +346,7 @@ class KFAC(Optimizer):
         for info in self.model.layers:
             shape = tuple(leaves[info.weight].shape)
             if flax:
-                shape = (shape[1], shape[0]) if len(shape) == 2 else (
-                    shape[3], shape[2], shape[0], shape[1])
+                shape = tuple(shape[i] for i in reference_axes(len(shape)))
             cls = ConvBlock if info.kind == "conv" else DenseBlock
             layers.append(_Layer(info, cls(shape, bias=info.bias is not None), flax))
         if not layers:

@@ -161,7 +161,7 @@ def gram_from_taps(model: Model, params: Tree, x: Array, cotangent: Array | None
         cotangent = xp.concat([cotangent, xp.zeros(
             (m - rows, cotangent.shape[1]), dtype=cotangent.dtype,
             device=backend.device(cotangent))], axis=0)
-    taps = model.zero_taps(x)
+    taps = model.zero_taps(x, params)
     (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
     zeros = [xp.zeros_like(a) for a in inputs]
     if cotangent is not None:

@@ -27,4 +27,4 @@ class ConvBlock(KroneckerBlock):
     gradients.
     """
 
-    input_ndim = 3
+    input_ndims = (3,)

@@ -18,8 +18,14 @@ class DenseBlock(KroneckerBlock):
     default) is (A + pi sqrt(lambda) I)^{-1} (x) (G + sqrt(lambda)/pi I)^{-1},
     pi = sqrt((tr A / dim A) / (tr G / dim G)).
 
+    A dense layer applied at T positions with one weight (a sequence's tokens, the pixels of an
+    image: ``nn.Linear`` on (m, T, d_in)) is a convolution with a 1 x 1 kernel, and its block
+    follows :class:`~.conv.ConvBlock`'s convention: A sums over the positions, G averages (the
+    "expand" setting of Eschenhagen et al., NeurIPS 2023, of which KFC is an instance).
+
     Parameters: ``weight_shape`` (d_out, d_in); ``bias`` (default True). Batch statistics take the
-    tapped inputs (m, d_in + 1) and one or several (m, d_out) output gradients.
+    tapped inputs (m, d_in + 1) or (m, T, d_in + 1) and one or several (m, d_out) or
+    (m, T, d_out) output gradients.
     """
 
-    input_ndim = 2
+    input_ndims = (2, 3)

@@ -32,8 +32,10 @@ class KroneckerBlock(CurvatureBlock):
 
     default_kind = "inverse"
     default_split = "pi"
-    #: the number of axes of the tapped inputs this block takes (2: dense, 3: convolution)
-    input_ndim: int = 2
+    #: the numbers of axes of the tapped inputs this block takes: (m, d_in) for a dense layer,
+    #: (m, positions, d_in) for a convolution or a dense layer whose weight is shared over
+    #: positions (a sequence)
+    input_ndims: tuple[int, ...] = (2, 3)
 
     def __init__(self, weight_shape: tuple[int, ...], *, bias: bool = True):
         self.weight_shape = tuple(int(s) for s in weight_shape)
@@ -72,11 +74,11 @@ class KroneckerBlock(CurvatureBlock):
     def batch_statistics(self, inputs: Array, deltas: Any) -> tuple[Array, Array]:
         """``(G, A)`` of one batch from a tapped layer's homogeneous inputs and its output
         gradients (:func:`~.statistics.kronecker_statistics`)."""
-        if getattr(inputs, "ndim", None) != self.input_ndim:
-            other = "ConvBlock" if self.input_ndim == 2 else "DenseBlock"
+        if getattr(inputs, "ndim", None) not in self.input_ndims:
+            wanted = " or ".join(str(n) for n in self.input_ndims)
             raise ShapeError(
-                f"{type(self).__name__} takes tapped inputs with {self.input_ndim} axes, got "
-                f"shape {tuple(getattr(inputs, 'shape', ()))}; use {other} for this layer"
+                f"{type(self).__name__} takes tapped inputs with {wanted} axes ((batch, "
+                f"[positions,] features)), got shape {tuple(getattr(inputs, 'shape', ()))}"
             )
         a, g = kronecker_statistics(inputs, deltas)
         return g, a

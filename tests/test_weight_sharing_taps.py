@@ -1,0 +1,299 @@
+"""Layer taps of native layers that share their weight over positions: torch ``Conv1d`` and
+``Linear`` on sequences, flax 1-D ``Conv`` and ``Dense`` on sequences.
+
+Three independent references:
+
+* the tap identity: for every tapped layer, sum_i sum_t delta_it a~_it^T (the per-sample loss
+  gradients pulled back to the taps, times the recorded inputs) is the gradient of the summed
+  loss with respect to [W b], which the framework's own autodiff computes from the module;
+* the same layer written another way: a ``Conv1d`` is a ``Conv2d`` on a 1 x L image, and a
+  ``Linear`` on (m, T, d) is a ``Conv1d`` with a kernel of 1 on (m, d, T); K-FAC steps both
+  identically;
+* the other framework: K-FAC on a torch network and on the same flax network, float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secondorder.curvature.kfac import layer_statistics
+from secondorder.losses import SoftmaxCrossEntropy
+from secondorder.models.layers import channels_last_to_reference
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from secondorder.integrations.torch import Optimizer  # noqa: E402
+from secondorder.models import from_torch  # noqa: E402
+
+
+def tap_gradients(model, params, x, y) -> list:
+    """sum_i sum_t delta_it a~_it^T of every tapped layer, (d_out, d_in [+1]), from the taps."""
+    loss = SoftmaxCrossEntropy()
+    _, pairs = layer_statistics(model, params, x, lambda f: [loss.grad(f, y)],
+                                lambda i, a, ds: (a, ds[0]))
+    return [d.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1]) for a, d in pairs]
+
+
+def torch_layer_gradients(module, x, y) -> list:
+    """[grad W  grad b] of every Linear / Conv1d layer of ``module`` for the summed loss, by
+    torch's autograd on the module itself."""
+    module.zero_grad()
+    F.cross_entropy(module(x), y, reduction="sum").backward()
+    out = []
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear | nn.Conv1d):
+            g = sub.weight.grad.reshape(sub.weight.shape[0], -1)
+            out.append(g if sub.bias is None else torch.cat([g, sub.bias.grad[:, None]], 1))
+    return out
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self, **conv) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, **conv)
+        self.conv2 = nn.Conv1d(3, 4, 3, stride=2, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.conv2(torch.tanh(self.conv(x))))
+        return self.head(a.mean(dim=2))
+
+
+class SequenceNet(nn.Module):
+    """Linear layers on (m, ..., d) inputs, then a mean over the positions."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 6, bias=bias)
+        self.mix = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.mix(torch.tanh(self.embed(x))))
+        return self.head(a.mean(dim=tuple(range(1, a.ndim - 1))) if a.ndim > 2 else a)
+
+
+CONVS = [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 4, "padding": "same"},
+    {"kernel_size": 3, "padding": 2, "padding_mode": "reflect"},
+    {"kernel_size": 3, "padding": 1, "padding_mode": "circular"},
+    {"kernel_size": 3, "dilation": 2, "stride": 2},
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_torch_conv1d_taps_give_the_layer_gradients(conv):
+    torch.manual_seed(0)
+    module = Conv1dNet(**conv).double()
+    x, y = torch.randn(6, 2, 11, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model, params = from_torch(module)
+    assert [layer.kind for layer in model.layers] == ["conv", "conv", "dense"]
+    for got, want in zip(tap_gradients(model, params, x, y),
+                         torch_layer_gradients(module, x, y), strict=True):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4), (6, 2, 3, 4), (6, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_linear_on_sequences_taps_give_the_layer_gradients(shape, bias):
+    torch.manual_seed(1)
+    module = SequenceNet(bias).double()
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    model, params = from_torch(module)
+    positions = int(np.prod(shape[1:-1]))
+    want_shapes = [(6, 6), (6, 5), (6, 3)] if positions == 1 else [
+        (6, positions, 6), (6, positions, 5), (6, 3)]
+    assert [tuple(s) for s in model.tap_shapes(x)] == want_shapes
+    for got, want in zip(tap_gradients(model, params, x, y),
+                         torch_layer_gradients(module, x, y), strict=True):
+        assert torch.allclose(got, want, rtol=0.0, atol=1e-12)
+
+
+def test_torch_taps_of_token_inputs_take_the_parameters_dtype():
+    """Integer token indices do not decide the taps' dtype: a float32 network on token inputs
+    gets float32 taps (a float64 tap used to promote its layers and crash LayerNorm)."""
+    torch.manual_seed(2)
+    module = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(),
+                           nn.Flatten(), nn.Linear(6 * 5, 3))
+    tokens, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,))
+    model, params = from_torch(module)
+    assert {t.dtype for t in model.zero_taps(tokens)} == {torch.float32}
+    for got, want in zip(tap_gradients(model, params, tokens, y),
+                         torch_layer_gradients(module, tokens, y), strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    opt = Optimizer(module, nn.CrossEntropyLoss(), "kfac", lr=0.1)
+    losses = [float(opt.step((tokens, y))) for _ in range(3)]
+    assert bool(opt.info.finite) and losses[-1] < losses[0]
+
+
+def _steps_agree(first: nn.Module, second: nn.Module, x1, x2, y, steps: int = 3) -> None:
+    """K-FAC (exact GGN factors, statistics and inverses every step) takes the same steps on
+    two networks that compute the same function with the same weights laid out differently."""
+    opts = [Optimizer(m, nn.CrossEntropyLoss(), "kfac", lr=0.2, mode="exact",
+                      statistics_interval=1, inverse_interval=1) for m in (first, second)]
+    for _ in range(steps):
+        losses = [float(opt.step((x, y))) for opt, x in zip(opts, (x1, x2))]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-12, abs=0.0)
+    for p, q in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.allclose(p, q.reshape(p.shape), rtol=0.0, atol=1e-12)
+
+
+def test_torch_conv1d_steps_as_a_conv2d_on_a_one_row_image():
+    torch.manual_seed(3)
+    one = nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(3 * 6, 3)).double()
+    two = nn.Sequential(nn.Conv2d(2, 3, (1, 3), stride=(1, 2), padding=(0, 1)), nn.Tanh(),
+                        nn.Flatten(), nn.Linear(3 * 6, 3)).double()
+    with torch.no_grad():
+        for p, q in zip(one.parameters(), two.parameters(), strict=True):
+            q.copy_(p.reshape(q.shape))
+    x, y = torch.randn(10, 2, 11, dtype=torch.float64), torch.randint(0, 3, (10,))
+    _steps_agree(one, two, x, x.unsqueeze(2), y)
+
+
+class PointwiseConv(nn.Module):
+    """SequenceNet with each Linear written as a Conv1d of kernel 1 on (m, d, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.mix = nn.Conv1d(4, 6, 1), nn.Conv1d(6, 5, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(torch.tanh(self.embed(x)))).mean(dim=2))
+
+
+def test_torch_linear_on_sequences_steps_as_a_pointwise_conv1d():
+    torch.manual_seed(4)
+    seq, conv = SequenceNet().double(), PointwiseConv().double()
+    with torch.no_grad():
+        for p, q in zip(seq.parameters(), conv.parameters(), strict=True):
+            q.copy_(p.reshape(q.shape))
+    x, y = torch.randn(10, 7, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    _steps_agree(seq, conv, x, x.transpose(1, 2), y)
+
+
+# ---------------------------------------------------------------------------- flax
+
+def _flax():
+    jax = pytest.importorskip("jax")
+    linen = pytest.importorskip("flax.linen")
+    return jax, linen
+
+
+def _flax_net(linen):
+    class Net(linen.Module):
+        """Conv1dNet's first two layers, then SequenceNet's mix on the positions."""
+
+        @linen.compact
+        def __call__(self, x):
+            a = jnp_tanh(linen.Conv(3, (3,), padding=[(1, 1)], name="conv")(x))
+            a = jnp_tanh(linen.Conv(4, (3,), strides=(2,), use_bias=False, padding="VALID",
+                                    name="conv2")(a))
+            a = jnp_tanh(linen.Dense(5, name="mix")(a))  # shared over the positions
+            return linen.Dense(3, name="head")(a.mean(axis=1))
+
+    return Net()
+
+
+def jnp_tanh(a):
+    import jax.numpy as jnp
+
+    return jnp.tanh(a)
+
+
+class TorchTwin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, padding=1)
+        self.conv2 = nn.Conv1d(3, 4, 3, stride=2, bias=False)
+        self.mix = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.conv2(torch.tanh(self.conv(x)))).transpose(1, 2)
+        return self.head(torch.tanh(self.mix(a)).mean(dim=1))
+
+
+def _flax_layer_gradients(jax, module, params, x, y) -> list:
+    import jax.numpy as jnp
+
+    def total(p):
+        logits = module.apply({"params": p}, x)
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    grads = jax.grad(total)(params)
+    out = []
+    for name in ("conv", "conv2", "mix", "head"):
+        g = channels_last_to_reference(grads[name]["kernel"])
+        g = g.reshape(g.shape[0], -1)
+        if "bias" in grads[name]:
+            g = jnp.concatenate([g, grads[name]["bias"][:, None]], axis=1)
+        out.append(g)
+    return out
+
+
+def test_flax_conv1d_and_dense_on_sequences_taps_give_the_layer_gradients():
+    jax, linen = _flax()
+    from secondorder.models import from_flax
+
+    rng = np.random.default_rng(5)
+    x = jax.numpy.asarray(rng.standard_normal((6, 11, 2)))  # (m, L, C)
+    y = jax.numpy.asarray(rng.integers(0, 3, 6))
+    module = _flax_net(linen)
+    variables = jax.tree.map(lambda a: a.astype("float64"), module.init(jax.random.key(0), x))
+    model, params = from_flax(module, variables, example=x)
+    assert [layer.kind for layer in model.layers] == ["conv", "conv", "dense", "dense"]
+    assert [tuple(s) for s in model.tap_shapes(x)] == [(6, 11, 3), (6, 5, 4), (6, 5, 5), (6, 3)]
+    for got, want in zip(tap_gradients(model, params, x, y),
+                         _flax_layer_gradients(jax, module, params, x, y), strict=True):
+        assert got.shape == want.shape
+        assert float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) < 1e-12
+
+
+def test_kfac_steps_agree_on_torch_and_flax_weight_shared_layers():
+    """K-FAC, float64, exact factors, statistics and inverses every step: a torch network of
+    Conv1d and Linear-on-sequence layers and the same flax network (1-D Conv, Dense on the
+    positions) take the same three steps."""
+    jax, linen = _flax()
+    from secondorder.models import from_flax
+    from secondorder.optim import KFAC
+
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((10, 2, 11)), rng.integers(0, 3, 10)
+    torch.manual_seed(6)
+    twin = TorchTwin().double()
+    t_model, t_params = from_torch(twin)
+    module = _flax_net(linen)
+    x_nlc = jax.numpy.asarray(np.transpose(x, (0, 2, 1)))
+    f_model, f_params = from_flax(module, module.init(jax.random.key(0), x_nlc),
+                                  example=x_nlc)
+    # the torch weights, in flax's layouts
+    f_params = {name: {"kernel": jax.numpy.asarray(
+        np.transpose(t_params[f"{name}.weight"].numpy(),
+                     (1, 0) if name in ("mix", "head") else (2, 1, 0))),
+        **({"bias": jax.numpy.asarray(t_params[f"{name}.bias"].numpy())}
+           if f"{name}.bias" in t_params else {})}
+        for name in ("conv", "conv2", "mix", "head")}
+    options = {"lr": 0.2, "mode": "exact", "statistics_interval": 1, "inverse_interval": 1}
+    runs = []
+    for model, params, batch in (
+            (t_model, t_params, (torch.from_numpy(x), torch.from_numpy(y))),
+            (f_model, f_params, (x_nlc, jax.numpy.asarray(y)))):
+        opt = KFAC(model, SoftmaxCrossEntropy(), **options)
+        state = opt.init(params)
+        losses = []
+        for _ in range(3):
+            params, state, info = opt.step(params, state, batch)
+            losses.append(float(info.loss))
+        runs.append((params, losses))
+    (t_out, t_losses), (f_out, f_losses) = runs
+    assert np.allclose(t_losses, f_losses, rtol=1e-12, atol=0.0)
+    for name in ("conv", "conv2", "mix", "head"):
+        w = channels_last_to_reference(f_out[name]["kernel"])
+        assert np.max(np.abs(np.asarray(w) - t_out[f"{name}.weight"].numpy())) < 1e-12
