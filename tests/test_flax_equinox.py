@@ -377,3 +377,34 @@ def test_flax_grouped_convolutions_are_left_untapped():
         params, state, info = opt.step(params, state, (x, y))
         losses.append(float(info.loss))
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_tnt_reads_flax_kernels_in_flax_layout_by_default():
+    """TNT merges a convolution kernel's spatial axes into one mode. On a from_flax model its
+    default reads the kernel as (kh, kw, C_in, C_out), so three steps equal TNT's on the same
+    network as the reference ConvNet (kernels (C_out, C_in, kh, kw)), float64; the PyTorch
+    layout forced on the flax kernel groups other axes and steps elsewhere."""
+    from secondorder.optim import TNT
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((8, 2, 6, 6)))
+    y = jnp.asarray(rng.integers(0, 3, 8))
+    x_nhwc = jnp.transpose(x, (0, 2, 3, 1))
+    module = FlaxCNN()
+    model, params = from_flax(module, module.init(jax.random.key(1), x_nhwc), example=x_nhwc)
+    ref = ConvNet((2, 6, 6), channels=(3,), dense=(4, 3))
+
+    def run(opt, p, batch):
+        state = opt.init(p)
+        for _ in range(3):
+            p, state, info = opt.step(p, state, batch)
+        return p
+
+    loss = SoftmaxCrossEntropy()
+    want = run(TNT(ref, loss, lr=1e-3), _reference_layout(params), (x, y))
+    got = _reference_layout(run(TNT(model, loss, lr=1e-3), params, (x_nhwc, y)))
+    scale = max_diff(want, jax.tree.map(jnp.zeros_like, want))
+    assert max_diff(got, want) < 1e-12 * scale
+    forced = _reference_layout(run(TNT(model, loss, lr=1e-3, kernel_layout="oihw"), params,
+                                   (x_nhwc, y)))
+    assert max_diff(forced, want) > 1e-6 * scale

@@ -18,12 +18,13 @@ from ..losses import Loss
 from ..tree import add
 from . import _tensor_blocks as tb
 from .base import Array, Batch, Optimizer, StepInfo, Tree, choose
+from .kfac import _find_model, _is_flax
 from .schedules import Schedule, resolve
 from .state import every, every_any, initial_count, method_state
 
 __all__ = ["TNT", "TNTState", "normalise"]
 
-KERNEL_LAYOUTS = ("oihw", "hwio", None)
+KERNEL_LAYOUTS = ("auto", "oihw", "hwio", None)
 FISHER_ESTIMATES = ("batch_mean", "per_example")
 
 
@@ -92,10 +93,11 @@ class TNT(Optimizer):
     of the bias (4.10 is the identity for k = 1). A 4-way leaf is taken as a convolution
     kernel and viewed as a 3-way tensor by merging its two spatial axes (``kernel_layout``:
     ``"oihw"``, the library's and PyTorch's (out, in, kh, kw) -> (out, in, kh kw); ``"hwio"``,
-    flax's (kh, kw, in, out) -> (kh kw, in, out); None keeps four modes). The order of the
-    modes does not change the preconditioner. ``block_size`` cuts long axes into blocks with
-    their own factors, as in :class:`~secondorder.optim.Shampoo` (default None: never; the
-    normalisation is then applied per block).
+    flax's (kh, kw, in, out) -> (kh kw, in, out); ``"auto"``, flax's for a model from
+    :func:`~secondorder.models.from_flax` and PyTorch's otherwise; None keeps four modes). The
+    order of the modes does not change the preconditioner. ``block_size`` cuts long axes into
+    blocks with their own factors, as in :class:`~secondorder.optim.Shampoo` (default None:
+    never; the normalisation is then applied per block).
 
     A block whose new inverses fail (non-finite statistics or a failed Cholesky) keeps its
     previous inverses; ``info.extras["inverses_kept"]`` counts those blocks.
@@ -121,7 +123,7 @@ class TNT(Optimizer):
         T2 >= 1.
     fisher_estimate: {"batch_mean", "per_example"}, default "batch_mean"
         The mini-batch scaling s above.
-    kernel_layout: {"oihw", "hwio", None}, default "oihw"
+    kernel_layout: {"auto", "oihw", "hwio", None}, default "auto"
         How 4-way leaves are read (above).
     block_size: int or None, default None
         The longest factor (None: no blocking).
@@ -143,7 +145,7 @@ class TNT(Optimizer):
                  momentum: Any = 0.9, beta: Any = 0.9, eps: Any = 0.01,
                  weight_decay: Any = 0.0, statistics_interval: int = 1,
                  inverse_interval: int = 1, fisher_estimate: str = "batch_mean",
-                 kernel_layout: str | None = "oihw", block_size: int | None = None,
+                 kernel_layout: str | None = "auto", block_size: int | None = None,
                  seed: int = 0):
         super().__init__(apply, loss)
         if fisher_estimate not in FISHER_ESTIMATES:
@@ -152,8 +154,12 @@ class TNT(Optimizer):
                 "thesis: statistics of the mini-batch mean) or 'per_example' (estimates F)")
         if kernel_layout not in KERNEL_LAYOUTS:
             raise HyperparameterError(
-                f"TNT: kernel_layout={kernel_layout!r} is not valid; use 'oihw' (PyTorch and "
-                "the library's models), 'hwio' (flax) or None (keep 4-way leaves)")
+                f"TNT: kernel_layout={kernel_layout!r} is not valid; use 'auto' (from the "
+                "model), 'oihw' (PyTorch and the library's models), 'hwio' (flax) or None "
+                "(keep 4-way leaves)")
+        if kernel_layout == "auto":
+            model = _find_model(apply)
+            kernel_layout = "hwio" if model is not None and _is_flax(model) else "oihw"
         self.lr, self.momentum, self.beta, self.eps = lr, momentum, beta, eps
         self.weight_decay = weight_decay
         self.statistics_interval = int(statistics_interval)
