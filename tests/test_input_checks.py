@@ -79,6 +79,29 @@ def test_bad_batches_raise_named_errors(method, backend_name):
     # good batches still step: tests/test_contract.py runs every method on them
 
 
+HALF = ("bfloat16", "float16")
+
+
+@pytest.mark.parametrize("backend_name", ("torch", "jax"))
+@pytest.mark.parametrize("method", sorted(n for n in NAMES if METHODS[n].cls.param_dtypes))
+def test_methods_that_factorise_refuse_half_precision_parameters(method, backend_name):
+    """Half-precision parameters reach a Cholesky or LU that the frameworks do not have in
+    half precision (torch: "cholesky_cpu not implemented for 'BFloat16'"): each such method
+    refuses them at the step's entry with a DTypeError that says what to do."""
+    b = _backend(backend_name)
+    opt, params, state = _setup(method, b)
+    module = pytest.importorskip("torch" if backend_name == "torch" else "jax.numpy")
+
+    def cast(a, half):  # the framework's own cast: secondorder's asarray refuses half
+        return a.to(getattr(module, half)) if backend_name == "torch" else a.astype(half)
+
+    for half in HALF:
+        low = tree.tree_map(lambda a, half=half: cast(a, half), params)
+        batch = (cast(b.asarray(X), half), b.asarray(Y))
+        with pytest.raises(DTypeError, match=f"float32 or float64 parameters, not {half}"):
+            opt.step(low, state, batch)
+
+
 def test_batch_structure_framework_and_probability_rows():
     torch = pytest.importorskip("torch")
     b = backends.get("torch")

@@ -223,6 +223,10 @@ class Optimizer(ABC):
     State: type = tuple
     #: the keys of ``info.extras`` that every step of this method reports
     info_extras: tuple[str, ...] = ()
+    #: the floating dtypes its parameters may have (None: any): a method that factorises a
+    #: matrix (Cholesky, LU) needs float32 or float64, which the frameworks' CPU and GPU
+    #: factorisations take; half precision is refused at the step's entry (DTypeError)
+    param_dtypes: tuple[str, ...] | None = None
     #: the valid range of each numeric constructor argument, as :func:`check_hyperparameter`
     #: reads it; every numeric argument, listed or not, must be finite
     hyperparameters: Mapping[str, str] = {}  # noqa: RUF012 - never mutated
@@ -310,6 +314,14 @@ class Optimizer(ABC):
                 f"{method}.step takes the batch as a pair (x, y) of inputs and targets, got "
                 f"{type(batch).__name__}" + (f" of length {len(batch)}"
                                              if isinstance(batch, tuple | list) else ""))
+        dtype = str(leaf.dtype).removeprefix("torch.")
+        if self.param_dtypes is not None and xp_float(backend, leaf) and (
+                dtype not in self.param_dtypes):
+            raise DTypeError(
+                f"{method} factorises curvature matrices, which needs "
+                f"{' or '.join(self.param_dtypes)} parameters, not {dtype}: train a float32 copy "
+                "of the model (module.float(), or params cast with astype), or use a method "
+                "without factorisations ('sgd', 'adam', 'curveball', 'hessian-free', 'shampoo')")
         x, y = batch
         for what, a in (("x", x), ("y", y)):
             if not hasattr(a, "shape") or isinstance(a, numbers.Number):

@@ -196,6 +196,7 @@ class KBFGS(Optimizer):
     """
 
     State: type = KBFGSState
+    param_dtypes = ("float32", "float64")
     hyperparameters = {  # noqa: RUF012 - never mutated
         "lr": "> 0", "damping": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0",
         "statistics_decay": "[0, 1)", "mu1": "(0, 1)", "curvature_interval": "integer >= 1",

@@ -262,6 +262,7 @@ class KFAC(Optimizer):
     """
 
     State = KFACState
+    param_dtypes = ("float32", "float64")
     hyperparameters = {  # noqa: RUF012 - never mutated
         "lr": "> 0", "damping": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0",
         "statistics_decay": "[0, 1)", "statistics_interval": "integer >= 1",

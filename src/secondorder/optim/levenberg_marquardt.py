@@ -106,6 +106,7 @@ class LevenbergMarquardt(Optimizer):
     """
 
     State = LevenbergMarquardtState
+    param_dtypes = ("float32", "float64")
     hyperparameters = {"damping": "> 0", "increase": "> 1", "decrease": "(0, 1)",
                        "min_damping": "> 0", "max_damping": "> 0"}  # noqa: RUF012
     info_extras = ("rho", "predicted")

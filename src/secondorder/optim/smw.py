@@ -219,6 +219,7 @@ class _SMW(Optimizer):
     """The shared body of :class:`SMWGN` and :class:`SMWNG` (``curvature`` "gn" or "ng")."""
 
     curvature = "gn"
+    param_dtypes = ("float32", "float64")
     hyperparameters = {  # noqa: RUF012 - never mutated
         "lr": "> 0", "damping": ">= 0", "tau": "> 0", "boost": ">= 1", "drop": "(0, 1]",
         "eps": "(0, 0.5)", "curvature_batch": "integer >= 1",

@@ -135,6 +135,7 @@ class TNT(Optimizer):
     """
 
     State = TNTState
+    param_dtypes = ("float32", "float64")
     hyperparameters = {  # noqa: RUF012
         "lr": "> 0", "momentum": "[0, 1)", "beta": "[0, 1)", "eps": "> 0",
         "weight_decay": ">= 0", "statistics_interval": "integer >= 1",
