@@ -130,8 +130,10 @@ class LayerKronecker(LinearOperator):
         self.has_bias = bias_like is not None
         self.weight_shape = tuple(weight_like.shape)
         like = (bias_like, weight_like) if self.has_bias else weight_like
-        cls = ConvBlock if len(self.weight_shape) == 4 else DenseBlock
-        self.block: KroneckerBlock = cls(self.weight_shape, bias=self.has_bias)
+        cls = ConvBlock if factors.layer.kind == "conv" else DenseBlock
+        self.block: KroneckerBlock = cls(
+            self.weight_shape, bias=self.has_bias,
+            bias_shape=tuple(bias_like.shape) if self.has_bias else None)
         if (tuple(factors.A.shape) != (self.block.d_in,) * 2
                 or tuple(factors.G.shape) != (self.block.d_out,) * 2):
             raise ShapeError(

@@ -16,15 +16,20 @@ step sees the same key (so the same dropout masks) and normalises with the step'
 call is ``model(x, state, key=k)`` with a state, ``model(x, key=k)`` with a key only, and
 ``model(x)`` otherwise; under the batch ``vmap`` the state is shared (``in_axes=None``,
 ``axis_name`` the BatchNorm's axis name) and the key is split into one key per example.
-Layer taps. Every ``eqx.nn.Linear`` in the module tree whose weight is a trained 2-D array is a
-tapped layer (:attr:`EquinoxModel.layers`, in the tree's leaf order), so K-FAC, K-BFGS,
-K-BFGS(L) and SMW's tap Gram matrix take an equinox model. Equinox has no method interception:
-a tapped call rebuilds the recombined module with each of those layers replaced by a small
-wrapper that calls the layer, adds the tap to its output and records its homogeneous input
-``[a, 1]`` (``[a]`` without bias); this happens inside the batch ``jax.vmap``, so the taps are
-(m, d_out) and the inputs (m, d_in [+1]), the layouts of the reference models
-(:mod:`secondorder.models.layers`). Equinox stores a Linear weight as (d_out, d_in), the reference
-layout, so no relayout is needed. Limits, each with a named error or a fallback:
+Layer taps. Every ``eqx.nn.Linear`` in the module tree whose weight is a trained 2-D array, and
+every ``eqx.nn.Conv`` (``Conv1d``, ``Conv2d``, ``Conv3d``, without groups), is a tapped layer
+(:attr:`EquinoxModel.layers`, in the tree's leaf order), so K-FAC, K-BFGS, K-BFGS(L) and SMW's
+tap Gram matrix take an equinox model. Equinox has no method interception: a tapped call
+rebuilds the recombined module with each of those layers replaced by a small wrapper that calls
+the layer, adds the tap to its output and records its homogeneous input ``[a, 1]`` (``[a]``
+without bias); for a convolution, the im2col patches of the example after the layer's own
+padding (its ``padding_mode`` too), one row per output position. This happens inside the batch
+``jax.vmap``, so the taps are (m, d_out) or (m, positions, C_out) and the inputs (m, d_in [+1])
+or (m, positions, C_in k_1 ... k_n [+1]), the layouts of the reference models
+(:mod:`secondorder.models.layers`). Equinox stores a Linear weight as (d_out, d_in) and a
+kernel as (C_out, C_in, k_1, ..., k_n), the reference layouts, so no relayout is needed; a
+convolution's bias is a (C_out, 1, ..., 1) leaf, which the curvature blocks keep in that shape.
+Limits, each with a named error or a fallback:
 
 * each tapped Linear must be called exactly once per example and forward pass: a layer called
   twice (weight sharing, a layer applied in a loop) or never raises
@@ -34,13 +39,13 @@ layout, so no relayout is needed. Limits, each with a named error or a fallback:
   Stacked layers (``eqx.nn.MLP(..., scan=True)``'s hidden layers, a weight of rank 3) are not
   tapped: they are parameters outside tapped layers (each method's fallback);
 * ``batched=True`` models have no taps (StructureError);
-* other layers (``eqx.nn.Conv2d``, embeddings, norms) are not tapped: parameters outside tapped
-  layers. For tapped convolutions use :func:`~secondorder.models.from_flax`, a reference
-  :class:`~secondorder.models.ConvNet` or a torch module.
+* other layers (grouped convolutions, transposed convolutions, embeddings, norms) are not
+  tapped: parameters outside tapped layers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -90,6 +95,7 @@ class _TapSlot:
     name: str
     bias: bool
     out_features: int
+    conv: bool = False  # an eqx.nn.Conv (taps (positions, C_out) per example)
 
 
 class _Recorder:
@@ -100,6 +106,7 @@ class _Recorder:
         self.slots = slots
         self.taps = taps
         self.inputs: list[Array | None] = [None] * len(slots)
+        self.outputs: list[Array | None] = [None] * len(slots)
         self.trace = _trace_state()
 
     def __call__(self, k: int, layer: Any, x: Array, **kwargs: Any) -> Array:
@@ -116,13 +123,15 @@ class _Recorder:
         if _trace_state() != self.trace:
             raise _inner_transform_error()
         out = layer(x, **kwargs)
-        a = jnp.reshape(x, (-1,))
+        a = _patches(layer, x) if slot.conv else jnp.reshape(x, (-1,))
         if slot.bias:
-            a = jnp.concatenate([a, jnp.ones((1,), dtype=a.dtype)])
+            a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), dtype=a.dtype)], axis=-1)
         self.inputs[k] = a
+        self.outputs[k] = out
         if self.taps is None:
             return out
-        return out + jnp.reshape(self.taps[k], out.shape)
+        tap = self.taps[k]
+        return out + (jnp.reshape(tap.T, out.shape) if slot.conv else jnp.reshape(tap, out.shape))
 
     def recorded(self) -> list[Array]:
         """The recorded inputs, in slot order; StructureError for a layer never called."""
@@ -134,6 +143,21 @@ class _Recorder:
                 "use a method without taps (Shampoo, Adam, SGD, the GGN methods)"
             )
         return list(self.inputs)  # type: ignore[arg-type]
+
+
+def _patches(layer: Any, x: Array) -> Array:
+    """The im2col patches (positions, C_in k_1 ... k_n) an ``eqx.nn.Conv`` sees on one example
+    (C_in, d_1, ..., d_n), channel-major within a patch as its kernel (C_out, C_in, k_1, ...,
+    k_n) flattened row-major, after the layer's own padding."""
+    import jax
+    import jax.numpy as jnp
+
+    padding = layer.padding
+    if layer.padding_mode != "ZEROS":  # reflect / replicate / circular, as the layer pads
+        x, padding = layer._nonzero_pad(x), "VALID"
+    p = jax.lax.conv_general_dilated_patches(
+        x[None], layer.kernel_size, layer.stride, padding, rhs_dilation=layer.dilation)
+    return jnp.reshape(p[0], (p.shape[1], -1)).T
 
 
 class _TappedLayer:
@@ -160,21 +184,30 @@ def _tap_slots(model: Any, params: Any) -> tuple[tuple[_TapSlot, ...], tuple[Lay
     index = {tuple(path): i
              for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])}
     slots, layers = [], []
-    nodes = jax.tree_util.tree_flatten_with_path(
-        model, is_leaf=lambda n: isinstance(n, eqx.nn.Linear))[0]
+    nodes = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_tappable)[0]
     for path, node in nodes:
-        if not isinstance(node, eqx.nn.Linear):
+        if not _is_tappable(node):
             continue
         path = tuple(path)
         w = index.get((*path, jax.tree_util.GetAttrKey("weight")))
-        if w is None or getattr(node.weight, "ndim", 0) != 2:
+        conv = isinstance(node, eqx.nn.Conv)
+        rank = 2 + node.num_spatial_dims if conv else 2
+        if w is None or getattr(node.weight, "ndim", 0) != rank:
             continue  # frozen or stacked (MLP(scan=True)): outside tapped layers
         b = index.get((*path, jax.tree_util.GetAttrKey("bias")))
-        d_out, d_in = (int(d) for d in node.weight.shape)
+        d_out, d_in = int(node.weight.shape[0]), math.prod(node.weight.shape[1:])
         name = jax.tree_util.keystr(path) or "the root module"
-        slots.append(_TapSlot(path, name, b is not None, d_out))
-        layers.append(LayerInfo("dense", w, b, d_in, d_out))
+        slots.append(_TapSlot(path, name, b is not None, d_out, conv))
+        layers.append(LayerInfo("conv" if conv else "dense", w, b, d_in, d_out))
     return tuple(slots), tuple(layers)
+
+
+def _is_tappable(node: Any) -> bool:
+    """An ``eqx.nn.Linear``, or an ``eqx.nn.Conv`` (1-D to 3-D) without groups."""
+    import equinox as eqx
+
+    return isinstance(node, eqx.nn.Linear) or (
+        isinstance(node, eqx.nn.Conv) and node.groups == 1)
 
 
 class EquinoxModel(Model):
@@ -206,6 +239,10 @@ class EquinoxModel(Model):
         import jax
 
         self._slots, self._layers = _tap_slots(model, params)
+        self._positions: dict[tuple, list[int]] = {}  # conv output positions by batch shapes
+        #: the parameters' shapes and dtypes (for shape evaluations; no arrays are kept)
+        self._param_shapes = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
         leaves = jax.tree_util.tree_leaves(params)
         #: the dtype of the taps (that of the parameters)
         self._tap_dtype = leaves[0].dtype if leaves else "float32"
@@ -223,9 +260,11 @@ class EquinoxModel(Model):
         return EquinoxInputs(x, None if key is None else _as_jax_key(key),
                              self.state if state is None else state)
 
-    def _call(self, params: Any, x: Any, taps: list[Array] | None = None) -> tuple[Any, ...]:
+    def _call(self, params: Any, x: Any, taps: list[Array] | None = None, probe: bool = False
+              ) -> tuple[Any, ...]:
         """(outputs, new state or None) of the recombined model on ``x``; with ``taps`` (one
-        (m, d_out) array per tapped layer), (outputs, new state, tapped layers' inputs)."""
+        per tapped layer), (outputs, new state, tapped layers' inputs); with ``probe``,
+        (outputs, new state, tapped layers' outputs), for their shapes."""
         import equinox as eqx
         import jax
 
@@ -243,22 +282,22 @@ class EquinoxModel(Model):
         def one(xi: Any, st: Any, k: Any, ti: list[Array] | None) -> Any:
             extra = dict(kwargs) if k is None else {**kwargs, "key": k}
             m, recorder = model, None
-            if ti is not None:
+            if ti is not None or probe:
                 recorder = _Recorder(slots, ti)
 
                 def wrap(path: Any, node: Any) -> Any:
                     j = positions.get(tuple(path))
                     return node if j is None else _TappedLayer(node, j, recorder)
 
-                m = jax.tree_util.tree_map_with_path(
-                    wrap, model, is_leaf=lambda n: isinstance(n, eqx.nn.Linear))
+                m = jax.tree_util.tree_map_with_path(wrap, model, is_leaf=_is_tappable)
             if st is None:
                 out, new_state = m(xi, **extra), None
             else:
                 out, new_state = m(xi, st, **extra)
             if recorder is None:
                 return out, new_state
-            return out, new_state, recorder.recorded()
+            inputs = recorder.recorded()
+            return out, new_state, (recorder.outputs if probe else inputs)
 
         if self.batched:
             if taps is not None:
@@ -270,7 +309,7 @@ class EquinoxModel(Model):
         size = jax.tree_util.tree_leaves(data)[0].shape[0]
         keys = None if key is None else jax.random.split(key, size)
         in_axes = (0, None, None if keys is None else 0, None if taps is None else 0)
-        out_axes = (0, None) if taps is None else (0, None, 0)
+        out_axes = (0, None) if taps is None and not probe else (0, None, 0)
         mapped = jax.vmap(one, in_axes=in_axes, out_axes=out_axes, axis_name=self.axis_name)
         return mapped(data, state, keys, taps)
 
@@ -324,17 +363,28 @@ class EquinoxModel(Model):
 
     @property
     def layers(self) -> tuple[LayerInfo, ...]:  # type: ignore[override]
-        """One dense :class:`LayerInfo` per tapped ``eqx.nn.Linear`` (see the module
-        docstring), in the leaf order of ``params``: weight (d_out, d_in), then bias."""
+        """One :class:`LayerInfo` per tapped ``eqx.nn.Linear`` ("dense") or ``eqx.nn.Conv``
+        ("conv") (see the module docstring), in the leaf order of ``params``: weight, then
+        bias."""
         return self._layers
 
     def tap_shapes(self, x: Any) -> list[tuple[int, ...]]:
-        """The tap shapes (m, d_out) for a batch ``x`` (array or :class:`EquinoxInputs`)."""
+        """The tap shapes for a batch ``x`` (array or :class:`EquinoxInputs`): (m, d_out) for
+        a Linear, (m, positions, C_out) for a convolution (its output size, from an
+        evaluation of the shapes of one forward pass, cached by the batch's shapes)."""
         import jax
 
         data = x.x if isinstance(x, EquinoxInputs) else x
         m = int(jax.tree_util.tree_leaves(data)[0].shape[0])
-        return [(m, s.out_features) for s in self._slots]
+        if not any(s.conv for s in self._slots):
+            return [(m, s.out_features) for s in self._slots]
+        key = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(data))
+        if key not in self._positions:
+            outs = jax.eval_shape(lambda p, inp: self._call(p, inp, probe=True)[2],
+                                  self._param_shapes, x)
+            self._positions[key] = [math.prod(o.shape[2:]) for o in outs]
+        return [(m, p, s.out_features) if s.conv else (m, s.out_features)
+                for s, p in zip(self._slots, self._positions[key], strict=True)]
 
     def zero_taps(self, x: Any, params: Any = None) -> list[Array]:
         """Zero taps for a batch ``x`` (array or :class:`EquinoxInputs`), in the dtype of the

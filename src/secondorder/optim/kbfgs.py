@@ -82,6 +82,7 @@ class _Layer(NamedTuple):
     d_out: int
     d_in: int  # with the bias column
     flax: bool
+    bias_shape: tuple[int, ...] | None = None  # the bias leaf's, (d_out,) or (C_out, 1, 1)
 
 
 class _Pass(NamedTuple):
@@ -263,7 +264,8 @@ class KBFGS(Optimizer):
             if flax:
                 shape = tuple(shape[i] for i in reference_axes(len(shape)))
             d_in = math.prod(shape[1:]) + (0 if info.bias is None else 1)
-            layers.append(_Layer(info, shape, shape[0], d_in, flax))
+            bias = None if info.bias is None else tuple(leaves[info.bias].shape)
+            layers.append(_Layer(info, shape, shape[0], d_in, flax, bias))
         if not layers:
             raise StructureError(
                 f"{type(self).__name__} found no tapped dense or convolution layer in "
@@ -279,7 +281,7 @@ class KBFGS(Optimizer):
         w = xp.reshape(w, (layer.d_out, -1))
         if layer.info.bias is None:
             return w
-        return xp.concat([w, leaves[layer.info.bias][:, None]], axis=1)
+        return xp.concat([w, xp.reshape(leaves[layer.info.bias], (layer.d_out, 1))], axis=1)
 
     @staticmethod
     def _unmatrix(layer: _Layer, t: Array, out: list[Array]) -> None:
@@ -289,7 +291,7 @@ class KBFGS(Optimizer):
             out[layer.info.weight] = _from_reference(xp.reshape(t, layer.weight_shape),
                                                      layer.flax)
             return
-        out[layer.info.bias] = t[:, -1]
+        out[layer.info.bias] = xp.reshape(t[:, -1], layer.bias_shape)
         out[layer.info.weight] = _from_reference(
             xp.reshape(t[:, :-1], layer.weight_shape), layer.flax)
 

@@ -349,7 +349,9 @@ class KFAC(Optimizer):
             if flax:
                 shape = tuple(shape[i] for i in reference_axes(len(shape)))
             cls = ConvBlock if info.kind == "conv" else DenseBlock
-            layers.append(_Layer(info, cls(shape, bias=info.bias is not None), flax))
+            bias = None if info.bias is None else tuple(leaves[info.bias].shape)
+            layers.append(_Layer(info, cls(shape, bias=bias is not None, bias_shape=bias),
+                                 flax))
         if not layers:
             raise StructureError(
                 f"KFAC found no tapped dense or convolution layer in {self.model!r}; use "
