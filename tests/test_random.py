@@ -11,7 +11,7 @@ from scipy import stats
 from helpers import assert_close, back, raveled, softmax, to
 from secondorder import backends, random, tree
 from secondorder.curvature import Fisher, kronecker_factors
-from secondorder.errors import RandomKeyError, SecondOrderError, ShapeError
+from secondorder.errors import DTypeError, RandomKeyError, SecondOrderError, ShapeError
 from secondorder.losses import MSE, SigmoidBCE, SoftmaxCrossEntropy
 from secondorder.models import MLP
 from secondorder.optim import HessianFree
@@ -267,6 +267,8 @@ def test_named_errors():
         random.uniform(random.key(0, b), (-1, 2))
     with pytest.raises(ShapeError, match="split the key"):
         random.uniform(random.key(0, b), (2**16, 2**15))
+    with pytest.raises(DTypeError, match="float32 or float64"):
+        random.normal(random.key(0, b), (2,), dtype="int32")
     with pytest.raises(RandomKeyError, match="exactly one"):
         random.categorical(random.key(0, b))
     f = np.zeros((3, 2))
