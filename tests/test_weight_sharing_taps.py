@@ -297,3 +297,33 @@ def test_kfac_steps_agree_on_torch_and_flax_weight_shared_layers():
     for name in ("conv", "conv2", "mix", "head"):
         w = channels_last_to_reference(f_out[name]["kernel"])
         assert np.max(np.abs(np.asarray(w) - t_out[f"{name}.weight"].numpy())) < 1e-12
+
+
+def test_a_tied_weight_is_tapped_in_the_layer_that_registers_it():
+    """``b.weight = a.weight``: one parameter, named a.weight; layer a is tapped with it and
+    layer b is not (its bias is an untapped leaf), and the tap identity still holds for a."""
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(7)
+    module = Tied().double()
+    model, params = from_torch(module)
+    names = sorted(params)  # the layer table's leaf indices are in the sorted-name order
+    assert "b.weight" not in names
+    assert [(names[layer.weight], names[layer.bias]) for layer in model.layers] == [
+        ("a.weight", "a.bias"), ("head.weight", "head.bias")]
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    tap_a = tap_gradients(model, params, x, y)[0]
+    # the tap of layer a alone: its own use of the weight, without layer b's
+    out_a = module.a(x).detach().requires_grad_(True)
+    loss = F.cross_entropy(module.head(torch.tanh(module.b(torch.tanh(out_a)))), y,
+                           reduction="sum")
+    (delta,) = torch.autograd.grad(loss, out_a)
+    want = delta.T @ torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
+    assert torch.allclose(tap_a, want, rtol=0.0, atol=1e-12)

@@ -13,11 +13,13 @@ shares its weight over the middle axes, like a convolution with a 1 x 1 kernel o
 its input is recorded as (m, positions, d_in [+1]) and its tap is (m, positions, d_out). Taps
 are matched to layers in the module's registration order, whatever order the forward pass calls
 them in; a tapped layer must be called exactly once per forward pass (else
-``UnsupportedModelError``). Grouped
-convolutions (``groups > 1``) and every other layer type are not tapped: methods with per-layer
-blocks treat their parameters as they treat any untapped leaf. ``from_jax``
-wraps any pure JAX apply function (flax ``Module.apply``, an equinox model split into arrays and
-static parts, ...) as it is.
+``UnsupportedModelError``). Grouped convolutions (``groups > 1``) and every other layer type
+are not tapped: methods with per-layer blocks treat their parameters as they treat any untapped
+leaf. A weight tied between layers (``b.weight = a.weight``) is one parameter, named after the
+first layer that registers it; that layer is tapped, the others are not (their use of the
+weight reaches its gradient, not its curvature block). ``from_jax`` wraps any pure JAX apply
+function (flax ``Module.apply``, an equinox model split into arrays and static parts, ...) as
+it is.
 
 Modules with state (``from_torch``). An optimiser calls ``apply`` many times per step, inside
 ``torch.func`` transforms, so ``apply`` itself never writes to the module:
