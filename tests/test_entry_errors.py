@@ -54,3 +54,51 @@ def test_a_torch_loss_module_works_in_the_pure_api():
 def test_a_plain_function_is_not_a_loss():
     with pytest.raises(UnsupportedLossError, match="SoftmaxCrossEntropy"):
         CurveBall(lambda p, x: x, lambda f, y: ((f - y) ** 2).mean())
+
+
+def test_a_flax_nnx_module_is_pointed_to_from_jax():
+    """from_flax takes linen modules; an nnx module gets an UnsupportedModelError whose recipe
+    (split, then from_jax of the merge) trains: CurveBall steps it as the same network built
+    by hand as a pure function."""
+    jax = pytest.importorskip("jax")
+    nnx = pytest.importorskip("flax.nnx")
+    import re
+
+    from secondorder.errors import UnsupportedModelError
+    from secondorder.losses import SoftmaxCrossEntropy
+    from secondorder.models import from_flax, from_jax
+    from secondorder.optim import CurveBall
+
+    jnp = jax.numpy
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(4, 5, rngs=rngs), nnx.Linear(5, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    net = Net(nnx.Rngs(0))
+    with pytest.raises(UnsupportedModelError, match="flax.nnx module") as err:
+        from_flax(net)
+    assert re.search(r"nnx\.split\(module, nnx\.Param, \.\.\.\)", str(err.value))
+    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+    model, params = from_jax(lambda p, x: nnx.merge(graphdef, p, rest)(x), params)
+
+    def by_hand(p, x):
+        w1, b1, w2, b2 = p
+        return jnp.tanh(x @ w1 + b1) @ w2 + b2
+
+    weights = (net.l1.kernel[...], net.l1.bias[...], net.l2.kernel[...], net.l2.bias[...])
+    hand, _ = from_jax(by_hand, weights)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 4)), dtype=jnp.float32)  # nnx's default dtype
+    y = jnp.asarray(rng.integers(0, 3, 16))
+    runs = []
+    for m, p in ((model, params), (hand, weights)):
+        opt = CurveBall(m, SoftmaxCrossEntropy())
+        state = opt.init(p)
+        for _ in range(3):
+            p, state, info = opt.step(p, state, (x, y))
+        runs.append(float(info.loss))
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import RandomKeyError, SecondOrderError, ShapeError
+from ..errors import RandomKeyError, SecondOrderError, ShapeError, UnsupportedModelError
 from .base import Array, LayerInfo, Model, tap_dtype
 from .layers import channels_last_to_reference, reference_to_channels_last
 
@@ -503,7 +503,7 @@ def _flax_layer_kronecker(factors: Any, bias_like: Array | None, kernel_like: Ar
     return FlaxLayerKronecker()
 
 
-def from_flax(module: Any, variables: Mapping[str, Any], **options: Any
+def from_flax(module: Any, variables: Mapping[str, Any] | None = None, **options: Any
               ) -> tuple[FlaxModel, Any]:
     """``(model, params)`` for a ``flax.linen`` module and its variables (from ``module.init``):
     ``model(params, x)`` is the module's forward pass, ``params = variables["params"]``.
@@ -514,5 +514,26 @@ def from_flax(module: Any, variables: Mapping[str, Any], **options: Any
     through :meth:`FlaxModel.inputs` and :meth:`FlaxModel.update_collections`, or all at once
     through :meth:`FlaxModel.make_step`.
     """
+    _refuse_nnx(module)
+    if variables is None:
+        raise SecondOrderError(
+            "from_flax needs the module's variables: from_flax(module, module.init(key, x))")
     model = FlaxModel(module, variables, **options)
     return model, variables["params"]
+
+
+def _refuse_nnx(module: Any) -> None:
+    """UnsupportedModelError, with the way that works, for a ``flax.nnx`` module."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax without nnx
+        return
+    if isinstance(module, nnx.Module):
+        raise UnsupportedModelError(
+            f"from_flax takes flax.linen modules; {type(module).__name__} is a flax.nnx module. "
+            "Split it and wrap the merge as a pure function: graphdef, params, rest = "
+            "nnx.split(module, nnx.Param, ...); model, params = from_jax(lambda p, x: "
+            "nnx.merge(graphdef, p, rest)(x), params). That model has no layer taps (use "
+            "CurveBall, Hessian-free, Shampoo, TNT, SGD or Adam), and BatchNorm statistics and "
+            "Dropout keys in rest do not advance unless you split the updated module again. "
+            "K-FAC and K-BFGS need layer taps: write the network with flax.linen for them")
