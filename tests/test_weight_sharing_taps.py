@@ -131,11 +131,13 @@ def test_torch_taps_of_token_inputs_take_the_parameters_dtype():
     assert bool(opt.info.finite) and losses[-1] < losses[0]
 
 
-def _steps_agree(first: nn.Module, second: nn.Module, x1, x2, y, steps: int = 3) -> None:
+def _steps_agree(first: nn.Module, second: nn.Module, x1, x2, y, steps: int = 3,
+                 **options) -> None:
     """K-FAC (exact GGN factors, statistics and inverses every step) takes the same steps on
     two networks that compute the same function with the same weights laid out differently."""
     opts = [Optimizer(m, nn.CrossEntropyLoss(), "kfac", lr=0.2, mode="exact",
-                      statistics_interval=1, inverse_interval=1) for m in (first, second)]
+                      statistics_interval=1, inverse_interval=1, **options)
+            for m in (first, second)]
     for _ in range(steps):
         losses = [float(opt.step((x, y))) for opt, x in zip(opts, (x1, x2))]
         assert losses[0] == pytest.approx(losses[1], rel=1e-12, abs=0.0)
@@ -168,14 +170,18 @@ class PointwiseConv(nn.Module):
         return self.head(torch.tanh(self.mix(torch.tanh(self.embed(x)))).mean(dim=2))
 
 
-def test_torch_linear_on_sequences_steps_as_a_pointwise_conv1d():
+@pytest.mark.parametrize("convention", ["kfc", "curvlinops"])
+def test_torch_linear_on_sequences_steps_as_a_pointwise_conv1d(convention):
+    """In both conventions for factors over positions; with the "equal" damping split, which
+    tells the conventions apart."""
     torch.manual_seed(4)
     seq, conv = SequenceNet().double(), PointwiseConv().double()
     with torch.no_grad():
         for p, q in zip(seq.parameters(), conv.parameters(), strict=True):
             q.copy_(p.reshape(q.shape))
     x, y = torch.randn(10, 7, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
-    _steps_agree(seq, conv, x, x.transpose(1, 2), y)
+    _steps_agree(seq, conv, x, x.transpose(1, 2), y, conv_convention=convention,
+                 damping_split="equal")
 
 
 # ---------------------------------------------------------------------------- flax
@@ -327,3 +333,67 @@ def test_a_tied_weight_is_tapped_in_the_layer_that_registers_it():
     (delta,) = torch.autograd.grad(loss, out_a)
     want = delta.T @ torch.cat([x, torch.ones(6, 1, dtype=torch.float64)], 1)
     assert torch.allclose(tap_a, want, rtol=0.0, atol=1e-12)
+
+
+class TimeMajor(nn.Module):
+    """A Linear on a time-major (T, m, d) sequence, or on the rows flattened to (m T, d)."""
+
+    def __init__(self, flatten: bool) -> None:
+        super().__init__()
+        self.flatten = flatten
+        self.mix, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):  # x: (m, T, 4)
+        m = x.shape[0]
+        if self.flatten:
+            return self.head(torch.tanh(self.mix(x.reshape(-1, 4))).reshape(m, -1, 5).mean(1))
+        return self.head(torch.tanh(self.mix(x.transpose(0, 1))).mean(0))
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_layer_that_sees_the_batch_off_its_first_axis_is_refused(flatten):
+    """Taps read a layer's input rows as samples: a time-major or flattened layout would give
+    factors off by m / T (and per-sample Gram matrices of the wrong rows), so it is refused
+    by name before any step."""
+    from secondorder.errors import UnsupportedModelError
+
+    x, y = torch.randn(8, 3, 4), torch.randint(0, 3, (8,))
+    for method in ("kfac", "smw-ng"):
+        module = TimeMajor(flatten)
+        opt = Optimizer(module, nn.CrossEntropyLoss(), method)
+        before = [p.detach().clone() for p in module.parameters()]
+        with pytest.raises(UnsupportedModelError, match="'mix'.*batch axis first"):
+            opt.step((x, y))
+        assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+def test_flax_conv_with_an_int_kernel_is_one_dimensional():
+    """flax reads kernel_size=3 as a 1-D kernel (3,): tapped so, the taps give the layer
+    gradients; a 1-D kernel over two spatial axes (flax's extra batch axes) is refused."""
+    jax, linen = _flax()
+    from secondorder.errors import ShapeError
+    from secondorder.models import from_flax
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            a = jnp_tanh(linen.Conv(3, kernel_size=3, name="conv")(x))
+            return linen.Dense(3, name="head")(a.reshape(a.shape[0], -1))
+
+    rng = np.random.default_rng(9)
+    x = jax.numpy.asarray(rng.standard_normal((5, 9, 2)))
+    y = jax.numpy.asarray(rng.integers(0, 3, 5))
+    module = Net()
+    variables = jax.tree.map(lambda a: a.astype("float64"), module.init(jax.random.key(0), x))
+    model, params = from_flax(module, variables, example=x)
+    assert [tuple(s) for s in model.tap_shapes(x)] == [(5, 9, 3), (5, 3)]
+    grads = jax.grad(lambda p: -jax.numpy.sum(jax.numpy.take_along_axis(
+        jax.nn.log_softmax(module.apply({"params": p}, x)), y[:, None], 1)))(params)
+    got = tap_gradients(model, params, x, y)[0]
+    g = channels_last_to_reference(grads["conv"]["kernel"])
+    want = jax.numpy.concatenate([g.reshape(3, -1), grads["conv"]["bias"][:, None]], axis=1)
+    assert float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) < 1e-12
+    x4 = jax.numpy.asarray(rng.standard_normal((5, 2, 9, 2)))
+    wide = Net()
+    with pytest.raises(ShapeError, match="1-D kernel"):
+        from_flax(wide, wide.init(jax.random.key(0), x4), example=x4)

@@ -158,8 +158,9 @@ def threefry2x32(key: Array, c0: Array, c1: Array) -> tuple[Array, Array]:
     host = _host_views(backend, key, c0, c1)
     if host is not None:  # eager torch on the CPU: the same words, computed by NumPy
         import torch
+        from array_api_compat import numpy as xp_np  # astype and friends on NumPy 1.x too
 
-        return tuple(torch.from_numpy(y) for y in _threefry(np, *host))  # type: ignore[return-value]
+        return tuple(torch.from_numpy(y) for y in _threefry(xp_np, *host))  # type: ignore[return-value]
     return _threefry(backend.xp, key, c0, c1)
 
 

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import SecondOrderError, UnsupportedModelError
-from .base import Array, LayerInfo, Model, tap_dtype
+from .base import Array, LayerInfo, Model, check_batch_axis, tap_dtype
 
 
 class TorchModel(Model):
@@ -299,6 +299,9 @@ class TorchModel(Model):
                     "used directly, as nn.MultiheadAttention does with out_proj). Use a method "
                     "without taps ('curveball', 'hessian-free', 'shampoo', 'sgd', 'adam') for "
                     "this model")
+            names = {id(sub): prefix for prefix, sub in self.module.named_modules()}
+            check_batch_axis([(names[id(sub)], s) for sub, s in zip(self._tapped, shapes)],
+                             int(x.shape[0]))
             self._shapes[key] = shapes
         return self._shapes[key]
 

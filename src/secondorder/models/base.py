@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import backends
 from .._pytree import flatten, tree_map
+from ..errors import UnsupportedModelError
 
 Array = Any
 
@@ -79,6 +80,21 @@ class Model(ABC):
         if dtype is None:
             dtype = x.dtype if str(x.dtype).startswith(("float", "torch.float")) else xp.float64
         return [xp.zeros(s, dtype=dtype, device=backend.device(x)) for s in shapes]
+
+
+def check_batch_axis(taps: list[tuple[str, tuple[int, ...]]], batch: int) -> None:
+    """UnsupportedModelError unless every tapped layer's tap, ``(name, shape)``, has the
+    batch's ``batch`` samples on its first axis. Taps read a layer's input rows as samples
+    (with positions on a middle axis), so a layer that sees the batch elsewhere, a time-major
+    (T, m, d) sequence or rows flattened to (m T, d), would give wrong statistics."""
+    wrong = [f"{name!r} {tuple(shape)}" for name, shape in taps if int(shape[0]) != batch]
+    if wrong:
+        raise UnsupportedModelError(
+            f"layer taps need the batch on the first axis of every tapped layer's output; for a "
+            f"batch of {batch} samples, {', '.join(wrong)} do not (a time-major (T, m, d) "
+            "layout, or rows flattened to (m T, d)). Keep the batch axis first (batch_first=True; "
+            "a (m, T, d) sequence is tapped with its positions), or use a method without taps "
+            "(CurveBall, Hessian-free, Shampoo, TNT, SGD, Adam)")
 
 
 def tap_dtype(model: Model, params: Any) -> Any:

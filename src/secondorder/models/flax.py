@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import RandomKeyError, SecondOrderError, ShapeError, UnsupportedModelError
-from .base import Array, LayerInfo, Model, tap_dtype
+from .base import Array, LayerInfo, Model, check_batch_axis, tap_dtype
 from .layers import channels_last_to_reference, reference_to_channels_last
 
 
@@ -311,6 +311,8 @@ class FlaxModel(Model):
                 "forward pass; layer taps need one call per Dense or Conv"
             )
         tapped = tuple(found)
+        check_batch_axis([("/".join(t.path), t.tap_shape) for t in tapped],
+                         int(jax.tree_util.tree_leaves(data)[0].shape[0]))
         if self._tapped is None:
             self._tapped = tapped
             self._layers = self._layer_table(tapped)
@@ -413,10 +415,13 @@ def _describe(module: Any, kind: str, a: Any, out: Any) -> _Tapped:
         m, d_out = out.shape[0], out.shape[-1]
         shape = (m, d_out) if out.ndim == 2 else (m, int(np.prod(out.shape[1:-1])), d_out)
         return _Tapped(path, kind, bool(module.use_bias), shape)
-    n = a.ndim - 2
-    if n not in _SPATIAL:
+    kernel = module.kernel_size  # flax reads an int as a 1-D kernel
+    kernel = (int(kernel),) if isinstance(kernel, int) else tuple(int(k) for k in kernel)
+    n = len(kernel)
+    if n not in _SPATIAL or a.ndim != n + 2:
         raise ShapeError(f"layer taps take convolutions with 1, 2 or 3 spatial axes on (batch, "
-                         f"..., C) inputs; {name} gets {tuple(a.shape)}")
+                         f"spatial..., C) inputs, one batch axis; {name} has a {n}-D kernel "
+                         f"and gets {tuple(a.shape)}")
     padding = module.padding
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):
@@ -429,7 +434,7 @@ def _describe(module: Any, kind: str, a: Any, out: Any) -> _Tapped:
         padding = tuple(tuple(int(v) for v in p) for p in canonicalize_padding(padding, n))
     m, c_out = out.shape[0], out.shape[-1]
     return _Tapped(path, kind, bool(module.use_bias), (m, int(np.prod(out.shape[1:-1])), c_out),
-                   kernel_size=_tuple(module.kernel_size, n),
+                   kernel_size=kernel,
                    strides=_tuple(module.strides, n), padding=padding,
                    input_dilation=_tuple(module.input_dilation, n),
                    kernel_dilation=_tuple(module.kernel_dilation, n))

@@ -161,8 +161,10 @@ class KFAC(Optimizer):
     positions and Gamma averages** (Grosse and Martens 2016, as
     :func:`secondorder.curvature.kronecker_factors`). curvlinops does the opposite (factors
     Omega / T and T Gamma); the Kronecker product is the same. ``conv_convention="curvlinops"``
-    rescales the batch statistics of every convolution to (Omega^ / T, T Gamma^) before the
-    moving average, which reproduces curvlinops' factors; dense layers (T = 1) are unaffected.
+    rescales the batch statistics of every convolution, and of every dense layer shared over T
+    positions (a Linear on a sequence, which follows the convolutions' convention), to
+    (Omega^ / T, T Gamma^) before the moving average, which reproduces curvlinops' factors for
+    convolutions; dense layers on (m, d) inputs (T = 1) are unaffected.
     The pi-split damped inverse is the same in both conventions (pi becomes pi / T, so the
     damped factors become (Omega + pi sqrt(lambda) I) / T and T (Gamma + sqrt(lambda)/pi I),
     whose inverses' Kronecker product is unchanged), as is the exact damping; the conventions
@@ -398,7 +400,7 @@ class KFAC(Optimizer):
         def statistic(i: int, a: Array, ds: list[Array]) -> tuple[Array, Array]:
             layer = layers[i]
             g, a_stat = layer.block.batch_statistics(a, ds)
-            if self.conv_convention == "curvlinops" and layer.info.kind == "conv":
+            if self.conv_convention == "curvlinops" and a.ndim == 3:  # T output positions
                 positions = a.shape[1]
                 g, a_stat = g * positions, a_stat / positions
             return g, a_stat
