@@ -104,6 +104,13 @@ class Backend(ABC):
         eager loop computes and get the decisions the array code would (CG's guards)."""
         return None
 
+    def host_arrays(self, *xs: Array) -> list[np.ndarray] | None:
+        """NumPy views of the arrays ``xs`` where they sit in host memory outside every
+        transform (eager CPU torch), so that a long chain of tiny integer operations (a
+        Threefry key split) can run in NumPy instead of as one framework call each; None
+        elsewhere (traced values, device arrays, and backends whose own calls are cheap)."""
+        return None
+
     def devices(self) -> list[str]:
         """Names of the devices this backend can place arrays on."""
         return ["cpu"]

@@ -184,6 +184,12 @@ class TorchBackend(Backend):
             return None
         return kind(x.item())  # exact: item() gives the float32 / float64 value as a float
 
+    def host_arrays(self, *xs: Array) -> list[np.ndarray] | None:
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if any(type(x) is not torch.Tensor or x.device.type != "cpu" or wrapped(x) for x in xs):
+            return None
+        return [x.numpy() for x in xs]
+
     def devices(self) -> list[str]:
         names = ["cpu"]
         if torch.cuda.is_available():
