@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import SecondOrderError, UnsupportedModelError
-from .base import Array, LayerInfo, Model, check_batch_axis, tap_dtype
+from .base import Array, LayerInfo, Model, check_batch_axis
 
 
 class TorchModel(Model):
@@ -239,18 +239,13 @@ class TorchModel(Model):
 
         return hook
 
-    def zero_taps(self, x: Array, params: Any = None) -> list[Array]:
-        """Zero taps for a batch ``x`` on its device, in the dtype of the tapped weights of
-        ``params`` (or, without them, of the module's), never the batch's: token indices are
-        integers, and a float64 tap would promote a float32 layer's output."""
+    def _tap_placement(self, x: Array) -> tuple[Any, Any, Any]:
+        """The batch's device, the dtype of the module's floating parameters."""
         import torch
 
-        shapes = self.tap_shapes(x)
-        dtype = tap_dtype(self, params)
-        if dtype is None:
-            dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()),
-                         torch.get_default_dtype())
-        return [torch.zeros(s, dtype=dtype, device=x.device) for s in shapes]
+        dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()),
+                     torch.get_default_dtype())
+        return torch, x.device, dtype
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
         """The output shape of every tapped layer, in the order of :attr:`layers` (the

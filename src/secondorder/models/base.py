@@ -38,6 +38,10 @@ class Model(ABC):
     ``_numpy_params`` for :meth:`init`."""
 
     layers: tuple[LayerInfo, ...] = ()
+    #: whether its kernels are stored channels-last, (d_in, d_out) and (k_1, ..., k_n, C_in,
+    #: C_out), as flax stores them; methods read them through
+    #: :func:`~secondorder.models.layers.channels_last_to_reference`
+    channels_last: bool = False
 
     def _numpy_params(self, rng: np.random.Generator) -> Any:
         """The initial parameters as a tree of NumPy arrays (the hook behind :meth:`init`)."""
@@ -71,15 +75,33 @@ class Model(ABC):
 
     def zero_taps(self, x: Array, params: Any = None) -> list[Array]:
         """Zero taps for a batch ``x``: one per layer in ``layers``, in the dtype of the tapped
-        weights of ``params`` (:func:`tap_dtype`), or without ``params`` in the batch's
-        floating dtype (float64 for integer batches)."""
+        weights of ``params`` (:func:`tap_dtype`), never the batch's alone (token indices are
+        integers, and a float64 tap would promote a float32 layer); without ``params``, in
+        the model's default (:meth:`_tap_placement`)."""
+        shapes = self.tap_shapes(x)
+        xp, device, default = self._tap_placement(x)
+        dtype = tap_dtype(self, params)
+        dtype = default if dtype is None else dtype
+        return [xp.zeros(s, dtype=dtype, device=device) for s in shapes]
+
+    def _tap_placement(self, x: Array) -> tuple[Any, Any, Any]:
+        """(namespace, device, default dtype) of the taps for a batch ``x``: the batch's
+        framework and device, its floating dtype (float64 for an integer batch)."""
         backend = backends.backend_of(x)
         xp = backend.xp
-        shapes = self.tap_shapes(x)
-        dtype = tap_dtype(self, params)
-        if dtype is None:
-            dtype = x.dtype if str(x.dtype).startswith(("float", "torch.float")) else xp.float64
-        return [xp.zeros(s, dtype=dtype, device=backend.device(x)) for s in shapes]
+        floating = str(x.dtype).startswith(("float", "torch.float"))
+        return xp, backend.device(x), x.dtype if floating else xp.float64
+
+
+def find_model(apply: Any) -> Model | None:
+    """The :class:`Model` behind ``apply``: the model itself (it is callable) or its bound
+    ``apply`` / ``__call__`` method; None for a plain function."""
+    if isinstance(apply, Model):
+        return apply
+    owner = getattr(apply, "__self__", None)
+    if isinstance(owner, Model) and getattr(apply, "__name__", "") in ("apply", "__call__"):
+        return owner
+    return None
 
 
 def check_batch_axis(taps: list[tuple[str, tuple[int, ...]]], batch: int) -> None:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import SecondOrderError, StructureError
-from .base import Array, LayerInfo, Model, tap_dtype
+from .base import Array, LayerInfo, Model
 from .flax import _as_jax_key
 
 
@@ -386,16 +386,11 @@ class EquinoxModel(Model):
         return [(m, p, s.out_features) if s.conv else (m, s.out_features)
                 for s, p in zip(self._slots, self._positions[key], strict=True)]
 
-    def zero_taps(self, x: Any, params: Any = None) -> list[Array]:
-        """Zero taps for a batch ``x`` (array or :class:`EquinoxInputs`), in the dtype of the
-        tapped weights of ``params`` (without them, of the model given to
-        :func:`from_equinox`)."""
+    def _tap_placement(self, x: Any) -> tuple[Any, Any, Any]:
+        """JAX's default device, the dtype of the model given to :func:`from_equinox`."""
         import jax.numpy as jnp
 
-        shapes = self.tap_shapes(x)
-        dtype = tap_dtype(self, params)
-        dtype = self._tap_dtype if dtype is None else dtype
-        return [jnp.zeros(s, dtype=dtype) for s in shapes]
+        return jnp, None, self._tap_dtype
 
     def to_module(self, params: Any) -> Any:
         """The equinox module with ``params`` (``eqx.combine(params, static)``)."""

@@ -132,6 +132,8 @@ class FlaxModel(Model):
       (:meth:`tap_shapes`, ``layers``).
     """
 
+    channels_last = True  # dense kernels (d_in, d_out), conv kernels (..., C_in, C_out)
+
     def __init__(self, module: Any, variables: Mapping[str, Any], *,
                  method: Callable | str | None = None, kwargs: Mapping[str, Any] | None = None,
                  rng_streams: Sequence[str] = ("dropout",),
@@ -372,15 +374,11 @@ class FlaxModel(Model):
         factors = kronecker_factors(self, loss, params, batch, **options)
         return assemble(factors, params, _flax_layer_kronecker)
 
-    def zero_taps(self, x: Any, params: Any = None) -> list[Array]:
-        """Zero taps for a batch ``x`` (array or :class:`FlaxInputs`), in the dtype of the
-        tapped kernels of ``params`` (without them, of the parameters given to
-        :func:`from_flax`)."""
+    def _tap_placement(self, x: Any) -> tuple[Any, Any, Any]:
+        """JAX's default device, the dtype of the parameters given to :func:`from_flax`."""
         import jax.numpy as jnp
 
-        shapes = self.tap_shapes(x)
-        dtype = tap_dtype(self, self._params if params is None else params)
-        return [jnp.zeros(s, dtype=dtype) for s in shapes]
+        return jnp, None, tap_dtype(self, self._params)
 
 
 def _kind(module: Any) -> str | None:

@@ -314,9 +314,8 @@ class Optimizer(ABC):
                 f"{method}.step takes the batch as a pair (x, y) of inputs and targets, got "
                 f"{type(batch).__name__}" + (f" of length {len(batch)}"
                                              if isinstance(batch, tuple | list) else ""))
-        dtype = str(leaf.dtype).removeprefix("torch.")
         if self.param_dtypes is not None and xp_float(backend, leaf) and (
-                dtype not in self.param_dtypes):
+                dtype := str(leaf.dtype).removeprefix("torch.")) not in self.param_dtypes:
             raise DTypeError(
                 f"{method} factorises curvature matrices, which needs "
                 f"{' or '.join(self.param_dtypes)} parameters, not {dtype}: train a float32 copy "

@@ -21,11 +21,11 @@ from ..errors import HyperparameterError, StructureError
 from ..linalg import quasi_newton as qn
 from ..linalg.matrix_function import damped_inverse
 from ..losses import Loss
-from ..models.base import LayerInfo
+from ..models.base import LayerInfo, find_model
 from ..models.layers import reference_axes
 from ..tree import add, axpy, scale
 from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, choose, is_number
-from .kfac import _find_model, _from_reference, _is_flax, _to_reference, fallback_indices
+from .kfac import _from_reference, _to_reference, fallback_indices
 from .schedules import Schedule, resolve
 from .state import due_now, every, initial_count, method_state
 from .transforms import chain, scale_by_adam, trace
@@ -217,7 +217,7 @@ class KBFGS(Optimizer):
                  fallback_eps: float = 1e-8):
         super().__init__(apply, loss)
         name = type(self).__name__
-        model = _find_model(apply)
+        model = find_model(apply)
         if model is None:
             raise StructureError(
                 f"{name} needs a model with layer taps for its per-layer statistics: pass a "
@@ -257,7 +257,7 @@ class KBFGS(Optimizer):
 
     # ------------------------------------------------------------------ layout
     def _layers(self, leaves: list[Array]) -> list[_Layer]:
-        flax = _is_flax(self.model)
+        flax = self.model.channels_last
         layers = []
         for info in self.model.layers:
             shape = tuple(int(s) for s in leaves[info.weight].shape)

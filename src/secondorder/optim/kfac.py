@@ -19,7 +19,7 @@ from ..curvature.blocks import BlockState, ConvBlock, DenseBlock, KroneckerBlock
 from ..curvature.kfac import _cotangents, layer_statistics
 from ..errors import HyperparameterError, StructureError
 from ..losses import Loss
-from ..models.base import LayerInfo, Model
+from ..models.base import LayerInfo, find_model
 from ..models.layers import (
     channels_last_to_reference,
     reference_axes,
@@ -76,22 +76,6 @@ class _Layer(NamedTuple):
     info: LayerInfo
     block: KroneckerBlock
     flax: bool
-
-
-def _find_model(apply: Any) -> Model | None:
-    """The :class:`~secondorder.models.Model` behind ``apply``: the model itself (it is
-    callable) or its bound ``apply`` / ``__call__`` method."""
-    if isinstance(apply, Model):
-        return apply
-    owner = getattr(apply, "__self__", None)
-    if isinstance(owner, Model) and getattr(apply, "__name__", "") in ("apply", "__call__"):
-        return owner
-    return None
-
-
-def _is_flax(model: Model) -> bool:
-    return type(model).__name__ == "FlaxModel" and type(model).__module__.endswith(
-        "models.flax")
 
 
 def _to_reference(w: Array, flax: bool) -> Array:
@@ -285,7 +269,7 @@ class KFAC(Optimizer):
                  damping_decay: float = 0.95**5, min_damping: float = 1e-8,
                  max_damping: float = 1e4):
         super().__init__(apply, loss)
-        model = _find_model(apply)
+        model = find_model(apply)
         if model is None:
             raise StructureError(
                 "KFAC needs a model with layer taps to collect its statistics: pass a "
@@ -344,7 +328,7 @@ class KFAC(Optimizer):
     # ------------------------------------------------------------------ layout
     def _layers(self, leaves: list[Array]) -> list[_Layer]:
         """The tapped layers with their blocks (static: from the leaves' shapes)."""
-        flax = _is_flax(self.model)
+        flax = self.model.channels_last
         layers = []
         for info in self.model.layers:
             shape = tuple(leaves[info.weight].shape)

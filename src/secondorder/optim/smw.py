@@ -57,10 +57,9 @@ from ..backends import Backend, backend_of
 from ..errors import HyperparameterError, ShapeError, StructureError
 from ..linalg.operator import has_native_vmap, map_columns
 from ..losses import MSE, Loss, Scaled
-from ..models.base import Model
+from ..models.base import Model, find_model
 from ..tree import axpy, scale, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number
-from .kfac import _find_model
 from .schedules import Schedule, resolve
 from .state import initial_count, method_state
 
@@ -246,7 +245,7 @@ class _SMW(Optimizer):
             raise HyperparameterError(
                 f"{name}: curvature_batch must be a Python integer >= 1 (it fixes the size of "
                 f"the SMW system), got {curvature_batch!r}")
-        self.model = _find_model(apply)
+        self.model = find_model(apply)
         if gram == "taps" and self.model is None:
             raise StructureError(
                 f"{name}(gram='taps') needs a model with layer taps: pass a secondorder.models "

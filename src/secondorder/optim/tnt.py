@@ -15,10 +15,10 @@ from ..backends import Backend
 from ..curvature.blocks import BlockState, TensorBlock
 from ..errors import HyperparameterError
 from ..losses import Loss
+from ..models.base import find_model
 from ..tree import add
 from . import _tensor_blocks as tb
 from .base import Array, Batch, Optimizer, StepInfo, Tree, choose
-from .kfac import _find_model, _is_flax
 from .schedules import Schedule, resolve
 from .state import every, every_any, initial_count, method_state
 
@@ -159,8 +159,8 @@ class TNT(Optimizer):
                 "model), 'oihw' (PyTorch and the library's models), 'hwio' (flax) or None "
                 "(keep 4-way leaves)")
         if kernel_layout == "auto":
-            model = _find_model(apply)
-            kernel_layout = "hwio" if model is not None and _is_flax(model) else "oihw"
+            model = find_model(apply)
+            kernel_layout = "hwio" if model is not None and model.channels_last else "oihw"
         self.lr, self.momentum, self.beta, self.eps = lr, momentum, beta, eps
         self.weight_decay = weight_decay
         self.statistics_interval = int(statistics_interval)
