@@ -56,17 +56,17 @@ def test_a_plain_function_is_not_a_loss():
         CurveBall(lambda p, x: x, lambda f, y: ((f - y) ** 2).mean())
 
 
-def test_a_flax_nnx_module_is_pointed_to_from_jax():
-    """from_flax takes linen modules; an nnx module gets an UnsupportedModelError whose recipe
-    (split, then from_jax of the merge) trains: CurveBall steps it as the same network built
-    by hand as a pure function."""
+def test_a_flax_nnx_module_is_pointed_to_from_nnx():
+    """from_flax takes linen modules; an nnx module gets an UnsupportedModelError that names
+    from_nnx, and the model from_nnx returns trains: CurveBall steps it as the same network
+    built by hand as a pure function."""
     jax = pytest.importorskip("jax")
     nnx = pytest.importorskip("flax.nnx")
     import re
 
     from secondorder.errors import UnsupportedModelError
     from secondorder.losses import SoftmaxCrossEntropy
-    from secondorder.models import from_flax, from_jax
+    from secondorder.models import from_flax, from_jax, from_nnx
     from secondorder.optim import CurveBall
 
     jnp = jax.numpy
@@ -81,9 +81,8 @@ def test_a_flax_nnx_module_is_pointed_to_from_jax():
     net = Net(nnx.Rngs(0))
     with pytest.raises(UnsupportedModelError, match="flax.nnx module") as err:
         from_flax(net)
-    assert re.search(r"nnx\.split\(module, nnx\.Param, \.\.\.\)", str(err.value))
-    graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-    model, params = from_jax(lambda p, x: nnx.merge(graphdef, p, rest)(x), params)
+    assert re.search(r"from_nnx\(module\)", str(err.value))
+    model, params = from_nnx(net)
 
     def by_hand(p, x):
         w1, b1, w2, b2 = p

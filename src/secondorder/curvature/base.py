@@ -28,8 +28,9 @@ Array = Any
 
 def check_batch(backend: Backend, x: Any, what: str = "inputs") -> None:
     """Named error for NaN or inf in a batch: every concrete floating leaf of ``x`` (an array, or
-    a tree such as the model inputs of ``from_flax`` / ``from_equinox`` that carry random keys
-    and collections beside the data); traced leaves and other dtypes are not read."""
+    a tree such as the model inputs of ``from_flax`` / ``from_nnx`` / ``from_equinox`` that
+    carry random keys and collections beside the data); traced leaves and other dtypes are not
+    read."""
     for leaf in flatten(x)[0]:
         try:
             floating = backend.xp.isdtype(leaf.dtype, "real floating")

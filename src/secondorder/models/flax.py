@@ -23,7 +23,7 @@ searches, trial points). For a model in train mode:
 
 Layer taps. ``nn.Dense`` and ``nn.Conv`` calls are intercepted with ``flax.linen.intercept_methods``
 to add a tap to their outputs and record their inputs in the layouts of the reference models
-(:mod:`secondorder.models.intercepted` gives the layouts).
+(:mod:`secondorder.models.intercepted` gives the layouts, shared with the ``flax.nnx`` adapter).
 Grouped and masked convolutions are not tapped (their parameters are treated as any untapped
 leaf). Build the K-FAC operator of a flax model with :meth:`FlaxModel.kfac`, which reads each
 kernel in flax's layout.
@@ -283,10 +283,6 @@ def _refuse_nnx(module: Any) -> None:
         return
     if isinstance(module, nnx.Module):
         raise UnsupportedModelError(
-            f"from_flax takes flax.linen modules; {type(module).__name__} is a flax.nnx module. "
-            "Split it and wrap the merge as a pure function: graphdef, params, rest = "
-            "nnx.split(module, nnx.Param, ...); model, params = from_jax(lambda p, x: "
-            "nnx.merge(graphdef, p, rest)(x), params). That model has no layer taps (use "
-            "CurveBall, Hessian-free, Shampoo, TNT, SGD or Adam), and BatchNorm statistics and "
-            "Dropout keys in rest do not advance unless you split the updated module again. "
-            "K-FAC and K-BFGS need layer taps: write the network with flax.linen for them")
+            f"from_flax takes flax.linen modules and their variables; {type(module).__name__} "
+            "is a flax.nnx module, which holds its own variables: use model, params = "
+            "secondorder.models.from_nnx(module)")

@@ -67,6 +67,7 @@ _NATIVE_MODELS = (
      "secondorder.integrations.torch.Optimizer(model, loss, method=...) for a torch.optim-style "
      "optimiser"),
     ("flax.linen", "Module", "apply, params = secondorder.models.from_flax(module, variables)"),
+    ("flax.nnx", "Module", "apply, params = secondorder.models.from_nnx(module)"),
     ("equinox", "Module", "apply, params = secondorder.models.from_equinox(model)"),
 )
 

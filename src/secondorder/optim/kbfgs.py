@@ -156,7 +156,7 @@ class KBFGS(Optimizer):
     Parameters
     ----------
     apply: a :mod:`secondorder.models` model or one from ``from_torch`` / ``from_flax`` /
-        ``from_equinox`` (it needs layer taps), or its ``apply``.
+        ``from_nnx`` / ``from_equinox`` (it needs layer taps), or its ``apply``.
     loss: the loss (a :class:`~secondorder.losses.Loss` or its name).
     lr: float or schedule, default 0.3
         alpha_k (> 0).
@@ -222,8 +222,8 @@ class KBFGS(Optimizer):
             raise StructureError(
                 f"{name} needs a model with layer taps for its per-layer statistics: pass a "
                 "secondorder.models model (MLP, ConvNet, Autoencoder) or the model returned "
-                "by from_torch, from_flax or from_equinox, not a plain function; for a network "
-                "without tapped layers use BFGS (small problems), Adam or SGD")
+                "by from_torch, from_flax, from_nnx or from_equinox, not a plain function; for a "
+                "network without tapped layers use BFGS (small problems), Adam or SGD")
         self.model = model
         choices = {"pair_damping": (pair_damping, PAIR_DAMPINGS),
                    "damping_split": (damping_split, SPLITS), "fallback": (fallback, FALLBACKS)}

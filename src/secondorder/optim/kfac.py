@@ -187,7 +187,8 @@ class KFAC(Optimizer):
         or its ``apply``, or an adapter's model (``from_torch``: ``nn.Linear`` and
         ``nn.Conv2d``; ``from_flax``: ``nn.Dense`` and ``nn.Conv``, kernels in flax's layout;
         pass ``example=x`` to ``from_flax`` or run one forward pass first so that it knows its
-        layers; ``from_equinox``: ``eqx.nn.Linear``). Anything else raises
+        layers; ``from_nnx``: ``nnx.Linear`` and ``nnx.Conv``, the same; ``from_equinox``:
+        ``eqx.nn.Linear`` and ``eqx.nn.Conv``). Anything else raises
         :class:`~secondorder.errors.StructureError`.
     lr: float, schedule or None, default 0.01
         The learning rate alpha_k (> 0), or a schedule of the step count; None (with
@@ -274,8 +275,8 @@ class KFAC(Optimizer):
             raise StructureError(
                 "KFAC needs a model with layer taps to collect its statistics: pass a "
                 "secondorder.models model (MLP, ConvNet, Autoencoder) or the model returned "
-                "by from_torch, from_flax or from_equinox, not a plain function; for a network "
-                "without tapped layers use Shampoo, Adam or SGD")
+                "by from_torch, from_flax, from_nnx or from_equinox, not a plain function; for a "
+                "network without tapped layers use Shampoo, Adam or SGD")
         self.model = model
         choices = {"mode": (mode, MODES), "cache": (cache, CACHES),
                    "fallback": (fallback, FALLBACKS),

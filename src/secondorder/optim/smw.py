@@ -250,7 +250,7 @@ class _SMW(Optimizer):
             raise StructureError(
                 f"{name}(gram='taps') needs a model with layer taps: pass a secondorder.models "
                 "model (MLP, ConvNet, Autoencoder) or the model from from_torch / from_flax / "
-                "from_equinox, or use gram='auto' or 'jacobian' for a plain function")
+                "from_nnx / from_equinox, or use gram='auto' or 'jacobian' for a plain function")
         if inverse == "auto":
             inverse = "5.6" if self.curvature == "ng" or _is_mse(self.loss) else "5.7"
         self.lr, self.damping, self.tau = lr, damping, tau
@@ -444,7 +444,7 @@ _DOC_COMMON = """
     apply, loss:
         The network and the :class:`~secondorder.losses.Loss` (mean over the batch). A model
         with layer taps (:mod:`secondorder.models` MLP, ConvNet, Autoencoder; ``from_torch``
-        with ``nn.Linear`` / ``nn.Conv2d``; ``from_flax``; ``from_equinox`` with
+        with ``nn.Linear`` / ``nn.Conv2d``; ``from_flax``; ``from_nnx``; ``from_equinox`` with
         ``eqx.nn.Linear``) gets its Gram matrix from the taps;
         any other ``apply(params, x) -> (m, k)`` from the Jacobian.
     lr: float or schedule, default 1.0

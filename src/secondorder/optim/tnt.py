@@ -94,7 +94,8 @@ class TNT(Optimizer):
     kernel and viewed as a 3-way tensor by merging its two spatial axes (``kernel_layout``:
     ``"oihw"``, the library's and PyTorch's (out, in, kh, kw) -> (out, in, kh kw); ``"hwio"``,
     flax's (kh, kw, in, out) -> (kh kw, in, out); ``"auto"``, flax's for a model from
-    :func:`~secondorder.models.from_flax` and PyTorch's otherwise; None keeps four modes). The
+    :func:`~secondorder.models.from_flax` or :func:`~secondorder.models.from_nnx` and
+    PyTorch's otherwise; None keeps four modes). The
     order of the modes does not change the preconditioner. ``block_size`` cuts long axes into
     blocks with their own factors, as in :class:`~secondorder.optim.Shampoo` (default None:
     never; the normalisation is then applied per block).
