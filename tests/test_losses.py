@@ -300,3 +300,22 @@ def test_get():
     assert isinstance(losses.get("sigmoid_bce"), losses.SigmoidBCE)
     with pytest.raises(ValueError, match="unknown loss"):
         losses.get("hinge")
+
+
+@pytest.mark.parametrize("name", ["jax", "torch"])
+@pytest.mark.parametrize("loss", [losses.SoftmaxCrossEntropy(), losses.SigmoidBCE(),
+                                  losses.MSE()], ids=lambda loss: type(loss).__name__)
+def test_key_noise_of_half_precision_outputs_is_the_float32_noise_cast(name, loss):
+    """Outputs of a layer computing in bfloat16 (mixed precision) get the float32 noise of the
+    same key, cast: secondorder.random draws float32 and float64 only."""
+    from secondorder import backends, random
+
+    pytest.importorskip(name)
+    b = backends.get(name)
+    f = b.asarray(np.linspace(-1.0, 1.0, 12).reshape(4, 3), dtype="float32")
+    half = b.xp.astype(f, b.xp.bfloat16)
+    key = random.key(3, b)
+    got = loss.key_noise(key, half)
+    want = loss.key_noise(key, f)
+    assert got.dtype == half.dtype
+    assert bool(b.xp.all(got == b.xp.astype(want, half.dtype)))

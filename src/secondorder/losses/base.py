@@ -139,7 +139,7 @@ class Loss(ABC):
     @abstractmethod
     def key_noise(self, key: Array, f: Array) -> Array:
         """The noise of :meth:`noise` for outputs ``f``, drawn with :mod:`secondorder.random`
-        from ``key``, in f's dtype and on f's backend."""
+        from ``key``, in f's dtype (see :func:`draw_like`) and on f's backend."""
 
     @abstractmethod
     def _sample(self, f: Array, noise: Array) -> Array:
@@ -219,3 +219,14 @@ class Loss(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def draw_like(f: Array, draw: Callable[[Any], Array]) -> Array:
+    """``draw(dtype)`` in the dtype of the outputs ``f``: f's own when it is float32 or float64
+    (what :mod:`secondorder.random` draws), else float32 cast to f's dtype (a half-precision
+    model's outputs, say bfloat16 logits of a layer computing in bfloat16)."""
+    backend = backend_of(f)
+    if str(f.dtype).removeprefix("torch.") in ("float32", "float64"):
+        return draw(f.dtype)
+    xp = backend.xp
+    return xp.astype(draw(xp.float32), f.dtype)

@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import random
 from ..backends import backend_of
-from .base import Array, Loss
+from .base import Array, Loss, draw_like
 
 
 class MSE(Loss):
@@ -74,7 +74,7 @@ class MSE(Loss):
         return rng.standard_normal(shape)
 
     def key_noise(self, key: Array, f: Array) -> Array:
-        return random.normal(key, tuple(f.shape), f.dtype)
+        return draw_like(f, lambda dtype: random.normal(key, tuple(f.shape), dtype))
 
     def _sample(self, f: Array, noise: Array) -> Array:
         return f + noise

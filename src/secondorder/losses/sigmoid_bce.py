@@ -12,7 +12,7 @@ from .. import random
 from ..backends import Backend, backend_of
 from ..errors import LabelError
 from ..functional import sigmoid, softplus
-from .base import Array, Loss
+from .base import Array, Loss, draw_like
 
 
 class SigmoidBCE(Loss):
@@ -142,7 +142,7 @@ class SigmoidBCE(Loss):
         return rng.random(shape)
 
     def key_noise(self, key: Array, f: Array) -> Array:
-        return random.uniform(key, tuple(f.shape), f.dtype)
+        return draw_like(f, lambda dtype: random.uniform(key, tuple(f.shape), dtype))
 
     def _sample(self, f: Array, noise: Array) -> Array:
         xp = backend_of(f).xp

@@ -11,7 +11,7 @@ import numpy as np
 from .. import random
 from ..backends import Backend, backend_of
 from ..errors import LabelError, ShapeError
-from .base import Array, Loss
+from .base import Array, Loss, draw_like
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -151,7 +151,7 @@ class SoftmaxCrossEntropy(Loss):
         return rng.random(shape[0])
 
     def key_noise(self, key: Array, f: Array) -> Array:
-        return random.uniform(key, (f.shape[0],), f.dtype)
+        return draw_like(f, lambda dtype: random.uniform(key, (f.shape[0],), dtype))
 
     def _sample(self, f: Array, noise: Array) -> Array:
         """Integer class labels, shape (m,)."""
