@@ -367,3 +367,186 @@ def test_a_linear_subclass_with_its_own_call_is_left_to_the_fallback():
     want = jax.tree.map(lambda w, g: w - 0.1 * g, params["s"], grads["s"])
     assert max_diff(p["s"], want) < 1e-14
     assert bool(info.finite)
+
+
+class Backbone(nnx.Module):
+    def __init__(self, rngs):
+        self.body = nnx.Linear(4, 5, param_dtype=F64, rngs=rngs)
+        self.head = nnx.Linear(5, 3, param_dtype=F64, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(jnp.tanh(self.body(x)))
+
+
+def _layer_gradient_identity(model, params, x, y, grads, names):
+    """The tap identity for the tapped layers ``names``: sum_i delta_i a~_i^T against the
+    module's own gradient of the summed loss (kernel, and bias where trained)."""
+    _, pairs = layer_statistics(model, params, x, lambda f: [LOSS.grad(f, y)],
+                                lambda i, a, ds: (a, ds[0]))
+    for (a, d), name in zip(pairs, names, strict=True):
+        want = channels_last_to_reference(grads[name]["kernel"])
+        if "bias" in grads[name]:
+            want = jnp.concatenate([want, grads[name]["bias"][:, None]], axis=1)
+        assert max_diff(d.T @ a, want) < 1e-12
+
+
+def _summed_grads(net, params, x, y, wrt=nnx.Param):
+    graphdef, _, rest = nnx.split(net, wrt, ...)
+
+    def total(p):
+        logits = nnx.merge(graphdef, p, rest)(x)
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    return jax.grad(total)(params)
+
+
+def test_a_wrt_filter_leaves_frozen_kernels_untapped_and_frozen_biases_out():
+    """Fine-tuning the head only: the frozen body is not a tapped layer (its parameters are not
+    trained); training kernels only: each layer is tapped without its bias column. The taps
+    give the module's own gradients of what is trained."""
+    rng = np.random.default_rng(3)
+    x, y = jnp.asarray(rng.standard_normal((6, 4))), jnp.asarray(rng.integers(0, 3, 6))
+    head_only = nnx.All(nnx.Param, nnx.PathContains("head"))
+    kernels = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("bias")))
+    for wrt, names in ((head_only, ["head"]), (kernels, ["body", "head"])):
+        net = Backbone(nnx.Rngs(0))
+        model, params = from_nnx(net, wrt=wrt, example=x)
+        assert [name for name in params] == names
+        assert all((layer.bias is None) == (wrt is kernels) for layer in model.layers)
+        _layer_gradient_identity(model, params, x, y, _summed_grads(net, params, x, y, wrt),
+                                 names)
+        p, _, info = KFAC(model, LOSS, lr=0.1, damping=0.1).step(
+            params, KFAC(model, LOSS).init(params), (x, y))
+        assert bool(info.finite) and max_diff(p, params) > 1e-4
+
+
+class Scanned(nnx.Module):
+    """Three 4 x 4 layers stacked and applied by nnx.scan, then a head."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return nnx.Linear(4, 4, param_dtype=F64, rngs=rngs)
+
+        self.stack = make(rngs)
+        self.head = nnx.Linear(4, 3, param_dtype=F64, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(layer, h):
+            return jnp.tanh(layer(h))
+
+        return self.head(body(self.stack, x))
+
+
+def test_layers_under_an_nnx_transform_are_named_and_left_untapped():
+    """A scanned stack's calls run in the scan's trace on slices of a stacked kernel: they are
+    listed in ``untapped`` and stepped by the fallback; the head is tapped and its taps give
+    the module's own gradient."""
+    rng = np.random.default_rng(4)
+    x, y = jnp.asarray(rng.standard_normal((6, 4))), jnp.asarray(rng.integers(0, 3, 6))
+    net = Scanned(nnx.Rngs(0))
+    model, params = from_nnx(net, example=x)
+    assert model.untapped == ("stack",)
+    assert len(model.layers) == 1
+    _layer_gradient_identity(model, params, x, y, _summed_grads(net, params, x, y), ["head"])
+    for name in ("kfac", "kbfgs"):
+        opt = METHODS[name](model, LOSS)
+        p, _, info = jax.jit(opt.step)(params, opt.init(params), (x, y))
+        assert bool(info.finite) and max_diff(p["stack"], params["stack"]) > 1e-6
+
+
+class Sowing(nnx.Module):
+    def __init__(self, rngs):
+        self.d1 = nnx.Linear(3, 6, param_dtype=F64, rngs=rngs)
+        self.d2 = nnx.Linear(6, 2, param_dtype=F64, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.d1(x))
+        self.sow(nnx.Intermediate, "h", h)
+        return self.d2(h)
+
+
+def test_nnx_module_entry_checks():
+    """Rngs passed at every call are refused by name; what a call sows is not carried as state
+    (the state keeps its structure from step to step); the initial parameters are committed,
+    so a jitted step compiles once; a batch wrapped in NnxInputs is checked as a plain one."""
+    from secondorder.errors import DTypeError
+
+    x, y = _bn_data()
+    with pytest.raises(SecondOrderError, match="store it on the module"):
+        from_nnx(NnxMLP(nnx.Rngs(0)), kwargs={"rngs": nnx.Rngs(1)})
+    model, params = from_nnx(Sowing(nnx.Rngs(0)), example=x)
+    opt = KFAC(model, LOSS)
+    step = model.make_step(opt)
+    p, s, state = params, opt.init(params), model.state
+    for _ in range(3):
+        p, s, state, info = step(p, s, state, (x, y))
+    assert bool(info.finite) and jax.tree_util.tree_leaves(state) == []
+    if hasattr(step, "_cache_size"):
+        assert step._cache_size() == 1
+    model32, params32 = from_nnx(MixedMLP(nnx.Rngs(0), dtype=None), example=x.astype("float32"))
+    opt32 = KFAC(model32, LOSS)
+    with pytest.raises(DTypeError, match="float64"):
+        opt32.step(params32, opt32.init(params32), (model32.inputs(x), y))
+
+
+class MixedMLP(nnx.Module):
+    """float32 parameters; the layers compute in ``dtype`` (bfloat16: mixed precision)."""
+
+    def __init__(self, rngs, dtype):
+        self.d1 = nnx.Linear(3, 6, dtype=dtype, rngs=rngs)
+        self.d2 = nnx.Linear(6, 2, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.d2(jnp.tanh(self.d1(x)))
+
+
+def test_a_layer_computing_in_bfloat16_keeps_its_forward_pass_and_float32_statistics():
+    """Mixed precision (float32 parameters, bfloat16 computation): the tapped forward pass
+    gives the module's own bfloat16 outputs bit for bit, the recorded input of the second layer
+    is the module's own bfloat16 activation in float32, and jitted K-FAC steps it finitely."""
+    x, y = _bn_data()
+    x = x.astype("float32")
+    net = MixedMLP(nnx.Rngs(0), dtype=jnp.bfloat16)
+    model, params = from_nnx(net, example=x)
+    out, recorded = model.apply(params, x, model.zero_taps(x, params))
+    assert out.dtype == jnp.bfloat16 and bool(jnp.all(out == net(x)))
+    hidden = jnp.tanh(net.d1(x))
+    assert recorded[1].dtype == jnp.float32
+    assert bool(jnp.all(recorded[1][:, :-1] == hidden.astype(jnp.float32)))
+    opt = KFAC(model, LOSS, lr=0.1, damping=0.1)
+    step, p, s = jax.jit(opt.step), params, opt.init(params)
+    for _ in range(3):
+        p, s, info = step(p, s, (x, y))
+    assert bool(info.finite) and {str(a.dtype) for a in jax.tree_util.tree_leaves(p)} == {
+        "float32"}
+
+
+def test_nnx_optimizer_recipe_for_a_module_with_state_matches_make_step():
+    """The docstring's recipe for nnx.Optimizer on a module with BatchNorm and Dropout (the
+    module's state passed in NnxInputs, the updated state written back) steps as make_step:
+    same parameters, same state."""
+    from secondorder.integrations.optax import as_optax
+
+    x, y = _bn_data()
+    net = BNDropout(nnx.Rngs(0, dropout=1))
+    model, params = from_nnx(net, example=x)
+    opt = KFAC(model, LOSS, lr=0.05, damping=0.1, statistics_interval=1, inverse_interval=2)
+    optimizer = nnx.Optimizer(net, as_optax(opt), wrt=nnx.Param)
+
+    @nnx.jit
+    def train(net, optimizer, x, y):
+        inputs = model.inputs(x, nnx.state(net, nnx.Not(nnx.Param)))
+        params = nnx.as_pure(nnx.state(net, nnx.Param))
+        optimizer.update(net, None, batch=(inputs, y))
+        nnx.update(net, model.update_state(params, inputs))
+
+    step = model.make_step(opt)
+    p, s, state = params, opt.init(params), model.state
+    for _ in range(3):
+        train(net, optimizer, x, y)
+        p, s, state, _ = step(p, s, state, (x, y))
+    assert max_diff(nnx.as_pure(nnx.state(net, nnx.Param)), p) < 1e-13
+    assert max_diff(nnx.as_pure(nnx.state(net, nnx.Not(nnx.Param))), state) < 1e-13

@@ -104,6 +104,13 @@ def find_model(apply: Any) -> Model | None:
     return None
 
 
+def batch_data(x: Any) -> Any:
+    """The batch inside a model's step inputs (:class:`~secondorder.models.FlaxInputs`,
+    :class:`~secondorder.models.NnxInputs` and :class:`~secondorder.models.EquinoxInputs`
+    carry it as ``x`` beside the step's key and state); ``x`` itself otherwise."""
+    return x.x if getattr(type(x), "carries_batch", False) else x
+
+
 def check_batch_axis(taps: list[tuple[str, tuple[int, ...]]], batch: int) -> None:
     """UnsupportedModelError unless every tapped layer's tap, ``(name, shape)``, has the
     batch's ``batch`` samples on its first axis. Taps read a layer's input rows as samples

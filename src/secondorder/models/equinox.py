@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 from ..errors import SecondOrderError, StructureError
 from .base import Array, LayerInfo, Model
 from .flax import _as_jax_key
+from .intercepted import trace_state
 
 
 class EquinoxInputs(NamedTuple):
@@ -66,16 +67,8 @@ class EquinoxInputs(NamedTuple):
     x: Any
     key: Any = None
     state: Any = None
-
-
-def _trace_state() -> Any:
-    """The JAX trace now being built (compared by identity; ``None`` where this JAX version does
-    not expose it: a leaked input then surfaces as ``jax.errors.UnexpectedTracerError``)."""
-    try:
-        from jax._src.core import get_opaque_trace_state
-    except ImportError:  # pragma: no cover - other JAX versions
-        return None
-    return get_opaque_trace_state()
+    #: the batch is the field ``x`` (:func:`secondorder.models.base.batch_data`)
+    carries_batch = True
 
 
 def _inner_transform_error(err: Exception | None = None) -> StructureError:
@@ -107,7 +100,7 @@ class _Recorder:
         self.taps = taps
         self.inputs: list[Array | None] = [None] * len(slots)
         self.outputs: list[Array | None] = [None] * len(slots)
-        self.trace = _trace_state()
+        self.trace = trace_state()
 
     def __call__(self, k: int, layer: Any, x: Array, **kwargs: Any) -> Array:
         import jax.numpy as jnp
@@ -120,7 +113,7 @@ class _Recorder:
                 "Linear: use a method without taps (Shampoo, Adam, SGD, the GGN methods) or "
                 "give each call its own layer"
             )
-        if _trace_state() != self.trace:
+        if trace_state() != self.trace:
             raise _inner_transform_error()
         out = layer(x, **kwargs)
         a = _patches(layer, x) if slot.conv else jnp.reshape(x, (-1,))

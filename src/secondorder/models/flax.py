@@ -53,6 +53,8 @@ class FlaxInputs(NamedTuple):
     x: Any
     rngs: dict[str, Array] | None = None
     collections: dict[str, Any] | None = None
+    #: the batch is the field ``x`` (:func:`secondorder.models.base.batch_data`)
+    carries_batch = True
 
 
 def _as_jax_key(key: Any) -> Any:

@@ -77,6 +77,7 @@ class InterceptedModel(Model):
         self._tapped = None
         self._layers = None
         self._shapes = {}
+        self.untapped: tuple[str, ...] = ()
         # one compiled forward pass: inlined inside a jitted step, and in eager steps it saves
         # re-binding the module at each of the step's many calls
         self._forward = jax.jit(lambda params, x: self._call(params, x)[0])
@@ -111,9 +112,13 @@ class InterceptedModel(Model):
         recorded: list[Array] = [None] * len(tapped)
 
         def hook(module: Any, path: tuple[str, ...], a: Array, out: Array) -> Array:
-            k = index[path]
-            recorded[k] = layer_input(tapped[k], a)
-            return out + taps[k].reshape(out.shape)
+            k = index.get(path)
+            if k is None:  # a layer left untapped (see _discover)
+                return out
+            # the statistics in the taps' dtype (the parameters'), the tap added in the
+            # output's: a layer computing in bfloat16 keeps its forward pass
+            recorded[k] = layer_input(tapped[k], a).astype(taps[k].dtype)
+            return out + taps[k].reshape(out.shape).astype(out.dtype)
 
         out = self._call(params, x, hook)[0]
         return out, recorded
@@ -125,20 +130,33 @@ class InterceptedModel(Model):
         return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(data))
 
     def _discover(self, x: Any) -> tuple[Tapped, ...]:
-        """The Dense and Conv calls of one forward pass on a batch shaped like ``x`` (cached)."""
+        """The tapped Dense and Conv calls of one forward pass on a batch shaped like ``x``
+        (cached). A call is left untapped, its parameters outside tapped layers, when its
+        kernel is not among the trained parameters (a ``wrt`` filter that freezes it) or when
+        it runs under a transformation inside the module (a scanned or vmapped stack of
+        layers, rematerialisation): its input lives in that transformation's trace, and its
+        kernel may be a slice of a stacked parameter."""
         import jax
 
         key = self._shape_key(x)
         if key in self._shapes and self._tapped is not None:
             return self._tapped
         found: list[Tapped] = []
+        inner: list[str] = []
+        trace: list[Any] = []
 
         def record(module: Any, path: tuple[str, ...], a: Array, out: Array) -> Array:
-            found.append(describe(module, self._kind(module), a, out, path))
+            if trace_state() != trace[0]:
+                inner.append("/".join(path))
+            else:
+                found.append(describe(module, self._kind(module), a, out, path))
             return out
 
-        jax.eval_shape(lambda p, inp: self._call(p, inp, record)[0], self._params,
-                       self._probe(x))
+        def forward(p: Any, inp: Any) -> Any:
+            trace.append(trace_state())
+            return self._call(p, inp, record)[0]
+
+        out = jax.eval_shape(forward, self._params, self._probe(x))
         paths = [t.path for t in found]
         repeated = sorted({p for p in paths if paths.count(p) > 1})
         if repeated:
@@ -146,13 +164,16 @@ class InterceptedModel(Model):
                 f"the layers {['/'.join(p) for p in repeated]} are called more than once in one "
                 "forward pass; layer taps need one call per Dense or Conv"
             )
-        tapped = tuple(found)
-        check_batch_axis([("/".join(t.path), t.tap_shape) for t in tapped],
-                         int(jax.tree_util.tree_leaves(self._data(x))[0].shape[0]))
+        tapped, layers = layer_table(self._params, found)
+        outputs = jax.tree_util.tree_leaves(out)
+        batch = (outputs[0].shape[0] if outputs and outputs[0].ndim
+                 else _batch_size(self._data(x)))
+        check_batch_axis([("/".join(t.path), t.tap_shape) for t in tapped], int(batch))
         if self._tapped is None:
-            self._tapped = tapped
-            self._layers = layer_table(self._params, tapped)
-        elif [t.path for t in self._tapped] != paths:
+            self._tapped, self._layers = tapped, layers
+            #: layers called under a transformation inside the module, left untapped
+            self.untapped = tuple(sorted(set(inner)))
+        elif [t.path for t in self._tapped] != [t.path for t in tapped]:
             raise SecondOrderError("the module calls different layers for different input "
                                    "shapes; layer taps need the same layers for every batch")
         self._shapes[key] = [t.tap_shape for t in tapped]
@@ -198,9 +219,14 @@ def _key_name(k: Any) -> str:
     return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
 
 
-def layer_table(params: Any, tapped: Sequence[Tapped]) -> tuple[LayerInfo, ...]:
-    """The :class:`LayerInfo` of each tapped call: the leaf indices of ``path/kernel`` and
-    ``path/bias`` in ``params`` (an nnx state's ``.value`` nodes read as their variables)."""
+def layer_table(params: Any, found: Sequence[Tapped]
+                ) -> tuple[tuple[Tapped, ...], tuple[LayerInfo, ...]]:
+    """The calls that are tapped and their :class:`LayerInfo`: the leaf indices of
+    ``path/kernel`` and ``path/bias`` in ``params`` (an nnx state's ``.value`` nodes read as
+    their variables). A call whose kernel is not in ``params`` (not trained) is not tapped; one
+    whose bias is not (a frozen bias) is tapped as a layer without bias."""
+    import dataclasses
+
     import jax
 
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
@@ -210,14 +236,40 @@ def layer_table(params: Any, tapped: Sequence[Tapped]) -> tuple[LayerInfo, ...]:
         if names and names[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
             names = names[:-1]
         index[names] = (i, leaf)
-    layers = []
-    for t in tapped:
+    tapped, layers = [], []
+    for t in found:
+        if (*t.path, "kernel") not in index:
+            continue
         w, kernel = index[(*t.path, "kernel")]
-        b = index[(*t.path, "bias")][0] if t.bias else None
+        bias = index.get((*t.path, "bias")) if t.bias else None
+        if t.bias and bias is None:
+            t = dataclasses.replace(t, bias=False)
         shape = tuple(kernel.shape)
         fan_in = int(np.prod(shape[:-1]))
-        layers.append(LayerInfo(t.kind, w, b, fan_in, int(shape[-1])))
-    return tuple(layers)
+        tapped.append(t)
+        layers.append(LayerInfo(t.kind, w, None if bias is None else bias[0], fan_in,
+                                int(shape[-1])))
+    return tuple(tapped), tuple(layers)
+
+
+def trace_state() -> Any:
+    """The JAX trace now being built (compared by identity; ``None`` where this JAX version does
+    not expose it)."""
+    try:
+        from jax._src.core import get_opaque_trace_state
+    except ImportError:  # pragma: no cover - other JAX versions
+        return None
+    return get_opaque_trace_state()
+
+
+def _batch_size(data: Any) -> int:
+    """The leading axis of the batch's first leaf with one (the outputs had none)."""
+    import jax
+
+    for leaf in jax.tree_util.tree_leaves(data):
+        if getattr(leaf, "ndim", 0):
+            return int(leaf.shape[0])
+    raise ShapeError("layer taps need a batch with a leading batch axis; no input leaf has one")
 
 
 def _tuple(value: Any, n: int, default: int = 1) -> tuple[int, ...]:

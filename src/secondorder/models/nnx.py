@@ -15,7 +15,18 @@ mode BatchNorm normalises with the step's batch each time and Dropout draws the 
 statistics updated and the random streams advanced once), as a first-order loop's single call
 would leave the module. Train or eval mode is the module's own (``module.train()``,
 ``module.eval()``) when it is given to :func:`from_nnx`. :meth:`NnxModel.make_step` puts the
-three together in one jitted function.
+three together in one jitted function. Values a call sows (``nnx.Intermediate``) are dropped,
+not carried. With ``nnx.Optimizer(module, as_optax(method), wrt=nnx.Param)`` the state lives in
+the user's module, so a step inside ``nnx.jit`` reads it and writes it back::
+
+    inputs = model.inputs(x, nnx.state(module, nnx.Not(nnx.Param)))
+    params = nnx.as_pure(nnx.state(module, nnx.Param))
+    optimizer.update(module, None, batch=(inputs, y))  # a second-order method's step
+    nnx.update(module, model.update_state(params, inputs))
+
+(``batch=(x, y)`` runs every step with the starting state: right for a module without
+BatchNorm or Dropout, or in eval mode; a first-order method takes the gradient as
+``optax.sgd`` does, in place of ``None``.)
 
 Layer taps. Every ``nnx.Linear`` and ``nnx.Conv`` (1 to 3 spatial axes, without feature groups or
 mask) whose ``__call__`` is nnx's own is tapped: in a tapped forward pass each such layer of the
@@ -25,7 +36,10 @@ with :mod:`secondorder.models.flax`; nnx stores kernels channels-last as linen d
 K-BFGS, K-BFGS(L), SMW and TNT's layouts take an nnx network. A layer called twice in one forward
 pass (a shared layer) raises :class:`~secondorder.errors.SecondOrderError`; other layers
 (``LinearGeneral``, ``Einsum``, embeddings, norms, a subclass with its own ``__call__``) are not
-tapped: parameters outside tapped layers, which each method handles by its fallback.
+tapped: parameters outside tapped layers, which each method handles by its fallback. So are
+layers whose kernel the ``wrt`` filter leaves out (frozen; a frozen bias makes its layer one
+without bias) and layers called under a transformation inside the module (``nnx.scan``,
+``nnx.vmap``, ``nnx.remat``), whose names :attr:`NnxModel.untapped` lists.
 """
 
 from __future__ import annotations
@@ -52,6 +66,8 @@ class NnxInputs(NamedTuple):
 
     x: Any
     state: Any = None
+    #: the batch is the field ``x`` (:func:`secondorder.models.base.batch_data`)
+    carries_batch = True
 
 
 class NnxModel(InterceptedModel):
@@ -79,13 +95,22 @@ class NnxModel(InterceptedModel):
                 "flax.linen module use from_flax(module, variables)")
         self.wrt = nnx.Param if wrt is None else wrt
         self.kwargs = dict(kwargs or {})
+        if any(isinstance(v, nnx.Rngs) for v in self.kwargs.values()):
+            raise SecondOrderError(
+                "from_nnx: an nnx.Rngs passed at every call would be advanced inside the "
+                "optimiser's traced calls; store it on the module instead (nnx.Dropout(rate, "
+                "rngs=rngs) at construction), so that its stream is part of the module's state "
+                "and advances once per step")
+        import jax
+
+        module = nnx.clone(module)  # the user's module is left as it is
+        nnx.pop(module, nnx.Intermediate)  # sown values: outputs of a call, not state
         self.graphdef, params, state = nnx.split(module, self.wrt, ...)
-        self._params = nnx.as_pure(params)
+        self._params = _committed(nnx.as_pure(params))
         #: the starting non-parameter state (a pure ``nnx.State``; empty for a module without
         #: BatchNorm statistics or random streams)
-        self.state = nnx.as_pure(state)
+        self.state = _committed(nnx.as_pure(state))
         self._init_taps()
-        import jax
 
         self._updated_state = jax.jit(lambda params, x: self._call(params, x)[1])
         if example is not None:
@@ -114,6 +139,7 @@ class NnxModel(InterceptedModel):
                     object.__setattr__(layer, "__class__", _tapped_class(type(layer)))
                     object.__setattr__(layer, _TAP, (hook, tuple(str(p) for p in path)))
         out = module(data, **self.kwargs)
+        nnx.pop(module, nnx.Intermediate)  # what the call sowed is not carried as state
         return out, nnx.as_pure(nnx.split(module, self.wrt, ...)[2])
 
     def update_state(self, params: Any, x: Any) -> Any:
@@ -156,6 +182,21 @@ class NnxModel(InterceptedModel):
         return x.x if isinstance(x, NnxInputs) else x
 
 
+def _committed(tree: Any) -> Any:
+    """The arrays of ``tree`` committed to the device they are on, as a jitted step's outputs
+    are: nnx creates its variables uncommitted, and a jitted step given the initial parameters
+    and then its own outputs would compile twice. Committed (e.g. sharded) arrays stay as
+    they are."""
+    import jax
+
+    def commit(a: Any) -> Any:
+        if isinstance(a, jax.Array) and not a.committed:
+            return jax.device_put(a, next(iter(a.devices())))
+        return a
+
+    return jax.tree_util.tree_map(commit, tree)
+
+
 def _iter_modules(module: Any) -> Any:
     """``(path, submodule)`` pairs of an nnx module graph, each submodule once."""
     from flax import nnx
@@ -187,8 +228,8 @@ def _tapped_class(cls: type) -> type:
     holds (the merged module of one tapped call is the only one that gets this class)."""
     def __call__(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
         out = cls.__call__(self, inputs, *args, **kwargs)
-        hook, path = vars(self)[_TAP]
-        return hook(self, path, inputs, out)
+        tap = vars(self).get(_TAP)  # absent on a copy an nnx transform made inside the module
+        return out if tap is None else tap[0](self, tap[1], inputs, out)
 
     return type(f"Tapped{cls.__name__}", (cls,),
                 {"__call__": __call__, "_secondorder_base": cls, "__module__": __name__})

@@ -39,6 +39,7 @@ from ..errors import (
     StructureError,
 )
 from ..losses import Loss, as_loss
+from ..models.base import batch_data
 from ..tree import norm
 from .state import check_state
 
@@ -323,9 +324,9 @@ class Optimizer(ABC):
                 "of the model (module.float(), or params cast with astype), or use a method "
                 "without factorisations ('sgd', 'adam', 'curveball', 'hessian-free', 'shampoo')")
         x, y = batch
-        for what, a in (("x", x), ("y", y)):
+        for what, a in (("x", batch_data(x)), ("y", y)):
             if not hasattr(a, "shape") or isinstance(a, numbers.Number):
-                continue  # a structured input (a flax or equinox model's inputs): its model checks
+                continue  # a structured input (a tree of arrays): the model reads it
             if not backend.is_array(a):
                 raise MixedBackendError(
                     f"{method}.step: the batch's {what} is a {type(a).__module__}."
