@@ -199,6 +199,24 @@ def _reference_layout(p):
     return out
 
 
+def test_adapters_commit_the_initial_parameters_so_a_jitted_step_compiles_once():
+    """flax and equinox create their parameters uncommitted; a jitted step returns committed
+    arrays. The adapters commit the initial ones, so steps 2 and 3 reuse step 1's compilation."""
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.standard_normal((8, 4))), jnp.asarray(rng.standard_normal((8, 3)))
+    module = FlaxMLP()
+    flax_model, flax_params = from_flax(module, module.init(jax.random.key(0), x), example=x)
+    eqx_model, eqx_params = from_equinox(
+        eqx.nn.MLP(4, 3, 5, 2, activation=jnp.tanh, key=jax.random.key(0), dtype=F64))
+    for model, params in ((flax_model, flax_params), (eqx_model, eqx_params)):
+        assert all(leaf.committed for leaf in jax.tree_util.tree_leaves(params))
+        opt = METHODS["kfac"](model, MSE())
+        step, state = jax.jit(opt.step), opt.init(params)
+        for _ in range(3):
+            params, state, info = step(params, state, (x, y))
+        assert bool(info.finite) and step._cache_size() == 1
+
+
 def test_flax_dense_taps_give_the_reference_kfac_factors():
     rng = np.random.default_rng(1)
     x, y = jnp.asarray(rng.standard_normal((7, 4))), jnp.asarray(rng.standard_normal((7, 3)))

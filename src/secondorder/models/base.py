@@ -126,6 +126,21 @@ def check_batch_axis(taps: list[tuple[str, tuple[int, ...]]], batch: int) -> Non
             "(CurveBall, Hessian-free, Shampoo, TNT, SGD, Adam)")
 
 
+def committed(tree: Any) -> Any:
+    """The JAX arrays of ``tree`` committed to the device they are on, as a jitted step's
+    outputs are. flax, nnx and equinox create their parameters uncommitted, and a jitted step
+    given them and then its own outputs would compile twice; committed arrays (a sharding the
+    user chose) and other leaves stay as they are."""
+    import jax
+
+    def commit(a: Any) -> Any:
+        if isinstance(a, jax.Array) and not a.committed:
+            return jax.device_put(a, next(iter(a.devices())))
+        return a
+
+    return jax.tree_util.tree_map(commit, tree)
+
+
 def tap_dtype(model: Model, params: Any) -> Any:
     """The dtype of ``model``'s taps at ``params``: that of its first tapped weight (a layer's
     output, its tap and its output gradient have its weight's dtype, whatever the batch's: a

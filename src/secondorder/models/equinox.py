@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import SecondOrderError, StructureError
-from .base import Array, LayerInfo, Model
+from .base import Array, LayerInfo, Model, committed
 from .flax import _as_jax_key
 from .intercepted import trace_state
 
@@ -225,7 +225,7 @@ class EquinoxModel(Model):
         params, self.static = eqx.partition(model, eqx.is_inexact_array)
         self._initial = params
         #: the starting state (``None`` for a model without one)
-        self.state = state
+        self.state = None if state is None else committed(state)
         self.batched = bool(batched)
         self.axis_name = axis_name
         self.kwargs = dict(kwargs or {})
@@ -403,4 +403,4 @@ def from_equinox(model: Any, state: Any = None, **options: Any) -> tuple[Equinox
     """
     wrapped = EquinoxModel(model, state, **options)
     params, wrapped._initial = wrapped._initial, None
-    return wrapped, params
+    return wrapped, committed(params)

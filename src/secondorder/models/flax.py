@@ -2,8 +2,8 @@
 
 ``model, params = from_flax(module, variables, kwargs={"train": True})`` turns a linen module and
 the variables of ``module.init`` into an ``apply(params, x)`` that every optimiser takes, with
-``params = variables["params"]`` unchanged (same tree, same leaves, so the result goes straight back
-into ``module.apply``).
+``params`` the tree and values of ``variables["params"]`` (committed to their device, so that a
+jitted step compiles once), which go straight back into ``module.apply``.
 
 Per-step state. A second-order step calls ``apply`` many times on one batch (JVPs, VJPs, line
 searches, trial points). For a model in train mode:
@@ -36,7 +36,7 @@ from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 from ..errors import RandomKeyError, SecondOrderError, UnsupportedModelError
-from .base import Array
+from .base import Array, committed
 from .intercepted import Hook, InterceptedModel
 
 
@@ -113,7 +113,7 @@ class FlaxModel(InterceptedModel):
         self.kwargs = dict(kwargs or {})
         self.rng_streams = tuple(rng_streams)
         #: the starting non-parameter collections (``variables`` minus ``"params"``)
-        self.collections = {k: v for k, v in variables.items() if k != "params"}
+        self.collections = committed({k: v for k, v in variables.items() if k != "params"})
         self.mutable = tuple(self.collections) if mutable is None else tuple(mutable)
         self._params = variables["params"]
         self._init_taps()
@@ -261,7 +261,8 @@ def _linen_kind(module: Any) -> str | None:
 def from_flax(module: Any, variables: Mapping[str, Any] | None = None, **options: Any
               ) -> tuple[FlaxModel, Any]:
     """``(model, params)`` for a ``flax.linen`` module and its variables (from ``module.init``):
-    ``model(params, x)`` is the module's forward pass, ``params = variables["params"]``.
+    ``model(params, x)`` is the module's forward pass, ``params`` the arrays of
+    ``variables["params"]`` (committed to their device).
 
     ``options`` are those of :class:`FlaxModel`: ``method=None``, ``kwargs=None`` (e.g.
     ``{"train": True}``), ``rng_streams=("dropout",)``, ``mutable=None`` (every non-params
@@ -274,7 +275,7 @@ def from_flax(module: Any, variables: Mapping[str, Any] | None = None, **options
         raise SecondOrderError(
             "from_flax needs the module's variables: from_flax(module, module.init(key, x))")
     model = FlaxModel(module, variables, **options)
-    return model, variables["params"]
+    return model, committed(variables["params"])
 
 
 def _refuse_nnx(module: Any) -> None:

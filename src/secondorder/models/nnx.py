@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from ..errors import SecondOrderError
+from .base import committed
 from .intercepted import Hook, InterceptedModel
 
 #: the attribute of a tapped layer that holds ``(hook, path)`` during a tapped call
@@ -106,10 +107,10 @@ class NnxModel(InterceptedModel):
         module = nnx.clone(module)  # the user's module is left as it is
         nnx.pop(module, nnx.Intermediate)  # sown values: outputs of a call, not state
         self.graphdef, params, state = nnx.split(module, self.wrt, ...)
-        self._params = _committed(nnx.as_pure(params))
+        self._params = committed(nnx.as_pure(params))
         #: the starting non-parameter state (a pure ``nnx.State``; empty for a module without
         #: BatchNorm statistics or random streams)
-        self.state = _committed(nnx.as_pure(state))
+        self.state = committed(nnx.as_pure(state))
         self._init_taps()
 
         self._updated_state = jax.jit(lambda params, x: self._call(params, x)[1])
@@ -180,21 +181,6 @@ class NnxModel(InterceptedModel):
     @staticmethod
     def _data(x: Any) -> Any:
         return x.x if isinstance(x, NnxInputs) else x
-
-
-def _committed(tree: Any) -> Any:
-    """The arrays of ``tree`` committed to the device they are on, as a jitted step's outputs
-    are: nnx creates its variables uncommitted, and a jitted step given the initial parameters
-    and then its own outputs would compile twice. Committed (e.g. sharded) arrays stay as
-    they are."""
-    import jax
-
-    def commit(a: Any) -> Any:
-        if isinstance(a, jax.Array) and not a.committed:
-            return jax.device_put(a, next(iter(a.devices())))
-        return a
-
-    return jax.tree_util.tree_map(commit, tree)
 
 
 def _iter_modules(module: Any) -> Any:
