@@ -12,8 +12,13 @@ interleaved rounds after warm-up, the median of each:
   ``integrations.optax`` and stepped with ``optax.apply_updates`` inside one ``jax.jit`` against
   the jitted pure step, on the same MLP written with ``jax.numpy``.
 
+* ``nnx/<method>`` (when flax is installed): the same MLP as a ``flax.nnx`` module through
+  ``from_nnx`` and its jitted ``make_step`` (the module merged at every call, its layers tapped
+  for K-FAC) against the jitted pure step on the reference MLP with the same weights. The
+  methods include ``kfac`` here, which needs the taps. Target: ratio <= 1.05.
+
 Writes ``{"torch": {"<method>": {"ours_ms", "reference_ms", "ratio"}}, "jax": {...},
-"_meta": {...}}`` (ours = the integration, reference = the pure API).
+"nnx": {...}, "_meta": {...}}`` (ours = the integration, reference = the pure API).
 
     python benchmarks/integrations.py --json benchmarks/results/integrations.json
 """
@@ -113,20 +118,65 @@ def bench_jax(args: Any) -> dict[str, Any]:
             for name in args.methods.split(",")}
 
 
+def bench_nnx(args: Any) -> dict[str, Any]:
+    import jax
+    from flax import nnx
+
+    from secondorder.models import from_nnx
+    from secondorder.models.layers import channels_last_to_reference
+
+    b, model, loss, params, x, y = setup.mlp_problem("jax", SIZES, args.batch, args.seed,
+                                                     args.threads)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.hidden = nnx.Linear(SIZES[0], SIZES[1], rngs=rngs)
+            self.out = nnx.Linear(SIZES[1], SIZES[2], rngs=rngs)
+
+        def __call__(self, a: Any) -> Any:
+            return self.out(jax.numpy.tanh(self.hidden(a)))
+
+    nnx_model, nnx_params = from_nnx(Net(nnx.Rngs(args.seed)), example=x)
+    ref_params = [{"w": channels_last_to_reference(nnx_params[n]["kernel"]),
+                   "b": nnx_params[n]["bias"]} for n in ("hidden", "out")]
+    names = [*args.methods.split(","), "kfac"]
+    fns: dict[str, Any] = {}
+    for name in dict.fromkeys(names):
+        ours, reference = METHODS[name](nnx_model, loss), METHODS[name](model, loss)
+        step = nnx_model.make_step(ours)
+        pure = jax.jit(reference.step)
+        carries = {"ours": [nnx_params, ours.init(nnx_params), nnx_model.state],
+                   "reference": [ref_params, reference.init(ref_params)]}
+
+        def call_ours(step: Any = step, carry: list = carries["ours"]) -> Any:
+            carry[0], carry[1], carry[2], _ = step(*carry, (x, y))
+            return carry[0]
+
+        def call_reference(pure: Any = pure, carry: list = carries["reference"]) -> Any:
+            carry[0], carry[1], _ = pure(carry[0], carry[1], (x, y))
+            return carry[0]
+
+        fns[f"{name}.ours"], fns[f"{name}.reference"] = call_ours, call_reference
+    ms = setup.interleaved_ms(fns, jax.block_until_ready, warmup=args.warmup,
+                              repeats=args.repeats)
+    return {name: _case(ms, f"{name}.ours", f"{name}.reference") for name in dict.fromkeys(names)}
+
+
 def main() -> None:
     p = setup.parser(__doc__, "integrations", batch=128, warmup=10, repeats=60)
-    p.set_defaults(backends="torch,jax")
+    p.set_defaults(backends="torch,jax,nnx")
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help="registered methods to time, comma-separated")
     args = p.parse_args()
     out: dict[str, Any] = {}
     versions = {}
     for name in args.backends.split(","):
-        needs = {"torch": ("torch",), "jax": ("jax", "optax")}[name]
+        needs = {"torch": ("torch",), "jax": ("jax", "optax"), "nnx": ("jax", "flax")}[name]
         if not all(importlib.util.find_spec(n) for n in needs):
             print(f"{name}: skipped ({', '.join(needs)} not installed)")
             continue
-        out[name] = (bench_torch if name == "torch" else bench_jax)(args)
+        bench = {"torch": bench_torch, "jax": bench_jax, "nnx": bench_nnx}[name]
+        out[name] = bench(args)
         versions.update({n: version(n) for n in needs})
         for method, row in out[name].items():
             print(f"{name:6s} {method:14s} integration {row['ours_ms']:8.3f} ms   pure "
