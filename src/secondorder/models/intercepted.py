@@ -63,7 +63,10 @@ class Tapped:
 
 class InterceptedModel(Model):
     """The shared half of :class:`~secondorder.models.FlaxModel` and
-    :class:`~secondorder.models.NnxModel` (see the module docstring)."""
+    :class:`~secondorder.models.NnxModel` (see the module docstring). After the first forward
+    pass that finds the layers, :attr:`untapped` names the Dense and Conv layers called under a
+    transformation inside the module (a scanned or vmapped stack, rematerialisation), which are
+    left untapped."""
 
     channels_last = True  # dense kernels (d_in, d_out), conv kernels (..., C_in, C_out)
     _params: Any

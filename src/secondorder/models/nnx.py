@@ -104,6 +104,7 @@ class NnxModel(InterceptedModel):
                 "and advances once per step")
         import jax
 
+        self._name = type(module).__name__
         module = nnx.clone(module)  # the user's module is left as it is
         nnx.pop(module, nnx.Intermediate)  # sown values: outputs of a call, not state
         self.graphdef, params, state = nnx.split(module, self.wrt, ...)
@@ -118,7 +119,7 @@ class NnxModel(InterceptedModel):
             self.tap_shapes(example)
 
     def __repr__(self) -> str:
-        return f"NnxModel({type(self.to_module(self._params)).__name__})"
+        return f"NnxModel({self._name})"
 
     # ------------------------------------------------------------------ per-step state
     def inputs(self, x: Any, state: Any = None) -> NnxInputs:
