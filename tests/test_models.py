@@ -388,3 +388,29 @@ def test_from_jax_wraps_function_without_taps(rng):
     assert_close(np.asarray(model(params, x)), np.asarray(apply_fn(params, x)))
     with pytest.raises(SecondOrderError):
         model.apply(params, x, [])
+
+
+def test_a_zero_taps_override_with_the_old_signature_keeps_working():
+    """A Model subclass written against the one-argument ``zero_taps(self, x)`` of earlier
+    releases: K-FAC (which calls ``zero_taps(x, params)``) steps it as the plain MLP."""
+    from secondorder.losses import SoftmaxCrossEntropy
+    from secondorder.optim import KFAC
+
+    class OldTaps(MLP):
+        def zero_taps(self, x):
+            xp = backends.namespace(x)
+            return [xp.zeros(s, dtype=x.dtype) for s in self.tap_shapes(x)]
+
+    rng = np.random.default_rng(0)
+    b = backends.get("numpy")
+    x, y = b.asarray(rng.standard_normal((6, 4))), b.asarray(rng.integers(0, 3, 6))
+    runs = []
+    for model in (OldTaps([4, 5, 3]), MLP([4, 5, 3])):
+        opt = KFAC(model, SoftmaxCrossEntropy(), lr=0.1, damping=0.1)
+        params = model.init(0, b)
+        state = opt.init(params)
+        for _ in range(2):
+            params, state, info = opt.step(params, state, (x, y))
+        runs.append(params)
+    assert tree.norm(tree.sub(runs[0], runs[1])) < 1e-14
+    assert bool(info.finite)

@@ -8,6 +8,7 @@ A model is a pure function ``apply(params, x)`` plus the metadata the curvature 
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,24 @@ class Model(ABC):
     #: C_out), as flax stores them; methods read them through
     #: :func:`~secondorder.models.layers.channels_last_to_reference`
     channels_last: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that overrides :meth:`zero_taps` with the one-argument signature of
+        earlier releases, ``zero_taps(self, x)``, keeps working: the methods call
+        ``zero_taps(x, params)``, and its override is wrapped to take and ignore ``params``."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("zero_taps")
+        if own is None or not callable(own):
+            return
+        parameters = list(inspect.signature(own).parameters.values())
+        if len(parameters) == 2 and all(
+                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+
+            def zero_taps(self: Model, x: Array, params: Any = None) -> list[Array]:
+                return own(self, x)
+
+            zero_taps.__doc__ = own.__doc__
+            cls.zero_taps = zero_taps  # type: ignore[method-assign]
 
     def _numpy_params(self, rng: np.random.Generator) -> Any:
         """The initial parameters as a tree of NumPy arrays (the hook behind :meth:`init`)."""
