@@ -442,12 +442,15 @@ class Scanned(nnx.Module):
 
 def test_layers_under_an_nnx_transform_are_named_and_left_untapped():
     """A scanned stack's calls run in the scan's trace on slices of a stacked kernel: they are
-    listed in ``untapped`` and stepped by the fallback; the head is tapped and its taps give
-    the module's own gradient."""
+    named in a warning and in ``untapped`` and stepped by the fallback; the head is tapped and
+    its taps give the module's own gradient."""
     rng = np.random.default_rng(4)
     x, y = jnp.asarray(rng.standard_normal((6, 4))), jnp.asarray(rng.integers(0, 3, 6))
+    from secondorder.errors import UntappedLayerWarning
+
     net = Scanned(nnx.Rngs(0))
-    model, params = from_nnx(net, example=x)
+    with pytest.warns(UntappedLayerWarning, match="'stack'"):
+        model, params = from_nnx(net, example=x)
     assert model.untapped == ("stack",)
     assert len(model.layers) == 1
     _layer_gradient_identity(model, params, x, y, _summed_grads(net, params, x, y), ["head"])

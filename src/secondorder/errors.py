@@ -23,6 +23,7 @@ __all__ = [
     "RandomKeyError",
     "SecondOrderError",
     "DenseSizeWarning",
+    "UntappedLayerWarning",
     "ShapeError",
     "StructureError",
     "UnsupportedLossError",
@@ -125,3 +126,10 @@ class DenseSizeWarning(UserWarning):
     """A dense method (Newton, Levenberg-Marquardt, BFGS) given so many parameters p that its
     p x p matrix is larger than :data:`secondorder.optim.dense_size.DENSE_WARNING_BYTES`: each
     step needs p^2 numbers of memory and O(p^3) time."""
+
+
+class UntappedLayerWarning(UserWarning):
+    """Dense or convolution layers of a flax model that run under a transformation inside the
+    module (``nnx.scan``, ``nnx.vmap``, ``nnx.remat``, linen's lifted transforms) and are left
+    untapped: the Kronecker-factored methods step their parameters with their fallback, not
+    with per-layer curvature."""

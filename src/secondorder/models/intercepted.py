@@ -31,6 +31,7 @@ tappable layer call returns ``hook(module, path, inputs, outputs)``), ``_kind(mo
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SecondOrderError, ShapeError
+from ..errors import SecondOrderError, ShapeError, UntappedLayerWarning
 from .base import Array, LayerInfo, Model, check_batch_axis, tap_dtype
 from .layers import channels_last_to_reference, reference_to_channels_last
 
@@ -176,6 +177,15 @@ class InterceptedModel(Model):
             self._tapped, self._layers = tapped, layers
             #: layers called under a transformation inside the module, left untapped
             self.untapped = tuple(sorted(set(inner)))
+            if self.untapped:
+                warnings.warn(
+                    f"the layers {list(self.untapped)} are called under a transformation inside "
+                    "the module (a scanned or vmapped stack, rematerialisation) and are left "
+                    "untapped: K-FAC, K-BFGS and SMW step their parameters with their fallback "
+                    "(SGD- or Adam-style), without per-layer curvature. To precondition them, "
+                    "call the layers directly (a Python loop over the stack), or use a method "
+                    "without taps (Shampoo, TNT, CurveBall, Hessian-free)",
+                    UntappedLayerWarning, stacklevel=4)
         elif [t.path for t in self._tapped] != [t.path for t in tapped]:
             raise SecondOrderError("the module calls different layers for different input "
                                    "shapes; layer taps need the same layers for every batch")

@@ -39,7 +39,8 @@ pass (a shared layer) raises :class:`~secondorder.errors.SecondOrderError`; othe
 tapped: parameters outside tapped layers, which each method handles by its fallback. So are
 layers whose kernel the ``wrt`` filter leaves out (frozen; a frozen bias makes its layer one
 without bias) and layers called under a transformation inside the module (``nnx.scan``,
-``nnx.vmap``, ``nnx.remat``), whose names :attr:`NnxModel.untapped` lists.
+``nnx.vmap``, ``nnx.remat``), which an :class:`~secondorder.errors.UntappedLayerWarning`
+names and :attr:`NnxModel.untapped` lists.
 """
 
 from __future__ import annotations
