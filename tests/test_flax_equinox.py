@@ -426,3 +426,41 @@ def test_tnt_reads_flax_kernels_in_flax_layout_by_default():
     forced = _reference_layout(run(TNT(model, loss, lr=1e-3, kernel_layout="oihw"), params,
                                    (x_nhwc, y)))
     assert max_diff(forced, want) > 1e-6 * scale
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(4, param_dtype=F64)(h)), None
+
+
+class ScannedNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                        length=3)
+        h, _ = stack()(x, None)
+        return nn.Dense(3, param_dtype=F64)(h)
+
+
+def test_flax_layers_under_nn_scan_are_named_and_left_to_the_fallback():
+    """linen's lifted scan runs its Dense in the scan's trace on slices of a stacked kernel: the
+    layer is named in a warning and left untapped, the head is tapped, and K-FAC's step moves
+    the stacked kernel by its SGD fallback: -lr times the gradient (momentum 0)."""
+    from secondorder.errors import UntappedLayerWarning
+    from secondorder.optim import KFAC
+
+    rng = np.random.default_rng(2)
+    x, y = jnp.asarray(rng.standard_normal((6, 4))), jnp.asarray(rng.integers(0, 3, 6))
+    module = ScannedNet()
+    with pytest.warns(UntappedLayerWarning, match="ScanBlock_0/Dense_0"):
+        model, params = from_flax(module, module.init(jax.random.key(0), x), example=x)
+    assert len(model.layers) == 1 and model.layers[0].out_features == 3
+    stack = model.untapped[0].split("/")[0]  # the scanned module's name
+    loss = SoftmaxCrossEntropy()
+    opt = KFAC(model, loss, lr=0.1, damping=0.1, momentum=0.0)
+    new, _, info = jax.jit(opt.step)(params, opt.init(params), (x, y))
+    grads = jax.grad(lambda p: loss.value(module.apply({"params": p}, x), y))(params)
+    want = jax.tree.map(lambda w, g: w - 0.1 * g, params[stack], grads[stack])
+    assert params[stack]["Dense_0"]["kernel"].shape == (3, 4, 4)
+    assert bool(info.finite) and max_diff(new[stack], want) < 1e-14
