@@ -226,7 +226,7 @@ def draw_like(f: Array, draw: Callable[[Any], Array]) -> Array:
     (what :mod:`secondorder.random` draws), else float32 cast to f's dtype (a half-precision
     model's outputs, say bfloat16 logits of a layer computing in bfloat16)."""
     backend = backend_of(f)
-    if str(f.dtype).removeprefix("torch.") in ("float32", "float64"):
+    if backend.dtype_name(f.dtype) in ("float32", "float64"):
         return draw(f.dtype)
     xp = backend.xp
     return xp.astype(draw(xp.float32), f.dtype)

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import SecondOrderError, StructureError
-from .base import Array, LayerInfo, Model, committed
+from .base import Array, LayerInfo, Model, batch_data, committed
 from .flax import _as_jax_key
 from .intercepted import trace_state
 
@@ -367,7 +367,7 @@ class EquinoxModel(Model):
         evaluation of the shapes of one forward pass, cached by the batch's shapes)."""
         import jax
 
-        data = x.x if isinstance(x, EquinoxInputs) else x
+        data = batch_data(x)
         m = int(jax.tree_util.tree_leaves(data)[0].shape[0])
         if not any(s.conv for s in self._slots):
             return [(m, s.out_features) for s in self._slots]

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 from ..errors import RandomKeyError, SecondOrderError, UnsupportedModelError
-from .base import Array, committed
+from .base import Array, batch_data, committed
 from .intercepted import Hook, InterceptedModel
 
 
@@ -235,12 +235,8 @@ class FlaxModel(InterceptedModel):
         if isinstance(x, FlaxInputs) and x.rngs is not None:
             return x
         dummy = {name: jax.random.key(0) for name in self.rng_streams}
-        return FlaxInputs(self._data(x), dummy,
+        return FlaxInputs(batch_data(x), dummy,
                           x.collections if isinstance(x, FlaxInputs) else None)
-
-    @staticmethod
-    def _data(x: Any) -> Any:
-        return x.x if isinstance(x, FlaxInputs) else x
 
 
 def _linen_kind(module: Any) -> str | None:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SecondOrderError, ShapeError, UntappedLayerWarning
-from .base import Array, LayerInfo, Model, check_batch_axis, tap_dtype
+from .base import Array, LayerInfo, Model, batch_data, check_batch_axis, tap_dtype
 from .layers import channels_last_to_reference, reference_to_channels_last
 
 #: hook(module, path, layer inputs, layer outputs) -> the outputs the forward pass continues with
@@ -99,11 +99,6 @@ class InterceptedModel(Model):
         """The inputs of the shape evaluation that finds the layers, for a batch like ``x``."""
         return x
 
-    @staticmethod
-    def _data(x: Any) -> Any:
-        """The batch itself inside ``x`` (which may carry the step's state)."""
-        return x
-
     # ------------------------------------------------------------------ apply and taps
     def apply(self, params: Any, x: Any, taps: list[Array] | None = None) -> Any:
         """f = apply(params, x); with ``taps`` (one per entry of :attr:`layers`),
@@ -130,7 +125,7 @@ class InterceptedModel(Model):
     def _shape_key(self, x: Any) -> tuple:
         import jax
 
-        data = self._data(x)
+        data = batch_data(x)
         return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(data))
 
     def _discover(self, x: Any) -> tuple[Tapped, ...]:
@@ -171,7 +166,7 @@ class InterceptedModel(Model):
         tapped, layers = layer_table(self._params, found)
         outputs = jax.tree_util.tree_leaves(out)
         batch = (outputs[0].shape[0] if outputs and outputs[0].ndim
-                 else _batch_size(self._data(x)))
+                 else _batch_size(batch_data(x)))
         check_batch_axis([("/".join(t.path), t.tap_shape) for t in tapped], int(batch))
         if self._tapped is None:
             self._tapped, self._layers = tapped, layers

@@ -137,7 +137,7 @@ class NnxModel(InterceptedModel):
         data, state = (x.x, x.state) if isinstance(x, NnxInputs) else (x, None)
         module = nnx.merge(self.graphdef, params, self.state if state is None else state)
         if hook is not None:
-            for path, layer in _iter_modules(module):
+            for path, layer in nnx.iter_modules(module):
                 if self._kind(layer) is not None:
                     object.__setattr__(layer, "__class__", _tapped_class(type(layer)))
                     object.__setattr__(layer, _TAP, (hook, tuple(str(p) for p in path)))
@@ -179,19 +179,6 @@ class NnxModel(InterceptedModel):
     # ------------------------------------------------------------------ taps
     def _kind(self, module: Any) -> str | None:
         return _nnx_kind(module)
-
-    @staticmethod
-    def _data(x: Any) -> Any:
-        return x.x if isinstance(x, NnxInputs) else x
-
-
-def _iter_modules(module: Any) -> Any:
-    """``(path, submodule)`` pairs of an nnx module graph, each submodule once."""
-    from flax import nnx
-
-    if hasattr(nnx, "iter_modules"):
-        return nnx.iter_modules(module)
-    return module.iter_modules()  # pragma: no cover - flax before nnx.iter_modules
 
 
 def _nnx_kind(module: Any) -> str | None:
