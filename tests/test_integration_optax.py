@@ -261,3 +261,26 @@ def test_a_second_order_method_needs_the_batch():
     params = _params()
     with pytest.raises(SecondOrderError, match="batch"):
         tx.update(None, tx.init(params), params)
+
+
+def test_a_jitted_update_compiles_once():
+    """The state's blank info sits on the device of the (committed) parameters, as the info a
+    jitted update returns does, so three updates reuse the first compilation; the parameters
+    equal the method's own three steps."""
+    method = CurveBall(MODEL, CE)
+    tx = optax.chain(as_optax(method), optax.clip_by_global_norm(1e6))
+    params = _params()
+    assert all(leaf.committed for leaf in jax.tree.leaves(params))
+
+    @jax.jit
+    def update(p, s, batch):
+        u, s = tx.update(None, s, p, batch=batch)
+        return optax.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    q, r = params, method.init(params)
+    for batch in _batches(3):
+        p, s = update(p, s, batch)
+        q, r, _ = method.step(q, r, batch)
+    assert update._cache_size() == 1
+    assert_close(_numpy(p), _numpy(q), backend=backends.get("jax"))

@@ -91,8 +91,14 @@ def _blank_info(method: Optimizer, params: Any) -> StepInfo:
     def nan() -> Any:
         return jnp.full((), jnp.nan, dtype=dtype)
 
-    return StepInfo(nan(), nan(), nan(), jnp.asarray(True), jnp.asarray(0, dtype=jnp.int32),
+    info = StepInfo(nan(), nan(), nan(), jnp.asarray(True), jnp.asarray(0, dtype=jnp.int32),
                     nan(), {key: nan() for key in method.info_extras})
+    # on the device of parameters committed to one, as the info a jitted update returns is:
+    # else the second update would compile again for the changed placement
+    leaf = next(iter(jax.tree_util.tree_leaves(params)), None)
+    if isinstance(leaf, jax.Array) and leaf.committed and len(leaf.devices()) == 1:
+        info = jax.device_put(info, next(iter(leaf.devices())))
+    return info
 
 
 def _fixed_info(method: Optimizer, info: StepInfo, params: Any) -> StepInfo:
