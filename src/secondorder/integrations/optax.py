@@ -96,7 +96,8 @@ def _blank_info(method: Optimizer, params: Any) -> StepInfo:
     # on the device of parameters committed to one, as the info a jitted update returns is:
     # else the second update would compile again for the changed placement
     leaf = next(iter(jax.tree_util.tree_leaves(params)), None)
-    if isinstance(leaf, jax.Array) and leaf.committed and len(leaf.devices()) == 1:
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+            and leaf.committed and len(leaf.devices()) == 1):
         info = jax.device_put(info, next(iter(leaf.devices())))
     return info
 

@@ -153,7 +153,7 @@ def committed(tree: Any) -> Any:
     import jax
 
     def commit(a: Any) -> Any:
-        if isinstance(a, jax.Array) and not a.committed:
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and not a.committed:
             return jax.device_put(a, next(iter(a.devices())))
         return a
 
