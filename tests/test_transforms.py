@@ -124,3 +124,36 @@ def test_bad_settings_raise_named_errors():
             make()
     with pytest.raises(HyperparameterError):
         chain(trace(0.9), "not a transform")
+
+
+def test_adam_in_bfloat16_equals_optax(rng):
+    """bfloat16 rounds 0.999 to 1, so the bias correction 1 - b2^t is computed from a float32
+    count and cast: Adam's update on a bfloat16 tree agrees with optax's over 300 steps (random
+    gradients) to within two bfloat16 ulps of 1, where before it was 0 at every step."""
+    optax = pytest.importorskip("optax")
+    jnp = pytest.importorskip("jax.numpy")
+    from secondorder.optim.schedules import count_as_float
+
+    p = {"w": jnp.zeros(50, jnp.bfloat16)}
+    ours, theirs = scale_by_adam(), optax.scale_by_adam()
+    s_ours, s_theirs = ours.init(p), theirs.init(p)
+    for _ in range(300):
+        g = {"w": jnp.asarray(rng.standard_normal(50)).astype(jnp.bfloat16)}
+        u_ours, s_ours = ours.update(g, s_ours, p)
+        u_theirs, s_theirs = theirs.update(g, s_theirs, p)
+        assert u_ours["w"].dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(u_ours["w"], dtype=np.float64),
+                                   np.asarray(u_theirs["w"], dtype=np.float64), rtol=0,
+                                   atol=2.0**-6)
+    assert float(count_as_float(s_ours.count + 1, p)) == 301.0  # bfloat16 would read 300
+
+
+def test_adam_in_bfloat16_on_torch_takes_a_step():
+    """The first Adam step is m/c1 / sqrt(v/c2) = g / |g| (eps aside) in any precision; on a
+    torch bfloat16 tree it was 0 (1 - 0.999 rounded to 0)."""
+    torch = pytest.importorskip("torch")
+    g = {"w": torch.tensor([0.5, -2.0, 3.0], dtype=torch.bfloat16)}
+    t = scale_by_adam()
+    u, _ = t.update(g, t.init({"w": torch.zeros(3, dtype=torch.bfloat16)}))
+    assert u["w"].dtype == torch.bfloat16
+    np.testing.assert_allclose(u["w"].double().numpy(), [1.0, -1.0, 1.0], rtol=0, atol=2.0**-7)

@@ -49,9 +49,14 @@ def is_schedule(value: Any) -> bool:
 
 def count_as_float(count: Array, like: Any) -> Array:
     """The int32 step ``count`` as a 0-d array of the floating dtype of the first leaf of
-    ``like`` (a tree of arrays)."""
+    ``like`` (a tree of arrays), or float32 where that dtype is narrower: bfloat16 holds the
+    integers exactly only up to 256 (step 301 reads as 300) and rounds 0.999 to 1, so that
+    Adam's bias correction 1 - 0.999^t was 0 and its step 0 on a bfloat16 model. Callers cast
+    what they compute from the count back to the leaves' dtype."""
     leaf = flatten(like)[0][0]
-    return backend_of(leaf).xp.astype(count, leaf.dtype)
+    xp = backend_of(leaf).xp
+    dtype = leaf.dtype if xp.finfo(leaf.dtype).bits >= 32 else xp.float32
+    return xp.astype(count, dtype)
 
 
 def resolve(value: Any, count: Array, like: Any) -> Any:

@@ -141,8 +141,9 @@ def scale_by_adam(b1: float | Array = 0.9, b2: float | Array = 0.999,
         t = _as_float(count, updates)
         m = tree_map(lambda a, g: b1 * a + (1 - b1) * g, state.mu, updates)
         v = tree_map(lambda a, g: b2 * a + (1 - b2) * g * g, state.nu, updates)
-        c1 = 1.0 - b1**t
-        c2 = 1.0 - b2**t
+        dtype = flatten(updates)[0][0].dtype
+        c1 = xp.astype(1.0 - b1**t, dtype)
+        c2 = xp.astype(1.0 - b2**t, dtype)
         out = tree_map(lambda mi, vi: (mi / c1) / (xp.sqrt(vi / c2) + eps), m, v)
         return out, ScaleByAdamState(count, m, v)
 
@@ -213,6 +214,8 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
     def update(updates: Tree, state: ScaleByScheduleState, params: Tree = None
                ) -> tuple[Tree, ScaleByScheduleState]:
         factor = schedule(_as_float(state.count, updates))
+        if backend_of(state.count).is_array(factor):
+            factor = backend_of(state.count).xp.astype(factor, flatten(updates)[0][0].dtype)
         return tree_map(lambda g: factor * g, updates), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
