@@ -299,6 +299,56 @@ def test_changed_group_value_rebuilds_the_method() -> None:
 
 
 # ------------------------------------------------------------------ (d) BatchNorm and Dropout
+@pytest.mark.parametrize(("name", "start", "change"), [
+    ("sgd", {"momentum": 0.0}, {"momentum": 0.9}),
+    ("sgd", {"momentum": 0.9}, {"momentum": 0.0}),
+    ("sgd", {"momentum": 0.9}, {"weight_decay": 0.01}),
+    ("sgd", {"momentum": 0.9, "weight_decay": 0.01}, {"weight_decay": 0.0, "nesterov": True}),
+    ("adam", {}, {"weight_decay": 0.01}),
+])
+def test_momentum_and_weight_decay_changed_between_steps_follow_torch_optim(
+        name: str, start: dict, change: dict) -> None:
+    """Switching momentum or weight decay on or off in the parameter group adds or drops a
+    transform's state; the other buffers carry on (Adam's moments, the momentum buffer) as in
+    torch.optim.SGD / Adam, the reference here, with the same changes at the same step."""
+    data = batches(5)
+    ours, theirs = mlp(), mlp()
+    lr = 0.1 if name == "sgd" else 0.01
+    opt = Optimizer(ours, SoftmaxCrossEntropy(), method=name, lr=lr, **start)
+    ref = (torch.optim.SGD if name == "sgd" else torch.optim.Adam)(
+        theirs.parameters(), lr=lr, **start)
+    criterion = nn.CrossEntropyLoss()
+    for t, (x, y) in enumerate(data):
+        if t == 2:
+            opt.param_groups[0].update(change)
+            ref.param_groups[0].update(change)
+        opt.step((x, y))
+        ref.zero_grad()
+        criterion(theirs(x), y).backward()
+        ref.step()
+    assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
+
+
+def test_a_changed_momentum_keeps_kfacs_factors() -> None:
+    """K-FAC's curvature factors are not a transform's state: switching momentum off keeps
+    them, and the next step is the one a K-FAC built with momentum 0 takes from that state."""
+    data = batches(3)
+    model = mlp()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), method="kfac", lr=0.1, momentum=0.9)
+    opt.step(data[0])
+    before = opt.method_state
+    opt.param_groups[0]["momentum"] = 0.0
+    start = module_params(model)
+    opt.step(data[1])
+    apply, _ = from_torch(mlp())
+    method = METHODS["kfac"](apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.0)
+    fresh = method.init(start)
+    state = fresh._replace(**{f: getattr(before, f) for f in before._fields
+                              if f != "transform"})
+    expected, _, _ = method.step(start, state, data[1])
+    assert max_rel_diff(module_params(model), expected) <= 1e-12
+
+
 @pytest.mark.parametrize("name", ["curveball", "hessian-free"])
 def test_running_statistics_follow_one_forward_pass(name: str) -> None:
     model = cnn()

@@ -61,6 +61,7 @@ from ..errors import HyperparameterError, MissingBatchError, StateError, Structu
 from ..models.adapters import TorchModel
 from ..optim.base import StepInfo
 from ..optim.gradient_descent import GradientDescent
+from ..optim.state import carry_over
 
 __all__ = ["Optimizer"]
 
@@ -239,8 +240,11 @@ class Optimizer(torch.optim.Optimizer):
         class docstring), overriding the registry's defaults. Numbers, strings, booleans and
         tuples of them go into ``param_groups[0]`` next to ``lr``, where a scheduler or your
         code may change them between steps: the method object is then rebuilt with the new
-        values (cheap in eager mode) and keeps its state. Hyperparameters that also seed the
-        state (the initial ``damping`` of the damped methods) take effect at the first step;
+        values (cheap in eager mode) and keeps its state; a value that switches momentum or
+        weight decay on or off adds that transform's state (zeros) or drops it, as
+        ``torch.optim.SGD`` creates or ignores its momentum buffer. Hyperparameters that also
+        seed the state (the initial ``damping`` of the damped methods) take effect at the first
+        step;
         later the state's own, adapted value is used. Objects (a ``transform`` chain, an inner
         ``optimizer``, a partition) are kept on the optimiser, not in the parameter group, so
         :meth:`state_dict` stays loadable with ``weights_only=True``; pass them again when you
@@ -390,10 +394,23 @@ class Optimizer(torch.optim.Optimizer):
             from ..distributed import data_parallel
 
             method = data_parallel(method, self.process_group)
+        if self._state is not None and not self._lr_only_change(values):
+            # momentum or weight decay switched on or off adds or drops a transform's state
+            self._state = carry_over(self._state, method.init(self._params()))
         self._built = (dict(values), method)
-        if self._state is not None:
-            self._state = self._restructure(method, self._state)
         return method
+
+    def _lr_only_change(self, values: dict[str, Any]) -> bool:
+        """Whether ``values`` differ from the built ones only in a numeric lr given to the
+        method itself (a scheduler's usual change), which leaves the state's structure as it
+        is: then the rebuilt method need not initialise a template state."""
+        if self._built is None or self._lr_mode != "native":
+            return False
+        old = self._built[0]
+        if set(old) != set(values) or any(
+                old[k] is not values[k] for k in values if k != "lr"):
+            return False
+        return isinstance(old.get("lr"), int | float) and isinstance(values.get("lr"), int | float)
 
     def _lr_transform(self, lr: Any) -> Any:
         """The transform that multiplies the method's step by ``lr`` (a number, or a schedule
@@ -441,22 +458,6 @@ class Optimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in pairs], [v for _, v in pairs])
         return state
-
-    def _restructure(self, method: Any, state: Any) -> Any:
-        """``state`` with the transform state of ``method`` where the lr multiplier appeared
-        or vanished (() <-> the stateless ``scale``'s state; neither holds arrays)."""
-        if "transform" not in getattr(state, "_fields", ()):
-            return state
-        template = method.init(self._params())
-        old_leaves, old_def = flatten(state.transform)
-        new_leaves, new_def = flatten(template.transform)
-        if old_def == new_def:
-            return state
-        if old_leaves or new_leaves:
-            raise StateError(
-                f"the transform state of {self.method} changed structure from {old_def!r} to "
-                f"{new_def!r} between steps")
-        return state._replace(transform=template.transform)
 
     # ---------------------------------------------------------------- stepping
     @_step_hooks

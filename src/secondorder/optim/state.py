@@ -125,3 +125,33 @@ def every(backend: Backend, count: Any, period: int, fn: Callable[..., T],
         # branches at every call, since the branches are new closures each step
         return fn(*operands) if due else otherwise(*operands)
     return backend.cond(count % period == 0, fn, otherwise, *operands)
+
+
+def carry_over(old: Any, new: Any) -> Any:
+    """The state ``new`` (a fresh ``init`` of a rebuilt method) with the values of ``old``
+    wherever ``old`` has the same part: a NamedTuple of the same class is merged field by
+    field, a sub-state of the same class and tree structure is kept whole, and the states of a
+    transform chain are matched in order by class, so that a transform which appeared (weight
+    decay switched on, momentum from 0 to 0.9) starts fresh (zeros) while the others keep their
+    buffers, and one that vanished is dropped. ``torch.optim.SGD`` likewise creates a momentum
+    buffer when momentum becomes non-zero and ignores it when momentum returns to 0."""
+    from .transforms import ChainState
+
+    if type(old) is type(new) and flatten(old)[1] == flatten(new)[1]:
+        return old
+    if isinstance(old, ChainState) and isinstance(new, ChainState):
+        rest, states = list(old.states), []
+        for part in new.states:
+            if not flatten(part)[0]:  # stateless (weight decay, a fixed scale): nothing to keep
+                states.append(part)
+                continue
+            match = next((i for i, o in enumerate(rest) if type(o) is type(part)), None)
+            if match is None:
+                states.append(part)
+            else:
+                states.append(carry_over(rest[match], part))
+                del rest[:match + 1]
+        return ChainState(tuple(states))
+    if type(old) is type(new) and hasattr(new, "_fields"):
+        return type(new)(*(carry_over(o, n) for o, n in zip(old, new, strict=True)))
+    return new
