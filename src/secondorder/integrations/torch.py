@@ -244,11 +244,10 @@ class Optimizer(torch.optim.Optimizer):
         weight decay on or off adds that transform's state (zeros) or drops it, as
         ``torch.optim.SGD`` creates or ignores its momentum buffer. Hyperparameters that also
         seed the state (the initial ``damping`` of the damped methods) take effect at the first
-        step;
-        later the state's own, adapted value is used. Objects (a ``transform`` chain, an inner
-        ``optimizer``, a partition) are kept on the optimiser, not in the parameter group, so
-        :meth:`state_dict` stays loadable with ``weights_only=True``; pass them again when you
-        rebuild the optimiser to resume.
+        step; later the state's own, adapted value is used. Objects (a ``transform`` chain, an
+        inner ``optimizer``, a partition) are kept on the optimiser, not in the parameter group,
+        so :meth:`state_dict` stays loadable with ``weights_only=True``; pass them again when
+        you rebuild the optimiser to resume.
 
     Attributes
     ----------
