@@ -572,3 +572,55 @@ def test_step_runs_torch_optim_hooks_and_the_profiler_label():
     with torch.profiler.profile() as prof:
         opt.step((x, y))
     assert any(e.name == "Optimizer.step#Optimizer.step" for e in prof.events())
+
+
+class _Flattened(nn.Module):
+    """``net`` with its outputs reshaped to (batch, k): the layout the curvature code was
+    checked on against dense oracles."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).reshape(x.shape[0], -1)
+
+
+class _Squeezed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).squeeze(-1)
+
+
+@pytest.mark.parametrize("name", ["curveball", "kfac", "kbfgs"])
+@pytest.mark.parametrize("criterion", [nn.MSELoss(), nn.BCEWithLogitsLoss()])
+def test_image_and_squeezed_outputs_step_as_their_flattened_model(name, criterion) -> None:
+    """Outputs of shape (m, C, H, W) (a convolutional autoencoder) and (m,) (a squeezed
+    regression head) with torch's mean-reduced MSELoss / BCEWithLogitsLoss: every output of
+    a sample counts in k, so the steps equal those of the same module with its outputs
+    reshaped to (m, k). The curvature used k = C (one axis) before, 36x too large here."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 6, 6, generator=g, dtype=DT)
+    y = torch.rand(6, 2, 6, 6, generator=g, dtype=DT)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
+                        nn.Conv2d(2, 2, 3, padding=1)).to(DT)
+    flat = _Flattened(copy.deepcopy(net))
+    ours, ref = Optimizer(net, criterion, name), Optimizer(flat, criterion, name)
+    for _ in range(3):
+        ours.step((x, y))
+        ref.step((x, y.reshape(6, -1)))
+    assert max_rel_diff(module_params(net), module_params(flat.net)) <= 1e-12
+
+    x1, y1 = torch.randn(8, 4, generator=g, dtype=DT), torch.rand(8, generator=g, dtype=DT)
+    torch.manual_seed(0)
+    squeezed = _Squeezed().to(DT)
+    column = copy.deepcopy(squeezed.fc)
+    ours, ref = Optimizer(squeezed, criterion, name), Optimizer(column, criterion, name)
+    for _ in range(3):
+        ours.step((x1, y1))
+        ref.step((x1, y1[:, None]))
+    assert max_rel_diff(module_params(squeezed.fc), module_params(column)) <= 1e-12

@@ -19,6 +19,7 @@ Conventions, stated once and used everywhere in ``secondorder``:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -230,3 +231,18 @@ def draw_like(f: Array, draw: Callable[[Any], Array]) -> Array:
         return draw(f.dtype)
     xp = backend.xp
     return xp.astype(draw(xp.float32), f.dtype)
+
+
+def sum_outputs(a: Array) -> Array:
+    """The sum of ``a`` over every axis but the batch axis: per-sample sums of an elementwise
+    loss whose outputs have any shape (m, ...), the k = prod(shape[1:]) outputs of a sample
+    (an image's pixels, a sequence's positions); ``a`` itself for outputs of shape (m,)."""
+    if a.ndim == 1:
+        return a
+    return backend_of(a).xp.sum(a, axis=tuple(range(1, a.ndim)))
+
+
+def outputs_per_sample(f: Array) -> int:
+    """k, the number of outputs of one sample: the product of ``f``'s shape after the batch
+    axis (1 for outputs of shape (m,))."""
+    return math.prod(int(n) for n in f.shape[1:])

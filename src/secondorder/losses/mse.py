@@ -6,14 +6,16 @@ import numpy as np
 
 from .. import random
 from ..backends import backend_of
-from .base import Array, Loss, draw_like
+from .base import Array, Loss, draw_like, sum_outputs
 
 
 class MSE(Loss):
     """Squared error, l(f, y) = 1/2 ||f - y||^2 per sample; the batch loss is the mean over the m
     samples (with the default options).
 
-    Network outputs f and targets y have shape (m, k). Formulas per sample:
+    Network outputs f and targets y have shape (m, k); outputs of another shape (m, ...) (an
+    image, a squeezed (m,) regression head) count prod(shape[1:]) outputs per sample, in the
+    per-sample sum and in the k of ``outputs="mean"``. Formulas per sample:
 
     * gradient f - y; Hessian H = I, so H^+ = I, the projector H H^+ = I and the factor S = I;
     * convex conjugate l*(a) = 1/2 ||a||^2 + <a, y> (Roulet & Blondel, "Dual Gauss-Newton
@@ -43,9 +45,8 @@ class MSE(Loss):
 
     def per_sample(self, f: Array, y: Array) -> Array:
         self.check_shapes(f, y)  # a broadcast error (or a silent broadcast) otherwise
-        xp = backend_of(f).xp
         r = f - y
-        return 0.5 * xp.sum(r * r, axis=1)
+        return 0.5 * sum_outputs(r * r)
 
     def grad(self, f: Array, y: Array) -> Array:
         return f - y

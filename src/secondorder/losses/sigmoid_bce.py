@@ -12,7 +12,7 @@ from .. import random
 from ..backends import Backend, backend_of
 from ..errors import LabelError
 from ..functional import sigmoid, softplus
-from .base import Array, Loss, draw_like
+from .base import Array, Loss, draw_like, sum_outputs
 
 
 class SigmoidBCE(Loss):
@@ -57,8 +57,7 @@ class SigmoidBCE(Loss):
     def per_sample(self, f: Array, y: Array) -> Array:
         self.check_shapes(f, y)
         self.check_values(f, y)
-        xp = backend_of(f).xp
-        return xp.sum(softplus(f) - y * f, axis=1)
+        return sum_outputs(softplus(f) - y * f)
 
     def check_values(self, f: Array, y: Array) -> None:
         """Finite targets must lie in [0, 1] (binary labels or probabilities): outside it the
