@@ -168,6 +168,27 @@ class SoftmaxCrossEntropy(Loss):
     #: (weak reference to the targets last found valid, their version, the number of classes)
     _valid: tuple[Any, Any, int] | None = None
 
+    def _check_layout(self, xp: Any, f: Array, y: Array) -> None:
+        """ShapeError or LabelError for outputs other than (m, k) and targets other than
+        labels (m,) or probability rows (m, k) (shapes and dtypes are known in traces too)."""
+        if f.ndim != 2:
+            raise ShapeError(
+                f"softmax cross-entropy: outputs must have shape (batch, classes), got "
+                f"{tuple(f.shape)}. Class scores per position (torch's (batch, classes, "
+                "positions) layout, a segmentation map) are not supported: the curvature of one "
+                "softmax per position is not implemented; flatten the outputs only if the "
+                "classes are the only axis after the batch")
+        if y.ndim == 2 and xp.isdtype(y.dtype, "integral"):
+            raise LabelError(
+                f"softmax cross-entropy: integer targets of shape {tuple(y.shape)}; class labels "
+                "have shape (batch,) (y.squeeze(1) for a column of labels, y.argmax(1) for "
+                "one-hot rows), probability rows a floating dtype (y.float())")
+        if y.ndim not in (1, 2) or (y.ndim == 2 and tuple(y.shape) != tuple(f.shape)):
+            raise ShapeError(
+                f"softmax cross-entropy: targets of shape {tuple(y.shape)} for outputs "
+                f"{tuple(f.shape)}; give class labels of shape ({f.shape[0]},) or probability "
+                f"rows of shape {tuple(f.shape)}")
+
     def check_values(self, f: Array, y: Array) -> None:
         """Integer labels y (shape (m,)) must have an integer dtype and lie in [0, k); rows y
         (shape (m, k)) must be probability vectors (entries >= 0 summing to 1, to a tolerance
@@ -181,9 +202,10 @@ class SoftmaxCrossEntropy(Loss):
         step's finiteness guard (the step is rejected, as for any non-finite batch). Inside
         ``jax.jit`` the values are checked only under :func:`secondorder.optim.checked`.
         """
-        k = f.shape[-1]
         backend = backend_of(y)
         xp = backend.xp
+        self._check_layout(xp, f, y)
+        k = f.shape[-1]
         labels = y.ndim == 1
         if labels and not xp.isdtype(y.dtype, "integral"):
             raise LabelError(
