@@ -624,3 +624,33 @@ def test_image_and_squeezed_outputs_step_as_their_flattened_model(name, criterio
         ours.step((x1, y1))
         ref.step((x1, y1[:, None]))
     assert max_rel_diff(module_params(squeezed.fc), module_params(column)) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_a_warm_up_from_zero_and_a_tensor_lr_follow_torch_optim(name: str) -> None:
+    """LambdaLR(lambda s: s / 3) gives lr = 0 at the first step: SGD and Adam take it (a zero
+    step, as torch.optim does); an lr given as a 0-d tensor goes into the group as a number,
+    where the scheduler scales it. Reference: torch.optim.SGD / Adam with the same scheduler."""
+    data = batches(5)
+    ours, theirs = mlp(), mlp()
+    extra = {"momentum": 0.9} if name == "sgd" else {}
+    opt = Optimizer(ours, SoftmaxCrossEntropy(), method=name, lr=torch.tensor(0.05, dtype=DT),
+                    **extra)
+    assert opt.param_groups[0]["lr"] == 0.05
+    ref = (torch.optim.SGD if name == "sgd" else torch.optim.Adam)(theirs.parameters(), lr=0.05,
+                                                                   **extra)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 3)) for o in (opt, ref)]
+    criterion = nn.CrossEntropyLoss()
+    for x, y in data:
+        opt.step((x, y))
+        ref.zero_grad()
+        criterion(theirs(x), y).backward()
+        ref.step()
+        for s in scheds:
+            s.step()
+    assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
+
+
+def test_lr_zero_for_a_damped_method_says_how_to_warm_up() -> None:
+    with pytest.raises(HyperparameterError, match="warm-up must start above 0"):
+        Optimizer(mlp(), SoftmaxCrossEntropy(), method="kfac", lr=0.0)

@@ -118,7 +118,7 @@ def test_bad_settings_raise_named_errors():
     for make in (lambda: trace(-0.1), lambda: trace(0.0, nesterov=True),
                  lambda: scale_by_adam(b1=1.0), lambda: scale_by_adam(eps=0.0),
                  lambda: add_decayed_weights(-1.0), lambda: clip_by_global_norm(0.0),
-                 lambda: scale_by_learning_rate(0.0),
+                 lambda: scale_by_learning_rate(-0.1),
                  lambda: scale_by_learning_rate(float("nan"))):
         with pytest.raises(HyperparameterError):
             make()

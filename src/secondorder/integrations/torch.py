@@ -309,7 +309,10 @@ class Optimizer(torch.optim.Optimizer):
                 f"method {method!r} has no hyperparameter {', '.join(sorted(unknown))}; it takes "
                 f"{', '.join(sorted(names))} (and lr)")
         self._user_transform = hyperparameters.pop("transform", None)
-        values = {**defaults, **hyperparameters}
+        # a 0-d tensor (torch.optim takes lr=torch.tensor(0.1)) goes into the group as the
+        # number it holds, where schedulers can read and scale it
+        values = {**defaults, **{k: v.item() if isinstance(v, torch.Tensor) and v.ndim == 0
+                                 else v for k, v in hyperparameters.items()}}
         values.pop("transform", None)
         if self._lr_mode != "native":
             values.setdefault("lr", 1.0)

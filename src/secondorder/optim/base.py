@@ -162,8 +162,12 @@ def check_hyperparameter(method: str, name: str, value: Any, valid: str | None =
             rule = f"a finite {valid}"
         elif valid is not None and valid[0] in "[(":
             rule = f"a finite number in {valid}"
+        hint = ""
+        if name == "lr" and value == 0:
+            hint = ("; a warm-up must start above 0 for this method (its damping or line search "
+                    "reads the step's length), e.g. LambdaLR(opt, lambda s: (s + 1) / n)")
         raise HyperparameterError(
-            f"{method}: {name}={value!r} is not valid; {name} must be {rule}")
+            f"{method}: {name}={value!r} is not valid; {name} must be {rule}{hint}")
 
 
 def xp_float(backend: Backend, a: Any) -> bool:

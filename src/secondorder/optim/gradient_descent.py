@@ -126,7 +126,8 @@ class SGD(GradientDescent):
         The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
         objective is the mean loss of ``apply(params, x)`` against ``y``.
     lr: float or schedule, default 0.01
-        Step size, > 0, or a schedule t -> lr(t) of the step count t = 0, 1, ... (a callable,
+        Step size, >= 0 (0, a warm-up's start, gives a zero step), or a schedule t -> lr(t)
+        of the step count t = 0, 1, ... (a callable,
         e.g. an optax schedule, evaluated inside ``step`` eagerly, under ``jax.jit`` and under
         ``jax.vmap``; it receives t as a 0-d array of the parameters' dtype).
     momentum: float, default 0.0
@@ -138,7 +139,7 @@ class SGD(GradientDescent):
     """
 
     State = SGDState
-    hyperparameters = {"lr": "> 0", "momentum": ">= 0", "weight_decay": ">= 0"}  # noqa: RUF012
+    hyperparameters = {"lr": ">= 0", "momentum": ">= 0", "weight_decay": ">= 0"}  # noqa: RUF012
 
     def __init__(self, apply: Callable, loss: Loss, *, lr: Any = 0.01, momentum: Any = 0.0,
                  nesterov: bool = False, weight_decay: Any = 0.0):
@@ -174,7 +175,8 @@ class Adam(GradientDescent):
         The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
         objective is the mean loss of ``apply(params, x)`` against ``y``.
     lr: float or schedule, default 1e-3
-        Step size, > 0, or a schedule t -> lr(t) of the step count t = 0, 1, ... (a callable,
+        Step size, >= 0 (0, a warm-up's start, gives a zero step), or a schedule t -> lr(t)
+        of the step count t = 0, 1, ... (a callable,
         e.g. an optax schedule, evaluated inside ``step``; it receives t as a 0-d array of the
         parameters' dtype).
     b1, b2: float, default 0.9, 0.999
@@ -186,7 +188,7 @@ class Adam(GradientDescent):
     """
 
     State = AdamState
-    hyperparameters = {"lr": "> 0", "b1": "[0, 1)", "b2": "[0, 1)", "eps": "> 0",
+    hyperparameters = {"lr": ">= 0", "b1": "[0, 1)", "b2": "[0, 1)", "eps": "> 0",
                        "weight_decay": ">= 0"}  # noqa: RUF012
     decoupled = False
 
@@ -219,7 +221,8 @@ class AdamW(Adam):
         The network ``apply(params, x)`` and the :class:`~secondorder.losses.Loss`; the
         objective is the mean loss of ``apply(params, x)`` against ``y``.
     lr: float or schedule, default 1e-3
-        Step size, > 0, or a schedule t -> lr(t) of the step count t = 0, 1, ... (a callable,
+        Step size, >= 0 (0, a warm-up's start, gives a zero step), or a schedule t -> lr(t)
+        of the step count t = 0, 1, ... (a callable,
         e.g. an optax schedule, evaluated inside ``step``; it receives t as a 0-d array of the
         parameters' dtype). The decay is scaled by the same lr, as in PyTorch and optax.
     b1, b2: float, default 0.9, 0.999

@@ -227,7 +227,7 @@ def scale_by_learning_rate(lr: float | Array | Schedule) -> GradientTransformati
         return scale_by_schedule(lambda t: -1.0 * lr(t))
     lr = _plain(lr)
     if _is_number(lr):
-        _check(lr > 0, f"the learning rate must be > 0, got {lr}")
+        _check(lr >= 0, f"the learning rate must be >= 0, got {lr}")
     return scale(-lr)
 
 
