@@ -22,6 +22,7 @@ from secondorder.errors import (  # noqa: E402
     MissingBatchError,
     StateError,
     StructureError,
+    UnsupportedModelError,
 )
 from secondorder.integrations.torch import Optimizer, _step_seed  # noqa: E402
 from secondorder.losses import SoftmaxCrossEntropy  # noqa: E402
@@ -654,3 +655,77 @@ def test_a_warm_up_from_zero_and_a_tensor_lr_follow_torch_optim(name: str) -> No
 def test_lr_zero_for_a_damped_method_says_how_to_warm_up() -> None:
     with pytest.raises(HyperparameterError, match="warm-up must start above 0"):
         Optimizer(mlp(), SoftmaxCrossEntropy(), method="kfac", lr=0.0)
+
+
+class _DictInput(nn.Module):
+    """The mlp's layers behind a forward that takes a dict batch."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net(batch["x"])
+
+
+class _TupleOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3).to(DT)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.fc(x), x
+
+
+@pytest.mark.parametrize("name", ["kfac", "kbfgs"])
+def test_dict_batches_and_wrapped_modules_step_as_the_plain_module(name: str) -> None:
+    """A forward that takes a dict, a DataParallel and a torch.compile wrapper: the layer
+    taps read the dict's tensors, the wrappers are unwrapped (their forward is not used; they
+    share the parameters), and the steps equal the plain module's."""
+    data = batches(3)
+    plain = mlp()
+    reference = Optimizer(plain, SoftmaxCrossEntropy(), name, lr=0.1)
+    for batch in data:
+        reference.step(batch)
+    dicts = _DictInput(mlp())
+    wrapped = [nn.DataParallel(mlp()), torch.compile(mlp())]
+    opts = [Optimizer(m, SoftmaxCrossEntropy(), name, lr=0.1) for m in (dicts, *wrapped)]
+    for x, y in data:
+        opts[0].step(({"x": x}, y))
+        for opt in opts[1:]:
+            opt.step((x, y))
+    for net in (dicts.net, wrapped[0].module, wrapped[1]._orig_mod):
+        assert max_rel_diff(module_params(net), module_params(plain)) <= 1e-12
+
+
+def test_a_forward_returning_a_tuple_raises_a_named_error() -> None:
+    model = _TupleOutput()
+    before = module_params(model)
+    opt = Optimizer(model, SoftmaxCrossEntropy(), "curveball")
+    with pytest.raises(UnsupportedModelError, match="returned a tuple"):
+        opt.step(batches(1)[0])
+    assert max_rel_diff(module_params(model), before) == 0.0
+    assert opt.method_state is None or int(opt.method_state.count) == 0
+
+
+@pytest.mark.parametrize("name", ["adam", "kfac", "curveball"])
+def test_a_float32_state_loads_into_a_float64_module_as_float64(name: str) -> None:
+    """load_state_dict casts the floating state to the parameters' dtype (torch.optim does):
+    a float32 run resumed on the module converted with .double() kept float32 buffers next to
+    float64 parameters, and CurveBall's matmul raised."""
+    data = batches(2)
+    model = mlp().float()
+    opt = Optimizer(model, SoftmaxCrossEntropy(), name)
+    opt.step((data[0][0].float(), data[0][1]))
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    saved.seek(0)
+    model.double()
+    resumed = Optimizer(model, SoftmaxCrossEntropy(), name)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    floats = [(a, b) for a, b in zip(tree_leaves(resumed.method_state),
+                                     tree_leaves(opt.method_state))
+              if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    assert floats and all(a.dtype == DT and torch.equal(a, b.double()) for a, b in floats)
+    resumed.step(data[1])
+    assert resumed.info is not None and bool(resumed.info.finite)

@@ -58,7 +58,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 
 from .._pytree import flatten, unflatten
 from ..errors import HyperparameterError, MissingBatchError, StateError, StructureError
-from ..models.adapters import TorchModel
+from ..models.adapters import TorchModel, unwrap
 from ..optim.base import StepInfo
 from ..optim.gradient_descent import GradientDescent
 from ..optim.state import carry_over
@@ -277,8 +277,9 @@ class Optimizer(torch.optim.Optimizer):
         from ..distributed.collectives import world_size
         from ..optim.registry import METHODS
 
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module  # its forward's own gradient synchronisation is not used
+        # a DDP's forward and its gradient synchronisation are not used (nor DataParallel's or
+        # a compiled module's forward): the step calls the module through torch.func
+        model = unwrap(model) if isinstance(model, torch.nn.Module) else model
 
         if not isinstance(model, torch.nn.Module):
             raise StructureError(
@@ -566,5 +567,9 @@ class Optimizer(torch.optim.Optimizer):
                 f"({len(leaves)} arrays saved, {len(template_leaves)} expected, or their shapes "
                 "differ)")
         device = next(iter(params.values())).device
-        self._state = unflatten(treedef, [v.to(device) if isinstance(v, torch.Tensor) else v
-                                          for v in leaves])
+        # on the parameters' device, and floating leaves in the template's dtype (a float32 run
+        # resumed on a module converted with .double(), as torch.optim casts its state)
+        self._state = unflatten(treedef, [
+            v.to(device=device, dtype=t.dtype if v.is_floating_point()
+                 and isinstance(t, torch.Tensor) and t.is_floating_point() else v.dtype)
+            if isinstance(v, torch.Tensor) else v for v, t in zip(leaves, template_leaves)])

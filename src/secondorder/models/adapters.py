@@ -65,6 +65,7 @@ class TorchModel(Model):
         import torch
         from torch.nn.modules.batchnorm import _NormBase
 
+        module = unwrap(module)
         self.module = module
         self.trainable_only = trainable_only
         names = sorted(name for name, p in module.named_parameters()
@@ -133,6 +134,7 @@ class TorchModel(Model):
         return {name: None for sub, names in self._norms if sub.training for name in names}
 
     def _call(self, params: Any, x: Array) -> Any:
+        import torch
         from torch.func import functional_call
 
         if self._rng is not None and self.module.training:
@@ -140,7 +142,14 @@ class TorchModel(Model):
         overrides = self._frozen_stats()
         if overrides:
             params = {**params, **overrides}
-        return functional_call(self.module, params, (x,))
+        out = functional_call(self.module, params, (x,))
+        if not isinstance(out, torch.Tensor):
+            raise UnsupportedModelError(
+                f"the module's forward returned a {type(out).__name__}, not a tensor: the "
+                "methods differentiate the network's output array against the loss. Wrap the "
+                "module so that forward returns the output the loss reads (e.g. "
+                "`return self.net(x)[0]`, or `.logits` of a model output object)")
+        return out
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
         if taps is None:
@@ -245,7 +254,8 @@ class TorchModel(Model):
 
         dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()),
                      torch.get_default_dtype())
-        return torch, x.device, dtype
+        first = next(a for a in torch.utils._pytree.tree_leaves(x) if isinstance(a, torch.Tensor))
+        return torch, first.device, dtype
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
         """The output shape of every tapped layer, in the order of :attr:`layers` (the
@@ -256,7 +266,10 @@ class TorchModel(Model):
         import torch
         from torch.func import functional_call
 
-        key = tuple(x.shape)
+        # a batch of several tensors (a dict or tuple the forward takes as one argument) is
+        # keyed by all their shapes; its samples are the first axis of its first tensor
+        arrays = [a for a in torch.utils._pytree.tree_leaves(x) if isinstance(a, torch.Tensor)]
+        key = tuple(tuple(a.shape) for a in arrays)
         if key not in self._shapes:
             shapes: list[tuple[int, ...] | None] = [None] * len(self._tapped)
             calls = [0] * len(self._tapped)
@@ -296,9 +309,26 @@ class TorchModel(Model):
                     "this model")
             names = {id(sub): prefix for prefix, sub in self.module.named_modules()}
             check_batch_axis([(names[id(sub)], s) for sub, s in zip(self._tapped, shapes)],
-                             int(x.shape[0]))
+                             int(arrays[0].shape[0]))
             self._shapes[key] = shapes
         return self._shapes[key]
+
+
+def unwrap(module: Any) -> Any:
+    """The module that a wrapper runs: ``DistributedDataParallel`` and ``DataParallel`` hold
+    it as ``module``, ``torch.compile`` as ``_orig_mod``. The methods call the network through
+    ``torch.func`` with parameters of their choosing, which none of the wrappers supports
+    (``DataParallel`` raises, a compiled module skips the layer hooks); the wrapped module shares
+    its parameters with the wrapper, so the wrapper sees every step."""
+    import torch
+
+    while True:
+        if isinstance(module, torch.nn.DataParallel | torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+            module = module._orig_mod  # noqa: SLF001 - torch.compile's OptimizedModule
+        else:
+            return module
 
 
 def from_torch(module: Any, trainable_only: bool = False
