@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,3 +174,19 @@ def tap_dtype(model: Model, params: Any) -> Any:
 def lecun_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
     """N(0, 1/fan_in) weights (biases start at 0)."""
     return rng.standard_normal(shape) / np.sqrt(fan_in)
+
+
+def unless_rejected(finite: Any, new: Any, old: Any) -> Any:
+    """``new`` where the step was accepted (``finite``, the step's ``info.finite``), ``old``
+    where it was rejected, leaf by leaf: a model's running statistics and random streams
+    follow the step's verdict, as its parameters and the optimiser state do. A non-finite
+    batch otherwise wrote NaN into BatchNorm's running averages, which never recover (a
+    moving average of NaN stays NaN) and make every eval-mode output NaN. Leaves that only
+    ``new`` has (a collection the step created) are kept."""
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(new, Mapping) and isinstance(old, Mapping) and set(new) != set(old):
+        return {k: unless_rejected(finite, v, old[k]) if k in old else v
+                for k, v in new.items()}
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)

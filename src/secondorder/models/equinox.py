@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..errors import SecondOrderError, StructureError
-from .base import Array, LayerInfo, Model, batch_data, committed
+from .base import Array, LayerInfo, Model, batch_data, committed, unless_rejected
 from .flax import _as_jax_key
 from .intercepted import trace_state
 
@@ -345,7 +345,8 @@ class EquinoxModel(Model):
             inputs = self.inputs(x, key=key, state=state)
             new_params, opt_state, info = opt.step(params, opt_state, (inputs, y))
             if inputs.state is not None:
-                state = self.update_state(params, inputs)
+                state = unless_rejected(info.finite, self.update_state(params, inputs),
+                                        inputs.state)
             return new_params, opt_state, state, info
 
         if not jit:

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 from ..errors import RandomKeyError, SecondOrderError, UnsupportedModelError
-from .base import Array, batch_data, committed
+from .base import Array, batch_data, committed, unless_rejected
 from .intercepted import Hook, InterceptedModel
 
 
@@ -216,7 +216,9 @@ class FlaxModel(InterceptedModel):
             x, y = batch
             inputs = self.inputs(x, rng=key, collections=collections)
             new_params, opt_state, info = opt.step(params, opt_state, (inputs, y))
-            return new_params, opt_state, self.update_collections(params, inputs), info
+            old = collections if collections is not None else self.collections
+            return new_params, opt_state, unless_rejected(
+                info.finite, self.update_collections(params, inputs), dict(old)), info
 
         if not jit:
             return step

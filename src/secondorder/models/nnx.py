@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from ..errors import SecondOrderError
-from .base import committed
+from .base import committed, unless_rejected
 from .intercepted import Hook, InterceptedModel
 
 #: the attribute of a tapped layer that holds ``(hook, path)`` during a tapped call
@@ -161,7 +161,8 @@ class NnxModel(InterceptedModel):
             x, y = batch
             inputs = self.inputs(x, state)
             new_params, opt_state, info = opt.step(params, opt_state, (inputs, y))
-            return new_params, opt_state, self.update_state(params, inputs), info
+            return new_params, opt_state, unless_rejected(
+                info.finite, self.update_state(params, inputs), inputs.state), info
 
         if not jit:
             return step
