@@ -161,3 +161,37 @@ def test_non_square_raises(fn, shape, backend, rng):
     }[fn]
     with pytest.raises(ShapeError):
         call()
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("name", ["torch", "jax"])
+def test_eigh_of_half_precision_is_the_float32_eigh_cast(name, traced, rng):
+    """Neither framework's eigh takes bfloat16 (XLA: 'Unsupported dtype', so Shampoo, Newton
+    and GroupedNewton crashed on a bfloat16 JAX model without x64): the matrix is factorised
+    in float32 and the result cast back, on both backends, eagerly and inside jax.jit."""
+    backend = _float32_backend(name)
+    if traced and name != "jax":
+        pytest.skip("jit is JAX's")
+    a = spd(rng, 6, cond=10.0)
+    if name == "torch":
+        import torch
+
+        half = torch.tensor(a).to(torch.bfloat16)
+        as32 = half.float()
+    else:
+        import jax.numpy as jnp
+
+        half = jnp.asarray(a).astype(jnp.bfloat16)
+        as32 = half.astype(jnp.float32)
+    if traced:
+        import jax
+
+        w, q = jax.jit(eigh)(half)
+    else:
+        w, q = eigh(half)
+    w32, q32 = eigh(as32)
+    assert str(w.dtype).endswith("bfloat16") and str(q.dtype).endswith("bfloat16")
+    for ours, ref in ((w, w32), (q, q32)):  # the float32 result rounded to bfloat16
+        xp = backend.xp
+        expected = backend.to_numpy(xp.astype(xp.astype(ref, half.dtype), xp.float32))
+        np.testing.assert_array_equal(backend.to_numpy(xp.astype(ours, xp.float32)), expected)

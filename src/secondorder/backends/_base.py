@@ -393,9 +393,13 @@ class Backend(ABC):
         """Eigenvalues (ascending) and eigenvectors of a symmetric matrix.
 
         When the float32 factorisation fails (an exception, or non-finite output), it is repeated
-        in float64 and the result cast back to the input dtype.
+        in float64 and the result cast back to the input dtype. Half-precision input (bfloat16,
+        float16, which the frameworks' eigh does not take) is factorised as float32.
         """
         xp = self.xp
+        if xp.finfo(a.dtype).bits < 32:
+            w, q = self.eigh(xp.astype(a, xp.float32))
+            return xp.astype(w, a.dtype), xp.astype(q, a.dtype)
         try:
             w, q = self._eigh(a)
             ok = bool(xp.all(xp.isfinite(w)))

@@ -233,6 +233,9 @@ class JaxBackend(Backend):
     def eigh(self, a: Array) -> tuple[Array, Array]:
         if not _is_tracer(a):
             return super().eigh(a)
+        if jnp.finfo(a.dtype).bits < 32:  # XLA has no half-precision eigh: float32, cast back
+            w, q = self.eigh(a.astype(jnp.float32))
+            return w.astype(a.dtype), q.astype(a.dtype)
         w, q = jnp.linalg.eigh(a)
         if a.dtype == jnp.float64 or not self.supports_float64():
             return w, q

@@ -137,7 +137,9 @@ def _summaries_theta(f: Callable[[Tree], Array], params: Tree, u: Tree, partitio
 # ---------------------------------------------------------------------------- steps
 def _work_dtype(backend: Backend, a: Array) -> Any:
     xp = backend.xp
-    return xp.float64 if backend.supports_float64() else a.dtype
+    if backend.supports_float64():
+        return xp.float64
+    return xp.float32 if xp.finfo(a.dtype).bits < 32 else a.dtype  # no half-precision eigh
 
 
 def _sym_eigh(backend: Backend, h: Array) -> tuple[Array, Array]:
