@@ -464,3 +464,36 @@ def test_flax_layers_under_nn_scan_are_named_and_left_to_the_fallback():
     want = jax.tree.map(lambda w, g: w - 0.1 * g, params[stack], grads[stack])
     assert params[stack]["Dense_0"]["kernel"].shape == (3, 4, 4)
     assert bool(info.finite) and max_diff(new[stack], want) < 1e-14
+
+
+def test_donating_the_collections_leaves_the_models_defaults():
+    """The README's linen loop donates the batch_stats it starts from (model.collections):
+    they are a copy (committed, so the jitted step compiles once), and the model's defaults,
+    which inputs() and update_collections() fall back on, survive the donation."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=True):
+            return nn.Dense(3)(nn.BatchNorm(use_running_average=not train)(nn.Dense(5)(x)))
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 4)), dtype=jnp.float32)
+    y = jnp.asarray(rng.standard_normal((8, 3)), dtype=jnp.float32)
+    module = Net()
+    model, params = from_flax(module, module.init(jax.random.key(0), x, train=False),
+                              kwargs={"train": True})
+    start = jax.tree_util.tree_map(np.asarray, model.collections)
+    opt = METHODS["sgd"](model, MSE())
+    step = jax.jit(model.make_step(opt, jit=False), donate_argnums=(0, 1, 2))
+    params, state, cols = dict(params), opt.init(params), model.collections
+    assert all(leaf.committed for leaf in jax.tree_util.tree_leaves(cols))
+    for _ in range(3):
+        params, state, cols, info = step(params, state, cols, (x, y))
+    assert bool(info.finite) and step._cache_size() == 1
+    kept = model.collections
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(
+        jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(kept)))
+    fresh = model.update_collections(params, x)  # the defaults are still readable
+    assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(fresh)[0]),
+                              jax.tree_util.tree_leaves(start)[0])

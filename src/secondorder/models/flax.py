@@ -112,9 +112,8 @@ class FlaxModel(InterceptedModel):
         self.method = method
         self.kwargs = dict(kwargs or {})
         self.rng_streams = tuple(rng_streams)
-        #: the starting non-parameter collections (``variables`` minus ``"params"``)
-        self.collections = committed({k: v for k, v in variables.items() if k != "params"})
-        self.mutable = tuple(self.collections) if mutable is None else tuple(mutable)
+        self._collections = committed({k: v for k, v in variables.items() if k != "params"})
+        self.mutable = tuple(self._collections) if mutable is None else tuple(mutable)
         self._params = variables["params"]
         self._init_taps()
         if example is not None:
@@ -124,6 +123,17 @@ class FlaxModel(InterceptedModel):
         return f"FlaxModel({type(self.module).__name__}, mutable={list(self.mutable)})"
 
     # ------------------------------------------------------------------ per-step state
+    @property
+    def collections(self) -> dict[str, Any]:
+        """The starting non-parameter collections (``variables`` minus ``"params"``), a copy:
+        a training loop that donates the collections it starts from (``donate_argnums``) then
+        deletes its own buffers, not the model's defaults, which :meth:`inputs` and
+        :meth:`update_collections` fall back on."""
+        import jax
+        import jax.numpy as jnp
+
+        return jax.tree_util.tree_map(jnp.copy, self._collections)
+
     def inputs(self, x: Any, rng: Any = None, collections: Mapping[str, Any] | None = None
                ) -> FlaxInputs:
         """The batch ``x`` with this step's randomness and collections (a :class:`FlaxInputs`).
@@ -146,7 +156,7 @@ class FlaxModel(InterceptedModel):
             else:
                 keys = jax.random.split(key, len(self.rng_streams))
                 rngs = dict(zip(self.rng_streams, keys))
-        cols = dict(self.collections if collections is None else collections)
+        cols = dict(self._collections if collections is None else collections)
         return FlaxInputs(x, rngs, cols)
 
     def _call(self, params: Any, x: Any, hook: Hook | None = None) -> tuple[Any, dict[str, Any]]:
@@ -161,7 +171,7 @@ class FlaxModel(InterceptedModel):
         else:
             data, rngs, cols = x, None, None
         if cols is None:
-            cols = self.collections
+            cols = self._collections
         variables = {**cols, "params": params}
         mut = list(self.mutable)
         kwargs = dict(self.kwargs)
@@ -197,7 +207,7 @@ class FlaxModel(InterceptedModel):
         exactly one ``module.apply(..., mutable=[...])`` call. Pass the parameters the step
         started from (the ones its forward calls were linearised at)."""
         cols = x.collections if isinstance(x, FlaxInputs) and x.collections is not None \
-            else self.collections
+            else self._collections
         _, updates = self._call(params, x)
         return {**cols, **updates}
 
@@ -216,7 +226,7 @@ class FlaxModel(InterceptedModel):
             x, y = batch
             inputs = self.inputs(x, rng=key, collections=collections)
             new_params, opt_state, info = opt.step(params, opt_state, (inputs, y))
-            old = collections if collections is not None else self.collections
+            old = collections if collections is not None else self._collections
             return new_params, opt_state, unless_rejected(
                 info.finite, self.update_collections(params, inputs), dict(old)), info
 
