@@ -284,3 +284,34 @@ def test_a_jitted_update_compiles_once():
         q, r, _ = method.step(q, r, batch)
     assert update._cache_size() == 1
     assert_close(_numpy(p), _numpy(q), backend=backends.get("jax"))
+
+
+def test_an_empty_updates_tree_is_no_gradient():
+    """nnx.Optimizer hands ``None`` on as an empty State: a first-order method given an
+    updates tree without leaves steps on the batch, as with ``updates=None`` (before, the empty
+    tree was taken for the gradient and the tree check failed)."""
+    opt = SGD(MODEL.apply, CE, lr=0.1, momentum=0.9)
+    tx = as_optax(opt)
+    params, batch = _params(), _batches(1)[0]
+    state = tx.init(params)
+    via_none, _ = tx.update(None, state, params, batch=batch)
+    via_empty, _ = tx.update({}, state, params, batch=batch)
+    assert_close(_numpy(via_empty), _numpy(via_none), rtol=0.0)
+
+
+def test_a_second_order_method_under_optax_masked_raises_a_named_error():
+    """optax.masked hands the transformation MaskedNode placeholders for the masked-out
+    parameters; a second-order method cannot evaluate the network on them and says so (a raw
+    dot_general shape error before). A masked first-order method given the gradient works."""
+    params, batch = _params(), _batches(1)[0]
+    mask = jax.tree.map(lambda a: a.ndim == 2, params)  # the biases masked out
+    tx = optax.masked(as_optax(CurveBall(MODEL.apply, CE)), mask)
+    with pytest.raises(SecondOrderError, match="masked-out entries"):
+        # (optax.masked maps the mask over the updates, so they cannot be None here)
+        tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params, batch=batch)
+    sgd = optax.masked(as_optax(SGD(MODEL.apply, CE, lr=0.1)), mask)
+    grad = jax.grad(lambda p: CE.value(MODEL.apply(p, batch[0]), batch[1]))(params)
+    updates, _ = sgd.update(grad, sgd.init(params), params)
+    for u, g, kept in zip(*(jax.tree.leaves(t) for t in (updates, grad, mask)), strict=True):
+        # the weights' SGD step; the biases' gradient passed through, as optax.masked does
+        assert_close(np.asarray(u), -0.1 * np.asarray(g) if kept else np.asarray(g), rtol=1e-12)

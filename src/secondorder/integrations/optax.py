@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import optax
 
 from .._pytree import flatten
-from ..errors import HyperparameterError, SecondOrderError
+from ..errors import HyperparameterError, SecondOrderError, StructureError
 from ..optim.base import Optimizer, StepInfo
 from ..optim.gradient_descent import GradientDescent
 
@@ -136,6 +136,10 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
         incoming ``updates`` are used (as the gradient by first-order methods, not at all by
         second-order ones, which need ``batch``). Unknown extra arguments are ignored, as
         optax's chains require.
+
+    A rejected step (a non-finite loss or step) returns zero updates and keeps the method's
+    state, and :func:`step_info` reports it: ``optax.apply_if_finite`` around the
+    transformation adds nothing (and, given ``updates=None``, cannot trace its zero branch).
     """
     if not isinstance(method, Optimizer):
         raise HyperparameterError(
@@ -158,7 +162,9 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
             raise SecondOrderError(
                 f"as_optax({name}).update got a {type(state).__name__}, not the OptaxState "
                 "that its init(params) returns")
-        if first_order and updates is not None:
+        # nnx.Optimizer passes None as an empty State: no gradient, step on the batch
+        given = updates is not None and bool(jax.tree_util.tree_leaves(updates))
+        if first_order and given:
             if value is not None:
                 value = jnp.asarray(value, dtype=_dtype(params))
             new, inner, info = method.step_with_gradient(params, state.inner, updates, value)
@@ -168,6 +174,14 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
                         else "batch=(x, y): a second-order method computes its own gradient "
                              "and curvature on the batch")
                 raise SecondOrderError(f"as_optax({name}).update needs {what}")
+            if any(isinstance(leaf, optax.MaskedNode) for leaf in jax.tree_util.tree_leaves(
+                    params, is_leaf=lambda v: isinstance(v, optax.MaskedNode))):
+                raise StructureError(
+                    f"as_optax({name}) got parameters with masked-out entries (optax.masked or "
+                    "optax.multi_transform): a second-order method evaluates the network, "
+                    "which needs every parameter. Keep the frozen parameters out of the "
+                    "model's parameters instead (from_nnx(..., wrt=...); a frozen constant "
+                    "closed over by apply), or mask a first-order method given the gradient")
             kwargs = {}
             if takes_summary and extra_args.get("summary_batch") is not None:
                 kwargs["summary_batch"] = extra_args["summary_batch"]
