@@ -499,3 +499,31 @@ def test_donating_the_collections_leaves_the_models_defaults():
     fresh = model.update_collections(params, x)  # the defaults are still readable
     assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(fresh)[0]),
                               jax.tree_util.tree_leaves(start)[0])
+
+
+def test_a_reused_layer_with_example_still_serves_the_methods_without_taps():
+    """example= finds the layers early; a linen Dense called twice cannot be tapped, but the
+    model is built and CurveBall steps exactly as on the model built without example= (it
+    raised at construction before); K-FAC names the reused layer when it asks for taps."""
+    import flax.linen as nn
+
+    from secondorder.errors import UnsupportedModelError
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.Dense(4, param_dtype=F64)
+            return dense(jnp.tanh(dense(x)))
+
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.standard_normal((6, 4))), jnp.asarray(rng.integers(0, 4, 6))
+    module = Twice()
+    variables = module.init(jax.random.key(0), x)
+    (early, params), (late, _) = (from_flax(module, variables, example=x),
+                                  from_flax(module, variables))
+    loss = SoftmaxCrossEntropy()
+    steps = [METHODS["curveball"](m, loss) for m in (early, late)]
+    (p1, _, i1), (p2, _, _) = (s.step(params, s.init(params), (x, y)) for s in steps)
+    assert bool(i1.finite) and max_diff(p1, p2) == 0.0
+    with pytest.raises(UnsupportedModelError, match="more than once"):
+        METHODS["kfac"](early, loss).init(params)

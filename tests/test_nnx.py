@@ -348,8 +348,14 @@ def test_nnx_entry_errors_name_the_fix():
     linen = pytest.importorskip("flax.linen")
     with pytest.raises(SecondOrderError, match="from_flax"):
         from_nnx(linen.Dense(3))
-    with pytest.raises(SecondOrderError, match="more than once"):
-        from_nnx(Shared(nnx.Rngs(0)), example=x)
+    # a layer called twice is refused by the methods with taps, when they ask for them; the
+    # model itself (with example=) is built for the methods without taps
+    shared, shared_params = from_nnx(Shared(nnx.Rngs(0)), example=x)
+    with pytest.raises(UnsupportedModelError, match="more than once"):
+        shared.tap_shapes(x)
+    with pytest.raises(UnsupportedModelError, match="more than once"):
+        KFAC(shared, LOSS).step(shared_params, KFAC(shared, LOSS).init(shared_params),
+                                (x, jnp.zeros(4, dtype=jnp.int32)))
     with pytest.raises(SecondOrderError, match="CIRCULAR"):
         from_nnx(Circular(nnx.Rngs(0)), example=jnp.ones((4, 6, 1), dtype=F64))
 

@@ -117,7 +117,7 @@ class FlaxModel(InterceptedModel):
         self._params = variables["params"]
         self._init_taps()
         if example is not None:
-            self.tap_shapes(example)
+            self._discover_early(example)
 
     def __repr__(self) -> str:
         return f"FlaxModel({type(self.module).__name__}, mutable={list(self.mutable)})"

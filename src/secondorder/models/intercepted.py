@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SecondOrderError, ShapeError, UntappedLayerWarning
+from ..errors import SecondOrderError, ShapeError, UnsupportedModelError, UntappedLayerWarning
 from .base import Array, LayerInfo, Model, batch_data, check_batch_axis, tap_dtype
 from .layers import channels_last_to_reference, reference_to_channels_last
 
@@ -159,10 +159,11 @@ class InterceptedModel(Model):
         paths = [t.path for t in found]
         repeated = sorted({p for p in paths if paths.count(p) > 1})
         if repeated:
-            raise SecondOrderError(
+            raise UnsupportedModelError(
                 f"the layers {['/'.join(p) for p in repeated]} are called more than once in one "
-                "forward pass; layer taps need one call per Dense or Conv"
-            )
+                "forward pass; layer taps (K-FAC, K-BFGS, SMW) need one call per Dense or Conv. "
+                "Use a method without taps for this model (CurveBall, Hessian-free, Shampoo, "
+                "TNT, SGD, Adam)")
         tapped, layers = layer_table(self._params, found)
         outputs = jax.tree_util.tree_leaves(out)
         batch = (outputs[0].shape[0] if outputs and outputs[0].ndim
@@ -193,11 +194,22 @@ class InterceptedModel(Model):
         canonical sorted-leaf order of ``params``); found at the first forward pass that
         needs them (or at construction with ``example=``)."""
         if self._layers is None:
+            if getattr(self, "_tap_error", None) is not None:
+                raise UnsupportedModelError(str(self._tap_error))
             raise SecondOrderError(
                 "the flax model's layers are found from a forward pass: pass example=x when "
                 "you build it, or call model.tap_shapes(x) first"
             )
         return self._layers
+
+    def _discover_early(self, example: Any) -> None:
+        """The layers found at construction from ``example``; a model whose layers cannot be
+        tapped (one called twice) is still built, for the methods without taps, and a method
+        with taps meets the error when it asks for them."""
+        try:
+            self.tap_shapes(example)
+        except UnsupportedModelError as error:
+            self._tap_error = error
 
     def tap_shapes(self, x: Any) -> list[tuple[int, ...]]:
         """The tap shapes for a batch ``x``, one per layer."""

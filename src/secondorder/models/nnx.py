@@ -117,7 +117,7 @@ class NnxModel(InterceptedModel):
 
         self._updated_state = jax.jit(lambda params, x: self._call(params, x)[1])
         if example is not None:
-            self.tap_shapes(example)
+            self._discover_early(example)
 
     def __repr__(self) -> str:
         return f"NnxModel({self._name})"
