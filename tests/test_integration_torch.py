@@ -729,3 +729,29 @@ def test_a_float32_state_loads_into_a_float64_module_as_float64(name: str) -> No
     assert floats and all(a.dtype == DT and torch.equal(a, b.double()) for a, b in floats)
     resumed.step(data[1])
     assert resumed.info is not None and bool(resumed.info.finite)
+
+
+def test_a_layer_frozen_mid_training_stays_fixed_as_with_torch_optim() -> None:
+    """requires_grad switched off after the optimiser was built: the parameter keeps its value
+    (torch.optim skips it) and a warning says that the curvature still includes it. SGD with
+    momentum against torch.optim.SGD with the same freeze at the same step."""
+    data = batches(4)
+    ours, theirs = mlp(), mlp()
+    opt = Optimizer(ours, SoftmaxCrossEntropy(), method="sgd", lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    for t, (x, y) in enumerate(data):
+        if t == 2:
+            for model in (ours, theirs):
+                model[0].weight.requires_grad_(False)
+            frozen = ours[0].weight.detach().clone()
+        if t == 2:  # once for this set of frozen parameters
+            with pytest.warns(UserWarning, match="frozen after the optimiser was built"):
+                opt.step((x, y))
+        else:
+            opt.step((x, y))
+        ref.zero_grad()
+        criterion(theirs(x), y).backward()
+        ref.step()
+    assert torch.equal(ours[0].weight, frozen)
+    assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from itertools import chain
@@ -487,6 +488,7 @@ class Optimizer(torch.optim.Optimizer):
                 + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""))
         x, y = batch
         method = self._current_method()
+        frozen = self._frozen_since_built()
         params = self._aliases()
         if self._state is None:
             self._state = method.init(self._params())
@@ -495,7 +497,7 @@ class Optimizer(torch.optim.Optimizer):
                    if training and self._adapter.random else nullcontext())
         # the gradient methods add their update into the module's tensors (no new tree to
         # copy back), unless the running statistics still need the old parameters
-        donate = (isinstance(method, GradientDescent)
+        donate = (isinstance(method, GradientDescent) and not frozen
                   and not (training and self._adapter.has_running_stats))
         with context:
             new, state, info = (method.step(params, self._state, (x, y), donate=True)
@@ -506,12 +508,39 @@ class Optimizer(torch.optim.Optimizer):
         if self.data_parallel and training and self._adapter.has_running_stats:
             # running statistics of the local shard: rank 0's everywhere, as DDP does
             _broadcast_from_rank0(self.model, self.process_group, parameters=False)
+        if frozen:  # frozen since the optimiser was built: they keep their values
+            new = {n: params[n] if n in frozen else v for n, v in new.items()}
         self._state = self._write_back(new, state)
         self._steps += 1
         self.info = info
         if self.update_buffers == "auto":
             self._tracked = self._adapter.batches_tracked()
         return info.loss.detach()
+
+    def _frozen_since_built(self) -> set[str]:
+        """The names of the optimised parameters whose ``requires_grad`` was switched off
+        after the optimiser was built; they are kept fixed, as ``torch.optim`` skips them. A
+        warning (once per set) says what this does not change: the method still treats them as
+        variables in its curvature (exact for the per-layer methods, SGD, Adam and the
+        Kronecker family, not for those that couple all parameters), and a parameter unfrozen
+        since is not trained; a new optimiser takes the new set."""
+        frozen = {n for n, p in self._named() if not p.requires_grad}
+        unfrozen = sorted(n for n, p in self.model.named_parameters()
+                          if p.requires_grad and n not in set(self._param_names))
+        change = (tuple(sorted(frozen)), tuple(unfrozen))
+        if any(change) and change != getattr(self, "_warned_freeze", None):
+            self._warned_freeze = change
+            parts = []
+            if frozen:
+                parts.append(f"{sorted(frozen)} were frozen after the optimiser was built and are "
+                             "kept fixed, but the method still treats them as variables in its "
+                             "curvature")
+            if unfrozen:
+                parts.append(f"{unfrozen} require grad but were frozen when it was built, and "
+                             "are not trained")
+            warnings.warn(f"parameters {'; '.join(parts)}. Build a new Optimizer for the new "
+                          "set of trainable parameters", UserWarning, stacklevel=4)
+        return frozen
 
     def _should_update_buffers(self) -> bool:
         if self.update_buffers != "auto":
