@@ -755,3 +755,26 @@ def test_a_layer_frozen_mid_training_stays_fixed_as_with_torch_optim() -> None:
         ref.step()
     assert torch.equal(ours[0].weight, frozen)
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
+
+
+def test_one_cycle_lr_cycles_adams_betas_as_with_torch_optim() -> None:
+    """Adam's (b1, b2) are the group's "betas", so OneCycleLR (which cycles momentum through
+    "momentum" or "betas") runs on it; betas= is accepted. Reference: torch.optim.Adam with
+    the same OneCycleLR."""
+    data = batches(5)
+    ours, theirs = mlp(), mlp()
+    opt = Optimizer(ours, SoftmaxCrossEntropy(), method="adam", lr=0.01, betas=(0.9, 0.99))
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99) and "b1" not in opt.param_groups[0]
+    ref = torch.optim.Adam(theirs.parameters(), lr=0.01, betas=(0.9, 0.99))
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=len(data))
+              for o in (opt, ref)]
+    criterion = nn.CrossEntropyLoss()
+    for x, y in data:
+        opt.step((x, y))
+        ref.zero_grad()
+        criterion(theirs(x), y).backward()
+        ref.step()
+        for s in scheds:
+            s.step()
+    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+    assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12

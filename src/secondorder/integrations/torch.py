@@ -243,7 +243,9 @@ class Optimizer(torch.optim.Optimizer):
         code may change them between steps: the method object is then rebuilt with the new
         values (cheap in eager mode) and keeps its state; a value that switches momentum or
         weight decay on or off adds that transform's state (zeros) or drops it, as
-        ``torch.optim.SGD`` creates or ignores its momentum buffer. Hyperparameters that also
+        ``torch.optim.SGD`` creates or ignores its momentum buffer. Adam's ``b1`` and ``b2``
+        sit there as torch's ``betas`` pair (``betas=`` is accepted), which ``OneCycleLR`` and
+        ``CyclicLR`` cycle. Hyperparameters that also
         seed the state (the initial ``damping`` of the damped methods) take effect at the first
         step; later the state's own, adapted value is used. Objects (a ``transform`` chain, an
         inner ``optimizer``, a partition) are kept on the optimiser, not in the parameter group,
@@ -305,6 +307,16 @@ class Optimizer(torch.optim.Optimizer):
             self._lr_mode = "transform"
         else:
             self._lr_mode = "none"
+        # Adam's (b1, b2) sit in the group as torch.optim.Adam's "betas", which OneCycleLR and
+        # CyclicLR cycle (they need "momentum" or "betas"); betas= is accepted too
+        self._betas = {"b1", "b2"} <= names
+        if self._betas and "betas" in hyperparameters:
+            betas = hyperparameters.pop("betas")
+            if "b1" in hyperparameters or "b2" in hyperparameters:
+                raise HyperparameterError("pass betas=(b1, b2) or b1= and b2=, not both")
+            if not (isinstance(betas, tuple | list) and len(betas) == 2):
+                raise HyperparameterError(f"betas must be a pair (b1, b2), got {betas!r}")
+            hyperparameters["b1"], hyperparameters["b2"] = betas
         unknown = set(hyperparameters) - names - {"lr"}
         if unknown and not open_keywords:
             raise HyperparameterError(
@@ -320,6 +332,8 @@ class Optimizer(torch.optim.Optimizer):
             values.setdefault("lr", 1.0)
         self._fixed = {k: v for k, v in values.items() if not _is_plain(v)}
         group = {k: v for k, v in values.items() if _is_plain(v)}
+        if self._betas and "b1" in group and "b2" in group:
+            group["betas"] = (group.pop("b1"), group.pop("b2"))
         self._names = (names | set(group) | set(self._fixed)) - {"transform"}
         super().__init__([{"params": [p for _, p in named], **group}], dict(group))
 
@@ -380,7 +394,9 @@ class Optimizer(torch.optim.Optimizer):
                 same = False
             if same:
                 return self._built[1]
-        hp = {**{k: v for k, v in values.items() if k != "lr"}, **self._fixed}
+        hp = {**{k: v for k, v in values.items() if k not in ("lr", "betas")}, **self._fixed}
+        if "betas" in values:
+            hp["b1"], hp["b2"] = values["betas"]
         lr = values["lr"] if "lr" in values else hp.pop("lr", 1.0)  # a number, or a schedule
         if self._lr_mode == "native":
             hp["lr"] = lr
