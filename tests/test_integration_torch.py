@@ -300,6 +300,21 @@ def test_changed_group_value_rebuilds_the_method() -> None:
 
 
 # ------------------------------------------------------------------ (d) BatchNorm and Dropout
+def _beside_torch_optim(opt, ref, theirs, data, *, schedulers=(), before=None) -> None:
+    """Step ``opt`` and the torch.optim reference ``ref`` (on the module ``theirs``) over
+    ``data`` in lockstep: ``before(t)`` ahead of step t, the schedulers after every step."""
+    criterion = nn.CrossEntropyLoss()
+    for t, (x, y) in enumerate(data):
+        if before is not None:
+            before(t)
+        opt.step((x, y))
+        ref.zero_grad()
+        criterion(theirs(x), y).backward()
+        ref.step()
+        for s in schedulers:
+            s.step()
+
+
 @pytest.mark.parametrize(("name", "start", "change"), [
     ("sgd", {"momentum": 0.0}, {"momentum": 0.9}),
     ("sgd", {"momentum": 0.9}, {"momentum": 0.0}),
@@ -318,15 +333,13 @@ def test_momentum_and_weight_decay_changed_between_steps_follow_torch_optim(
     opt = Optimizer(ours, SoftmaxCrossEntropy(), method=name, lr=lr, **start)
     ref = (torch.optim.SGD if name == "sgd" else torch.optim.Adam)(
         theirs.parameters(), lr=lr, **start)
-    criterion = nn.CrossEntropyLoss()
-    for t, (x, y) in enumerate(data):
+
+    def change_at_2(t: int) -> None:
         if t == 2:
             opt.param_groups[0].update(change)
             ref.param_groups[0].update(change)
-        opt.step((x, y))
-        ref.zero_grad()
-        criterion(theirs(x), y).backward()
-        ref.step()
+
+    _beside_torch_optim(opt, ref, theirs, data, before=change_at_2)
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
 
 
@@ -641,14 +654,7 @@ def test_a_warm_up_from_zero_and_a_tensor_lr_follow_torch_optim(name: str) -> No
     ref = (torch.optim.SGD if name == "sgd" else torch.optim.Adam)(theirs.parameters(), lr=0.05,
                                                                    **extra)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 3)) for o in (opt, ref)]
-    criterion = nn.CrossEntropyLoss()
-    for x, y in data:
-        opt.step((x, y))
-        ref.zero_grad()
-        criterion(theirs(x), y).backward()
-        ref.step()
-        for s in scheds:
-            s.step()
+    _beside_torch_optim(opt, ref, theirs, data, schedulers=scheds)
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
 
 
@@ -739,21 +745,17 @@ def test_a_layer_frozen_mid_training_stays_fixed_as_with_torch_optim() -> None:
     ours, theirs = mlp(), mlp()
     opt = Optimizer(ours, SoftmaxCrossEntropy(), method="sgd", lr=0.1, momentum=0.9)
     ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
-    for t, (x, y) in enumerate(data):
+    frozen = []
+
+    def freeze_at_2(t: int) -> None:
         if t == 2:
             for model in (ours, theirs):
                 model[0].weight.requires_grad_(False)
-            frozen = ours[0].weight.detach().clone()
-        if t == 2:  # once for this set of frozen parameters
-            with pytest.warns(UserWarning, match="frozen after the optimiser was built"):
-                opt.step((x, y))
-        else:
-            opt.step((x, y))
-        ref.zero_grad()
-        criterion(theirs(x), y).backward()
-        ref.step()
-    assert torch.equal(ours[0].weight, frozen)
+            frozen.append(ours[0].weight.detach().clone())
+
+    with pytest.warns(UserWarning, match="frozen after the optimiser was built"):
+        _beside_torch_optim(opt, ref, theirs, data, before=freeze_at_2)
+    assert torch.equal(ours[0].weight, frozen[0])
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
 
 
@@ -768,13 +770,6 @@ def test_one_cycle_lr_cycles_adams_betas_as_with_torch_optim() -> None:
     ref = torch.optim.Adam(theirs.parameters(), lr=0.01, betas=(0.9, 0.99))
     scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=len(data))
               for o in (opt, ref)]
-    criterion = nn.CrossEntropyLoss()
-    for x, y in data:
-        opt.step((x, y))
-        ref.zero_grad()
-        criterion(theirs(x), y).backward()
-        ref.step()
-        for s in scheds:
-            s.step()
+    _beside_torch_optim(opt, ref, theirs, data, schedulers=scheds)
     assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
