@@ -161,8 +161,11 @@ def test_nan_and_inf_hyperparameters_are_named(method):
 
 def test_ranges_are_in_the_message_and_arrays_and_schedules_pass():
     with pytest.raises(HyperparameterError, match=r"lr=-0.1 is not valid; lr must be a finite "
+                                                  r"number >= 0"):
+        SGD(MODEL.apply, LOSS, lr=-0.1)  # 0 is a zero step (a warm-up's start)
+    with pytest.raises(HyperparameterError, match=r"lr=-0.1 is not valid; lr must be a finite "
                                                   r"number > 0"):
-        SGD(MODEL.apply, LOSS, lr=-0.1)
+        METHODS["kfac"](MODEL.apply, LOSS, lr=-0.1)
     with pytest.raises(HyperparameterError, match=r"b1 must be a finite number in \[0, 1\)"):
         METHODS["adam"](MODEL.apply, LOSS, b1=1.0)
     with pytest.raises(HyperparameterError, match="cg_iters must be a finite integer >= 1"):

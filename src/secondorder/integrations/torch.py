@@ -541,8 +541,9 @@ class Optimizer(torch.optim.Optimizer):
         Kronecker family, not for those that couple all parameters), and a parameter unfrozen
         since is not trained; a new optimiser takes the new set."""
         frozen = {n for n, p in self._named() if not p.requires_grad}
+        optimised = set(self._param_names)
         unfrozen = sorted(n for n, p in self.model.named_parameters()
-                          if p.requires_grad and n not in set(self._param_names))
+                          if p.requires_grad and n not in optimised)
         change = (tuple(sorted(frozen)), tuple(unfrozen))
         if any(change) and change != getattr(self, "_warned_freeze", None):
             self._warned_freeze = change

@@ -55,7 +55,8 @@ def count_as_float(count: Array, like: Any) -> Array:
     what they compute from the count back to the leaves' dtype."""
     leaf = flatten(like)[0][0]
     xp = backend_of(leaf).xp
-    dtype = leaf.dtype if xp.finfo(leaf.dtype).bits >= 32 else xp.float32
+    narrow = xp.isdtype(leaf.dtype, "real floating") and xp.finfo(leaf.dtype).bits < 32
+    dtype = xp.float32 if narrow else leaf.dtype
     return xp.astype(count, dtype)
 
 
