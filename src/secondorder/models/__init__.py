@@ -3,7 +3,7 @@ same seed), with layer taps, and adapters for native torch, JAX, flax (linen, nn
 models."""
 
 from .adapters import from_jax, from_torch
-from .base import LayerInfo, Model
+from .base import LayerInfo, Model, unless_rejected
 from .conv1d import Conv1DNet
 from .convnet import ConvNet
 from .equinox import EquinoxInputs, EquinoxModel, from_equinox
@@ -13,4 +13,5 @@ from .nnx import NnxInputs, NnxModel, from_nnx
 
 __all__ = ["AUTOENCODER_SIZES", "MLP", "Autoencoder", "Conv1DNet", "ConvNet", "EquinoxInputs",
            "EquinoxModel", "FlaxInputs", "FlaxModel", "LayerInfo", "Model", "NnxInputs",
-           "NnxModel", "from_equinox", "from_flax", "from_jax", "from_nnx", "from_torch"]
+           "NnxModel", "from_equinox", "from_flax", "from_jax", "from_nnx", "from_torch",
+           "unless_rejected"]
