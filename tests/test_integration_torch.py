@@ -773,3 +773,30 @@ def test_one_cycle_lr_cycles_adams_betas_as_with_torch_optim() -> None:
     _beside_torch_optim(opt, ref, theirs, data, schedulers=scheds)
     assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_gradient_clipping_as_a_transform_follows_clip_grad_norm(name: str) -> None:
+    """transform=clip_by_global_norm(c) clips SGD's / Adam's gradient before the weight decay
+    and the momentum, as torch's clip_grad_norm_(params, c) before optimizer.step() does (the
+    integration refused transform= for these methods); the reference clips by hand, with
+    clip_grad_norm_'s formula less its 1e-6. c is below the gradient norms here."""
+    data = batches(4)
+    ours, theirs = mlp(), mlp()
+    hp = ({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01} if name == "sgd"
+          else {"lr": 0.01, "weight_decay": 0.01})
+    opt = Optimizer(ours, SoftmaxCrossEntropy(), method=name,
+                    transform=clip_by_global_norm(0.05), **hp)
+    ref = (torch.optim.SGD if name == "sgd" else torch.optim.Adam)(theirs.parameters(), **hp)
+    criterion = nn.CrossEntropyLoss()
+    for x, y in data:
+        opt.step((x, y))
+        ref.zero_grad()
+        criterion(theirs(x), y).backward()
+        # clip_grad_norm_ without its 1e-6 in the denominator (a 1e-7 relative difference)
+        norm = torch.sqrt(sum((p.grad**2).sum() for p in theirs.parameters()))
+        assert float(norm) > 0.05
+        for p in theirs.parameters():
+            p.grad.mul_(0.05 / norm)
+        ref.step()
+    assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12

@@ -127,23 +127,28 @@ class SGD(GradientDescent):
         objective is the mean loss of ``apply(params, x)`` against ``y``.
     lr: float or schedule, default 0.01
         Step size, >= 0 (0, a warm-up's start, gives a zero step), or a schedule t -> lr(t)
-        of the step count t = 0, 1, ... (a callable,
-        e.g. an optax schedule, evaluated inside ``step`` eagerly, under ``jax.jit`` and under
-        ``jax.vmap``; it receives t as a 0-d array of the parameters' dtype).
+        of the step count t = 0, 1, ... (a callable, e.g. an optax schedule, evaluated inside
+        ``step`` eagerly, under ``jax.jit`` and under ``jax.vmap``; it receives t as a 0-d
+        array of the parameters' dtype).
     momentum: float, default 0.0
         Heavy-ball coefficient mu.
     nesterov: bool, default False
         Nesterov's variant (needs momentum > 0).
     weight_decay: float, default 0.0
         L2 coefficient wd added to the gradient.
+    transform: transform or None, default None
+        An update transform (``init``/``update``, e.g. ``clip_by_global_norm(1.0)``) applied
+        to the gradient first, before the weight decay and the momentum: torch's
+        ``clip_grad_norm_`` before ``optimizer.step()``.
     """
 
     State = SGDState
     hyperparameters = {"lr": ">= 0", "momentum": ">= 0", "weight_decay": ">= 0"}  # noqa: RUF012
 
     def __init__(self, apply: Callable, loss: Loss, *, lr: Any = 0.01, momentum: Any = 0.0,
-                 nesterov: bool = False, weight_decay: Any = 0.0):
-        parts = []
+                 nesterov: bool = False, weight_decay: Any = 0.0,
+                 transform: GradientTransformation | None = None):
+        parts = [] if transform is None else [transform]
         if not _is_zero(weight_decay):
             parts.append(add_decayed_weights(weight_decay))
         if not _is_zero(momentum) or nesterov:
@@ -176,15 +181,17 @@ class Adam(GradientDescent):
         objective is the mean loss of ``apply(params, x)`` against ``y``.
     lr: float or schedule, default 1e-3
         Step size, >= 0 (0, a warm-up's start, gives a zero step), or a schedule t -> lr(t)
-        of the step count t = 0, 1, ... (a callable,
-        e.g. an optax schedule, evaluated inside ``step``; it receives t as a 0-d array of the
-        parameters' dtype).
+        of the step count t = 0, 1, ... (a callable, e.g. an optax schedule, evaluated inside
+        ``step``; it receives t as a 0-d array of the parameters' dtype).
     b1, b2: float, default 0.9, 0.999
         Decay rates of the first and second moment estimates.
     eps: float, default 1e-8
         Added to the square root of the second moment.
     weight_decay: float, default 0.0
         L2 coefficient (decoupled in :class:`AdamW`).
+    transform: transform or None, default None
+        An update transform applied to the gradient first (e.g. ``clip_by_global_norm(1.0)``,
+        torch's ``clip_grad_norm_`` before the step).
     """
 
     State = AdamState
@@ -193,11 +200,13 @@ class Adam(GradientDescent):
     decoupled = False
 
     def __init__(self, apply: Callable, loss: Loss, *, lr: Any = 1e-3, b1: Any = 0.9,
-                 b2: Any = 0.999, eps: Any = 1e-8, weight_decay: Any = 0.0):
+                 b2: Any = 0.999, eps: Any = 1e-8, weight_decay: Any = 0.0,
+                 transform: GradientTransformation | None = None):
         decay = [] if _is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
         adam = [scale_by_adam(b1, b2, eps)]
         parts = adam + decay if self.decoupled else decay + adam
-        super().__init__(apply, loss, chain(*parts, scale_by_learning_rate(lr)))
+        first = [] if transform is None else [transform]
+        super().__init__(apply, loss, chain(*first, *parts, scale_by_learning_rate(lr)))
         self.lr, self.b1, self.b2, self.eps, self.weight_decay = lr, b1, b2, eps, weight_decay
 
 
@@ -222,15 +231,17 @@ class AdamW(Adam):
         objective is the mean loss of ``apply(params, x)`` against ``y``.
     lr: float or schedule, default 1e-3
         Step size, >= 0 (0, a warm-up's start, gives a zero step), or a schedule t -> lr(t)
-        of the step count t = 0, 1, ... (a callable,
-        e.g. an optax schedule, evaluated inside ``step``; it receives t as a 0-d array of the
-        parameters' dtype). The decay is scaled by the same lr, as in PyTorch and optax.
+        of the step count t = 0, 1, ... (a callable, e.g. an optax schedule, evaluated inside
+        ``step``; it receives t as a 0-d array of the parameters' dtype). The decay is scaled
+        by the same lr, as in PyTorch and optax.
     b1, b2: float, default 0.9, 0.999
         Decay rates of the first and second moment estimates, in [0, 1).
     eps: float, default 1e-8
         Added to the square root of the second moment, > 0.
     weight_decay: float, default 0.0
         The decoupled decay coefficient wd, >= 0.
+    transform: transform or None, default None
+        An update transform applied to the gradient first (gradient clipping).
     """
 
     State = AdamWState
