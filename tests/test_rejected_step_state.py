@@ -102,3 +102,25 @@ def test_a_rejected_step_keeps_the_running_statistics(kind):
               else model.inputs(x, state=kept))
     assert _same(after, update(new_params, inputs))
     assert not _same(after, kept)
+
+
+def test_frozen_variables_and_default_collections_are_kept_on_a_rejected_step():
+    """Variables given as a FrozenDict (flax.core.freeze, older flax): the step's collections
+    are plain dicts, the old ones frozen; leaves are matched by key path, and make_step with
+    collections=None (the model's defaults) keeps them on a rejected step as well."""
+    from flax.core import freeze
+
+    module = _Linen()
+    variables = freeze(module.init(jax.random.key(2), X, train=False))
+    model, params = from_flax(module, variables, kwargs={"train": True}, example=X)
+    opt = KFAC(model, SoftmaxCrossEntropy(), lr=0.1, damping=0.1)
+    step = model.make_step(opt)
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    start = model.collections
+    for collections in (None, start):
+        _, _, kept, info = step(params, opt.init(params), collections,
+                                (X_NAN.astype(dtype), Y))
+        assert not bool(info.finite) and _same(kept, start)
+        _, _, after, info = step(params, opt.init(params), collections, (X.astype(dtype), Y))
+        assert bool(info.finite)
+        assert _same(after, model.update_collections(params, model.inputs(X.astype(dtype))))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,12 +180,20 @@ def unless_rejected(finite: Any, new: Any, old: Any) -> Any:
     where it was rejected, leaf by leaf: a model's running statistics and random streams
     follow the step's verdict, as its parameters and the optimiser state do. A non-finite
     batch otherwise wrote NaN into BatchNorm's running averages, which never recover (a
-    moving average of NaN stays NaN) and make every eval-mode output NaN. Leaves that only
-    ``new`` has (a collection the step created) are kept."""
+    moving average of NaN stays NaN) and make every eval-mode output NaN. Leaves are matched
+    by their key path, so ``old`` may be another mapping type (a ``FrozenDict``) than ``new``;
+    leaves that only ``new`` has (a collection the step created) are kept, and the result has
+    ``new``'s structure."""
     import jax
     import jax.numpy as jnp
 
-    if isinstance(new, Mapping) and isinstance(old, Mapping) and set(new) != set(old):
-        return {k: unless_rejected(finite, v, old[k]) if k in old else v
-                for k, v in new.items()}
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    keystr = jax.tree_util.keystr
+    before = {keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(old)[0]}
+
+    def keep(path: Any, leaf: Any) -> Any:
+        prior = before.get(keystr(path))
+        if prior is None or getattr(prior, "shape", None) != getattr(leaf, "shape", None):
+            return leaf
+        return jnp.where(finite, leaf, prior)
+
+    return jax.tree_util.tree_map_with_path(keep, new)
