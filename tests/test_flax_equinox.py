@@ -527,3 +527,7 @@ def test_a_reused_layer_with_example_still_serves_the_methods_without_taps():
     assert bool(i1.finite) and max_diff(p1, p2) == 0.0
     with pytest.raises(UnsupportedModelError, match="more than once"):
         METHODS["kfac"](early, loss).init(params)
+    # SMW's Gram matrix from the Jacobian when the layers cannot be tapped (gram='auto')
+    smw = [METHODS["smw-gn"](early, loss, gram=g) for g in ("auto", "jacobian")]
+    (p1, _, i1), (p2, _, _) = (s.step(params, s.init(params), (x, y)) for s in smw)
+    assert bool(i1.finite) and max_diff(p1, p2) == 0.0

@@ -161,9 +161,9 @@ class InterceptedModel(Model):
         if repeated:
             raise UnsupportedModelError(
                 f"the layers {['/'.join(p) for p in repeated]} are called more than once in one "
-                "forward pass; layer taps (K-FAC, K-BFGS, SMW) need one call per Dense or Conv. "
+                "forward pass; layer taps (K-FAC, K-BFGS) need one call per Dense or Conv. "
                 "Use a method without taps for this model (CurveBall, Hessian-free, Shampoo, "
-                "TNT, SGD, Adam)")
+                "TNT, SMW with gram='auto' or 'jacobian', SGD, Adam)")
         tapped, layers = layer_table(self._params, found)
         outputs = jax.tree_util.tree_leaves(out)
         batch = (outputs[0].shape[0] if outputs and outputs[0].ndim

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
-from ..errors import HyperparameterError, ShapeError, StructureError
+from ..errors import HyperparameterError, ShapeError, StructureError, UnsupportedModelError
 from ..linalg.operator import has_native_vmap, map_columns
 from ..losses import MSE, Loss, Scaled
 from ..models.base import Model, find_model
@@ -270,15 +270,22 @@ class _SMW(Optimizer):
 
     # ------------------------------------------------------------------ Gram matrices
     def _tapped(self, leaves: list[Array]) -> bool:
-        """Whether the taps cover every parameter (else the Jacobian gives the Gram matrix)."""
-        if self.gram == "jacobian" or self.model is None or not self.model.layers:
+        """Whether the taps cover every parameter (else the Jacobian gives the Gram matrix;
+        also for a model whose layers cannot be tapped, one called twice, with gram='auto')."""
+        try:
+            layers = None if self.gram == "jacobian" or self.model is None else self.model.layers
+        except UnsupportedModelError:
+            if self.gram == "taps":
+                raise
+            layers = None
+        if not layers:
             if self.gram == "taps":
                 raise StructureError(
                     f"{type(self).__name__}(gram='taps'): {self.model!r} has no tapped layer; "
                     "use gram='auto' or 'jacobian'")
             return False
         covered = set()
-        for info in self.model.layers:
+        for info in layers:
             covered.add(info.weight)
             if info.bias is not None:
                 covered.add(info.bias)
