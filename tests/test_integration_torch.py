@@ -803,3 +803,11 @@ def test_gradient_clipping_as_a_transform_follows_clip_grad_norm(name: str) -> N
             p.grad.mul_(0.05 / norm)
         ref.step()
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
+
+
+def test_setting_b1_beside_the_groups_betas_raises() -> None:
+    opt = Optimizer(mlp(), SoftmaxCrossEntropy(), method="adam")
+    opt.step(batches(1)[0])
+    opt.param_groups[0]["b1"] = 0.0
+    with pytest.raises(HyperparameterError, match="set group\\['betas'\\]"):
+        opt.step(batches(1)[0])

@@ -336,3 +336,15 @@ def test_softmax_targets_of_the_wrong_layout_raise_named_errors(backend, rng):
     with pytest.raises(ShapeError, match="per position"):
         loss.value(to(backend, rng.standard_normal((M, K, 3))),
                    conv(backend, rng.integers(0, K, size=(M, 3))))
+
+
+def test_boolean_one_hot_rows_and_labels_of_the_wrong_length_are_refused(backend, rng):
+    """Boolean one-hot rows (LabelError, as integer ones) and labels whose length is not the
+    batch's (ShapeError; NumPy and JAX broadcast a length-1 label silently otherwise)."""
+    loss = losses.SoftmaxCrossEntropy()
+    f = to(backend, rng.standard_normal((M, K)))
+    labels = rng.integers(0, K, size=M)
+    with pytest.raises(LabelError, match="squeeze"):
+        loss.value(f, backend.asarray(np.eye(K, dtype=bool)[labels]))
+    with pytest.raises(ShapeError, match="class labels of shape"):
+        loss.value(f, conv(backend, labels[:1]))

@@ -178,10 +178,10 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
                     params, is_leaf=lambda v: isinstance(v, optax.MaskedNode))):
                 raise StructureError(
                     f"as_optax({name}) got parameters with masked-out entries (optax.masked or "
-                    "optax.multi_transform): a second-order method evaluates the network, "
-                    "which needs every parameter. Keep the frozen parameters out of the "
-                    "model's parameters instead (from_nnx(..., wrt=...); a frozen constant "
-                    "closed over by apply), or mask a first-order method given the gradient")
+                    "optax.multi_transform) and no gradient: a step on the batch evaluates the "
+                    "network, which needs every parameter. Keep the frozen parameters out of "
+                    "the model's parameters instead (from_nnx(..., wrt=...); a frozen constant "
+                    "closed over by apply), or give a first-order method the gradient")
             kwargs = {}
             if takes_summary and extra_args.get("summary_batch") is not None:
                 kwargs["summary_batch"] = extra_args["summary_batch"]

@@ -396,6 +396,10 @@ class Optimizer(torch.optim.Optimizer):
                 return self._built[1]
         hp = {**{k: v for k, v in values.items() if k not in ("lr", "betas")}, **self._fixed}
         if "betas" in values:
+            if "b1" in values or "b2" in values:
+                raise HyperparameterError(
+                    "the parameter group holds Adam's moments as 'betas' = (b1, b2); set "
+                    "group['betas'], not group['b1'] or group['b2']")
             hp["b1"], hp["b2"] = values["betas"]
         lr = values["lr"] if "lr" in values else hp.pop("lr", 1.0)  # a number, or a schedule
         if self._lr_mode == "native":

@@ -178,12 +178,13 @@ class SoftmaxCrossEntropy(Loss):
                 "positions) layout, a segmentation map) are not supported: the curvature of one "
                 "softmax per position is not implemented; flatten the outputs only if the "
                 "classes are the only axis after the batch")
-        if y.ndim == 2 and xp.isdtype(y.dtype, "integral"):
+        if y.ndim == 2 and xp.isdtype(y.dtype, ("integral", "bool")):
             raise LabelError(
                 f"softmax cross-entropy: integer targets of shape {tuple(y.shape)}; class labels "
                 "have shape (batch,) (y.squeeze(1) for a column of labels, y.argmax(1) for "
                 "one-hot rows), probability rows a floating dtype (y.float())")
-        if y.ndim not in (1, 2) or (y.ndim == 2 and tuple(y.shape) != tuple(f.shape)):
+        if y.ndim not in (1, 2) or (y.ndim == 2 and tuple(y.shape) != tuple(f.shape)) or (
+                y.ndim == 1 and y.shape[0] != f.shape[0]):
             raise ShapeError(
                 f"softmax cross-entropy: targets of shape {tuple(y.shape)} for outputs "
                 f"{tuple(f.shape)}; give class labels of shape ({f.shape[0]},) or probability "

@@ -164,8 +164,8 @@ def check_hyperparameter(method: str, name: str, value: Any, valid: str | None =
             rule = f"a finite number in {valid}"
         hint = ""
         if name == "lr" and value == 0:
-            hint = ("; a warm-up must start above 0 for this method (its damping or line search "
-                    "reads the step's length), e.g. LambdaLR(opt, lambda s: (s + 1) / n)")
+            hint = ("; a warm-up must start above 0 for this method (only SGD and Adam take "
+                    "lr = 0), e.g. (t + 1) / n of the full rate at step t")
         raise HyperparameterError(
             f"{method}: {name}={value!r} is not valid; {name} must be {rule}{hint}")
 

@@ -10,12 +10,13 @@ schedules (``optax.cosine_decay_schedule(...)``, ``optax.linear_schedule(...)``)
 arrays, and any function written with arithmetic on ``t`` works on every backend.
 
 The schedule receives the count as a 0-d array of the parameters' floating dtype (not the int32
-count itself), as :func:`secondorder.optim.transforms.scale_by_schedule` does: on PyTorch,
-``0.1 / (1 + t)`` of an int32 tensor would be computed in float32 whatever the parameters' dtype.
-The count is exact in that dtype up to 2^24 steps in float32 and 2^53 in float64. Its value may
-be a Python number or a 0-d array; it is converted to the parameters' dtype and device. The
-values a schedule returns are not checked (a number is, at construction): a learning rate must
-stay > 0 and a damping >= 0 at every step, as for a number.
+count itself), or float32 for half-precision parameters, as
+:func:`secondorder.optim.transforms.scale_by_schedule` does: on PyTorch, ``0.1 / (1 + t)`` of an
+int32 tensor would be computed in float32 whatever the parameters' dtype. The count is exact up
+to 2^24 steps in float32 and 2^53 in float64. Its value may be a Python number or a 0-d array;
+it is converted to the parameters' dtype and device. The values a schedule returns are not
+checked (a number is, at construction): a learning rate must stay in the method's range (> 0,
+or >= 0 for SGD and Adam) and a damping >= 0 at every step, as for a number.
 
 A step that the guard rejects (a non-finite loss or update) keeps the old state and therefore the
 old count: the next step evaluates the schedule at the same t again.

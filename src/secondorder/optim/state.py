@@ -134,7 +134,8 @@ def carry_over(old: Any, new: Any) -> Any:
     transform chain are matched in order by class, so that a transform which appeared (weight
     decay switched on, momentum from 0 to 0.9) starts fresh (zeros) while the others keep their
     buffers, and one that vanished is dropped. ``torch.optim.SGD`` likewise creates a momentum
-    buffer when momentum becomes non-zero and ignores it when momentum returns to 0."""
+    buffer when momentum becomes non-zero; when momentum returns to 0 it keeps the buffer
+    unused and resumes from it if momentum comes back, where this starts a fresh one."""
     from .transforms import ChainState
 
     if type(old) is type(new) and flatten(old)[1] == flatten(new)[1]:
