@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .._pytree import flatten
 from ..errors import SecondOrderError, UnsupportedModelError
 from .base import Array, LayerInfo, Model, check_batch_axis
 
@@ -254,8 +255,7 @@ class TorchModel(Model):
 
         dtype = next((p.dtype for p in self.module.parameters() if p.is_floating_point()),
                      torch.get_default_dtype())
-        first = next(a for a in torch.utils._pytree.tree_leaves(x) if isinstance(a, torch.Tensor))
-        return torch, first.device, dtype
+        return torch, _tensors(x)[0].device, dtype
 
     def tap_shapes(self, x: Array) -> list[tuple[int, ...]]:
         """The output shape of every tapped layer, in the order of :attr:`layers` (the
@@ -268,7 +268,7 @@ class TorchModel(Model):
 
         # a batch of several tensors (a dict or tuple the forward takes as one argument) is
         # keyed by all their shapes; its samples are the first axis of its first tensor
-        arrays = [a for a in torch.utils._pytree.tree_leaves(x) if isinstance(a, torch.Tensor)]
+        arrays = _tensors(x)
         key = tuple(tuple(a.shape) for a in arrays)
         if key not in self._shapes:
             shapes: list[tuple[int, ...] | None] = [None] * len(self._tapped)
@@ -312,6 +312,14 @@ class TorchModel(Model):
                              int(arrays[0].shape[0]))
             self._shapes[key] = shapes
         return self._shapes[key]
+
+
+def _tensors(x: Any) -> list[Any]:
+    """The tensors of a batch: ``x`` itself, or those of a dict, tuple or list of them that
+    the module's forward takes as one argument."""
+    import torch
+
+    return [a for a in flatten(x)[0] if isinstance(a, torch.Tensor)]
 
 
 def unwrap(module: Any) -> Any:

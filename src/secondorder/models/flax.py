@@ -226,9 +226,8 @@ class FlaxModel(InterceptedModel):
             x, y = batch
             inputs = self.inputs(x, rng=key, collections=collections)
             new_params, opt_state, info = opt.step(params, opt_state, (inputs, y))
-            old = collections if collections is not None else self._collections
             return new_params, opt_state, unless_rejected(
-                info.finite, self.update_collections(params, inputs), dict(old)), info
+                info.finite, self.update_collections(params, inputs), inputs.collections), info
 
         if not jit:
             return step

@@ -82,6 +82,8 @@ class InterceptedModel(Model):
         self._layers = None
         self._shapes = {}
         self.untapped: tuple[str, ...] = ()
+        #: why the layers cannot be tapped, found at construction (see _discover_early)
+        self._tap_error: UnsupportedModelError | None = None
         # one compiled forward pass: inlined inside a jitted step, and in eager steps it saves
         # re-binding the module at each of the step's many calls
         self._forward = jax.jit(lambda params, x: self._call(params, x)[0])
@@ -194,7 +196,7 @@ class InterceptedModel(Model):
         canonical sorted-leaf order of ``params``); found at the first forward pass that
         needs them (or at construction with ``example=``)."""
         if self._layers is None:
-            if getattr(self, "_tap_error", None) is not None:
+            if self._tap_error is not None:
                 raise UnsupportedModelError(str(self._tap_error))
             raise SecondOrderError(
                 "the flax model's layers are found from a forward pass: pass example=x when "

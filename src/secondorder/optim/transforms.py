@@ -32,7 +32,7 @@ from .._pytree import flatten, tree_map
 from ..backends import backend_of
 from ..errors import HyperparameterError, SecondOrderError
 from ..tree import axpy, norm, zeros_like
-from .schedules import count_as_float
+from .schedules import count_as_float, resolve
 from .state import initial_count
 
 Tree = Any
@@ -213,9 +213,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
 
     def update(updates: Tree, state: ScaleByScheduleState, params: Tree = None
                ) -> tuple[Tree, ScaleByScheduleState]:
-        factor = schedule(_as_float(state.count, updates))
-        if backend_of(state.count).is_array(factor):
-            factor = backend_of(state.count).xp.astype(factor, flatten(updates)[0][0].dtype)
+        factor = resolve(schedule, state.count, updates)
         return tree_map(lambda g: factor * g, updates), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
