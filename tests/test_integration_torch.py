@@ -805,6 +805,28 @@ def test_gradient_clipping_as_a_transform_follows_clip_grad_norm(name: str) -> N
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
 
 
+@pytest.mark.parametrize("name", ["kfac", "tnt", "kbfgs", "kbfgs-l"])
+def test_kronecker_methods_clip_the_gradient_as_clip_grad_norm(name: str) -> None:
+    """transform=clip_by_global_norm(c) on a Kronecker-factored method clips the gradient
+    before its momentum and preconditioning: the first step (zero momentum; the curvature does
+    not depend on the gradient) is the unclipped step times c / |g|, |g| the total norm that
+    torch's clip_grad_norm_ reports after a backward pass of the module."""
+    (x, y), = batches(1)
+    reference = mlp()
+    nn.CrossEntropyLoss()(reference(x), y).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf")))
+    c = 0.3 * norm
+    steps = []
+    for transform in (None, clip_by_global_norm(c)):
+        module = mlp()
+        start = module_params(module)
+        opt = Optimizer(module, nn.CrossEntropyLoss(), method=name, transform=transform)
+        opt.step((x, y))
+        steps.append({k: v - start[k] for k, v in module_params(module).items()})
+    plain, clipped = steps
+    assert max_rel_diff(clipped, {k: v * (c / norm) for k, v in plain.items()}) <= 1e-10
+
+
 def test_setting_b1_beside_the_groups_betas_raises() -> None:
     opt = Optimizer(mlp(), SoftmaxCrossEntropy(), method="adam")
     opt.step(batches(1)[0])

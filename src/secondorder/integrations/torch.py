@@ -264,7 +264,8 @@ class Optimizer(torch.optim.Optimizer):
     Notes
     -----
     ``step((x, y))`` returns the mean loss at the parameters the step started from (a 0-d
-    tensor). ``zero_grad()`` works as in any optimiser; ``.grad`` is not read. One parameter
+    tensor). ``zero_grad()`` works as in any optimiser; ``.grad`` is not read, so clip with
+    ``transform=clip_by_global_norm(c)`` instead of ``clip_grad_norm_``. One parameter
     group only: :meth:`step` raises :class:`~secondorder.errors.HyperparameterError` if more
     were added. :meth:`state_dict` holds the parameter group (hyperparameters), the step count,
     the dropout seed and the method's state as a flat list of tensors, so

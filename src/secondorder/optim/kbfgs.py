@@ -28,6 +28,7 @@ from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, choose, i
 from .kfac import _from_reference, _to_reference, fallback_indices
 from .schedules import Schedule, resolve
 from .state import due_now, every, initial_count, method_state
+from .step_rules import check_transform
 from .transforms import chain, scale_by_adam, trace
 
 __all__ = ["KBFGS", "KBFGSL", "KBFGSLState", "KBFGSLayerState", "KBFGSState"]
@@ -184,6 +185,11 @@ class KBFGS(Optimizer):
         The step of parameters outside tapped layers (above).
     fallback_b2, fallback_eps: float, default 0.999, 1e-8
         The decay (in [0, 1)) and epsilon (> 0) of the Adam fallback.
+    transform: transform or None, default None
+        An update transform (``init``/``update``, e.g.
+        :func:`~secondorder.optim.transforms.clip_by_global_norm`) applied to the gradient g
+        first, before the momentum and the preconditioning: torch's ``clip_grad_norm_``
+        before ``optimizer.step()``. The curvature pairs come from the passes, not from g.
 
     State and info. The state is a :class:`KBFGSState`; ``info.damping`` is lambda and
     ``info.extras["lr"]`` the learning rate used. A non-finite loss, gradient, update or
@@ -214,9 +220,10 @@ class KBFGS(Optimizer):
                  statistics_decay: float = 0.9, mu1: float = 0.2, curvature_interval: int = 20,
                  pair_damping: str = "dp-dlm", damping_split: str = "positions",
                  fallback: str = "sgd", fallback_b2: float = 0.999,
-                 fallback_eps: float = 1e-8):
+                 fallback_eps: float = 1e-8, transform: Any = None):
         super().__init__(apply, loss)
         name = type(self).__name__
+        check_transform(transform, name)
         model = find_model(apply)
         if model is None:
             raise StructureError(
@@ -247,8 +254,11 @@ class KBFGS(Optimizer):
         self.pair_damping, self.damping_split, self.fallback = pair_damping, damping_split, fallback
         self.fallback_b2, self.fallback_eps = fallback_b2, fallback_eps
         zero = isinstance(momentum, int | float) and momentum == 0
-        #: the momentum of the gradient before preconditioning (line 8)
-        self.gradient_transform = chain() if zero else chain(trace(momentum))
+        #: the user's transform and the momentum of the gradient before preconditioning
+        #: (line 8)
+        self.transform = transform
+        first = [] if transform is None else [transform]
+        self.gradient_transform = chain(*first) if zero else chain(*first, trace(momentum))
 
     def __repr__(self) -> str:
         extra = "" if self.memory is None else f", memory={self.memory}"
@@ -554,7 +564,8 @@ class KBFGSL(KBFGS):
                  weight_decay: float = 0.0, statistics_decay: float = 0.9, mu1: float = 0.2,
                  curvature_interval: int = 20, pair_damping: str = "dp-dlm",
                  damping_split: str = "positions", fallback: str = "sgd",
-                 fallback_b2: float = 0.999, fallback_eps: float = 1e-8):
+                 fallback_b2: float = 0.999, fallback_eps: float = 1e-8,
+                 transform: Any = None):
         if not isinstance(memory, int | float) or int(memory) != memory or memory < 1:
             raise HyperparameterError(
                 f"KBFGSL: memory must be a Python integer >= 1 (the number of L-BFGS pairs "
@@ -567,7 +578,7 @@ class KBFGSL(KBFGS):
             apply, loss, lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
             statistics_decay=statistics_decay, mu1=mu1, curvature_interval=curvature_interval,
             pair_damping=pair_damping, damping_split=damping_split, fallback=fallback,
-            fallback_b2=fallback_b2, fallback_eps=fallback_eps)
+            fallback_b2=fallback_b2, fallback_eps=fallback_eps, transform=transform)
 
 
 def _eye_like(a: Array) -> Array:

@@ -40,6 +40,7 @@ from .base import (
 from .directions import curveball_2x2
 from .schedules import Schedule, is_schedule, resolve, resolve_adaptation
 from .state import every, every_any, initial_count, method_state
+from .step_rules import check_transform
 from .transforms import add_decayed_weights, chain, scale_by_adam, trace
 
 __all__ = ["KFAC", "KFACState"]
@@ -234,6 +235,12 @@ class KFAC(Optimizer):
         The factor of the rule, in (0, 1) (the K-FAC paper's omega_1 = (19/20)^T1 with T1 = 5).
     min_damping, max_damping: float, default 1e-8, 1e4
         Bounds on the adapted lambda.
+    transform: transform or None, default None
+        An update transform (``init``/``update``, e.g.
+        :func:`~secondorder.optim.transforms.clip_by_global_norm`) applied to the gradient g
+        first, before the weight decay, the momentum and the preconditioning: torch's
+        ``clip_grad_norm_`` before ``optimizer.step()``. The statistics, the quadratic model
+        and the damping's adaptation use the untransformed gradient.
 
     State and info. The state is a :class:`KFACState`. ``info.damping`` is the lambda in force
     after the step; ``info.extras`` holds ``lr`` and ``momentum`` (those used: from the
@@ -268,8 +275,9 @@ class KFAC(Optimizer):
                  fallback: str = "sgd", fallback_b2: float = 0.999, fallback_eps: float = 1e-8,
                  adapt_damping: bool = False, damping_interval: int = 5,
                  damping_decay: float = 0.95**5, min_damping: float = 1e-8,
-                 max_damping: float = 1e4):
+                 max_damping: float = 1e4, transform: Any = None):
         super().__init__(apply, loss)
+        check_transform(transform, "KFAC")
         model = find_model(apply)
         if model is None:
             raise StructureError(
@@ -315,10 +323,14 @@ class KFAC(Optimizer):
         self.fallback_b2, self.fallback_eps = fallback_b2, fallback_eps
         self.damping_interval, self.damping_decay = int(damping_interval), damping_decay
         self.min_damping, self.max_damping = min_damping, max_damping
-        parts = [] if _is_zero(weight_decay) else [add_decayed_weights(weight_decay)]
+        self.transform = transform
+        parts = [] if transform is None else [transform]
+        if not _is_zero(weight_decay):
+            parts.append(add_decayed_weights(weight_decay))
         if momentum is not None and not _is_zero(momentum):
             parts.append(trace(momentum))
-        #: the transforms of the gradient before preconditioning (weight decay, momentum)
+        #: the transforms of the gradient before preconditioning (the user's, weight decay,
+        #: momentum)
         self.gradient_transform = chain(*parts)
 
     def __repr__(self) -> str:
@@ -477,7 +489,9 @@ class KFAC(Optimizer):
                                                     state.fallback)
             p = unflatten(treedef, p_leaves)
             wd = 0.0 if _is_zero(self.weight_decay) else self.weight_decay
-            g_model = direction  # g + wd w: the gradient of the regularised objective
+            # g + wd w, the gradient of the regularised objective (not the direction, which
+            # holds the momentum and the user's transform)
+            g_model = grad if _is_zero(self.weight_decay) else axpy(wd, params, grad)
 
             def h_out(t: Array) -> Array:
                 return self.loss.hvp(f, y, t) / m

@@ -20,6 +20,7 @@ from . import _tensor_blocks as tb
 from .base import Array, Batch, Optimizer, StepInfo, Tree
 from .schedules import Schedule, resolve
 from .state import every, initial_count, method_state
+from .step_rules import check_transform, init_transform, transform_gradient
 from .transforms import scale_by_adam
 
 __all__ = ["Shampoo", "ShampooState"]
@@ -33,12 +34,14 @@ class ShampooState(NamedTuple):
     """Step count t; per leaf, the :class:`~secondorder.curvature.blocks.BlockState` of each of
     its blocks (the statistics G^(i) and the cached roots (G^(i) + eps I)^{-1/(2k)}); the
     momentum m (a tree like the parameters); the grafting method's state (Adam's moments for
-    ``graft="adam"``, else ``()``)."""
+    ``graft="adam"``, else ``()``); the state of the user's gradient transform (``()``
+    without one)."""
 
     count: Array
     blocks: tuple
     momentum: Tree
     graft: Any = ()
+    transform: Any = ()
 
 
 class Shampoo(Optimizer):
@@ -119,6 +122,11 @@ class Shampoo(Optimizer):
         The grafting method (above).
     graft_b1, graft_b2, graft_eps: float, default 0.9, 0.999, 1e-8
         Adam's decay rates (in [0, 1)) and epsilon (> 0) for ``graft="adam"``.
+    transform: transform or None, default None
+        An update transform (``init``/``update``, e.g.
+        :func:`~secondorder.optim.transforms.clip_by_global_norm`) applied to the gradient g
+        first, before the weight decay, the statistics, the momentum and the graft: torch's
+        ``clip_grad_norm_`` before ``optimizer.step()``.
 
     State and info. The state is a :class:`ShampooState`. ``info.damping`` is eps and
     ``info.extras["roots_kept"]`` the number of blocks that kept their previous roots at this
@@ -139,8 +147,10 @@ class Shampoo(Optimizer):
                  statistics_interval: int = 1, root_interval: int = 1,
                  root_method: str = "eigh", block_size: int | None = 1024,
                  graft: str | None = None, graft_b1: Any = 0.9, graft_b2: Any = 0.999,
-                 graft_eps: Any = 1e-8):
+                 graft_eps: Any = 1e-8, transform: Any = None):
         super().__init__(apply, loss)
+        check_transform(transform, "Shampoo")
+        self.transform = transform
         if root_method not in ROOT_METHODS:
             raise HyperparameterError(
                 f"Shampoo: root_method={root_method!r} is not valid; use 'eigh' (eigen"
@@ -176,7 +186,7 @@ class Shampoo(Optimizer):
         graft = self._adam.init(params) if self._adam is not None else ()
         return ShampooState(initial_count(backend, backend.device(leaves[0])), blocks,
                             unflatten(flatten(params)[1], [leaf * 0.0 for leaf in leaves]),
-                            graft)
+                            graft, init_transform(self.transform, params))
 
     # ------------------------------------------------------------------ pieces
     def _roots(self, backend: Backend, blocks: tuple) -> tuple[tuple, Array]:
@@ -207,6 +217,7 @@ class Shampoo(Optimizer):
         backend = self.check_batch(params, state, batch)
         xp = backend.xp
         loss, grad = self.value_and_grad(params, batch)
+        grad, inner = transform_gradient(self.transform, grad, state.transform, params)
         w, treedef = flatten(params)
         g = flatten(grad)[0]
         if not self.decoupled and not _is_zero(self.weight_decay):
@@ -240,7 +251,7 @@ class Shampoo(Optimizer):
         lr = resolve(self.lr, count, params)
         update = [-lr * pi for pi in p]
         new_params = unflatten(treedef, [wi + ui for wi, ui in zip(w, update)])
-        new_state = ShampooState(count + 1, blocks, unflatten(treedef, m), graft_state)
+        new_state = ShampooState(count + 1, blocks, unflatten(treedef, m), graft_state, inner)
         # the new statistics are checked too: a NaN in them (a non-finite sampled gradient)
         # must reject the step, not stay in the state behind roots or inverses that were kept
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,

@@ -62,6 +62,7 @@ from ..tree import axpy, scale, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number
 from .schedules import Schedule, resolve
 from .state import initial_count, method_state
+from .step_rules import check_transform, init_transform
 
 __all__ = ["SMWGN", "SMWNG", "SMWGNState", "SMWNGState", "gram_from_taps", "lm_damping",
            "smw_coefficients", "tap_gram"]
@@ -197,20 +198,22 @@ def _is_mse(loss: Loss) -> bool:
 # ------------------------------------------------------------------------------ states
 @method_state("SMWGN")
 class SMWGNState(NamedTuple):
-    """SMW-GN's state: the step count and lambda_LM (``damping``; the damping in force is
-    lambda = lambda_LM + tau)."""
+    """SMW-GN's state: the step count, lambda_LM (``damping``; the damping in force is
+    lambda = lambda_LM + tau) and the state of the user's transform (``()`` without one)."""
 
     count: Array
     damping: Array
+    transform: Any = ()
 
 
 @method_state("SMWNG")
 class SMWNGState(NamedTuple):
-    """SMW-NG's state: the step count and lambda_LM (``damping``; the damping in force is
-    lambda = lambda_LM + tau)."""
+    """SMW-NG's state: the step count, lambda_LM (``damping``; the damping in force is
+    lambda = lambda_LM + tau) and the state of the user's transform (``()`` without one)."""
 
     count: Array
     damping: Array
+    transform: Any = ()
 
 
 # ------------------------------------------------------------------------------ the method
@@ -228,9 +231,11 @@ class _SMW(Optimizer):
     def __init__(self, apply: Callable, loss: Loss, *, lr: float | Schedule = 1.0,
                  damping: float = 1.0, tau: float = 1e-3, boost: float = 1.01,
                  drop: float = 0.99, eps: float = 0.25, curvature_batch: int = 30,
-                 gram: str = "auto", inverse: str = "auto"):
+                 gram: str = "auto", inverse: str = "auto", transform: Any = None):
         super().__init__(apply, loss)
         name = type(self).__name__
+        check_transform(transform, name)
+        self.transform = transform
         if gram not in GRAMS:
             raise HyperparameterError(
                 f"{name}: gram={gram!r} is not one of {', '.join(map(repr, GRAMS))}")
@@ -266,7 +271,8 @@ class _SMW(Optimizer):
     def init(self, params: Tree) -> Any:
         lam = self.scalar(params, self.damping)
         backend = backend_of(lam)
-        return self.State(initial_count(backend, backend.device(lam)), lam)
+        return self.State(initial_count(backend, backend.device(lam)), lam,
+                          init_transform(self.transform, params))
 
     # ------------------------------------------------------------------ Gram matrices
     def _tapped(self, leaves: list[Array]) -> bool:
@@ -411,8 +417,11 @@ class _SMW(Optimizer):
         # a trial point with a non-finite loss is not taken (lambda_LM is boosted: rho = -inf)
         if not (backend.is_concrete(finite_trial) and bool(finite_trial)):
             update = scale(xp.astype(finite_trial, predicted.dtype), update)
+        inner = state.transform
+        if self.transform is not None:
+            update, inner = self.transform.update(update, inner, params)
         new = axpy(1.0, update, params)
-        new_state = self.State(state.count + 1, lam_new)
+        new_state = self.State(state.count + 1, lam_new, inner)
         params, state, okay, step_norm = self.guard(
             params, state, new, new_state, loss, grad, gram, damping_key="damping",
             update=update)
@@ -472,10 +481,16 @@ _DOC_COMMON = """
         How K = J J^T is built: ``"taps"`` from the per-layer identities (needs a tapped model
         whose layers hold every parameter; StructureError otherwise), ``"jacobian"`` from n
         JVP/VJP pairs, ``"auto"`` the taps where they apply.
+    transform: transform or None, default None
+        An update transform (:mod:`secondorder.optim.transforms`, e.g.
+        ``clip_by_global_norm(1.0)``) applied to the step alpha p before it is added to the
+        parameters (as for the other methods that take a step of their own length); the ratio
+        rho and lambda_LM follow p itself.
 """
 
 _DOC_STATE = """
-    State and info. The state (``count``, ``damping`` = lambda_LM) names the method.
+    State and info. The state (``count``, ``damping`` = lambda_LM, the transform's state)
+    names the method.
     ``info.damping`` is lambda = lambda_LM + tau after the update; ``info.extras`` holds ``rho``
     and ``predicted`` (m(p) - m(0)). A non-finite loss, gradient or curvature keeps the old
     parameters and state and multiplies lambda_LM by :attr:`Optimizer.damping_boost_on_failure`.

@@ -164,6 +164,16 @@ def init_transform(transform: Any, params: Tree) -> Any:
     return () if transform is None else transform.init(params)
 
 
+def transform_gradient(transform: Any, grad: Tree, state: Any, params: Tree
+                       ) -> tuple[Tree, Any]:
+    """``(T(g), new_state)``: the gradient through the user's transform before the method
+    uses it (``(g, state)`` without a transform): torch's ``clip_grad_norm_`` before
+    ``optimizer.step()``."""
+    if transform is None:
+        return grad, state
+    return transform.update(grad, state, params)
+
+
 def apply_transform(transform: Any, step: Tree, state: Any, params: Tree
                     ) -> tuple[Tree, Tree, Any]:
     """``(new_params, update, new_state)``: the update u = T(s) of the step s the method would

@@ -21,6 +21,7 @@ from . import _tensor_blocks as tb
 from .base import Array, Batch, Optimizer, StepInfo, Tree, choose
 from .schedules import Schedule, resolve
 from .state import every, every_any, initial_count, method_state
+from .step_rules import check_transform, init_transform, transform_gradient
 
 __all__ = ["TNT", "TNTState", "normalise"]
 
@@ -32,12 +33,14 @@ FISHER_ESTIMATES = ("batch_mean", "per_example")
 class TNTState(NamedTuple):
     """Step count t; the random key the sampled labels are drawn from (split at every step);
     per leaf, the :class:`~secondorder.curvature.blocks.BlockState` of each of its blocks (the
-    moving averages G^(i) of E[G^(i)] and the cached (U~_i + eps I)^{-1}); the momentum m."""
+    moving averages G^(i) of E[G^(i)] and the cached (U~_i + eps I)^{-1}); the momentum m; the
+    state of the user's gradient transform (``()`` without one)."""
 
     count: Array
     key: Array
     blocks: tuple
     momentum: Tree
+    transform: Any = ()
 
 
 def normalise(factors: Sequence[Array], xp: Any) -> list[Array]:
@@ -130,6 +133,12 @@ class TNT(Optimizer):
         The longest factor (None: no blocking).
     seed: int, default 0
         Seed of the key in the initial state.
+    transform: transform or None, default None
+        An update transform (``init``/``update``, e.g.
+        :func:`~secondorder.optim.transforms.clip_by_global_norm`) applied to the gradient g
+        first, before the momentum and the preconditioning (the statistics come from sampled
+        gradients, not from g): torch's ``clip_grad_norm_`` before
+        ``optimizer.step()``.
 
     State and info. The state is a :class:`TNTState`. ``info.damping`` is eps. A non-finite
     loss or step keeps the old parameters and state (the key included).
@@ -148,8 +157,10 @@ class TNT(Optimizer):
                  weight_decay: Any = 0.0, statistics_interval: int = 1,
                  inverse_interval: int = 1, fisher_estimate: str = "batch_mean",
                  kernel_layout: str | None = "auto", block_size: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, transform: Any = None):
         super().__init__(apply, loss)
+        check_transform(transform, "TNT")
+        self.transform = transform
         if fisher_estimate not in FISHER_ESTIMATES:
             raise HyperparameterError(
                 f"TNT: fisher_estimate={fisher_estimate!r} is not valid; use 'batch_mean' (the "
@@ -196,7 +207,8 @@ class TNT(Optimizer):
         dev = backend.device(leaves[0])
         return TNTState(initial_count(backend, dev), random.key(self.seed, backend, dev),
                         tb.init_blocks(self.plans(params), leaves, "inverse"),
-                        unflatten(treedef, [leaf * 0.0 for leaf in leaves]))
+                        unflatten(treedef, [leaf * 0.0 for leaf in leaves]),
+                        init_transform(self.transform, params))
 
     # ------------------------------------------------------------------ pieces
     def _inverses(self, backend: Backend, blocks: tuple) -> tuple[tuple, Array]:
@@ -235,6 +247,7 @@ class TNT(Optimizer):
         f, pullback = backend.vjp(lambda p: self.apply(p, x), params)
         loss = self.loss.value(f, y)
         grad = pullback(self.loss.grad(f, y) * (1.0 / f.shape[0]))
+        grad, inner = transform_gradient(self.transform, grad, state.transform, params)
         w, treedef = flatten(params)
         g = flatten(grad)[0]
         plans = self.plans(params)
@@ -288,7 +301,7 @@ class TNT(Optimizer):
                                       changed, unchanged, state.blocks)
         m, update, verdict = out
         new_params = add(params, update)
-        new_state = TNTState(count + 1, next_key, blocks, unflatten(treedef, m))
+        new_state = TNTState(count + 1, next_key, blocks, unflatten(treedef, m), inner)
         # both states hold the chosen blocks: the guard's select on them folds away
         params, state, ok, step_norm = self.guard(params, state._replace(blocks=blocks),
                                                   new_params, new_state, loss, update=update,
