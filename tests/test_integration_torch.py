@@ -778,6 +778,35 @@ def test_one_cycle_lr_cycles_adams_betas_as_with_torch_optim() -> None:
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
 
 
+def test_a_scheduler_cycling_betas_or_momentum_keeps_the_state_without_a_new_template(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """OneCycleLR changes Adam's betas (and SGD's momentum) at every step; those changes keep
+    the state's structure, so the rebuilt method does not initialise a template state (a copy
+    of the parameters and zeroed moments) each step, while a momentum switched to 0 does."""
+    from secondorder.optim import SGD, Adam
+
+    calls = {"n": 0}
+    for cls in (SGD, Adam):
+        original = cls.init
+
+        def counted(self, params, original=original):
+            calls["n"] += 1
+            return original(self, params)
+
+        monkeypatch.setattr(cls, "init", counted)
+    for name in ("adam", "sgd"):
+        calls["n"] = 0
+        opt = Optimizer(mlp(), SoftmaxCrossEntropy(), method=name, lr=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+        for x, y in batches(4):
+            opt.step((x, y))
+            sched.step()
+        assert calls["n"] == 1, name  # the first step's state only
+    opt.param_groups[0]["momentum"] = 0.0  # SGD's momentum off: the trace state is dropped
+    opt.step(batches(1)[0])
+    assert calls["n"] == 2 and len(opt.method_state.transform.states) == 1
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_gradient_clipping_as_a_transform_follows_clip_grad_norm(name: str) -> None:
     """transform=clip_by_global_norm(c) clips SGD's / Adam's gradient before the weight decay

@@ -419,23 +419,48 @@ class Optimizer(torch.optim.Optimizer):
             from ..distributed import data_parallel
 
             method = data_parallel(method, self.process_group)
-        if self._state is not None and not self._lr_only_change(values):
+        if self._state is not None and not self._keeps_structure(values):
             # momentum or weight decay switched on or off adds or drops a transform's state
             self._state = carry_over(self._state, method.init(self._params()))
         self._built = (dict(values), method)
         return method
 
-    def _lr_only_change(self, values: dict[str, Any]) -> bool:
-        """Whether ``values`` differ from the built ones only in a numeric lr given to the
-        method itself (a scheduler's usual change), which leaves the state's structure as it
-        is: then the rebuilt method need not initialise a template state."""
+    def _keeps_structure(self, values: dict[str, Any]) -> bool:
+        """Whether ``values`` differ from the built ones only in numbers that cannot change
+        the state's structure, so the rebuilt method need not initialise a template state (a
+        copy of the parameters and zeros for every buffer) to merge the old state into: a
+        numeric lr given to the method itself, or a real-valued hyperparameter (Adam's betas,
+        momentum, weight decay, damping) that stays non-zero or stays zero (a value that
+        switches momentum or weight decay on or off adds or drops a transform's state; an
+        integer hyperparameter may set the state's shapes). A scheduler that cycles
+        ``betas`` or ``momentum`` at every step (``OneCycleLR``) takes this path."""
         if self._built is None or self._lr_mode != "native":
             return False
         old = self._built[0]
-        if set(old) != set(values) or any(
-                old[k] is not values[k] for k in values if k != "lr"):
+        if set(old) != set(values):
             return False
-        return isinstance(old.get("lr"), int | float) and isinstance(values.get("lr"), int | float)
+        spec = getattr(getattr(self._factory, "cls", None), "hyperparameters", None) or {}
+
+        def real(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        def same_kind(a: Any, b: Any) -> bool:
+            if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+                return len(a) == len(b) and all(map(same_kind, a, b))
+            return real(a) and real(b) and (a == 0) == (b == 0)
+
+        for key, value in values.items():
+            if value is old[key]:
+                continue
+            if key == "lr":
+                if not (real(value) and real(old[key])):
+                    return False
+            elif key == "betas":
+                if not same_kind(value, old[key]):
+                    return False
+            elif key not in spec or "integer" in spec[key] or not same_kind(value, old[key]):
+                return False
+        return True
 
     def _lr_transform(self, lr: Any) -> Any:
         """The transform that multiplies the method's step by ``lr`` (a number, or a schedule
