@@ -175,11 +175,14 @@ def test_scaled_quantities_match_brute_force(backend_name, rng, name, kind, opti
     y = rng.random((m, k)) if kind == "real01" else _targets(kind, rng, m, k)
     loss = losses.get(name, **options)
     assert isinstance(loss, losses.Scaled) and not isinstance(loss, losses.LOSSES[name])
+    # outputs="mean" averages over a sample's outputs: its k entries for MSE and BCE, its one
+    # prediction (one softmax) for cross-entropy on (m, k) outputs
+    n = 1 if name == "softmax_cross_entropy" else k
     c = options.get("scale", 1.0) * (m if options.get("reduction") == "sum" else 1)
-    c /= k if options.get("outputs") == "mean" else 1
+    c /= n if options.get("outputs") == "mean" else 1
     per, g, h = _np_reference(name, f, y)
     total = per.sum() if options.get("reduction") == "sum" else per.mean()
-    total *= options.get("scale", 1.0) / (k if options.get("outputs") == "mean" else 1)
+    total *= options.get("scale", 1.0) / (n if options.get("outputs") == "mean" else 1)
 
     bf = to(backend, f)
     by = backend.asarray(y) if y.dtype.kind in "iu" else to(backend, y)

@@ -58,7 +58,7 @@ def check_rows(y: Any) -> None:
     from jax.experimental import checkify
 
     tol = max(1e-6, 64 * y.shape[-1] * float(jnp.finfo(y.dtype).eps))
-    sums = jnp.sum(y, axis=1)
+    sums = jnp.sum(y, axis=-1)
     ok = jnp.all(jnp.where(jnp.isfinite(y), y >= 0, True)) & jnp.all(
         jnp.where(jnp.isfinite(sums), jnp.abs(sums - 1) <= tol, True))
     checkify.check(ok, "softmax cross-entropy: target rows must be probability vectors "

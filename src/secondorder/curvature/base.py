@@ -80,14 +80,19 @@ class Linearization:
             lambda p: apply(p, x), params
         )
         if getattr(self.outputs, "ndim", None) != 2:
-            raise ShapeError(
-                f"the network must return (batch, outputs), got shape "
-                f"{tuple(getattr(self.outputs, 'shape', ()))}; flatten its output"
-            )
+            raise ShapeError(two_dimensional_outputs(self.outputs))
 
     @property
     def batch_size(self) -> int:
         return int(self.outputs.shape[0])
+
+
+def two_dimensional_outputs(f: Array, method: str = "the curvature operators") -> str:
+    """The message for outputs other than (batch, outputs) where a method needs them."""
+    return (f"{method} need the network to return (batch, outputs), got shape "
+            f"{tuple(getattr(f, 'shape', ()))}: flatten the output for an elementwise loss (MSE, "
+            "sigmoid BCE); a cross-entropy per position (a sequence's logits) has no flattened "
+            "equivalent: K-FAC, Shampoo, TNT, K-BFGS, CurveBall, SGD and Adam take it as it is")
 
 
 class CurvatureOperator(LinearOperator):

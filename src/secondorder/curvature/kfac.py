@@ -59,12 +59,11 @@ def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: i
         if f.ndim == 2:
             s = loss.hessian_sqrt(f, y)
             return [s[:, :, c] for c in range(f.shape[1])]
-        # outputs (m, ...) (an image): the loss's square root on the k = prod(shape[1:])
-        # outputs of a sample, each of its k columns a cotangent of f's own shape
+        # outputs (m, ...) (an image, a sequence's logits): the loss's square root on the
+        # k = prod(shape[1:]) outputs of a sample (row-major), each of its k columns a
+        # cotangent of f's own shape
         xp = backend_of(f).xp
-        m = f.shape[0]
-        y = xp.reshape(y, (m, -1)) if tuple(y.shape) == tuple(f.shape) else y
-        s = loss.hessian_sqrt(xp.reshape(f, (m, -1)), y)
+        s = loss.hessian_sqrt(f, y)
         return [xp.reshape(s[:, :, c], f.shape) for c in range(s.shape[2])]
     if mode == "empirical":
         return [loss.grad(f, y)]

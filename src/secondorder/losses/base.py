@@ -74,6 +74,13 @@ class Loss(ABC):
         """Reached only with the default options (the others return a ``Scaled``)."""
         del reduction, scale, outputs  # nothing to store: the class attributes hold them
 
+    def outputs_per_sample(self, f: Array) -> int:
+        """The number of outputs of one sample that ``outputs="mean"`` averages over: for an
+        elementwise loss every entry after the batch axis, prod(shape[1:])
+        (:func:`outputs_per_sample`); softmax cross-entropy counts its predictions (positions)
+        instead."""
+        return outputs_per_sample(f)
+
     def factor(self, f: Array) -> float:
         """The constant c of the per-sample loss c l_i at outputs f: 1 for a plain loss (see
         :meth:`Scaled.factor <secondorder.losses.Scaled.factor>`)."""
@@ -115,11 +122,13 @@ class Loss(ABC):
 
     @abstractmethod
     def hessian(self, f: Array, y: Array) -> Array:
-        """The explicit per-sample Hessians H_i, shape (m, k, k) (tests and small systems)."""
+        """The explicit per-sample Hessians H_i, shape (m, k, k) (tests and small systems);
+        for outputs of shape (m, ...), k = prod(shape[1:]) in row-major order (:func:`as_rows`)."""
 
     @abstractmethod
     def hessian_sqrt(self, f: Array, y: Array) -> Array:
-        """Per-sample factors S_i with S_i S_i^T = H_i, shape (m, k, k)."""
+        """Per-sample factors S_i with S_i S_i^T = H_i, shape (m, k, k), laid out as
+        :meth:`hessian`."""
 
     @abstractmethod
     def pinv_hvp(self, f: Array, y: Array, v: Array) -> Array:
@@ -240,6 +249,14 @@ def sum_outputs(a: Array) -> Array:
     if a.ndim == 1:
         return a
     return backend_of(a).xp.sum(a, axis=tuple(range(1, a.ndim)))
+
+
+def as_rows(f: Array) -> Array:
+    """Outputs of shape (m, ...) as rows (m, k), k = prod(shape[1:]) in row-major order (the
+    layout of the per-sample Hessians of :meth:`Loss.hessian`); (m, k) outputs unchanged."""
+    if f.ndim == 2:
+        return f
+    return backend_of(f).xp.reshape(f, (f.shape[0], -1))
 
 
 def outputs_per_sample(f: Array) -> int:

@@ -12,6 +12,12 @@ k outputs per sample; "ours" is the library loss with its default options):
 ``nn.BCEWithLogitsLoss(reduction="sum")`` ``SigmoidBCE(reduction="sum")`` (c = m)
 =======================================  ====================================================
 
+``nn.CrossEntropyLoss`` maps for outputs (m, k). On outputs with positions it reads torch's
+layout (m, k, T...) and averages over the positions, while the library's cross-entropy takes
+the classes last and sums over positions: the converted loss refuses such outputs with a
+:class:`~secondorder.errors.ShapeError` that names the equivalent,
+``SoftmaxCrossEntropy(outputs="mean")`` on logits (m, T..., k).
+
 Options the library's losses do not have raise
 :class:`~secondorder.errors.UnsupportedLossError` with what to use instead: class ``weight``,
 ``label_smoothing``, an ``ignore_index`` that is a valid class, ``pos_weight``,
@@ -23,7 +29,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..errors import UnsupportedLossError
+from ..errors import ShapeError, UnsupportedLossError
 from .base import Loss
 from .mse import MSE
 from .sigmoid_bce import SigmoidBCE
@@ -88,6 +94,27 @@ def _reduction(obj: Any) -> str:
     return reduction
 
 
+class TorchCrossEntropy(SoftmaxCrossEntropy):
+    """``nn.CrossEntropyLoss()`` as converted: :class:`SoftmaxCrossEntropy` on outputs (m, k),
+    a named error on outputs with positions, whose layout and reduction differ from torch's
+    (the module docstring)."""
+
+    def _check_layout(self, xp: Any, f: Any, y: Any) -> None:
+        if f.ndim > 2:
+            raise ShapeError(
+                f"torch's CrossEntropyLoss on outputs of shape {tuple(f.shape)}: torch reads "
+                "the classes on axis 1 (batch, classes, positions...) and averages over the "
+                "positions; the library's cross-entropy takes the classes on the last axis. "
+                "Pass loss=secondorder.losses.SoftmaxCrossEntropy(outputs='mean') (the mean "
+                "over positions, torch's value) with logits of shape (batch, positions..., "
+                "classes): a language model's (batch, tokens, vocabulary) as they are, torch's "
+                "(batch, classes, H, W) map as logits.movedim(1, -1)")
+        super()._check_layout(xp, f, y)
+
+    def __repr__(self) -> str:
+        return "TorchCrossEntropy()"
+
+
 def _from_torch(torch: Any, obj: Any) -> Loss:
     nn = torch.nn
     kind = type(obj).__name__
@@ -111,7 +138,7 @@ def _from_torch(torch: Any, obj: Any) -> Loss:
                 "the library's cross-entropy takes every sample. Remove the ignored samples "
                 "from the batch and keep the default ignore_index"
             )
-        return SoftmaxCrossEntropy(reduction=reduction)
+        return TorchCrossEntropy(reduction=reduction)
     if isinstance(obj, nn.MSELoss):
         reduction = _reduction(obj)
         # torch: (1/(m k)) sum (f - y)^2 = (2/k) * mean_i 1/2 |f_i - y_i|^2; sum: 2m * ours

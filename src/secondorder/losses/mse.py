@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import random
 from ..backends import backend_of
-from .base import Array, Loss, draw_like, sum_outputs
+from .base import Array, Loss, as_rows, draw_like, sum_outputs
 
 
 class MSE(Loss):
@@ -56,6 +56,7 @@ class MSE(Loss):
 
     def hessian(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
+        f = as_rows(f)
         m, k = f.shape
         return xp.broadcast_to(self._eye(f)[None, :, :], (m, k, k))
 

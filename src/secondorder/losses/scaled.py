@@ -56,7 +56,7 @@ import numpy as np
 
 from ..backends import Backend, backend_of
 from ..errors import HyperparameterError, UnsupportedLossError
-from .base import Array, Loss, outputs_per_sample
+from .base import Array, Loss
 
 REDUCTIONS = ("mean", "sum")
 OUTPUTS = ("sum", "mean")
@@ -141,10 +141,13 @@ class Scaled(Loss):
         return object.__new__(cls)
 
     # ------------------------------------------------------------------ the constant
+    def outputs_per_sample(self, f: Array) -> int:
+        return self.loss.outputs_per_sample(f)
+
     def factor(self, f: Array) -> float:
         """c = scale * (m if reduction == "sum") / (k if outputs == "mean") for outputs f of
-        shape (m, k)."""
-        m, k = int(f.shape[0]), outputs_per_sample(f)
+        shape (m, k), k the wrapped loss's :meth:`~Loss.outputs_per_sample`."""
+        m, k = int(f.shape[0]), self.loss.outputs_per_sample(f)
         c = self.scale
         if self.reduction == "sum":
             c = c * m
@@ -161,7 +164,7 @@ class Scaled(Loss):
         xp = backend_of(f).xp
         l = self.loss.per_sample(f, y)  # noqa: E741
         total = xp.sum(l) if self.reduction == "sum" else xp.mean(l)
-        c = self.scale / (outputs_per_sample(f) if self.outputs == "mean" else 1)
+        c = self.scale / (self.loss.outputs_per_sample(f) if self.outputs == "mean" else 1)
         return c * total
 
     def grad(self, f: Array, y: Array) -> Array:

@@ -12,7 +12,7 @@ from .. import random
 from ..backends import Backend, backend_of
 from ..errors import LabelError
 from ..functional import sigmoid, softplus
-from .base import Array, Loss, draw_like, sum_outputs
+from .base import Array, Loss, as_rows, draw_like, sum_outputs
 
 
 class SigmoidBCE(Loss):
@@ -103,10 +103,12 @@ class SigmoidBCE(Loss):
         return lambda v: h * v
 
     def hessian(self, f: Array, y: Array) -> Array:
+        f = as_rows(f)
         return self._eye(f)[None, :, :] * self._curvature(f)[:, None, :]
 
     def hessian_sqrt(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
+        f = as_rows(f)
         return self._eye(f)[None, :, :] * xp.sqrt(self._curvature(f))[:, None, :]
 
     def _nonzero(self, f: Array) -> tuple[Array, Array]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 from .. import random
 from ..backends import Backend, backend_of
 from ..errors import LabelError, ShapeError
-from .base import Array, Loss, draw_like
+from .base import Array, Loss, draw_like, sum_outputs
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -19,8 +20,15 @@ class SoftmaxCrossEntropy(Loss):
     mean over the m samples (with the default options).
 
     Outputs f (logits) have shape (m, k); targets y are integer class labels of shape (m,) (read
-    as one-hot rows) or probability rows of shape (m, k). Formulas per sample, with
-    s = softmax(f):
+    as one-hot rows) or probability rows of shape (m, k). Outputs of shape (m, T_1, ..., k), a
+    softmax per position (a sequence's tokens, a segmentation map's pixels), have the classes on
+    the **last** axis (flax's and optax's layout; move torch's (m, k, T...) layout with
+    ``logits.movedim(1, -1)``) and labels of shape (m, T_1, ...) or rows of f's shape; the
+    per-sample loss is the sum over the P = T_1 ... positions, and ``outputs="mean"`` averages
+    over them instead (torch's ``CrossEntropyLoss()`` on the flattened tokens, optax's
+    ``softmax_cross_entropy_with_integer_labels(...).mean()``). The formulas below hold per
+    position; the per-sample Hessian is block diagonal over the positions. Formulas per
+    sample, with s = softmax(f):
 
     * gradient s - y; Hessian H = diag(s) - s s^T, so H v = s * v - <v, s> s and H 1 = 0 (H is
       singular); factor S = diag(sqrt(s)) - s sqrt(s)^T with S S^T = H;
@@ -41,8 +49,9 @@ class SoftmaxCrossEntropy(Loss):
     scale : float, default 1.0
         A positive constant c multiplying the per-sample loss.
     outputs : {"sum", "mean"}, default "sum"
-        "mean" divides the per-sample loss by k (rarely wanted here; PyTorch's
-        ``nn.CrossEntropyLoss()`` is the default, ``reduction="sum"`` its sum).
+        "mean" divides the per-sample loss by its number of predictions, the P positions
+        (1 for outputs (m, k), where it changes nothing; PyTorch's ``nn.CrossEntropyLoss()`` on
+        (m, k) is the default, ``reduction="sum"`` its sum).
 
     With the defaults the constructor returns this class; any other value returns a
     :class:`~secondorder.losses.Scaled` wrapping it (not an instance of this class), whose
@@ -61,24 +70,33 @@ class SoftmaxCrossEntropy(Loss):
         steps and the published runs were taken with these numbers, and float32 Hessian-free
         runs diverge from rounding-level changes within tens of steps."""
         xp = backend_of(f).xp
-        z = f - xp.max(f, axis=1, keepdims=True)
-        return xp.exp(z - xp.log(xp.sum(xp.exp(z), axis=1, keepdims=True)))
+        z = f - xp.max(f, axis=-1, keepdims=True)
+        return xp.exp(z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True)))
+
+    def outputs_per_sample(self, f: Array) -> int:
+        """P, the positions of a sample (one softmax each): prod(shape[1:-1]), 1 for (m, k)."""
+        return math.prod(int(n) for n in f.shape[1:-1])
 
     def targets(self, f: Array, y: Array) -> Array:
         """y as rows of probabilities: integer labels become one-hot rows."""
-        if y.ndim == 2:
+        if y.ndim == f.ndim:
             return y
         xp = backend_of(f).xp
-        k = f.shape[1]
+        k = f.shape[-1]
         classes = xp.arange(k, device=backend_of(f).device(f))
-        return xp.astype(y[:, None] == classes[None, :], f.dtype)
+        return xp.astype(y[..., None] == classes, f.dtype)
 
     def per_sample(self, f: Array, y: Array) -> Array:
         self.check_values(f, y)
         backend = backend_of(f)
-        if y.ndim == 1:  # integer labels: pick the entries instead of a one-hot product
-            return backend.label_cross_entropy(f, y)
-        return backend.logsumexp(f, axis=1)[:, 0] - backend.xp.sum(f * y, axis=1)
+        xp = backend.xp
+        if y.ndim == f.ndim - 1:  # integer labels: pick the entries instead of a one-hot product
+            if f.ndim == 2:
+                return backend.label_cross_entropy(f, y)
+            k = f.shape[-1]
+            per = backend.label_cross_entropy(xp.reshape(f, (-1, k)), xp.reshape(y, (-1,)))
+            return sum_outputs(xp.reshape(per, (f.shape[0], -1)))
+        return sum_outputs(backend.logsumexp(f, axis=-1)[..., 0] - xp.sum(f * y, axis=-1))
 
     def grad(self, f: Array, y: Array) -> Array:
         s = self._softmax(f)
@@ -94,7 +112,7 @@ class SoftmaxCrossEntropy(Loss):
     def _hvp_with(s: Array) -> Callable[[Array], Array]:
         """v -> H v = s * v - <v, s> s for the softmax s of the outputs."""
         xp = backend_of(s).xp
-        return lambda v: s * v - xp.sum(v * s, axis=1, keepdims=True) * s
+        return lambda v: s * v - xp.sum(v * s, axis=-1, keepdims=True) * s
 
     def grad_hvp_at(self, f: Array, y: Array) -> tuple[Array, Callable[[Array], Array]]:
         """s - y and v -> s * v - <v, s> s from one softmax s (what :meth:`grad` and
@@ -109,19 +127,40 @@ class SoftmaxCrossEntropy(Loss):
 
     def hessian(self, f: Array, y: Array) -> Array:
         s = self._softmax(f)
-        return self._eye(f)[None, :, :] * s[:, None, :] - s[:, :, None] * s[:, None, :]
+        return self._block_diagonal(f, self._eye_k(f) * s[..., None, :]
+                                    - s[..., :, None] * s[..., None, :])
 
     def hessian_sqrt(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
         s = self._softmax(f)
         r = xp.sqrt(s)
-        return self._eye(f)[None, :, :] * r[:, None, :] - s[:, :, None] * r[:, None, :]
+        return self._block_diagonal(f, self._eye_k(f) * r[..., None, :]
+                                    - s[..., :, None] * r[..., None, :])
+
+    @staticmethod
+    def _eye_k(f: Array) -> Array:
+        backend = backend_of(f)
+        return backend.xp.eye(f.shape[-1], dtype=f.dtype, device=backend.device(f))
+
+    @staticmethod
+    def _block_diagonal(f: Array, blocks: Array) -> Array:
+        """Per-position k x k blocks (m, T..., k, k) as the per-sample (m, P k, P k) matrix of
+        the row-major flattened outputs (the blocks themselves for outputs (m, k))."""
+        if f.ndim == 2:
+            return blocks
+        backend = backend_of(f)
+        xp = backend.xp
+        m, k = f.shape[0], f.shape[-1]
+        p = math.prod(int(n) for n in f.shape[1:-1])
+        blocks = xp.reshape(blocks, (m, p, k, 1, k))
+        eye = xp.eye(p, dtype=f.dtype, device=backend.device(f))
+        return xp.reshape(eye[None, :, None, :, None] * blocks, (m, p * k, p * k))
 
     @staticmethod
     def _center(v: Array, w: Array) -> Array:
         """P_w v: v minus its mean over the support w (0/1 weights), zero off the support."""
         xp = backend_of(v).xp
-        return w * (v - xp.sum(w * v, axis=1, keepdims=True) / xp.sum(w, axis=1, keepdims=True))
+        return w * (v - xp.sum(w * v, axis=-1, keepdims=True) / xp.sum(w, axis=-1, keepdims=True))
 
     def _support(self, f: Array) -> tuple[Array, Array]:
         """s and the 0/1 weights of the classes with s_j > 0 (range(H) lies in their span)."""
@@ -141,54 +180,58 @@ class SoftmaxCrossEntropy(Loss):
         xp = backend_of(a).xp
         mu = self.targets(a, y) + a
         eps = 1e3 * xp.finfo(a.dtype).eps
-        inside = xp.logical_and(xp.all(mu >= -eps, axis=1),
-                                xp.abs(xp.sum(mu, axis=1) - 1.0) <= eps * a.shape[1])
+        inside = xp.logical_and(xp.all(mu >= -eps, axis=-1),
+                                xp.abs(xp.sum(mu, axis=-1) - 1.0) <= eps * a.shape[-1])
         safe = xp.where(mu > 0, mu, xp.ones_like(mu))
-        entropy = xp.sum(xp.where(mu > 0, mu * xp.log(safe), xp.zeros_like(mu)), axis=1)
-        return xp.where(inside, entropy, xp.full_like(entropy, float("inf")))
+        entropy = xp.sum(xp.where(mu > 0, mu * xp.log(safe), xp.zeros_like(mu)), axis=-1)
+        return sum_outputs(xp.where(inside, entropy, xp.full_like(entropy, float("inf"))))
 
-    def noise(self, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        return rng.random(shape[0])
+    def noise(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        return rng.random(tuple(shape[:-1]))
 
     def key_noise(self, key: Array, f: Array) -> Array:
-        return draw_like(f, lambda dtype: random.uniform(key, (f.shape[0],), dtype))
+        return draw_like(f, lambda dtype: random.uniform(key, tuple(f.shape[:-1]), dtype))
 
     def _sample(self, f: Array, noise: Array) -> Array:
-        """Integer class labels, shape (m,)."""
+        """Integer class labels, shape (m,) (f's shape without its class axis)."""
         backend = backend_of(f)
         xp = backend.xp
         s = self._softmax(f)
-        below = xp.cumulative_sum(s, axis=1) < noise[:, None]
+        below = xp.cumulative_sum(s, axis=-1) < noise[..., None]
         # int64 where the backend has it; JAX without x64 has int32 only (asking for int64
         # there warns at every sample and truncates anyway)
         index = xp.int64 if backend.supports_float64() else xp.int32
-        labels = xp.sum(xp.astype(below, index), axis=1)
-        return xp.clip(labels, max=f.shape[1] - 1)
+        labels = xp.sum(xp.astype(below, index), axis=-1)
+        return xp.clip(labels, max=f.shape[-1] - 1)
 
     #: (weak reference to the targets last found valid, their version, the number of classes)
     _valid: tuple[Any, Any, int] | None = None
 
     def _check_layout(self, xp: Any, f: Array, y: Array) -> None:
-        """ShapeError or LabelError for outputs other than (m, k) and targets other than
-        labels (m,) or probability rows (m, k) (shapes and dtypes are known in traces too)."""
-        if f.ndim != 2:
+        """ShapeError or LabelError for outputs other than (m, ..., k) and targets other than
+        labels (m, ...) or probability rows of f's shape (shapes and dtypes are known in
+        traces too)."""
+        if f.ndim < 2:
             raise ShapeError(
-                f"softmax cross-entropy: outputs must have shape (batch, classes), got "
-                f"{tuple(f.shape)}. Class scores per position (torch's (batch, classes, "
-                "positions) layout, a segmentation map) are not supported: the curvature of one "
-                "softmax per position is not implemented; flatten the outputs only if the "
-                "classes are the only axis after the batch")
-        if y.ndim == 2 and xp.isdtype(y.dtype, ("integral", "bool")):
+                f"softmax cross-entropy: outputs must have shape (batch, classes) or (batch, "
+                f"positions..., classes), got {tuple(f.shape)}")
+        labels = tuple(f.shape[:-1])
+        if y.ndim == f.ndim and xp.isdtype(y.dtype, ("integral", "bool")):
+            column = " (y.squeeze(1) for a column of labels" if f.ndim == 2 else " ("
             raise LabelError(
                 f"softmax cross-entropy: integer targets of shape {tuple(y.shape)}; class labels "
-                "have shape (batch,) (y.squeeze(1) for a column of labels, y.argmax(1) for "
+                f"have shape {labels}{column}{', ' if f.ndim == 2 else ''}y.argmax(-1) for "
                 "one-hot rows), probability rows a floating dtype (y.float())")
-        if y.ndim not in (1, 2) or (y.ndim == 2 and tuple(y.shape) != tuple(f.shape)) or (
-                y.ndim == 1 and y.shape[0] != f.shape[0]):
+        if tuple(y.shape) not in (labels, tuple(f.shape)):
+            hint = ""
+            if f.ndim > 2 and tuple(y.shape) == (f.shape[0], *f.shape[2:]):
+                hint = (" The classes look like they are on axis 1 (torch's (batch, classes, "
+                        "positions...) layout): the library takes them on the last axis, so "
+                        "return logits.movedim(1, -1) from the model.")
             raise ShapeError(
                 f"softmax cross-entropy: targets of shape {tuple(y.shape)} for outputs "
-                f"{tuple(f.shape)}; give class labels of shape ({f.shape[0]},) or probability "
-                f"rows of shape {tuple(f.shape)}")
+                f"{tuple(f.shape)}; give class labels of shape {labels} or probability "
+                f"rows of shape {tuple(f.shape)} (classes on the last axis).{hint}")
 
     def check_values(self, f: Array, y: Array) -> None:
         """Integer labels y (shape (m,)) must have an integer dtype and lie in [0, k); rows y
@@ -207,12 +250,12 @@ class SoftmaxCrossEntropy(Loss):
         xp = backend.xp
         self._check_layout(xp, f, y)
         k = f.shape[-1]
-        labels = y.ndim == 1
+        labels = y.ndim == f.ndim - 1
         if labels and not xp.isdtype(y.dtype, "integral"):
             raise LabelError(
-                f"softmax cross-entropy: 1-D targets are class labels and need an integer dtype, "
-                f"got {y.dtype}; convert them (y.astype(int) / y.long()) or pass probability "
-                "rows of shape (batch, classes)")
+                f"softmax cross-entropy: targets of shape {tuple(y.shape)} are class labels and "
+                f"need an integer dtype, got {y.dtype}; convert them (y.astype(int) / y.long()) "
+                f"or pass probability rows of shape {tuple(f.shape)}")
         if not backend.is_concrete(y):
             self._check_traced(y, k, labels)
             return
@@ -224,7 +267,7 @@ class SoftmaxCrossEntropy(Loss):
             bad = xp.any(xp.logical_or(y < 0, y >= k))
         else:
             tol = max(1e-6, 64 * k * float(xp.finfo(y.dtype).eps))
-            sums = xp.sum(y, axis=1)
+            sums = xp.sum(y, axis=-1)
             bad = xp.logical_or(xp.any(xp.logical_and(y < 0, xp.isfinite(y))),
                                 xp.any(xp.logical_and(xp.abs(sums - 1) > tol, xp.isfinite(sums))))
         if not backend.is_concrete(bad):  # concrete targets closed over inside jax.jit
@@ -236,12 +279,14 @@ class SoftmaxCrossEntropy(Loss):
                 raise LabelError(
                     f"softmax cross-entropy: class labels must lie in [0, {k - 1}] for {k} "
                     f"outputs; got values from {values.min()} to {values.max()}. Check the "
-                    "labels (0-based) and the width of the network's last layer")
+                    "labels (0-based) and the width of the network's last layer; padding "
+                    "labels (torch's ignore_index -100) are not skipped: leave padded samples "
+                    "or positions out of the batch")
             raise LabelError(
                 "softmax cross-entropy: target rows must be probability vectors "
                 f"(entries >= 0, each row summing to 1); got entries from {values.min():.3g} "
-                f"and row sums from {values.sum(axis=1).min():.6g} to "
-                f"{values.sum(axis=1).max():.6g}; pass integer labels or normalised rows")
+                f"and row sums from {values.sum(axis=-1).min():.6g} to "
+                f"{values.sum(axis=-1).max():.6g}; pass integer labels or normalised rows")
         try:
             self._valid = (weakref.ref(y), version, k)
         except TypeError:  # an array type without weak references: check every time

@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
+from ..curvature.base import two_dimensional_outputs
 from ..errors import HyperparameterError, ShapeError, StructureError, UnsupportedModelError
 from ..linalg.operator import has_native_vmap, map_columns
 from ..losses import MSE, Loss, Scaled
@@ -339,8 +340,7 @@ class _SMW(Optimizer):
         x, y = batch
         f, jvp, vjp = backend.linearize_vjp(lambda p: self.apply(p, x), params)
         if getattr(f, "ndim", None) != 2:
-            raise ShapeError(f"{type(self).__name__}: the network must return (batch, outputs), "
-                             f"got shape {tuple(getattr(f, 'shape', ()))}; flatten its output")
+            raise ShapeError(two_dimensional_outputs(f, type(self).__name__))
         n1, k = int(f.shape[0]), int(f.shape[1])
         n2 = min(self.curvature_batch, n1)
         loss = self.loss.value(f, y)
