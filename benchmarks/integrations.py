@@ -6,8 +6,9 @@ interleaved rounds after warm-up, the median of each:
 
 * ``torch/<method>``: ``integrations.torch.Optimizer(model, nn.CrossEntropyLoss(), method).step``
   (parameters read from the module, stepped, copied back into it in place) against the pure
-  API on the same module, ``from_torch(model)`` and ``METHODS[method](apply, loss).step`` with
-  parameters and state carried between calls. Target: ratio <= 1.05.
+  API on the same module, ``from_torch(model)`` and ``METHODS[method].cls(apply, loss).step``
+  (the class's defaults, as the integration's) with parameters and state carried between
+  calls. Target: ratio <= 1.05.
 * ``jax/<method>`` (when optax is installed): the method turned into an optax transformation by
   ``integrations.optax`` and stepped with ``optax.apply_updates`` inside one ``jax.jit`` against
   the jitted pure step, on the same MLP written with ``jax.numpy``.
@@ -67,7 +68,7 @@ def bench_torch(args: Any) -> dict[str, Any]:
         fns[f"{name}.ours"] = lambda opt=opt: opt.step((x, y))
 
         apply, params = from_torch(module())
-        pure = METHODS[name](apply, SoftmaxCrossEntropy())
+        pure = METHODS[name].cls(apply, SoftmaxCrossEntropy())
         carry = [params, pure.init(params)]
 
         def pure_step(pure: Any = pure, carry: list = carry) -> Any:

@@ -1,8 +1,9 @@
 """secondorder.integrations.torch.Optimizer against the pure init/step API and plain torch.
 
 The references are independent of the integration: the pure API (``from_torch`` and
-``METHODS[name](apply, loss)`` stepped by hand), a plain train-mode forward pass of a copy of the
-module for running statistics, and torch's own generator for dropout masks.
+``METHODS[name].cls(apply, loss)``, the class with its own defaults, stepped by hand), a plain
+train-mode forward pass of a copy of the module for running statistics, and torch's own
+generator for dropout masks.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def image_batches(n: int, m: int = 8, seed: int = 2) -> list[tuple[torch.Tensor,
 
 def pure_run(module: nn.Module, name: str, data: list, **hp: object) -> dict:
     apply, params = from_torch(module)
-    opt = METHODS[name](apply, SoftmaxCrossEntropy(), **hp)
+    opt = METHODS[name].cls(apply, SoftmaxCrossEntropy(), **hp)
     state = opt.init(params)
     for batch in data:
         params, state, _ = opt.step(params, state, batch)
@@ -124,7 +125,7 @@ def test_a_donated_gradient_step_is_the_pure_step_written_in_place(name: str) ->
     into the given tensors: the pure step's parameters to the bit, in the caller's storage; a
     rejected step (a NaN batch) writes nothing and keeps the state."""
     apply, params = from_torch(mlp())
-    method = METHODS[name](apply, SoftmaxCrossEntropy())
+    method = METHODS[name].cls(apply, SoftmaxCrossEntropy())
     state = method.init(params)
     data = batches(3)
     for batch in data[:2]:  # a momentum buffer that is not zero
@@ -228,9 +229,9 @@ def test_step_lr_changes_sgds_learning_rate() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
     apply, params = from_torch(mlp())
-    state = METHODS["sgd"](apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.9).init(params)
+    state = METHODS["sgd"].cls(apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.9).init(params)
     for t, batch in enumerate(data):
-        method = METHODS["sgd"](apply, SoftmaxCrossEntropy(), lr=0.1 * 0.5**t, momentum=0.9)
+        method = METHODS["sgd"].cls(apply, SoftmaxCrossEntropy(), lr=0.1 * 0.5**t, momentum=0.9)
         params, state, _ = method.step(params, state, batch)
     assert max_rel_diff(module_params(model), params) <= 1e-12
     unscheduled = pure_run(mlp(), "sgd", data, lr=0.1, momentum=0.9)
@@ -248,10 +249,10 @@ def test_step_lr_scales_curveballs_step() -> None:
         sched.step()
 
     apply, params = from_torch(mlp())
-    state = METHODS["curveball"](apply, SoftmaxCrossEntropy()).init(params)
+    state = METHODS["curveball"].cls(apply, SoftmaxCrossEntropy()).init(params)
     for t, batch in enumerate(data):
         lr = 0.5**t
-        method = METHODS["curveball"](apply, SoftmaxCrossEntropy(),
+        method = METHODS["curveball"].cls(apply, SoftmaxCrossEntropy(),
                                       transform=None if lr == 1 else scale(lr))
         if lr != 1:
             state = state._replace(transform=EmptyState())
@@ -355,7 +356,7 @@ def test_a_changed_momentum_keeps_kfacs_factors() -> None:
     start = module_params(model)
     opt.step(data[1])
     apply, _ = from_torch(mlp())
-    method = METHODS["kfac"](apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.0)
+    method = METHODS["kfac"].cls(apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.0)
     fresh = method.init(start)
     state = fresh._replace(**{f: getattr(before, f) for f in before._fields
                               if f != "transform"})
@@ -512,7 +513,7 @@ def test_frozen_parameters_stay_fixed(name):
 
     params = {n: t.detach().clone() for n, t in reference[2].named_parameters()}
     params = {"2.weight": params["weight"], "2.bias": params["bias"]}
-    pure = METHODS[name](apply, SoftmaxCrossEntropy())
+    pure = METHODS[name].cls(apply, SoftmaxCrossEntropy())
     state = pure.init(params)
     for batch in data:
         params, state, _ = pure.step(params, state, batch)

@@ -79,9 +79,11 @@ def _is_plain(value: Any) -> bool:
 
 
 def _hyperparameters(factory: Any) -> tuple[dict[str, Any], set[str], bool]:
-    """The defaults of every hyperparameter a method factory accepts (its class signature,
-    overridden by the registry's defaults), the accepted names, and whether it also takes
-    arbitrary keywords."""
+    """The defaults of every hyperparameter a method factory accepts, the accepted names, and
+    whether it also takes arbitrary keywords. The defaults are the class's own (its
+    signature), those a JAX or NumPy user of the class gets, not the registry's (the command
+    line's and the test suite's choices); the registry's fill in only what the signature does
+    not give."""
     target = getattr(factory, "cls", factory)
     try:
         signature = inspect.signature(target)
@@ -101,7 +103,7 @@ def _hyperparameters(factory: Any) -> tuple[dict[str, Any], set[str], bool]:
             defaults[name] = p.default
     registry_defaults = dict(getattr(factory, "defaults", {}))
     names |= set(registry_defaults)
-    return {**defaults, **registry_defaults}, names, open_keywords
+    return {**registry_defaults, **defaults}, names, open_keywords
 
 
 def _to_loss(loss: Any) -> Any:
@@ -226,8 +228,9 @@ class Optimizer(torch.optim.Optimizer):
     lr : float, default: the method's
         The learning rate, a key of the parameter group that ``torch.optim.lr_scheduler``
         schedules. For methods with a learning rate (``sgd``, ``adam``, ``newton``,
-        ``hessian-free``) it is that hyperparameter, with its default (the registry's or the
-        class's). For methods that take a step of their own length (``curveball``,
+        ``hessian-free`` and the Kronecker family) it is that hyperparameter, with the class's
+        default (``SGD``'s 0.01, ``Adam``'s 1e-3, ``KFAC``'s 0.01, ...). For methods that
+        take a step of their own length (``curveball``,
         ``levenberg-marquardt``, ``prox-linear``) it is a multiplier on that step, default 1.0,
         applied through the method's ``transform=`` as ``scale(lr)`` (after your own
         ``transform``, if you give one); at exactly 1.0 without a transform no transform is
@@ -238,19 +241,19 @@ class Optimizer(torch.optim.Optimizer):
         count) instead of a number is kept on the optimiser, outside the parameter group.
     **hyperparameters
         The method's own hyperparameters (``damping``, ``cg_iters``, ``momentum``, ...; see its
-        class docstring), overriding the registry's defaults. Numbers, strings, booleans and
-        tuples of them go into ``param_groups[0]`` next to ``lr``, where a scheduler or your
-        code may change them between steps: the method object is then rebuilt with the new
-        values (cheap in eager mode) and keeps its state; a value that switches momentum or
-        weight decay on or off adds that transform's state (zeros) or drops it, as
-        ``torch.optim.SGD`` creates or ignores its momentum buffer. Adam's ``b1`` and ``b2``
-        sit there as torch's ``betas`` pair (``betas=`` is accepted), which ``OneCycleLR`` and
-        ``CyclicLR`` cycle. Hyperparameters that also
-        seed the state (the initial ``damping`` of the damped methods) take effect at the first
-        step; later the state's own, adapted value is used. Objects (a ``transform`` chain, an
-        inner ``optimizer``, a partition) are kept on the optimiser, not in the parameter group,
-        so :meth:`state_dict` stays loadable with ``weights_only=True``; pass them again when
-        you rebuild the optimiser to resume.
+        class docstring), overriding the class's defaults (the defaults a user of the class gets on
+        JAX or NumPy; the command line's registry has its own). Numbers, strings, booleans and
+        tuples of them go into ``param_groups[0]`` next to ``lr``, where a scheduler or your code
+        may change them between steps: the method object is then rebuilt with the new values (cheap
+        in eager mode) and keeps its state; a value that switches momentum or weight decay on or
+        off adds that transform's state (zeros) or drops it, as ``torch.optim.SGD`` creates or
+        ignores its momentum buffer. Adam's ``b1`` and ``b2`` sit there as torch's ``betas`` pair
+        (``betas=`` is accepted), which ``OneCycleLR`` and ``CyclicLR`` cycle. Hyperparameters that
+        also seed the state (the initial ``damping`` of the damped methods) take effect at the
+        first step; later the state's own, adapted value is used. Objects (a ``transform`` chain,
+        an inner ``optimizer``, a partition) are kept on the optimiser, not in the parameter group,
+        so :meth:`state_dict` stays loadable with ``weights_only=True``; pass them again when you
+        rebuild the optimiser to resume.
 
     Attributes
     ----------
