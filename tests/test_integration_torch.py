@@ -857,6 +857,31 @@ def test_kronecker_methods_clip_the_gradient_as_clip_grad_norm(name: str) -> Non
     assert max_rel_diff(clipped, {k: v * (c / norm) for k, v in plain.items()}) <= 1e-10
 
 
+def test_clipping_dot_grad_warns_that_the_step_does_not_read_it() -> None:
+    """clip_grad_norm_ between backward() and step() changes .grad in place, which the step
+    does not read: one warning says so and names transform=; the plain loop of the README
+    (backward, then step) does not warn."""
+    import warnings
+
+    (x, y), = batches(1)
+    criterion = nn.CrossEntropyLoss()
+    model = mlp()
+    opt = Optimizer(model, criterion, method="kfac")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            opt.step((x, y))
+    criterion(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    with pytest.warns(UserWarning, match="clip_by_global_norm"):
+        opt.step((x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per optimiser
+        opt.step((x, y))
+
+
 def test_setting_b1_beside_the_groups_betas_raises() -> None:
     opt = Optimizer(mlp(), SoftmaxCrossEntropy(), method="adam")
     opt.step(batches(1)[0])

@@ -428,6 +428,26 @@ class Optimizer(torch.optim.Optimizer):
         self._built = (dict(values), method)
         return method
 
+    def _warn_if_grad_edited(self) -> None:
+        """Warn once when a parameter's ``.grad`` was changed in place after the backward pass
+        that made it (its version counter moved: ``clip_grad_norm_``, gradients accumulated
+        over micro-batches, ``zero_grad(set_to_none=False)``): the step computes its own
+        gradient from the batch, so such a change does nothing, and a user who clips there
+        would train unclipped without knowing."""
+        if getattr(self, "_warned_grad", False):
+            return
+        edited = [n for n, p in self._named() if p.grad is not None and p.grad._version > 0]
+        if edited:
+            self._warned_grad = True
+            warnings.warn(
+                f"the .grad of {len(edited)} parameter(s) ({', '.join(edited[:3])}"
+                f"{', ...' if len(edited) > 3 else ''}) was changed in place after backward() "
+                "(clip_grad_norm_, accumulation over micro-batches, zero_grad(set_to_none="
+                "False)). secondorder's step computes its gradient from the batch it is given "
+                "and does not read .grad, so the change has no effect: clip with "
+                "transform=secondorder.optim.transforms.clip_by_global_norm(c), and pass the "
+                "whole batch to step() instead of accumulating", stacklevel=3)
+
     def _keeps_structure(self, values: dict[str, Any]) -> bool:
         """Whether ``values`` differ from the built ones only in numbers that cannot change
         the state's structure, so the rebuilt method need not initialise a template state (a
@@ -536,6 +556,7 @@ class Optimizer(torch.optim.Optimizer):
                 f"Optimizer.step takes the batch as a pair (x, y), got {type(batch).__name__}"
                 + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""))
         x, y = batch
+        self._warn_if_grad_edited()
         method = self._current_method()
         frozen = self._frozen_since_built()
         params = self._aliases()
