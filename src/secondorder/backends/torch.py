@@ -137,12 +137,20 @@ def _jvp_of_leaves(g: Callable, x_leaves: list[Array], v_leaves: list[Array]
     except NotImplementedError as err:
         if not any(s in str(err) for s in ("forward AD", "forward mode AD")):
             raise
+        first = str(err).splitlines()[0]
+        attention = ""
+        if "attention" in first:
+            attention = (" For scaled_dot_product_attention (nn.MultiheadAttention, "
+                         "nn.TransformerEncoderLayer), run the steps under torch's own math "
+                         "kernel, which has one: with torch.nn.attention.sdpa_kernel("
+                         "torch.nn.attention.SDPBackend.MATH): opt.step((x, y)).")
         raise AutodiffUnavailableError(
             "torch has no forward-mode derivative (JVP) for an operation of this model: "
-            f"{str(err).splitlines()[0]} Methods built on Jacobian-vector products ('curveball', "
+            f"{first} Methods built on Jacobian-vector products ('curveball', "
             "'hessian-free', 'newton', 'levenberg-marquardt', GGN and Hessian operators) "
-            "cannot run on it; those that need only gradients ('sgd', 'adam', 'kfac', "
-            "'shampoo', 'tnt', 'kbfgs') can") from err
+            "cannot run on it; those that need only gradients ('sgd', 'adam', 'shampoo', "
+            "'tnt', and 'kfac' and 'kbfgs' where every tapped layer is called as a module) "
+            f"can.{attention}") from err
 
 
 #: torch dtypes whose values NumPy scalars hold with the same rounding

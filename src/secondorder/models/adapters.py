@@ -305,8 +305,10 @@ class TorchModel(Model):
                     "gradient), so each must be called exactly once per forward pass through its "
                     f"own forward(); here {', '.join(wrong)} are not (a layer reused, or a weight "
                     "used directly, as nn.MultiheadAttention does with out_proj). Use a method "
-                    "without taps ('curveball', 'hessian-free', 'shampoo', 'sgd', 'adam') for "
-                    "this model")
+                    "without taps for this model: 'shampoo', 'tnt', 'sgd' or 'adam' (gradients "
+                    "only), or 'curveball' and 'hessian-free', which also need a forward-mode "
+                    "derivative of every operation (attention: run the steps under "
+                    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH))")
             names = {id(sub): prefix for prefix, sub in self.module.named_modules()}
             check_batch_axis([(names[id(sub)], s) for sub, s in zip(self._tapped, shapes)],
                              int(arrays[0].shape[0]))
