@@ -21,6 +21,7 @@ from . import (
     SMWNG,
     TNT,
     Adam,
+    AdamW,
     CurveBall,
     GroupedNewton,
     HessianFree,
@@ -55,6 +56,7 @@ class Method:
 METHODS: dict[str, Factory] = {
     "sgd": Method(SGD, "lr", lr=0.1, momentum=0.9),
     "adam": Method(Adam, "lr", lr=1e-2),
+    "adamw": Method(AdamW, "lr", lr=1e-2, weight_decay=1e-2),
     "curveball": Method(CurveBall, "damping", damping=1.0),
     "hessian-free": Method(HessianFree, "lr", cg_iters=10),
     "newton": Method(Newton, "damping", variant="abs", damping=1e-3, line_search="cubic"),
