@@ -340,6 +340,45 @@ def test_a_tied_weight_is_tapped_in_the_layer_that_registers_it():
     assert torch.allclose(tap_a, want, rtol=0.0, atol=1e-12)
 
 
+def test_an_output_layer_tied_to_the_embedding_is_tapped():
+    """``head.weight = emb.weight`` (a language model's tied output layer): the parameter is
+    named emb.weight, the embedding is not tapped, and the head is, with that weight: K-FAC's
+    factors equal those of the same network with the weight untied (a copy), whose head is
+    tapped as any Linear."""
+    from secondorder.optim import KFAC
+
+    class LM(nn.Module):
+        def __init__(self, tie: bool) -> None:
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11)
+            if tie:
+                self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mid(self.emb(x))))
+
+    torch.manual_seed(8)
+    tied = LM(True).double()
+    untied = LM(False).double()
+    untied.load_state_dict({**tied.state_dict(), "head.weight": tied.emb.weight.detach()})
+    model, params = from_torch(tied)
+    names = sorted(params)
+    assert [(names[layer.weight], names[layer.bias]) for layer in model.layers] == [
+        ("mid.weight", "mid.bias"), ("emb.weight", "head.bias")]
+    x = torch.randint(0, 11, (5, 4))
+    opts = {"mode": "exact", "statistics_interval": 1, "inverse_interval": 1}
+    batch = (x, torch.randint(0, 11, (5, 4)))
+    factors = []
+    for net in (tied, untied):
+        apply, p = from_torch(net)
+        opt = KFAC(apply, SoftmaxCrossEntropy(), **opts)
+        _, state, info = opt.step(p, opt.init(p), batch)
+        assert bool(info.finite)
+        factors.append([np.asarray(f) for block in state.blocks for f in block.factors])
+    for a, b in zip(*factors, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
 class TimeMajor(nn.Module):
     """A Linear on a time-major (T, m, d) sequence, or on the rows flattened to (m T, d)."""
 

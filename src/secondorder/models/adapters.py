@@ -16,8 +16,10 @@ them in; a tapped layer must be called exactly once per forward pass (else
 ``UnsupportedModelError``). Grouped convolutions (``groups > 1``) and every other layer type
 are not tapped: methods with per-layer blocks treat their parameters as they treat any untapped
 leaf. A weight tied between layers (``b.weight = a.weight``) is one parameter, named after the
-first layer that registers it; that layer is tapped, the others are not (their use of the
-weight reaches its gradient, not its curvature block). ``from_jax`` wraps any pure JAX apply
+first module that registers it; the first Linear or convolution that uses it is tapped, the
+others are not (their use of the weight reaches its gradient, not its curvature block). So a
+language model's output layer tied to its embedding (``head.weight = emb.weight``) is tapped,
+its curvature block taken from the output layer alone. ``from_jax`` wraps any pure JAX apply
 function (flax ``Module.apply``, an equinox model split into arrays and static parts, ...) as
 it is.
 
@@ -76,17 +78,23 @@ class TorchModel(Model):
         self._tapped = []
         layers = []
         norms = []
+        # a parameter's name is the first that registers it (a tied weight has one); a layer
+        # whose weight is tied is tapped unless an earlier tapped layer holds that weight, so
+        # a language model's output layer tied to its (untapped) embedding is tapped
+        name_of = {id(p): name for name, p in module.named_parameters() if name in index}
+        claimed: set[int] = set()
         for prefix, sub in module.named_modules():
-            weight = f"{prefix}.weight" if prefix else "weight"
             # grouped convolutions are not tapped (their weight is block-diagonal over groups,
             # which the Kronecker blocks do not model): their parameters are left untapped,
             # like those of every other layer type
             if (isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)
-                    and weight in index and getattr(sub, "groups", 1) == 1):
+                    and id(sub.weight) in name_of and id(sub.weight) not in claimed
+                    and getattr(sub, "groups", 1) == 1):
+                claimed.add(id(sub.weight))
                 kind = "dense" if isinstance(sub, torch.nn.Linear) else "conv"
-                w = index[f"{prefix}.weight" if prefix else "weight"]
-                b_name = f"{prefix}.bias" if prefix else "bias"
-                b = index.get(b_name) if sub.bias is not None else None
+                w = index[name_of[id(sub.weight)]]
+                b = (index.get(name_of.get(id(sub.bias), ""))
+                     if sub.bias is not None else None)
                 fan_in = sub.weight[0].numel()
                 layers.append(LayerInfo(kind, w, b, fan_in, sub.weight.shape[0]))
                 self._tapped.append(sub)
