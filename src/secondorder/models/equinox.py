@@ -76,8 +76,10 @@ def _inner_transform_error(err: Exception | None = None) -> StructureError:
     return StructureError(
         "a tapped equinox Linear is called under the model's own jax.vmap, lax.scan or other "
         "transformation (e.g. mapped over a sequence), so its recorded input escapes it; layer "
-        "taps need each Linear called once on the example: use a method without taps "
-        f"(Shampoo, Adam, SGD, the GGN methods) for this model{why}")
+        "taps need each Linear called once on the example. For a Linear mapped over a "
+        "sequence's positions, eqx.nn.Conv1d(d_in, d_out, 1) on the (features, positions) "
+        "array is the same layer and is tapped (its weight shared over the positions); or use "
+        f"a method without taps (Shampoo, TNT, Adam, SGD, the GGN methods) for this model{why}")
 
 
 @dataclass(frozen=True)
