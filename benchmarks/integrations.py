@@ -6,8 +6,8 @@ interleaved rounds after warm-up, the median of each:
 
 * ``torch/<method>``: ``integrations.torch.Optimizer(model, nn.CrossEntropyLoss(), method).step``
   (parameters read from the module, stepped, copied back into it in place) against the pure
-  API on the same module, ``from_torch(model)`` and ``METHODS[method].cls(apply, loss).step``
-  (the class's defaults, as the integration's) with parameters and state carried between
+  API on the same module, ``from_torch(model)`` and the method built with the defaults the
+  integration takes (``CLASS_DEFAULTS``) and stepped with parameters and state carried between
   calls. Target: ratio <= 1.05.
 * ``jax/<method>`` (when optax is installed): the method turned into an optax transformation by
   ``integrations.optax`` and stepped with ``optax.apply_updates`` inside one ``jax.jit`` against
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 import _setup as setup
-from secondorder.optim.registry import METHODS
+from secondorder.optim.registry import CLASS_DEFAULTS, METHODS
 
 SIZES = (784, 256, 10)
 METHOD_NAMES = ("sgd", "curveball", "hessian-free")
@@ -68,7 +68,8 @@ def bench_torch(args: Any) -> dict[str, Any]:
         fns[f"{name}.ours"] = lambda opt=opt: opt.step((x, y))
 
         apply, params = from_torch(module())
-        pure = METHODS[name].cls(apply, SoftmaxCrossEntropy())
+        factory = METHODS[name].cls if name in CLASS_DEFAULTS else METHODS[name]
+        pure = factory(apply, SoftmaxCrossEntropy())  # the defaults the integration takes
         carry = [params, pure.init(params)]
 
         def pure_step(pure: Any = pure, carry: list = carry) -> Any:

@@ -1,7 +1,7 @@
 """secondorder.integrations.torch.Optimizer against the pure init/step API and plain torch.
 
 The references are independent of the integration: the pure API (``from_torch`` and
-``METHODS[name].cls(apply, loss)``, the class with its own defaults, stepped by hand), a plain
+``build(name, apply, loss)``, with the defaults the integration takes, stepped by hand), a plain
 train-mode forward pass of a copy of the module for running statistics, and torch's own
 generator for dropout masks.
 """
@@ -29,7 +29,7 @@ from secondorder.integrations.torch import Optimizer, _step_seed  # noqa: E402
 from secondorder.losses import SoftmaxCrossEntropy  # noqa: E402
 from secondorder.models import from_torch  # noqa: E402
 from secondorder.optim.base import StepInfo  # noqa: E402
-from secondorder.optim.registry import METHODS, SMALL_ONLY  # noqa: E402
+from secondorder.optim.registry import CLASS_DEFAULTS, METHODS, SMALL_ONLY  # noqa: E402
 from secondorder.optim.transforms import (  # noqa: E402
     EmptyState,
     chain,
@@ -80,9 +80,16 @@ def image_batches(n: int, m: int = 8, seed: int = 2) -> list[tuple[torch.Tensor,
              torch.randint(0, 3, (m,), generator=g)) for _ in range(n)]
 
 
+def build(name: str, apply: object, loss: object, **hp: object) -> object:
+    """The method as the integration builds it: the class's own defaults for the methods of
+    CLASS_DEFAULTS, the registry's for the others."""
+    factory = METHODS[name].cls if name in CLASS_DEFAULTS else METHODS[name]
+    return factory(apply, loss, **hp)
+
+
 def pure_run(module: nn.Module, name: str, data: list, **hp: object) -> dict:
     apply, params = from_torch(module)
-    opt = METHODS[name].cls(apply, SoftmaxCrossEntropy(), **hp)
+    opt = build(name, apply, SoftmaxCrossEntropy(), **hp)
     state = opt.init(params)
     for batch in data:
         params, state, _ = opt.step(params, state, batch)
@@ -125,7 +132,7 @@ def test_a_donated_gradient_step_is_the_pure_step_written_in_place(name: str) ->
     into the given tensors: the pure step's parameters to the bit, in the caller's storage; a
     rejected step (a NaN batch) writes nothing and keeps the state."""
     apply, params = from_torch(mlp())
-    method = METHODS[name].cls(apply, SoftmaxCrossEntropy())
+    method = build(name, apply, SoftmaxCrossEntropy())
     state = method.init(params)
     data = batches(3)
     for batch in data[:2]:  # a momentum buffer that is not zero
@@ -229,9 +236,9 @@ def test_step_lr_changes_sgds_learning_rate() -> None:
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
     apply, params = from_torch(mlp())
-    state = METHODS["sgd"].cls(apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.9).init(params)
+    state = build("sgd", apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.9).init(params)
     for t, batch in enumerate(data):
-        method = METHODS["sgd"].cls(apply, SoftmaxCrossEntropy(), lr=0.1 * 0.5**t, momentum=0.9)
+        method = build("sgd", apply, SoftmaxCrossEntropy(), lr=0.1 * 0.5**t, momentum=0.9)
         params, state, _ = method.step(params, state, batch)
     assert max_rel_diff(module_params(model), params) <= 1e-12
     unscheduled = pure_run(mlp(), "sgd", data, lr=0.1, momentum=0.9)
@@ -249,10 +256,10 @@ def test_step_lr_scales_curveballs_step() -> None:
         sched.step()
 
     apply, params = from_torch(mlp())
-    state = METHODS["curveball"].cls(apply, SoftmaxCrossEntropy()).init(params)
+    state = build("curveball", apply, SoftmaxCrossEntropy()).init(params)
     for t, batch in enumerate(data):
         lr = 0.5**t
-        method = METHODS["curveball"].cls(apply, SoftmaxCrossEntropy(),
+        method = build("curveball", apply, SoftmaxCrossEntropy(),
                                       transform=None if lr == 1 else scale(lr))
         if lr != 1:
             state = state._replace(transform=EmptyState())
@@ -356,7 +363,7 @@ def test_a_changed_momentum_keeps_kfacs_factors() -> None:
     start = module_params(model)
     opt.step(data[1])
     apply, _ = from_torch(mlp())
-    method = METHODS["kfac"].cls(apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.0)
+    method = build("kfac", apply, SoftmaxCrossEntropy(), lr=0.1, momentum=0.0)
     fresh = method.init(start)
     state = fresh._replace(**{f: getattr(before, f) for f in before._fields
                               if f != "transform"})
@@ -513,7 +520,7 @@ def test_frozen_parameters_stay_fixed(name):
 
     params = {n: t.detach().clone() for n, t in reference[2].named_parameters()}
     params = {"2.weight": params["weight"], "2.bias": params["bias"]}
-    pure = METHODS[name].cls(apply, SoftmaxCrossEntropy())
+    pure = build(name, apply, SoftmaxCrossEntropy())
     state = pure.init(params)
     for batch in data:
         params, state, _ = pure.step(params, state, batch)
@@ -860,7 +867,8 @@ def test_kronecker_methods_clip_the_gradient_as_clip_grad_norm(name: str) -> Non
 def test_clipping_dot_grad_warns_that_the_step_does_not_read_it() -> None:
     """clip_grad_norm_ between backward() and step() changes .grad in place, which the step
     does not read: one warning says so and names transform=; the plain loop of the README
-    (backward, then step) does not warn."""
+    (backward, then step) does not warn, nor does autograd's own in-place accumulation (a
+    weight used twice in the loss, two backward passes)."""
     import warnings
 
     (x, y), = batches(1)
@@ -871,7 +879,9 @@ def test_clipping_dot_grad_warns_that_the_step_does_not_read_it() -> None:
         warnings.simplefilter("error")
         for _ in range(2):
             opt.zero_grad()
+            (criterion(model(x), y) + 1e-3 * (model[0].weight ** 2).sum()).backward()
             criterion(model(x), y).backward()
+            assert model[0].weight.grad._version > 0  # accumulated in place by autograd
             opt.step((x, y))
     criterion(model(x), y).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
@@ -905,6 +915,22 @@ def test_a_transformer_layer_gets_messages_that_lead_to_a_method_that_runs() -> 
     with sdpa_kernel(SDPBackend.MATH):
         losses_ = [float(opt.step((x, y))) for _ in range(3)]
     assert bool(opt.info.finite) and losses_[-1] < losses_[0]
+
+
+def test_kfac_with_a_frozen_bias_preconditions_the_weight_alone() -> None:
+    """A Linear whose bias is frozen (requires_grad=False): the bias is a constant, so K-FAC's
+    A factor of that layer is (1/m) X^T X without the column of ones (a ShapeError before),
+    and the bias keeps its value."""
+    (x, y), = batches(1)
+    model = mlp()
+    model[0].bias.requires_grad_(False)
+    bias = model[0].bias.detach().clone()
+    opt = Optimizer(model, nn.CrossEntropyLoss(), method="kfac", statistics_interval=1,
+                    inverse_interval=1)
+    opt.step((x, y))
+    assert bool(opt.info.finite) and torch.equal(model[0].bias, bias)
+    a_factor = opt.method_state.blocks[0].factors[1]
+    assert torch.allclose(a_factor, x.T @ x / x.shape[0], rtol=1e-13, atol=1e-15)
 
 
 def test_setting_b1_beside_the_groups_betas_raises() -> None:

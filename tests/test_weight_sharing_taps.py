@@ -379,6 +379,43 @@ def test_an_output_layer_tied_to_the_embedding_is_tapped():
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
 
 
+def test_smw_takes_the_jacobian_gram_when_a_tapped_weight_is_tied():
+    """A tap sees one module's use of a tied weight, so SMW's Gram matrix from taps would miss
+    the embedding's share of J: gram='auto' takes the Jacobian (the step equals
+    gram='jacobian'), gram='taps' refuses with a named error. A bias tied between two Linears
+    is tapped once (the second layer is left untapped)."""
+    from secondorder.errors import StructureError
+    from secondorder.optim import SMWGN
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.emb(x).mean(1)))
+
+    torch.manual_seed(0)
+    apply, params = from_torch(Pooled().double())
+    x, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,))
+    steps = []
+    for gram in ("auto", "jacobian"):
+        opt = SMWGN(apply, SoftmaxCrossEntropy(), gram=gram)
+        steps.append(opt.step(params, opt.init(params), (x, y))[0])
+    for name in params:
+        assert torch.allclose(steps[0][name], steps[1][name], rtol=1e-13, atol=1e-15), name
+    opt = SMWGN(apply, SoftmaxCrossEntropy(), gram="taps")
+    with pytest.raises(StructureError, match="tied"):
+        opt.step(params, opt.init(params), (x, y))
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    net[2].bias = net[0].bias
+    model, params = from_torch(net)
+    names = sorted(params)
+    assert [(names[layer.weight], names[layer.bias]) for layer in model.layers] == [
+        ("0.weight", "0.bias")]
+
+
 class TimeMajor(nn.Module):
     """A Linear on a time-major (T, m, d) sequence, or on the rows flattened to (m T, d)."""
 

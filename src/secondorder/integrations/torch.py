@@ -78,12 +78,14 @@ def _is_plain(value: Any) -> bool:
     return False
 
 
-def _hyperparameters(factory: Any) -> tuple[dict[str, Any], set[str], bool]:
+def _hyperparameters(factory: Any, class_first: bool = False
+                     ) -> tuple[dict[str, Any], set[str], bool]:
     """The defaults of every hyperparameter a method factory accepts, the accepted names, and
-    whether it also takes arbitrary keywords. The defaults are the class's own (its
-    signature), those a JAX or NumPy user of the class gets, not the registry's (the command
-    line's and the test suite's choices); the registry's fill in only what the signature does
-    not give."""
+    whether it also takes arbitrary keywords. The defaults are the class's (its signature)
+    overridden by the registry's, or with ``class_first`` the class's own, those a JAX or
+    NumPy user of the class gets, where the registry's are the test suite's choices
+    (:data:`~secondorder.optim.registry.CLASS_DEFAULTS`); the registry's then fill in only
+    what the signature does not give."""
     target = getattr(factory, "cls", factory)
     try:
         signature = inspect.signature(target)
@@ -103,7 +105,9 @@ def _hyperparameters(factory: Any) -> tuple[dict[str, Any], set[str], bool]:
             defaults[name] = p.default
     registry_defaults = dict(getattr(factory, "defaults", {}))
     names |= set(registry_defaults)
-    return {**registry_defaults, **defaults}, names, open_keywords
+    if class_first:
+        return {**registry_defaults, **defaults}, names, open_keywords
+    return {**defaults, **registry_defaults}, names, open_keywords
 
 
 def _to_loss(loss: Any) -> Any:
@@ -228,9 +232,8 @@ class Optimizer(torch.optim.Optimizer):
     lr : float, default: the method's
         The learning rate, a key of the parameter group that ``torch.optim.lr_scheduler``
         schedules. For methods with a learning rate (``sgd``, ``adam``, ``newton``,
-        ``hessian-free`` and the Kronecker family) it is that hyperparameter, with the class's
-        default (``SGD``'s 0.01, ``Adam``'s 1e-3, ``KFAC``'s 0.01, ...). For methods that
-        take a step of their own length (``curveball``,
+        ``hessian-free`` and the Kronecker family) it is that hyperparameter, with its
+        default. For methods that take a step of their own length (``curveball``,
         ``levenberg-marquardt``, ``prox-linear``) it is a multiplier on that step, default 1.0,
         applied through the method's ``transform=`` as ``scale(lr)`` (after your own
         ``transform``, if you give one); at exactly 1.0 without a transform no transform is
@@ -241,19 +244,22 @@ class Optimizer(torch.optim.Optimizer):
         count) instead of a number is kept on the optimiser, outside the parameter group.
     **hyperparameters
         The method's own hyperparameters (``damping``, ``cg_iters``, ``momentum``, ...; see its
-        class docstring), overriding the class's defaults (the defaults a user of the class gets on
-        JAX or NumPy; the command line's registry has its own). Numbers, strings, booleans and
-        tuples of them go into ``param_groups[0]`` next to ``lr``, where a scheduler or your code
-        may change them between steps: the method object is then rebuilt with the new values (cheap
-        in eager mode) and keeps its state; a value that switches momentum or weight decay on or
-        off adds that transform's state (zeros) or drops it, as ``torch.optim.SGD`` creates or
-        ignores its momentum buffer. Adam's ``b1`` and ``b2`` sit there as torch's ``betas`` pair
-        (``betas=`` is accepted), which ``OneCycleLR`` and ``CyclicLR`` cycle. Hyperparameters that
-        also seed the state (the initial ``damping`` of the damped methods) take effect at the
-        first step; later the state's own, adapted value is used. Objects (a ``transform`` chain,
-        an inner ``optimizer``, a partition) are kept on the optimiser, not in the parameter group,
-        so :meth:`state_dict` stays loadable with ``weights_only=True``; pass them again when you
-        rebuild the optimiser to resume.
+        class docstring), overriding the defaults: for ``sgd``, ``adam``, ``adamw`` and the
+        Kronecker-factored methods the class's own (those a user of the class gets on JAX or
+        NumPy: ``Adam``'s lr 1e-3 as ``torch.optim.Adam``, ``SGD``'s lr 0.01 without momentum,
+        ``KFAC``'s T1 = 10 and T2 = 100), for the others the registry's, which make the class
+        usable on a network (Newton's damping and line search, CurveBall's damping 1). Numbers,
+        strings, booleans and tuples of them go into ``param_groups[0]`` next to ``lr``, where a
+        scheduler or your code may change them between steps: the method object is then rebuilt
+        with the new values (cheap in eager mode) and keeps its state; a value that switches
+        momentum or weight decay on or off adds that transform's state (zeros) or drops it, as
+        ``torch.optim.SGD`` creates or ignores its momentum buffer. Adam's ``b1`` and ``b2`` sit
+        there as torch's ``betas`` pair (``betas=`` is accepted), which ``OneCycleLR`` and
+        ``CyclicLR`` cycle. Hyperparameters that also seed the state (the initial ``damping`` of
+        the damped methods) take effect at the first step; later the state's own, adapted value
+        is used. Objects (a ``transform`` chain, an inner ``optimizer``, a partition) are kept
+        on the optimiser, not in the parameter group, so :meth:`state_dict` stays loadable with
+        ``weights_only=True``; pass them again when you rebuild the optimiser to resume.
 
     Attributes
     ----------
@@ -282,7 +288,7 @@ class Optimizer(torch.optim.Optimizer):
                  data_parallel: bool | str = "auto", process_group: Any = None,
                  **hyperparameters: Any):
         from ..distributed.collectives import world_size
-        from ..optim.registry import METHODS
+        from ..optim.registry import CLASS_DEFAULTS, METHODS
 
         # a DDP's forward and its gradient synchronisation are not used (nor DataParallel's or
         # a compiled module's forward): the step calls the module through torch.func
@@ -304,7 +310,8 @@ class Optimizer(torch.optim.Optimizer):
                 f"the module {type(model).__name__} has no parameters to optimise (none with "
                 "requires_grad=True)")
         factory = METHODS[method]
-        defaults, names, open_keywords = _hyperparameters(factory)
+        defaults, names, open_keywords = _hyperparameters(factory, method in CLASS_DEFAULTS)
+        self._takes_transform = "transform" in names
         if "lr" in names:
             self._lr_mode = "native"
         elif "transform" in names:
@@ -365,6 +372,16 @@ class Optimizer(torch.optim.Optimizer):
         self._factory = factory
         self._adapter = TorchModel(model, trainable_only=True)
         self._param_names = [n for n, _ in named]
+        # the version of each .grad when autograd last finished writing it (a hook after every
+        # backward's accumulation), so that a change made after backward() (clip_grad_norm_)
+        # is told apart from autograd's own in-place accumulation
+        versions: dict[int, int] = {}
+
+        def record(p: torch.Tensor) -> None:
+            versions[id(p)] = p.grad._version
+
+        self._grad_versions = versions
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(record) for _, p in named]
         #: num_batches_tracked of the normalisation layers after the last step ("auto")
         self._tracked = self._adapter.batches_tracked()
         self._state: Any = None
@@ -430,23 +447,26 @@ class Optimizer(torch.optim.Optimizer):
 
     def _warn_if_grad_edited(self) -> None:
         """Warn once when a parameter's ``.grad`` was changed in place after the backward pass
-        that made it (its version counter moved: ``clip_grad_norm_``, gradients accumulated
-        over micro-batches, ``zero_grad(set_to_none=False)``): the step computes its own
-        gradient from the batch, so such a change does nothing, and a user who clips there
-        would train unclipped without knowing."""
+        that wrote it (its version counter moved since autograd's last accumulation:
+        ``clip_grad_norm_``, a scaling by hand): the step computes its own gradient from the
+        batch, so such a change does nothing, and a user who clips there would train
+        unclipped without knowing."""
         if getattr(self, "_warned_grad", False):
             return
-        edited = [n for n, p in self._named() if p.grad is not None and p.grad._version > 0]
+        versions = self._grad_versions
+        edited = [n for n, p in self._named() if p.grad is not None and id(p) in versions
+                  and p.grad._version != versions[id(p)]]
         if edited:
             self._warned_grad = True
+            clip = ("clip with transform=secondorder.optim.transforms.clip_by_global_norm(c)"
+                    if self._takes_transform else
+                    f"{self.method!r} takes no transform (its line search sets the step)")
             warnings.warn(
                 f"the .grad of {len(edited)} parameter(s) ({', '.join(edited[:3])}"
                 f"{', ...' if len(edited) > 3 else ''}) was changed in place after backward() "
-                "(clip_grad_norm_, accumulation over micro-batches, zero_grad(set_to_none="
-                "False)). secondorder's step computes its gradient from the batch it is given "
-                "and does not read .grad, so the change has no effect: clip with "
-                "transform=secondorder.optim.transforms.clip_by_global_norm(c), and pass the "
-                "whole batch to step() instead of accumulating", stacklevel=3)
+                "(clip_grad_norm_, say). secondorder's step computes its gradient from the "
+                f"batch it is given and does not read .grad, so the change has no effect: {clip}",
+                stacklevel=3)
 
     def _keeps_structure(self, values: dict[str, Any]) -> bool:
         """Whether ``values`` differ from the built ones only in numbers that cannot change

@@ -43,6 +43,7 @@ Modules with state (``from_torch``). An optimiser calls ``apply`` many times per
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -87,14 +88,16 @@ class TorchModel(Model):
             # grouped convolutions are not tapped (their weight is block-diagonal over groups,
             # which the Kronecker blocks do not model): their parameters are left untapped,
             # like those of every other layer type
+            own = [p for p in (sub._parameters.get("weight"), sub._parameters.get("bias"))
+                   if p is not None and id(p) in name_of]
             if (isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)
-                    and id(sub.weight) in name_of and id(sub.weight) not in claimed
-                    and getattr(sub, "groups", 1) == 1):
-                claimed.add(id(sub.weight))
+                    and id(sub.weight) in name_of and getattr(sub, "groups", 1) == 1
+                    and not any(id(p) in claimed for p in own)):
+                claimed.update(id(p) for p in own)
                 kind = "dense" if isinstance(sub, torch.nn.Linear) else "conv"
                 w = index[name_of[id(sub.weight)]]
-                b = (index.get(name_of.get(id(sub.bias), ""))
-                     if sub.bias is not None else None)
+                b = (index[name_of[id(sub.bias)]]
+                     if sub.bias is not None and id(sub.bias) in name_of else None)
                 fan_in = sub.weight[0].numel()
                 layers.append(LayerInfo(kind, w, b, fan_in, sub.weight.shape[0]))
                 self._tapped.append(sub)
@@ -104,6 +107,13 @@ class TorchModel(Model):
                 if buffers:
                     norms.append((sub, buffers))
         self.layers = tuple(layers)
+        # leaves that more than one module holds (tied weights): a tap sees one module's use
+        # of them, so a Gram matrix or gradient assembled from taps alone would miss the rest
+        holders = Counter(id(p) for sub in module.modules() for p in sub._parameters.values()
+                          if p is not None)
+        #: indices of the leaves held by more than one module (tied parameters)
+        self.shared = frozenset(index[name_of[i]] for i, n in holders.items()
+                                if n > 1 and i in name_of)
         self._norms = norms
         #: whether a forward pass may draw random numbers: a dropout-type layer, or a module
         #: class of the user's (whose forward we cannot see); a composition of torch.nn's own
@@ -164,7 +174,8 @@ class TorchModel(Model):
         if taps is None:
             return self._call(params, x)
         inputs: list[Array] = [None] * len(self._tapped)  # by layer, whatever the call order
-        handles = [sub.register_forward_hook(self._hook(k, tap, inputs))
+        handles = [sub.register_forward_hook(
+                       self._hook(k, tap, inputs, self.layers[k].bias is not None))
                    for k, (sub, tap) in enumerate(zip(self._tapped, taps))]
         try:
             out = self._call(params, x)
@@ -226,7 +237,10 @@ class TorchModel(Model):
                 functional_call(self.module, params, (x,))
 
     @staticmethod
-    def _hook(k: int, tap: Array, inputs: list[Array]) -> Callable:
+    def _hook(k: int, tap: Array, inputs: list[Array], bias: bool) -> Callable:
+        """The forward hook of tapped layer ``k``: adds the tap to its output and records its
+        input (with the column of ones when its bias is one of the tapped parameters; a bias
+        left out, frozen with ``trainable_only``, is a constant)."""
         import torch
 
         def hook(mod: Any, args: tuple, out: Array) -> Array:
@@ -250,7 +264,7 @@ class TorchModel(Model):
                 if a.ndim > 2:
                     a = a.reshape(a.shape[0], -1, a.shape[-1])
                 out = out + tap.reshape(out.shape)
-            if mod.bias is not None:
+            if bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             inputs[k] = a
             return out

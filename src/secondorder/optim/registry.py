@@ -76,6 +76,14 @@ METHODS: dict[str, Factory] = {
     "smw-ng": Method(SMWNG, "damping"),
 }
 SMALL_ONLY = frozenset({"newton", "levenberg-marquardt", "bfgs"})
+#: methods whose registry values are the command line's and the test suite's choices (short
+#: periods so that a few steps take every branch, a larger learning rate), not defaults for
+#: training: the framework integrations (the torch ``Optimizer``) give their users the class's
+#: own defaults for these, the ones a user of the class gets on JAX or NumPy. The other
+#: methods' registry values make the class usable on a network (Newton's damping and line
+#: search, CurveBall's damping, prox-linear's Armijo update) and are kept.
+CLASS_DEFAULTS = frozenset({"sgd", "adam", "adamw", "kfac", "shampoo", "tnt", "kbfgs",
+                            "kbfgs-l"})
 #: what ``secondorder compare`` runs with no --method. Hessian-free is left out: its inner CG at
 #: low damping amplifies last-bit differences between frameworks about tenfold per step, so over
 #: 100 steps its runs drift apart past any fixed tolerance (see the README). GroupedNewton is left

@@ -63,7 +63,7 @@ from ..tree import axpy, scale, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number
 from .schedules import Schedule, resolve
 from .state import initial_count, method_state
-from .step_rules import check_transform, init_transform
+from .step_rules import apply_transform, check_transform, init_transform
 
 __all__ = ["SMWGN", "SMWNG", "SMWGNState", "SMWNGState", "gram_from_taps", "lm_damping",
            "smw_coefficients", "tap_gram"]
@@ -296,12 +296,17 @@ class _SMW(Optimizer):
             covered.add(info.weight)
             if info.bias is not None:
                 covered.add(info.bias)
-        if covered != set(range(len(leaves))):
+        # a tied leaf (another module uses it too) gets only its tapped layer's share of J
+        shared = covered & getattr(self.model, "shared", frozenset())
+        if covered != set(range(len(leaves))) or shared:
             if self.gram == "taps":
                 outside = sorted(set(range(len(leaves))) - covered)
+                where = (f"parameter leaves {outside} lie outside the tapped dense and "
+                         "convolution layers" if outside else
+                         f"parameter leaves {sorted(shared)} are tied to another module, whose "
+                         "use of them no tap sees")
                 raise StructureError(
-                    f"{type(self).__name__}(gram='taps'): parameter leaves {outside} "
-                    "lie outside the tapped dense and convolution layers, so the per-layer "
+                    f"{type(self).__name__}(gram='taps'): {where}, so the per-layer "
                     "Gram identities miss them; use gram='auto' (the Jacobian) instead")
             return False
         return True
@@ -418,9 +423,10 @@ class _SMW(Optimizer):
         if not (backend.is_concrete(finite_trial) and bool(finite_trial)):
             update = scale(xp.astype(finite_trial, predicted.dtype), update)
         inner = state.transform
-        if self.transform is not None:
-            update, inner = self.transform.update(update, inner, params)
-        new = axpy(1.0, update, params)
+        if self.transform is None:
+            new = axpy(1.0, update, params)
+        else:
+            new, update, inner = apply_transform(self.transform, update, inner, params)
         new_state = self.State(state.count + 1, lam_new, inner)
         params, state, okay, step_norm = self.guard(
             params, state, new, new_state, loss, grad, gram, damping_key="damping",
