@@ -178,3 +178,14 @@ def test_kfac_adaptive_damping_models_the_gradient_not_the_momentum():
     expected = float(dot + 0.5 * ((ju ** 2).sum() / 8 + (lam + wd) * uu))
     assert abs(expected) > 1e-6
     np.testing.assert_allclose(float(info.extras["predicted"]), expected, rtol=1e-10)
+
+
+def test_prox_linear_refuses_a_second_order_method_as_its_optimizer():
+    """ProxLinear(optimizer=...) takes a GradientDescent method's update rule; K-FAC with a
+    transform= (an add-on, not its update rule) is refused instead of being replaced by the
+    clip alone."""
+    from secondorder.optim import ProxLinear
+
+    with pytest.raises(HyperparameterError, match="GradientDescent"):
+        ProxLinear(MODEL, LOSS, update="spl",
+                   optimizer=KFAC(MODEL, LOSS, transform=clip_by_global_norm(1.0)))

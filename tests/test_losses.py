@@ -286,7 +286,10 @@ def test_check(backend, case, rng):
             loss.check(fb, conv(backend, bad))
     with pytest.raises(ShapeError):
         loss.check(to(backend, f.reshape(-1)), conv(backend, y))
-    with pytest.raises(ShapeError):
+    # outputs (m, k, 1): for cross-entropy a valid layout (one class at each of k positions),
+    # whose labels (m, k) must be integers: probability rows read as labels are refused as such
+    extra_axis = LabelError if case == "ce_prob" else ShapeError
+    with pytest.raises(extra_axis):
         loss.check(to(backend, f[:, :, None]), conv(backend, y))
     nan = f.copy()
     nan[0, 0] = np.nan

@@ -148,11 +148,18 @@ def test_kfac_exact_factors_of_a_linear_layer_over_tokens_are_the_dense_formulas
     apply, params = from_torch(net)
     rng = np.random.default_rng(4)
     x, y = rng.standard_normal((M, T, 3)), rng.integers(0, K, (M, T))
+    from secondorder.curvature.kfac import kronecker_factors
+
     opt = KFAC(apply, SoftmaxCrossEntropy(), mode="exact", statistics_interval=1,
                inverse_interval=1)
-    _, state, info = opt.step(params, opt.init(params), (torch.tensor(x), torch.tensor(y)))
+    batch = (torch.tensor(x), torch.tensor(y))
+    _, state, info = opt.step(params, opt.init(params), batch)
     assert bool(info.finite)
     g_factor, a_factor = (np.asarray(f) for f in state.blocks[0].factors)
+    # the curvature layer's kronecker_factors (which checks the loss on the outputs) agrees
+    (factors,) = kronecker_factors(apply, SoftmaxCrossEntropy(), params, batch, mode="exact")
+    np.testing.assert_allclose(np.asarray(factors.A), a_factor, rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(factors.G), g_factor, rtol=1e-13, atol=1e-16)
     a = np.concatenate([x, np.ones((M, T, 1))], axis=2)
     w, bias = net[0].weight.detach().numpy(), net[0].bias.detach().numpy()
     logits = x @ w.T + bias

@@ -116,8 +116,8 @@ class Loss(ABC):
         return self.grad(f, y), self.hvp_at(f, y)
 
     def targets(self, f: Array, y: Array) -> Array:
-        """The targets as (m, k) rows in the output space; y itself unless a loss takes another
-        form (integer class labels for softmax cross-entropy)."""
+        """The targets as rows in the output space, shaped like the outputs; y itself unless a
+        loss takes another form (integer class labels for softmax cross-entropy)."""
         return y
 
     @abstractmethod
@@ -172,9 +172,10 @@ class Loss(ABC):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _eye(f: Array) -> Array:
-        """The k x k identity in f's dtype and on f's device, for outputs f of shape (m, k)."""
+        """The k x k identity in f's dtype and on f's device, k = f.shape[-1] (outputs (m, k),
+        or the classes of a per-position loss)."""
         backend = backend_of(f)
-        return backend.xp.eye(f.shape[1], dtype=f.dtype, device=backend.device(f))
+        return backend.xp.eye(f.shape[-1], dtype=f.dtype, device=backend.device(f))
 
     # ------------------------------------------------------------------ checks
     def check(self, f: Array, y: Array) -> None:
@@ -184,10 +185,11 @@ class Loss(ABC):
         concrete, not inside a ``jax.jit`` trace or a ``torch.func`` transform.
         """
         backend = backend_of(f, y)
-        if getattr(f, "ndim", None) != 2:
+        if getattr(f, "ndim", 0) < 2:
             raise ShapeError(
-                f"{self.name}: network outputs must have shape (batch, outputs), got "
-                f"{tuple(getattr(f, 'shape', ()))}; flatten or reshape the model's output"
+                f"{self.name}: network outputs must have shape (batch, outputs) or (batch, "
+                f"..., outputs), got {tuple(getattr(f, 'shape', ()))}; reshape the model's "
+                "output"
             )
         self._check_targets(backend, f, y)
         if backend.is_concrete(f) and not bool(np.all(np.isfinite(backend.to_numpy(f)))):

@@ -9,9 +9,10 @@ How the constant enters. The per-sample loss of ``Scaled(loss, ...)`` is c l_i, 
 
     c = scale * (m if reduction == "sum" else 1) / (k if outputs == "mean" else 1)
 
-for outputs f of shape (m, k), and its batch loss is, as for every library loss, the mean
-(1/m) sum_i c l_i. So ``reduction="sum"`` gives sum_i l_i, and the curvature layer's
-(1/m) sum_i J_i^T H_i J_i becomes the framework's sum_i J_i^T H_i J_i. The per-sample
+for outputs f of shape (m, k), k the wrapped loss's ``outputs_per_sample`` (the entries of a sample
+for MSE and BCE, its positions for softmax cross-entropy), and its batch loss is, as for every
+library loss, the mean (1/m) sum_i c l_i. So ``reduction="sum"`` gives sum_i l_i, and the curvature
+layer's (1/m) sum_i J_i^T H_i J_i becomes the framework's sum_i J_i^T H_i J_i. The per-sample
 quantities of :mod:`.base` follow from c l_i alone:
 
 * ``per_sample``, ``grad``, ``hvp``, ``hessian``: c times those of ``loss``;
@@ -99,9 +100,10 @@ class Scaled(Loss):
         sum_i scale l_i (implemented as the factor m on every per-sample quantity, since the
         curvature layer always divides by m).
     outputs : {"sum", "mean"}, default "sum"
-        "sum" keeps the library's per-sample loss (a sum over the k outputs for MSE and BCE);
-        "mean" divides it by k, as PyTorch's ``MSELoss`` and ``BCEWithLogitsLoss`` do with
-        ``reduction="mean"`` (a mean over all m k entries).
+        "sum" keeps the library's per-sample loss (a sum over the k outputs for MSE and BCE,
+        over the positions for cross-entropy); "mean" divides it by k, as PyTorch's
+        ``MSELoss`` and ``BCEWithLogitsLoss`` do with ``reduction="mean"`` (a mean over all
+        m k entries); for cross-entropy k counts the positions (torch's token mean).
 
     The constant at outputs f of shape (m, k) is :meth:`factor`,
     c = scale * (m if reduction == "sum") / (k if outputs == "mean"). It depends only on

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import random
 from ..backends import Backend, backend_of
-from ..errors import LabelError, ShapeError
+from ..errors import LabelError, NonFiniteError, ShapeError
 from .base import Array, Loss, draw_like, sum_outputs
 
 
@@ -126,32 +126,28 @@ class SoftmaxCrossEntropy(Loss):
         return s - self.targets(f, y), self._hvp_with(s)
 
     def hessian(self, f: Array, y: Array) -> Array:
+        """Per sample diag(s) - s s^T, block diagonal over the positions of outputs (m, T..., k)
+        (the dense (m, P k, P k) matrix: P k backward passes in K-FAC's exact mode, so use the
+        Monte-Carlo Fisher for a long sequence or a large vocabulary)."""
         s = self._softmax(f)
-        return self._block_diagonal(f, self._eye_k(f) * s[..., None, :]
+        return self._block_diagonal(f, self._eye(f) * s[..., None, :]
                                     - s[..., :, None] * s[..., None, :])
 
     def hessian_sqrt(self, f: Array, y: Array) -> Array:
         xp = backend_of(f).xp
         s = self._softmax(f)
         r = xp.sqrt(s)
-        return self._block_diagonal(f, self._eye_k(f) * r[..., None, :]
+        return self._block_diagonal(f, self._eye(f) * r[..., None, :]
                                     - s[..., :, None] * r[..., None, :])
 
-    @staticmethod
-    def _eye_k(f: Array) -> Array:
-        backend = backend_of(f)
-        return backend.xp.eye(f.shape[-1], dtype=f.dtype, device=backend.device(f))
-
-    @staticmethod
-    def _block_diagonal(f: Array, blocks: Array) -> Array:
+    def _block_diagonal(self, f: Array, blocks: Array) -> Array:
         """Per-position k x k blocks (m, T..., k, k) as the per-sample (m, P k, P k) matrix of
         the row-major flattened outputs (the blocks themselves for outputs (m, k))."""
         if f.ndim == 2:
             return blocks
         backend = backend_of(f)
         xp = backend.xp
-        m, k = f.shape[0], f.shape[-1]
-        p = math.prod(int(n) for n in f.shape[1:-1])
+        m, k, p = f.shape[0], f.shape[-1], self.outputs_per_sample(f)
         blocks = xp.reshape(blocks, (m, p, k, 1, k))
         eye = xp.eye(p, dtype=f.dtype, device=backend.device(f))
         return xp.reshape(eye[None, :, None, :, None] * blocks, (m, p * k, p * k))
@@ -234,9 +230,10 @@ class SoftmaxCrossEntropy(Loss):
                 f"rows of shape {tuple(f.shape)} (classes on the last axis).{hint}")
 
     def check_values(self, f: Array, y: Array) -> None:
-        """Integer labels y (shape (m,)) must have an integer dtype and lie in [0, k); rows y
-        (shape (m, k)) must be probability vectors (entries >= 0 summing to 1, to a tolerance
-        of the dtype). :class:`~secondorder.errors.LabelError` otherwise, saying what was found.
+        """Integer labels y (f's shape without its class axis: (m,) for outputs (m, k)) must have
+        an integer dtype and lie in [0, k); rows y (f's shape) must be probability vectors (entries
+        >= 0 summing to 1, to a tolerance of the dtype). :class:`~secondorder.errors.LabelError`
+        otherwise, saying what was found.
 
         A dtype is checked always (it is known inside traces too); values only on concrete y,
         with one combined reduction and one host read, and once per targets array: a step that
@@ -303,31 +300,10 @@ class SoftmaxCrossEntropy(Loss):
             checking.check_rows(y)
 
     def _check_targets(self, backend: Backend, f: Array, y: Array) -> None:
-        m, k = f.shape
-        if y.ndim == 2:
-            super()._check_targets(backend, f, y)
-            if backend.is_concrete(y):
-                rows = backend.to_numpy(y)
-                if np.any(rows < 0) or np.any(np.abs(rows.sum(axis=1) - 1.0) > 1e-6):
-                    raise LabelError(
-                        "softmax cross-entropy: target rows must be probability vectors "
-                        "(non-negative, summing to 1); pass integer labels or one-hot rows"
-                    )
-            return
-        if tuple(y.shape) != (m,):
-            raise ShapeError(
-                f"softmax cross-entropy: integer labels must have shape ({m},), got "
-                f"{tuple(y.shape)}"
-            )
-        if backend.is_concrete(y):
-            labels = backend.to_numpy(y)
-            if labels.dtype.kind not in "iu":
-                raise LabelError(
-                    f"softmax cross-entropy: 1-D targets must be integer class labels, got "
-                    f"dtype {labels.dtype}"
-                )
-            if labels.size and (labels.min() < 0 or labels.max() >= k):
-                raise LabelError(
-                    f"softmax cross-entropy: labels must lie in [0, {k - 1}] for {k} outputs; "
-                    f"got values from {labels.min()} to {labels.max()}"
-                )
+        """:meth:`check`'s targets: the layout, dtype and values of :meth:`check_values`
+        (labels of f's shape without its class axis, or probability rows of f's shape), and
+        finite rows."""
+        self.check_values(f, y)
+        if y.ndim == f.ndim and backend.is_concrete(y) and not bool(
+                np.all(np.isfinite(backend.to_numpy(y)))):
+            raise NonFiniteError(f"{self.name}: the targets contain NaN or inf")

@@ -240,7 +240,9 @@ class KFAC(Optimizer):
         :func:`~secondorder.optim.transforms.clip_by_global_norm`) applied to the gradient g
         first, before the weight decay, the momentum and the preconditioning: torch's
         ``clip_grad_norm_`` before ``optimizer.step()``. The statistics, the quadratic model
-        and the damping's adaptation use the untransformed gradient.
+        and the damping's adaptation use the untransformed gradient. With ``lr=None`` the
+        quadratic model sets the step's length along the preconditioned direction, so a
+        transform that only rescales the gradient (clipping) leaves the step unchanged.
 
     State and info. The state is a :class:`KFACState`. ``info.damping`` is the lambda in force
     after the step; ``info.extras`` holds ``lr`` and ``momentum`` (those used: from the

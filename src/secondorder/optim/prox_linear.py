@@ -60,6 +60,7 @@ from ..linalg import cg
 from ..losses import MSE, Loss, SigmoidBCE, SoftmaxCrossEntropy
 from ..tree import add, axpy, norm, scale, sub, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, is_number, select
+from .gradient_descent import GradientDescent
 from .line_search import backtracking, check_line_search
 from .schedules import Schedule, resolve
 from .state import initial_count, method_state
@@ -497,11 +498,15 @@ class ProxLinear(Optimizer):
         if optimizer is not None:
             if transform is not None:
                 raise HyperparameterError("give optimizer= or transform=, not both")
-            transform = getattr(optimizer, "transform", None)
+            # a GradientDescent's transform is its whole update rule; other methods' transform=
+            # (a clip on K-FAC's gradient, on CurveBall's step) is an add-on, not the method
+            transform = (optimizer.transform if isinstance(optimizer, GradientDescent)
+                         else None)
             if transform is None:
                 raise HyperparameterError(
-                    f"optimizer={optimizer!r} has no update transform: pass a GradientDescent "
-                    "method (SGD, Adam, AdamW) or transform=chain(...)")
+                    f"optimizer={optimizer!r} is not a GradientDescent method, whose update "
+                    "rule (a transform chain) the prox-linear direction can take: pass SGD, "
+                    "Adam or AdamW, or transform=chain(...)")
         if (l1 or transform is not None) and update != "spl":
             raise HyperparameterError("l1 and optimizer= / transform= work with update='spl' only")
         if l1 and transform is not None:

@@ -19,6 +19,8 @@ follows the result.
                                        lambda / factor if gamma < low (or not finite),
                                        lambda * factor if gamma > high
 :func:`apply_transform`                the optional update transform on the step a method takes
+:func:`transform_gradient`             the optional update transform on the gradient a method
+                                       preconditions (K-FAC, Shampoo, TNT, K-BFGS)
 =====================================  =========================================================
 
 All are backend-generic and compile under ``jax.jit`` (the line search is a backend
@@ -51,6 +53,7 @@ __all__ = [
     "init_transform",
     "more_damping",
     "reduction_ratio",
+    "transform_gradient",
     "zero_where_rejected",
 ]
 
