@@ -56,12 +56,8 @@ class LayerFactors:
 def _cotangents(loss: Loss, f: Array, y: Array, mode: str, samples: int, seed: int,
                 noise: list[Any] | None, key: Array | None = None) -> list[Array]:
     if mode == "exact":
-        if f.ndim == 2:
-            s = loss.hessian_sqrt(f, y)
-            return [s[:, :, c] for c in range(f.shape[1])]
-        # outputs (m, ...) (an image, a sequence's logits): the loss's square root on the
-        # k = prod(shape[1:]) outputs of a sample (row-major), each of its k columns a
-        # cotangent of f's own shape
+        # the loss's square root on the k = prod(shape[1:]) outputs of a sample (row-major;
+        # an image, a sequence's logits), each of its k columns a cotangent of f's own shape
         xp = backend_of(f).xp
         s = loss.hessian_sqrt(f, y)
         return [xp.reshape(s[:, :, c], f.shape) for c in range(s.shape[2])]

@@ -88,12 +88,12 @@ class TorchModel(Model):
             # grouped convolutions are not tapped (their weight is block-diagonal over groups,
             # which the Kronecker blocks do not model): their parameters are left untapped,
             # like those of every other layer type
-            own = [p for p in (sub._parameters.get("weight"), sub._parameters.get("bias"))
-                   if p is not None and id(p) in name_of]
-            if (isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)
-                    and id(sub.weight) in name_of and getattr(sub, "groups", 1) == 1
-                    and not any(id(p) in claimed for p in own)):
-                claimed.update(id(p) for p in own)
+            own = ([id(p) for p in (sub.weight, sub.bias) if p is not None and id(p) in name_of]
+                   if isinstance(sub, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)
+                   else [])
+            if (own and id(sub.weight) in name_of and getattr(sub, "groups", 1) == 1
+                    and claimed.isdisjoint(own)):
+                claimed.update(own)
                 kind = "dense" if isinstance(sub, torch.nn.Linear) else "conv"
                 w = index[name_of[id(sub.weight)]]
                 b = (index[name_of[id(sub.bias)]]
@@ -109,8 +109,7 @@ class TorchModel(Model):
         self.layers = tuple(layers)
         # leaves that more than one module holds (tied weights): a tap sees one module's use
         # of them, so a Gram matrix or gradient assembled from taps alone would miss the rest
-        holders = Counter(id(p) for sub in module.modules() for p in sub._parameters.values()
-                          if p is not None)
+        holders = Counter(id(p) for sub in module.modules() for p in sub.parameters(recurse=False))
         #: indices of the leaves held by more than one module (tied parameters)
         self.shared = frozenset(index[name_of[i]] for i, n in holders.items()
                                 if n > 1 and i in name_of)
