@@ -892,31 +892,6 @@ def test_clipping_dot_grad_warns_that_the_step_does_not_read_it() -> None:
         opt.step((x, y))
 
 
-def test_a_transformer_layer_gets_messages_that_lead_to_a_method_that_runs() -> None:
-    """nn.TransformerEncoderLayer: K-FAC refuses its attention's out_proj (never called as a
-    module) and names methods that need no taps; CurveBall meets the fused attention kernel
-    without a forward-mode derivative and names torch's math kernel, under which it runs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from secondorder.errors import AutodiffUnavailableError, UnsupportedModelError
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
-                          nn.Flatten(), nn.Linear(8 * 5, 3)).to(DT)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(4, 5, 8, generator=g, dtype=DT), torch.randint(0, 3, (4,), generator=g)
-    with pytest.raises(UnsupportedModelError, match="'shampoo', 'tnt', 'sgd' or 'adam'"):
-        Optimizer(model, nn.CrossEntropyLoss(), method="kfac").step((x, y))
-    opt = Optimizer(model, nn.CrossEntropyLoss(), method="curveball")
-    try:
-        opt.step((x, y))
-    except AutodiffUnavailableError as err:  # the fused CPU kernel of this torch build
-        assert "SDPBackend.MATH" in str(err)
-    with sdpa_kernel(SDPBackend.MATH):
-        losses_ = [float(opt.step((x, y))) for _ in range(3)]
-    assert bool(opt.info.finite) and losses_[-1] < losses_[0]
-
-
 def test_kfac_with_a_frozen_bias_preconditions_the_weight_alone() -> None:
     """A Linear whose bias is frozen (requires_grad=False): the bias is a constant, so K-FAC's
     A factor of that layer is (1/m) X^T X without the column of ones (a ShapeError before),

@@ -116,10 +116,11 @@ class CheckpointNotFoundError(SecondOrderError, FileNotFoundError):
 
 class UnsupportedModelError(SecondOrderError, ValueError):
     """A model whose layers a method cannot tap: a ``Linear`` or ``Conv2d`` layer that its
-    forward pass calls not exactly once (a layer called twice, or one whose weight is used
-    without calling it, as ``nn.MultiheadAttention`` does with ``out_proj``). Methods that need
-    each layer's input and output gradient (K-FAC, TNT, K-BFGS, SMW-NG/GN) cannot take such a
-    model; methods built on products (CurveBall, Hessian-free) and Shampoo can."""
+    forward pass calls not exactly once (a layer called twice, or one whose weight is applied
+    without calling it, ``F.linear(x, self.fc.weight)``; ``nn.MultiheadAttention``'s ``out_proj``,
+    applied that way, is left untapped instead). Methods that need each layer's input and output
+    gradient (K-FAC, K-BFGS, SMW-NG/GN) cannot take such a model; methods built on products
+    (CurveBall, Hessian-free), Shampoo and TNT can."""
 
 
 class DenseSizeWarning(UserWarning):

@@ -8,7 +8,8 @@ step) gradients and VJPs are recorded on the autograd tape and JVPs pushed with 
 ``torch.autograd.forward_ad``: the same derivative formulas and kernels as ``torch.func``, without
 its wrapping of every tensor, which costs a fixed 0.1 to 0.2 ms a product. Inside a transform
 (``torch.func.vmap``, ``linearize``, a ``jvp`` of a ``jvp``) the ``torch.func`` transforms are
-used. Loops run in Python."""
+used. Forward-mode passes through attention use torch's math kernel once a fused attention
+kernel, which has no forward-mode formula, has refused one. Loops run in Python."""
 
 from __future__ import annotations
 
@@ -120,37 +121,77 @@ def _dual_jvp(g: Callable, x_leaves: list[Array], v_leaves: list[Array]) -> tupl
     return unflatten(out_def, primals), unflatten(out_def, tangents)
 
 
+def _jvp_any(g: Callable, x_leaves: list[Array], v_leaves: list[Array]) -> tuple[Tree, Tree]:
+    """Dual tensors where no transform is active (:func:`_dual_jvp`), else ``torch.func.jvp``;
+    also ``torch.func.jvp`` when ``g`` itself takes a forward-mode derivative (torch nests no
+    dual levels, torch.func does)."""
+    if _eager() and _differentiable(x_leaves):
+        try:
+            return _dual_jvp(g, x_leaves, v_leaves)
+        except RuntimeError as err:
+            if "Nested forward mode AD" not in str(err):
+                raise
+    return torch.func.jvp(g, (x_leaves,), (v_leaves,))
+
+
+#: set once a forward-mode pass met scaled_dot_product_attention's fused kernels (flash,
+#: memory-efficient), which have no forward-mode formula: every later JVP runs under torch's
+#: math kernel, which has one, instead of failing first
+_ATTENTION_MATH = [False]
+
+
+def _math_attention() -> Any:
+    """The context in which ``scaled_dot_product_attention`` uses its math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _forward_mode(fn: Callable[[], Any]) -> Any:
+    """``fn()``, a forward-mode computation, with attention (``scaled_dot_product_attention``:
+    nn.MultiheadAttention, the Transformer layers) on torch's math kernel when the fused kernels
+    the plain forward pass uses (flash, memory-efficient) have no forward-mode formula: the same
+    function, with one."""
+    if _ATTENTION_MATH[0]:
+        with _math_attention():
+            return fn()
+    try:
+        return fn()
+    except NotImplementedError as err:
+        if "attention" not in str(err).splitlines()[0]:
+            raise
+    with _math_attention():
+        out = fn()
+    _ATTENTION_MATH[0] = True
+    return out
+
+
+def _no_forward_mode(err: NotImplementedError) -> AutodiffUnavailableError | None:
+    """The library's error for torch's missing forward-mode formula (None for another
+    NotImplementedError)."""
+    if not any(s in str(err) for s in ("forward AD", "forward mode AD")):
+        return None
+    return AutodiffUnavailableError(
+        "torch has no forward-mode derivative (JVP) for an operation of this model: "
+        f"{str(err).splitlines()[0]} Methods built on Jacobian-vector products "
+        "('curveball', 'hessian-free', 'newton', 'levenberg-marquardt', GGN and Hessian "
+        "operators) cannot run on it; those that need only gradients ('sgd', 'adam', "
+        "'shampoo', 'tnt', and 'kfac' and 'kbfgs' where every tapped layer is called as a "
+        "module) can.")
+
+
 def _jvp_of_leaves(g: Callable, x_leaves: list[Array], v_leaves: list[Array]
                    ) -> tuple[Tree, Tree]:
-    """The JVP of ``g`` at the leaf list: dual tensors where no transform is active
-    (:func:`_dual_jvp`), else ``torch.func.jvp``; also ``torch.func.jvp`` when ``g`` itself
-    takes a forward-mode derivative (torch nests no dual levels, torch.func does). An operation
-    without a forward-mode formula in torch raises :class:`AutodiffUnavailableError`."""
+    """The JVP of ``g`` at the leaf list (:func:`_jvp_any`, attention as
+    :func:`_forward_mode` says). An operation without a forward-mode formula in torch raises
+    :class:`AutodiffUnavailableError`."""
     try:
-        if _eager() and _differentiable(x_leaves):
-            try:
-                return _dual_jvp(g, x_leaves, v_leaves)
-            except RuntimeError as err:
-                if "Nested forward mode AD" not in str(err):
-                    raise
-        return torch.func.jvp(g, (x_leaves,), (v_leaves,))
+        return _forward_mode(lambda: _jvp_any(g, x_leaves, v_leaves))
     except NotImplementedError as err:
-        if not any(s in str(err) for s in ("forward AD", "forward mode AD")):
+        library = _no_forward_mode(err)
+        if library is None:
             raise
-        first = str(err).splitlines()[0]
-        attention = ""
-        if "attention" in first:
-            attention = (" For scaled_dot_product_attention (nn.MultiheadAttention, "
-                         "nn.TransformerEncoderLayer), run the steps under torch's own math "
-                         "kernel, which has one: with torch.nn.attention.sdpa_kernel("
-                         "torch.nn.attention.SDPBackend.MATH): opt.step((x, y)).")
-        raise AutodiffUnavailableError(
-            "torch has no forward-mode derivative (JVP) for an operation of this model: "
-            f"{first} Methods built on Jacobian-vector products ('curveball', "
-            "'hessian-free', 'newton', 'levenberg-marquardt', GGN and Hessian operators) "
-            "cannot run on it; those that need only gradients ('sgd', 'adam', 'shampoo', "
-            "'tnt', and 'kfac' and 'kbfgs' where every tapped layer is called as a module) "
-            f"can.{attention}") from err
+        raise library from err
 
 
 #: torch dtypes whose values NumPy scalars hold with the same rounding
@@ -246,9 +287,18 @@ class TorchBackend(Backend):
         replays no collective (:mod:`secondorder.distributed`)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return f(x), lambda v: self.jvp(f, x, v)[1]
-        with warnings.catch_warnings():  # torch.fx's constant folding warns on closures
-            warnings.simplefilter("ignore", UserWarning)
-            y, jvp_fn = torch.func.linearize(f, x)
+        def trace() -> tuple[Tree, Callable[[Tree], Tree]]:
+            with warnings.catch_warnings():  # torch.fx's constant folding warns on closures
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.func.linearize(f, x)
+
+        try:
+            y, jvp_fn = _forward_mode(trace)
+        except NotImplementedError as err:
+            library = _no_forward_mode(err)
+            if library is None:
+                raise
+            raise library from err
 
         def linear(v: Tree) -> Tree:
             try:

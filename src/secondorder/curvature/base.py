@@ -2,12 +2,13 @@
 
 Every operator here is built from ``(apply, loss, params, (x, y))`` with ``apply(params, x)`` the
 network (a :class:`~secondorder.models.Model` or any function) and computes, once, the outputs
-f = apply(params, x) of shape (m, k) with the JVP v -> J v and the VJP u -> J^T u of
-params -> f. Matrix-vector products then reuse them.
+f = apply(params, x) of shape (m, k) (or (m, ..., k): a sequence's logits) with the JVP
+v -> J v and the VJP u -> J^T u of params -> f. Matrix-vector products then reuse them.
 """
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -79,8 +80,17 @@ class Linearization:
         self.outputs, self.jvp, self.vjp = self.backend.linearize_vjp(
             lambda p: apply(p, x), params
         )
-        if getattr(self.outputs, "ndim", None) != 2:
-            raise ShapeError(two_dimensional_outputs(self.outputs))
+        if getattr(self.outputs, "ndim", 0) < 2:
+            raise ShapeError(
+                "the curvature operators need the network to return (batch, outputs...), got "
+                f"shape {tuple(getattr(self.outputs, 'shape', ()))}: give a single output an "
+                "axis of its own, (m, 1)")
+
+    def two_dimensional(self, method: str) -> Array:
+        """The outputs, after checking they are (batch, outputs) as ``method`` needs."""
+        if self.outputs.ndim != 2:
+            raise ShapeError(two_dimensional_outputs(self.outputs, method))
+        return self.outputs
 
     @property
     def batch_size(self) -> int:
@@ -89,10 +99,10 @@ class Linearization:
 
 def two_dimensional_outputs(f: Array, method: str = "the curvature operators") -> str:
     """The message for outputs other than (batch, outputs) where a method needs them."""
-    return (f"{method} need the network to return (batch, outputs), got shape "
+    return (f"{method} needs the network to return (batch, outputs), got shape "
             f"{tuple(getattr(f, 'shape', ()))}: flatten the output for an elementwise loss (MSE, "
             "sigmoid BCE); a cross-entropy per position (a sequence's logits) has no flattened "
-            "equivalent: K-FAC, Shampoo, TNT, K-BFGS, CurveBall, SGD and Adam take it as it is")
+            "equivalent: every method but prox-linear and SMW-GN / SMW-NG takes it as it is")
 
 
 class CurvatureOperator(LinearOperator):
@@ -153,22 +163,22 @@ class CurvatureOperator(LinearOperator):
             return super().to_dense()
         xp, backend = self.xp, self.backend
         n = self.in_structure.size
-        m, k = (int(d) for d in self.outputs.shape)
-        mk = m * k
+        shape = tuple(int(d) for d in self.outputs.shape)  # (m, ...): k = prod(shape[1:])
+        mk = math.prod(shape)
         dtype, device = self.dtype, self.device
 
         def eye_block(size: int) -> Any:
             return lambda start, stop: xp.eye(size, stop - start, k=-start, dtype=dtype,
                                               device=device)
 
-        def row_of_jt(u: Array) -> Array:  # J^T u for a flat cotangent u of length m k
-            return self.in_structure.ravel(self.lin.vjp(xp.reshape(u, (m, k))), xp)
+        def row_of_jt(u: Array) -> Array:  # J^T u for a flat cotangent u of length prod(shape)
+            return self.in_structure.ravel(self.lin.vjp(xp.reshape(u, shape)), xp)
 
         def column_of_j(v: Array) -> Array:  # J v, flat
             return xp.reshape(self.lin.jvp(self.in_structure.unravel(v, xp)), (mk,))
 
         def middle(c: Array) -> Array:  # M c in the output space, flat
-            return xp.reshape(self._output_space_product(xp.reshape(c, (m, k))), (mk,))
+            return xp.reshape(self._output_space_product(xp.reshape(c, shape)), (mk,))
 
         try:
             if mk <= n:

@@ -42,6 +42,6 @@ class Fisher(CurvatureOperator):
         scale = 1.0 / (self.lin.batch_size * len(self.residuals))
         total = None
         for r in self.residuals:
-            term = r * xp.sum(r * u, axis=1, keepdims=True)
+            term = r * xp.sum(r * u, axis=tuple(range(1, r.ndim)), keepdims=True)
             total = term if total is None else total + term
         return scale * total

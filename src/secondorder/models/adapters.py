@@ -13,9 +13,14 @@ shares its weight over the middle axes, like a convolution with a 1 x 1 kernel o
 its input is recorded as (m, positions, d_in [+1]) and its tap is (m, positions, d_out). Taps
 are matched to layers in the module's registration order, whatever order the forward pass calls
 them in; a tapped layer must be called exactly once per forward pass (else
-``UnsupportedModelError``). Grouped convolutions (``groups > 1``) and every other layer type
-are not tapped: methods with per-layer blocks treat their parameters as they treat any untapped
-leaf. A weight tied between layers (``b.weight = a.weight``) is one parameter, named after the
+``UnsupportedModelError``). Grouped convolutions (``groups > 1``), the projections of
+``nn.MultiheadAttention`` (its ``in_proj_weight`` is a bare parameter and it applies
+``out_proj``'s weight without calling ``out_proj``; so also in ``nn.TransformerEncoderLayer``,
+whose feed-forward ``linear1`` and ``linear2`` are tapped) and every other layer type are not
+tapped: methods with per-layer blocks treat their parameters as they treat any untapped leaf
+(K-FAC's and K-BFGS's ``fallback``). Torch's fused inference path for attention (eval mode
+without autograd's tape), which has no derivatives, is turned off inside ``apply``. A weight
+tied between layers (``b.weight = a.weight``) is one parameter, named after the
 first module that registers it; the first Linear or convolution that uses it is tapped, the
 others are not (their use of the weight reaches its gradient, not its curvature block). So a
 language model's output layer tied to its embedding (``head.weight = emb.weight``) is tapped,
@@ -83,7 +88,14 @@ class TorchModel(Model):
         # whose weight is tied is tapped unless an earlier tapped layer holds that weight, so
         # a language model's output layer tied to its (untapped) embedding is tapped
         name_of = {id(p): name for name, p in module.named_parameters() if name in index}
-        claimed: set[int] = set()
+        attention = [sub for sub in module.modules()
+                     if isinstance(sub, torch.nn.MultiheadAttention)]
+        # nn.MultiheadAttention applies its out_proj's weight with F.linear, never through
+        # out_proj's forward: no hook sees it, so it stays untapped like in_proj_weight
+        claimed: set[int] = {id(p) for sub in attention for p in sub.out_proj.parameters()}
+        #: whether the module holds nn.MultiheadAttention (whose fused inference kernel
+        #: ``apply`` turns off: it has no derivatives)
+        self.attention = bool(attention)
         for prefix, sub in module.named_modules():
             # grouped convolutions are not tapped (their weight is block-diagonal over groups,
             # which the Kronecker blocks do not model): their parameters are left untapped,
@@ -160,7 +172,10 @@ class TorchModel(Model):
         overrides = self._frozen_stats()
         if overrides:
             params = {**params, **overrides}
-        out = functional_call(self.module, params, (x,))
+        if self.attention:
+            out = _without_fastpath(functional_call, self.module, params, (x,))
+        else:
+            out = functional_call(self.module, params, (x,))
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModelError(
                 f"the module's forward returned a {type(out).__name__}, not a tensor: the "
@@ -312,7 +327,11 @@ class TorchModel(Model):
             try:
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
                     # the module's own parameters; running statistics left as they are
-                    functional_call(self.module, self._frozen_stats(), (x,))
+                    if self.attention:
+                        _without_fastpath(functional_call, self.module, self._frozen_stats(),
+                                          (x,))
+                    else:
+                        functional_call(self.module, self._frozen_stats(), (x,))
             finally:
                 for h in handles:
                     h.remove()
@@ -324,17 +343,31 @@ class TorchModel(Model):
                 raise UnsupportedModelError(
                     "this method taps every Linear, Conv1d and Conv2d layer (its input and output "
                     "gradient), so each must be called exactly once per forward pass through its "
-                    f"own forward(); here {', '.join(wrong)} are not (a layer reused, or a weight "
-                    "used directly, as nn.MultiheadAttention does with out_proj). Use a method "
-                    "without taps for this model: 'shampoo', 'tnt', 'sgd' or 'adam' (gradients "
-                    "only), or 'curveball' and 'hessian-free', which also need a forward-mode "
-                    "derivative of every operation (attention: run the steps under "
-                    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH))")
+                    f"own forward(); here {', '.join(wrong)} are not (a layer reused, or its "
+                    "weight applied directly, as in F.linear(x, self.fc.weight)). Call the layer "
+                    "itself once per forward pass (a second use as a separate layer), or use a "
+                    "method without taps for this model: 'shampoo', 'tnt', 'sgd' or 'adam' "
+                    "(gradients only), 'curveball' or 'hessian-free'")
             names = {id(sub): prefix for prefix, sub in self.module.named_modules()}
             check_batch_axis([(names[id(sub)], s) for sub, s in zip(self._tapped, shapes)],
                              int(arrays[0].shape[0]))
             self._shapes[key] = shapes
         return self._shapes[key]
+
+
+def _without_fastpath(f: Callable, *args: Any) -> Any:
+    """``f(*args)`` with torch's fused inference path of nn.MultiheadAttention and the
+    Transformer layers turned off (``torch.backends.mha``): in eval mode, without autograd's
+    tape (a forward-mode pass, ``torch.no_grad``), those layers would otherwise call one fused
+    kernel that has no derivatives and bypasses their submodules."""
+    import torch
+
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return f(*args)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _tensors(x: Any) -> list[Any]:

@@ -133,7 +133,7 @@ def dual_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, inne
     once the projected residual falls to ``tol`` |c| or a search direction has non-positive
     curvature (running CG past dim range(P) only accumulates rounding error).
     Returns alpha = G - beta, beta and d = (gamma/m) J^T alpha."""
-    f = lin.outputs
+    f = lin.two_dimensional("prox-linear")
     backend = lin.backend
     xp = backend.xp
     m = f.shape[0]
@@ -208,7 +208,7 @@ def primal_direction(lin: Linearization, loss: Loss, y: Array, *, gamma: Any, in
                      tol: float = 1e-10) -> Direction:
     """The prox-linear direction through the primal (Algorithm 1): CG from 0 on
     (J^T H J + (m/gamma) I) d = J^T G, ``inner_steps`` iterations at most."""
-    f = lin.outputs
+    f = lin.two_dimensional("prox-linear")
     m = f.shape[0]
     g = loss.grad(f, y)
     jtg = lin.vjp(g)
@@ -294,7 +294,7 @@ def exact_logistic_dual_direction(apply: Callable, loss: Loss, params: Tree, bat
     x, y = batch
     if lin is None:
         lin = Linearization(apply, params, x)
-    f = lin.outputs
+    f = lin.two_dimensional("prox-linear")
     backend = lin.backend
     xp = backend.xp
     m = f.shape[0]
@@ -543,7 +543,7 @@ class ProxLinear(Optimizer):
         self.check_batch(params, state, batch)
         x, y = batch
         lin = Linearization(self.apply, params, x, validate=False)  # the guard rejects NaN
-        loss = self.loss.value(lin.outputs, y)
+        loss = self.loss.value(lin.two_dimensional("prox-linear"), y)
         m = lin.outputs.shape[0]
         gamma = resolve(self.gamma, state.count, params)
         res = prox_linear_direction(self.apply, self.loss, params, batch, gamma=gamma,

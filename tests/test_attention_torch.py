@@ -1,0 +1,225 @@
+"""torch attention (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) under the methods.
+
+References, all outside the library's own derivative code:
+
+* torch's autograd on the module itself: the gradients of the tapped layers (the tap identity,
+  sum_i sum_t delta_it a~_it^T = grad [W b] of the summed loss) and of the attention
+  projections that K-FAC steps with its SGD fallback;
+* reverse mode for forward mode: the Jacobian by ``torch.autograd.functional.jacobian`` (one
+  VJP per output, through the fused attention kernel's backward) times v against the library's
+  JVP, which needs the math kernel's forward-mode formula;
+* the curvature operators on a sequence's logits (m, T, k) against brute force: the Hessian of
+  the mean loss by ``torch.autograd.functional.hessian`` of ``F.cross_entropy`` (equal to the
+  GGN for a network linear in its parameters), and the empirical Fisher from per-sample
+  gradients by autograd, on numpy, torch and jax.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secondorder import backends
+from secondorder.curvature import GGN, Fisher
+from secondorder.curvature.kfac import layer_statistics
+from secondorder.errors import ShapeError
+from secondorder.losses import SoftmaxCrossEntropy
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from secondorder.backends import torch as torch_backend  # noqa: E402
+from secondorder.integrations.torch import Optimizer  # noqa: E402
+from secondorder.models import from_torch  # noqa: E402
+
+V, D, T, B = 11, 8, 5, 4
+
+
+class TinyLM(nn.Module):
+    """Embedding, one Transformer encoder layer (4 heads, no dropout), output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.layer = nn.TransformerEncoderLayer(D, 4, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x):
+        return self.head(self.layer(self.emb(x)))
+
+
+def _lm(train: bool):
+    torch.manual_seed(0)
+    module = TinyLM().double().train(train)
+    x = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    return module, x, torch.roll(x, -1, 1)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transformer_layer_taps_give_the_feed_forward_and_head_gradients(train):
+    """linear1, linear2 and head are tapped (and out_proj, applied by F.linear inside
+    nn.MultiheadAttention, is not); their taps give torch's gradients, in train mode and in eval
+    mode, where torch would otherwise take its fused inference kernel."""
+    module, x, y = _lm(train)
+    model, params = from_torch(module)
+    tapped = [model.names[layer.weight] for layer in model.layers]
+    assert tapped == ["layer.linear1.weight", "layer.linear2.weight", "head.weight"]
+    loss = SoftmaxCrossEntropy()
+    _, pairs = layer_statistics(model, params, x, lambda f: [loss.grad(f, y)],
+                                lambda i, a, ds: (a, ds[0]))
+    module.zero_grad()
+    F.cross_entropy(module(x).reshape(-1, V), y.reshape(-1), reduction="sum").backward()
+    for (a, d), sub in zip(pairs, (module.layer.linear1, module.layer.linear2, module.head)):
+        ours = d.reshape(-1, d.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        theirs = torch.cat([sub.weight.grad, sub.bias.grad[:, None]], 1)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_kfac_steps_the_attention_projections_with_its_fallback():
+    """K-FAC runs on a Transformer layer: the attention's parameters (in_proj, out_proj), the
+    norms and the embedding take the SGD fallback, -lr g with autograd's g at the first step
+    (momentum 0), while the tapped layers take a preconditioned step."""
+    module, x, y = _lm(True)
+    module.zero_grad()
+    F.cross_entropy(module(x).reshape(-1, V), y.reshape(-1)).backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    lr = 0.1
+    opt = Optimizer(module, SoftmaxCrossEntropy(outputs="mean"), "kfac", lr=lr, momentum=0.0,
+                    statistics_interval=1, inverse_interval=1)
+    opt.step((x, y))
+    assert bool(opt.info.finite)
+    after = dict(module.named_parameters())
+    for name in ("layer.self_attn.out_proj.weight", "layer.self_attn.out_proj.bias",
+                 "layer.self_attn.in_proj_weight", "layer.norm1.weight", "emb.weight"):
+        torch.testing.assert_close(after[name].detach() - before[name], -lr * grads[name],
+                                   rtol=1e-10, atol=1e-14)
+    moved = after["layer.linear1.weight"].detach() - before["layer.linear1.weight"]
+    assert not torch.allclose(moved, -lr * grads["layer.linear1.weight"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_jvp_through_attention_is_reverse_modes(train, monkeypatch):
+    """The library's JVP of the Transformer model (whose attention kernel has no forward-mode
+    formula, so the math kernel takes over) against the reverse-mode Jacobian times v,
+    float64."""
+    monkeypatch.setattr(torch_backend, "_ATTENTION_MATH", [False])
+    module, x, _ = _lm(train)
+    model, params = from_torch(module)
+    names = list(params)
+    gen = torch.Generator().manual_seed(2)
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=gen) for n, p in params.items()}
+    b = backends.get("torch")
+    out, tangent = b.jvp(lambda p: model.apply(p, x), params, v)
+    assert torch_backend._ATTENTION_MATH[0]
+
+    def f(*leaves):
+        return model.apply(dict(zip(names, leaves)), x)
+
+    leaves = tuple(params[n] for n in names)
+    jacobians = torch.autograd.functional.jacobian(f, leaves)  # one VJP per output entry
+    reference = sum((j.reshape(out.numel(), -1) @ v[n].reshape(-1)).reshape(out.shape)
+                    for j, n in zip(jacobians, names))
+    torch.testing.assert_close(out, f(*leaves), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["curveball", "hessian-free", "levenberg-marquardt"])
+def test_forward_mode_methods_train_a_transformer(method):
+    """The methods built on JVPs step a Transformer language model (train mode, float32) and
+    lower its loss by torch's own cross-entropy."""
+    torch.manual_seed(0)
+    module = TinyLM()
+    x = torch.randint(0, V, (16, T), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, 1)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(module(x).reshape(-1, V), y.reshape(-1)))
+
+    start = loss()
+    opt = Optimizer(module, SoftmaxCrossEntropy(outputs="mean"), method)
+    for _ in range(5):
+        opt.step((x, y))
+        assert bool(opt.info.finite)
+    assert loss() < 0.9 * start
+
+
+# ----------------------------------------------------------------- curvature of (m, T, k) logits
+M2, T2, D2, K2 = 3, 4, 3, 5
+
+
+def _sequence_problem():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((M2, T2, D2))
+    y = rng.integers(0, K2, (M2, T2))
+    w = 0.5 * rng.standard_normal((D2, K2))
+    b = 0.1 * rng.standard_normal(K2)
+    return x, y, w, b
+
+
+def _torch_oracles(x, y, w, b):
+    """The Hessian of the mean loss (torch's mean over the m T tokens) at (w, b), and the
+    empirical Fisher (1/m) sum_i g_i g_i^T of the per-sample losses (the mean over a sample's
+    T tokens), by autograd, in the flat order [w, b]."""
+    xt, yt = torch.tensor(x), torch.tensor(y)
+
+    def mean_loss(wt, bt, rows=slice(None)):
+        logits = xt[rows] @ wt + bt
+        return F.cross_entropy(logits.reshape(-1, K2), yt[rows].reshape(-1))
+
+    wt, bt = torch.tensor(w), torch.tensor(b)
+    h = torch.autograd.functional.hessian(mean_loss, (wt, bt))
+    n_w = w.size
+    dense = np.zeros((n_w + K2, n_w + K2))
+    blocks = [[h[0][0].reshape(n_w, n_w), h[0][1].reshape(n_w, K2)],
+              [h[1][0].reshape(K2, n_w), h[1][1]]]
+    dense[:n_w, :n_w], dense[:n_w, n_w:] = blocks[0][0], blocks[0][1]
+    dense[n_w:, :n_w], dense[n_w:, n_w:] = blocks[1][0], blocks[1][1]
+    fisher = np.zeros_like(dense)
+    for i in range(M2):
+        gw, gb = torch.autograd.grad(mean_loss(wt.requires_grad_(), bt.requires_grad_(),
+                                               slice(i, i + 1)), (wt, bt))
+        g = np.concatenate([gw.reshape(-1).numpy(), gb.numpy()])
+        fisher += np.outer(g, g) / M2
+    return dense, fisher
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
+def test_curvature_of_sequence_logits_against_autograd(name):
+    """GGN and empirical Fisher operators on logits (m, T, k) with the mean over positions:
+    to_dense and a product against the brute-force matrices (a network linear in its
+    parameters, so the GGN is the Hessian)."""
+    if name != "numpy":
+        pytest.importorskip(name)
+    bk = backends.get(name)
+    xp = bk.xp
+    x, y, w, b = _sequence_problem()
+    hessian, fisher = _torch_oracles(x, y, w, b)
+
+    def apply(p, inputs):
+        return xp.matmul(inputs, p["w"]) + p["b"]
+
+    params = {"w": bk.asarray(w), "b": bk.asarray(b)}  # flat order: b then w (sorted keys)
+    order = np.r_[np.arange(w.size, w.size + K2), np.arange(w.size)]
+    loss = SoftmaxCrossEntropy(outputs="mean")
+    batch = (bk.asarray(x), bk.asarray(y))
+    for operator, dense in ((GGN(apply, loss, params, batch), hessian),
+                            (Fisher(apply, loss, params, batch, kind="empirical"), fisher)):
+        ours = np.asarray(bk.to_numpy(operator.to_dense()))
+        np.testing.assert_allclose(ours, dense[np.ix_(order, order)], rtol=1e-12, atol=1e-14)
+        v = np.random.default_rng(3).standard_normal(w.size + K2)
+        product = operator.matvec(bk.asarray(v))
+        np.testing.assert_allclose(np.asarray(bk.to_numpy(product)),
+                                   dense[np.ix_(order, order)] @ v, rtol=1e-12, atol=1e-14)
+
+
+def test_methods_that_need_two_dimensional_outputs_say_so():
+    """Prox-linear and SMW solve in the (m, k) output space: a sequence's logits get a
+    ShapeError naming the method, not a broadcasting error."""
+    module, x, y = _lm(True)
+    for method in ("prox-linear", "smw-ng"):
+        opt = Optimizer(module, SoftmaxCrossEntropy(outputs="mean"), method)
+        with pytest.raises(ShapeError, match="needs the network to return \\(batch, outputs\\)"):
+            opt.step((x, y))
