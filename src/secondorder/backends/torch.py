@@ -8,13 +8,15 @@ step) gradients and VJPs are recorded on the autograd tape and JVPs pushed with 
 ``torch.autograd.forward_ad``: the same derivative formulas and kernels as ``torch.func``, without
 its wrapping of every tensor, which costs a fixed 0.1 to 0.2 ms a product. Inside a transform
 (``torch.func.vmap``, ``linearize``, a ``jvp`` of a ``jvp``) the ``torch.func`` transforms are
-used. Forward-mode passes through attention use torch's math kernel once a fused attention
-kernel, which has no forward-mode formula, has refused one. Loops run in Python."""
+used. A forward-mode pass that meets a kernel without a forward-mode formula which torch can
+replace (fused attention, oneDNN's and cuDNN's LSTM) runs again on one with a formula. Loops run
+in Python."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -134,42 +136,75 @@ def _jvp_any(g: Callable, x_leaves: list[Array], v_leaves: list[Array]) -> tuple
     return torch.func.jvp(g, (x_leaves,), (v_leaves,))
 
 
-#: set once a forward-mode pass met scaled_dot_product_attention's fused kernels (flash,
-#: memory-efficient), which have no forward-mode formula: every later JVP runs under torch's
-#: math kernel, which has one, instead of failing first
-_ATTENTION_MATH = [False]
-
-
-def _math_attention() -> Any:
-    """The context in which ``scaled_dot_product_attention`` uses its math kernel."""
+@contextmanager
+def _math_attention() -> Iterator[None]:
+    """``scaled_dot_product_attention`` on its math kernel (nn.MultiheadAttention, the
+    Transformer layers)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.MATH)
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextmanager
+def _without_mkldnn() -> Iterator[None]:
+    """oneDNN off: CPU recurrent layers (nn.LSTM) take aten's own kernels."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+@contextmanager
+def _without_cudnn() -> Iterator[None]:
+    """cuDNN off: CUDA recurrent layers take aten's own kernels."""
+    with torch.backends.cudnn.flags(enabled=False):
+        yield
+
+
+#: kernels without a forward-mode formula, by a word of torch's error, and the context under
+#: which the same operation runs on kernels that have one; whether to keep that context for
+#: every later forward-mode pass (attention's math kernel changes nothing else; oneDNN and cuDNN
+#: off would slow the convolutions of any other model in the process)
+_FORWARD_MODE_KERNELS: dict[str, tuple[Callable[[], Any], bool]] = {
+    "attention": (_math_attention, True),
+    "mkldnn": (_without_mkldnn, False),
+    "cudnn": (_without_cudnn, False),
+}
+#: the kept contexts of :data:`_FORWARD_MODE_KERNELS`
+_FORWARD_MODE_KEPT: set[str] = set()
 
 
 def _forward_mode(fn: Callable[[], Any]) -> Any:
-    """``fn()``, a forward-mode computation, with attention (``scaled_dot_product_attention``:
-    nn.MultiheadAttention, the Transformer layers) on torch's math kernel when the fused kernels
-    the plain forward pass uses (flash, memory-efficient) have no forward-mode formula: the same
-    function, with one."""
-    if _ATTENTION_MATH[0]:
-        with _math_attention():
-            return fn()
-    try:
-        return fn()
-    except NotImplementedError as err:
-        if "attention" not in str(err).splitlines()[0]:
-            raise
-    with _math_attention():
-        out = fn()
-    _ATTENTION_MATH[0] = True
-    return out
+    """``fn()``, a forward-mode computation. A kernel without a forward-mode formula that torch
+    can replace (fused attention, oneDNN's or cuDNN's LSTM: :data:`_FORWARD_MODE_KERNELS`) is
+    replaced by one with a formula, the same function, and ``fn`` runs again."""
+    tried = set(_FORWARD_MODE_KEPT)
+    while True:
+        with ExitStack() as stack:
+            for word in sorted(tried):
+                stack.enter_context(_FORWARD_MODE_KERNELS[word][0]())
+            try:
+                out = fn()
+            except NotImplementedError as err:
+                first = str(err).splitlines()[0]
+                word = next((w for w in _FORWARD_MODE_KERNELS if w in first and w not in tried),
+                            None)
+                if word is None:
+                    raise
+                tried.add(word)
+                continue
+        _FORWARD_MODE_KEPT.update(w for w in tried if _FORWARD_MODE_KERNELS[w][1])
+        return out
 
 
 def _no_forward_mode(err: NotImplementedError) -> AutodiffUnavailableError | None:
     """The library's error for torch's missing forward-mode formula (None for another
     NotImplementedError)."""
-    if not any(s in str(err) for s in ("forward AD", "forward mode AD")):
+    if isinstance(err, AutodiffUnavailableError) or not any(
+            s in str(err) for s in ("forward AD", "forward mode AD")):
         return None
     return AutodiffUnavailableError(
         "torch has no forward-mode derivative (JVP) for an operation of this model: "
