@@ -9,10 +9,11 @@ References, all outside the library's own derivative code:
 * reverse mode for forward mode: the Jacobian by ``torch.autograd.functional.jacobian`` (one
   VJP per output, through the fused attention kernel's and oneDNN's LSTM backward) times v
   against the library's JVP, which needs other kernels' forward-mode formulas;
-* the curvature operators on a sequence's logits (m, T, k) against brute force: the Hessian of
-  the mean loss by ``torch.autograd.functional.hessian`` of ``F.cross_entropy`` (equal to the
-  GGN for a network linear in its parameters), and the empirical Fisher from per-sample
-  gradients by autograd, on numpy, torch and jax.
+* the curvature operators and SMW-GN / SMW-NG steps on a sequence's logits (m, T, k) against
+  brute force: the Hessian of the mean loss by ``torch.autograd.functional.hessian`` of
+  ``F.cross_entropy`` (equal to the GGN for a network linear in its parameters), and the
+  empirical Fisher from per-sample gradients by autograd, on numpy, torch and jax; the SMW
+  steps are -(B + lambda I)^{-1} g solved densely.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from secondorder import backends
+from secondorder import backends, tree
 from secondorder.curvature import GGN, Fisher
 from secondorder.curvature.kfac import layer_statistics
 from secondorder.errors import ShapeError
 from secondorder.losses import SoftmaxCrossEntropy
+from secondorder.optim import SMWGN, SMWNG
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -205,9 +207,9 @@ def _sequence_problem():
 
 
 def _torch_oracles(x, y, w, b):
-    """The Hessian of the mean loss (torch's mean over the m T tokens) at (w, b), and the
-    empirical Fisher (1/m) sum_i g_i g_i^T of the per-sample losses (the mean over a sample's
-    T tokens), by autograd, in the flat order [w, b]."""
+    """The Hessian of the mean loss (torch's mean over the m T tokens) at (w, b), the empirical
+    Fisher (1/m) sum_i g_i g_i^T of the per-sample losses (the mean over a sample's T tokens)
+    and the gradient of the mean loss, by autograd, in the flat order [w, b]."""
     xt, yt = torch.tensor(x), torch.tensor(y)
 
     def mean_loss(wt, bt, rows=slice(None)):
@@ -222,13 +224,15 @@ def _torch_oracles(x, y, w, b):
               [h[1][0].reshape(K2, n_w), h[1][1]]]
     dense[:n_w, :n_w], dense[:n_w, n_w:] = blocks[0][0], blocks[0][1]
     dense[n_w:, :n_w], dense[n_w:, n_w:] = blocks[1][0], blocks[1][1]
+    gw, gb = torch.autograd.grad(mean_loss(wt.requires_grad_(), bt.requires_grad_()), (wt, bt))
+    grad = np.concatenate([gw.reshape(-1).numpy(), gb.numpy()])
     fisher = np.zeros_like(dense)
     for i in range(M2):
         gw, gb = torch.autograd.grad(mean_loss(wt.requires_grad_(), bt.requires_grad_(),
                                                slice(i, i + 1)), (wt, bt))
         g = np.concatenate([gw.reshape(-1).numpy(), gb.numpy()])
         fisher += np.outer(g, g) / M2
-    return dense, fisher
+    return dense, fisher, grad
 
 
 @pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
@@ -241,7 +245,7 @@ def test_curvature_of_sequence_logits_against_autograd(name):
     bk = backends.get(name)
     xp = bk.xp
     x, y, w, b = _sequence_problem()
-    hessian, fisher = _torch_oracles(x, y, w, b)
+    hessian, fisher, _ = _torch_oracles(x, y, w, b)
 
     def apply(p, inputs):
         return xp.matmul(inputs, p["w"]) + p["b"]
@@ -260,11 +264,62 @@ def test_curvature_of_sequence_logits_against_autograd(name):
                                    dense[np.ix_(order, order)] @ v, rtol=1e-12, atol=1e-14)
 
 
-def test_methods_that_need_two_dimensional_outputs_say_so():
-    """Prox-linear and SMW solve in the (m, k) output space: a sequence's logits get a
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("cls", [SMWGN, SMWNG])
+def test_smw_steps_on_sequence_logits_are_the_dense_damped_steps(name, cls):
+    """SMW-GN and SMW-NG (Jacobian Gram matrix) on logits (m, T, k): the first step is
+    -(B + lambda I)^{-1} g with B the brute-force GGN (the Hessian here) or empirical Fisher and
+    lambda = damping + tau (the whole batch is the curvature batch)."""
+    if name != "numpy":
+        pytest.importorskip(name)
+    bk = backends.get(name)
+    xp = bk.xp
+    x, y, w, b = _sequence_problem()
+    hessian, fisher, grad = _torch_oracles(x, y, w, b)
+    dense = hessian if cls is SMWGN else fisher
+    order = np.r_[np.arange(w.size, w.size + K2), np.arange(w.size)]
+
+    def apply(p, inputs):
+        return xp.matmul(inputs, p["w"]) + p["b"]
+
+    params = {"w": bk.asarray(w), "b": bk.asarray(b)}
+    method = cls(apply, SoftmaxCrossEntropy(outputs="mean"), damping=0.5, tau=1e-3)
+    new, _, info = method.step(params, method.init(params), (bk.asarray(x), bk.asarray(y)))
+    assert bool(info.finite)
+    expected = -np.linalg.solve(dense + 0.501 * np.eye(len(grad)), grad)[order]
+    moved = tree.ravel(tree.sub(new, params))[0]
+    np.testing.assert_allclose(np.asarray(bk.to_numpy(moved)), expected, rtol=1e-10,
+                               atol=1e-13)
+
+
+@pytest.mark.parametrize("cls", [SMWGN, SMWNG])
+def test_smw_tap_grams_on_a_torch_linear_over_positions(cls):
+    """The same steps from the layer taps of a torch ``nn.Linear`` applied to (m, T, d)
+    inputs (``gram="taps"``: the per-layer Gram identities summed over positions)."""
+    x, y, w, b = _sequence_problem()
+    hessian, fisher, grad = _torch_oracles(x, y, w, b)
+    dense = hessian if cls is SMWGN else fisher
+    layer = nn.Linear(D2, K2).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(w.T))
+        layer.bias.copy_(torch.tensor(b))
+    model, params = from_torch(layer)
+    # our flat order: bias, then weight (k, d) row-major, which is w (d, k) transposed
+    order = np.r_[np.arange(w.size, w.size + K2),
+                  [d * K2 + c for c in range(K2) for d in range(D2)]]
+    method = cls(model, SoftmaxCrossEntropy(outputs="mean"), damping=0.5, tau=1e-3,
+                 gram="taps")
+    new, _, info = method.step(params, method.init(params), (torch.tensor(x), torch.tensor(y)))
+    assert bool(info.finite)
+    expected = -np.linalg.solve(dense + 0.501 * np.eye(len(grad)), grad)[order]
+    moved = torch.cat([(new[n] - params[n]).reshape(-1) for n in ("bias", "weight")])
+    np.testing.assert_allclose(moved.numpy(), expected, rtol=1e-10, atol=1e-13)
+
+
+def test_prox_linear_needs_two_dimensional_outputs_and_says_so():
+    """Prox-linear solves its dual in the (m, k) output space: a sequence's logits get a
     ShapeError naming the method, not a broadcasting error."""
     module, x, y = _lm(True)
-    for method in ("prox-linear", "smw-ng"):
-        opt = Optimizer(module, SoftmaxCrossEntropy(outputs="mean"), method)
-        with pytest.raises(ShapeError, match="needs the network to return \\(batch, outputs\\)"):
-            opt.step((x, y))
+    opt = Optimizer(module, SoftmaxCrossEntropy(outputs="mean"), "prox-linear")
+    with pytest.raises(ShapeError, match="needs the network to return \\(batch, outputs\\)"):
+        opt.step((x, y))

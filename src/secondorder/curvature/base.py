@@ -102,7 +102,7 @@ def two_dimensional_outputs(f: Array, method: str = "the curvature operators") -
     return (f"{method} needs the network to return (batch, outputs), got shape "
             f"{tuple(getattr(f, 'shape', ()))}: flatten the output for an elementwise loss (MSE, "
             "sigmoid BCE); a cross-entropy per position (a sequence's logits) has no flattened "
-            "equivalent: every method but prox-linear and SMW-GN / SMW-NG takes it as it is")
+            "equivalent: every method but prox-linear takes it as it is")
 
 
 class CurvatureOperator(LinearOperator):

@@ -8,7 +8,9 @@ draws S2 inside S1 at random; the batches are already random, so the first N2 sa
 a subset, and the choice is the same on every backend and under ``jax.jit``). The network has
 m_L outputs per sample, p parameters; J is the Jacobian of the S2 outputs, H = blockdiag(H_i)
 the per-sample Hessians of the loss with respect to the outputs, K = J J^T the output-space Gram
-matrix. The curvature and its damped form are
+matrix. Outputs (N1, T..., k), a sequence's logits, have m_L = T... k outputs per sample in
+row-major order (H_i block diagonal over the positions for a cross-entropy per position). The
+curvature and its damped form are
 
     B = (1/N2) J^T H J,      G = B + lambda I                       (5.2), (5.4)
 
@@ -49,6 +51,7 @@ so the quadratic model m(p) - m(0) = g^T p + 1/2 (1/N2) (J p)^T H (J p) costs no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -142,8 +145,10 @@ def gram_from_taps(model: Model, params: Tree, x: Array, cotangent: Array | None
     """K = J J^T on the batch ``x`` from ``model``'s layer taps (one tapped forward pass).
 
     ``cotangent=None``: the Gauss-Newton Gram matrix, (m k, m k) with rows ordered sample by
-    sample, from k VJPs with the unit cotangents e_c; a (m, k) ``cotangent`` u: the (m, m) Gram
-    matrix of the per-example gradients J_i^T u_i (NG with u the loss gradients), from one VJP.
+    sample, from k VJPs with the unit cotangents e_c (outputs (m, ...) count
+    k = prod(shape[1:]) in row-major order); a ``cotangent`` u of the outputs' shape: the
+    (m, m) Gram matrix of the per-example gradients J_i^T u_i (NG with u the loss gradients),
+    from one VJP.
     Sums :func:`tap_gram` over the tapped layers, so it is J J^T exactly when the tapped layers
     hold every parameter.
 
@@ -160,17 +165,18 @@ def gram_from_taps(model: Model, params: Tree, x: Array, cotangent: Array | None
     if sharded and cotangent is not None:  # zero cotangents for the samples left out
         m = model.global_rows(x)
         cotangent = xp.concat([cotangent, xp.zeros(
-            (m - rows, cotangent.shape[1]), dtype=cotangent.dtype,
+            (m - rows, *cotangent.shape[1:]), dtype=cotangent.dtype,
             device=backend.device(cotangent))], axis=0)
     taps = model.zero_taps(x, params)
     (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
     zeros = [xp.zeros_like(a) for a in inputs]
     if cotangent is not None:
         cotangents = [cotangent]
-    else:
-        k = int(f.shape[1])
+    else:  # the unit cotangents of the row-major flattened outputs of a sample
+        k = math.prod(int(d) for d in f.shape[1:])
         eye = xp.eye(k, dtype=f.dtype, device=backend.device(f))
-        cotangents = [xp.broadcast_to(eye[c][None, :], f.shape) for c in range(k)]
+        cotangents = [xp.broadcast_to(xp.reshape(eye[c], (1, *f.shape[1:])), f.shape)
+                      for c in range(k)]
     per_layer: list[list[Array]] = [[] for _ in taps]
     for u in cotangents:
         for i, d in enumerate(pullback((u, zeros))):
@@ -344,34 +350,38 @@ class _SMW(Optimizer):
         xp = backend.xp
         x, y = batch
         f, jvp, vjp = backend.linearize_vjp(lambda p: self.apply(p, x), params)
-        if getattr(f, "ndim", None) != 2:
+        if getattr(f, "ndim", 0) < 2:
             raise ShapeError(two_dimensional_outputs(f, type(self).__name__))
-        n1, k = int(f.shape[0]), int(f.shape[1])
+        # outputs (N1, ...): k = prod(shape[1:]) per sample (a sequence's P positions times
+        # its classes), in row-major order, as the loss's per-sample Hessian lays them out
+        n1, out = int(f.shape[0]), tuple(int(d) for d in f.shape[1:])
+        k = math.prod(out)
+        samples = (slice(None),) + (None,) * len(out)  # (N2,) -> (N2, 1, ...)
         n2 = min(self.curvature_batch, n1)
         loss = self.loss.value(f, y)
         u = self.loss.grad(f, y)  # per-sample gradients (with the loss's constant c)
         grad = vjp(u / n1)
         nan = self.scalar(params, float("nan"))
         whole = n2 == n1  # no slicing or padding (fewer operations for eager JAX)
-        u2 = u if whole else u[:n2, :]
+        u2 = u if whole else u[:n2]
 
         def head(a: Any) -> Any:  # the curvature batch's rows (of every leaf of a structure)
             return a if whole else tree_map(lambda leaf: leaf[:n2], a)
 
-        def pad(a: Array) -> Array:  # (N2, k) cotangent -> (N1, k)
+        def pad(a: Array) -> Array:  # (N2, ...) cotangent -> (N1, ...)
             if whole:
                 return a
-            return xp.concat([a, xp.zeros((n1 - n2, k), dtype=a.dtype,
+            return xp.concat([a, xp.zeros((n1 - n2, *out), dtype=a.dtype,
                                           device=backend.device(a))], axis=0)
 
         if self.curvature == "ng":
             n = n2
 
             def jop(v: Tree) -> Array:  # rows: per-example gradients
-                return xp.sum(u2 * head(jvp(v)), axis=1)
+                return xp.sum(u2 * head(jvp(v)), axis=tuple(range(1, u2.ndim)))
 
             def jtop(a: Array) -> Tree:
-                return vjp(pad(a[:, None] * u2))
+                return vjp(pad(a[samples] * u2))
 
             hessian = None
         else:
@@ -381,7 +391,7 @@ class _SMW(Optimizer):
                 return xp.reshape(head(jvp(v)), (n,))
 
             def jtop(a: Array) -> Tree:
-                return vjp(pad(xp.reshape(a, (n2, k))))
+                return vjp(pad(xp.reshape(a, (n2, *out))))
 
             hessian = block_diagonal(backend, head(self.loss.hessian(f, y)))
 
