@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from helpers import assert_close
 from secondorder import backends, losses
-from secondorder.errors import SecondOrderError
+from secondorder.errors import SecondOrderError, UnusedUpdatesWarning
 from secondorder.models import MLP
 from secondorder.optim import SGD, CurveBall, GradientDescent
 from secondorder.optim.registry import METHODS
@@ -141,9 +143,14 @@ def test_a_second_order_method_ignores_what_comes_before_it_and_clipping_after_c
     s_before, s_after, s_hand = before.init(by_hand), after.init(by_hand), opt.init(by_hand)
     plain, s_plain = _params(), opt.init(by_hand)
     steps = []
-    for batch in _batches():
+    for k, batch in enumerate(_batches()):
         grad = jax.grad(lambda p, b=batch: opt.objective(p, b))(p_before)
-        u, s_before = before.update(grad, s_before, p_before, batch=batch)
+        with warnings.catch_warnings(record=True) as caught:  # said once, at the first update
+            warnings.simplefilter("always")
+            u, s_before = before.update(grad, s_before, p_before, batch=batch)
+        unused = [w for w in caught if issubclass(w.category, UnusedUpdatesWarning)]
+        assert len(unused) == (k == 0)
+        assert k or "transform= to CurveBall" in str(unused[0].message)
         p_before = optax.apply_updates(p_before, u)
         plain, s_plain, _ = opt.step(plain, s_plain, batch)
         u, s_after = after.update(None, s_after, p_after, batch=batch)

@@ -24,6 +24,7 @@ __all__ = [
     "SecondOrderError",
     "DenseSizeWarning",
     "UntappedLayerWarning",
+    "UnusedUpdatesWarning",
     "ShapeError",
     "StructureError",
     "UnsupportedLossError",
@@ -134,3 +135,10 @@ class UntappedLayerWarning(UserWarning):
     module (``nnx.scan``, ``nnx.vmap``, ``nnx.remat``, linen's lifted transforms) and are left
     untapped: the Kronecker-factored methods step their parameters with their fallback, not
     with per-layer curvature."""
+
+
+class UnusedUpdatesWarning(UserWarning):
+    """Updates given to a method that does not read them: a second-order method in
+    :func:`secondorder.integrations.optax.as_optax` computes its own gradient on the batch, so
+    the incoming updates (the gradient, or a transform chained before it) do not reach its
+    step."""

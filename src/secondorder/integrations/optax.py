@@ -37,8 +37,9 @@ after every update).
 * *Second-order methods* (Newton, Levenberg-Marquardt, BFGS, Hessian-free, CurveBall,
   prox-linear, GroupedNewton) compute their loss, gradient and curvature from ``batch`` (an
   ``(x, y)`` pair, required) and do not use the incoming ``updates``: a transform placed
-  *before* them in a chain has no effect on their step (pass ``None``, or the gradient if a
-  first-order transform shares the chain). Transforms placed *after* them act on the step:
+  *before* them in a chain has no effect on their step (pass ``None``; given updates, the
+  transformation warns once with :class:`~secondorder.errors.UnusedUpdatesWarning`).
+  Transforms placed *after* them act on the step:
   ``optax.chain(as_optax(CurveBall(...)), optax.clip_by_global_norm(1.0))`` clips the step,
   ``optax.chain(as_optax(m), optax.scale_by_schedule(s))`` takes s(k) times the method's step at
   update k. The method's own state (CurveBall's direction z, Hessian-free's warm start, the
@@ -58,6 +59,7 @@ method's state is kept and ``info.finite`` is False.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -65,7 +67,12 @@ import jax.numpy as jnp
 import optax
 
 from .._pytree import flatten
-from ..errors import HyperparameterError, SecondOrderError, StructureError
+from ..errors import (
+    HyperparameterError,
+    SecondOrderError,
+    StructureError,
+    UnusedUpdatesWarning,
+)
 from ..optim.base import Optimizer, StepInfo
 from ..optim.gradient_descent import GradientDescent
 
@@ -148,6 +155,7 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
     first_order = isinstance(method, GradientDescent)
     takes_summary = "summary_batch" in inspect.signature(method.step).parameters
     name = type(method).__name__
+    warned = [False]  # the unused-updates warning, once per transformation
 
     def init(params: Any) -> OptaxState:
         return OptaxState(method.init(params), _blank_info(method, params))
@@ -164,6 +172,14 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
                 "that its init(params) returns")
         # nnx.Optimizer passes None as an empty State: no gradient, step on the batch
         given = updates is not None and bool(jax.tree_util.tree_leaves(updates))
+        if given and not first_order and not warned[0]:
+            warned[0] = True
+            warnings.warn(
+                f"as_optax({name}) does not read the incoming updates: it computes its gradient "
+                "and curvature on batch=(x, y), so a transform chained before it (a gradient "
+                "clip, optax.add_decayed_weights) does not reach its step. Chain transforms "
+                f"after it (they act on the step) or pass transform= to {name}, and pass None "
+                "as the updates (no gradient to compute)", UnusedUpdatesWarning, stacklevel=2)
         if first_order and given:
             if value is not None:
                 value = jnp.asarray(value, dtype=_dtype(params))
