@@ -308,10 +308,12 @@ def test_changed_group_value_rebuilds_the_method() -> None:
 
 
 # ------------------------------------------------------------------ (d) BatchNorm and Dropout
-def _beside_torch_optim(opt, ref, theirs, data, *, schedulers=(), before=None) -> None:
-    """Step ``opt`` and the torch.optim reference ``ref`` (on the module ``theirs``) over
-    ``data`` in lockstep: ``before(t)`` ahead of step t, the schedulers after every step."""
-    criterion = nn.CrossEntropyLoss()
+def _beside_torch_optim(opt, ref, theirs, data, *, schedulers=(), before=None,
+                        criterion=None) -> None:
+    """Step ``opt`` and the torch.optim reference ``ref`` (on the module ``theirs``, with
+    ``criterion``, by default nn.CrossEntropyLoss()) over ``data`` in lockstep: ``before(t)``
+    ahead of step t, the schedulers after every step."""
+    criterion = nn.CrossEntropyLoss() if criterion is None else criterion
     for t, (x, y) in enumerate(data):
         if before is not None:
             before(t)
@@ -349,6 +351,20 @@ def test_momentum_and_weight_decay_changed_between_steps_follow_torch_optim(
 
     _beside_torch_optim(opt, ref, theirs, data, before=change_at_2)
     assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
+
+
+def test_label_smoothing_of_the_torch_loss_follows_torch_optim() -> None:
+    """nn.CrossEntropyLoss(label_smoothing=0.1) as the Optimizer's loss: SGD with momentum
+    and Adam take torch.optim's steps on the same smoothed loss."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    for name, cls in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam)):
+        ours, theirs = mlp(), mlp()
+        opt = Optimizer(ours, criterion, method=name, lr=0.05, momentum=0.9) if name == "sgd" \
+            else Optimizer(ours, criterion, method=name, lr=0.01)
+        ref = cls(theirs.parameters(), lr=0.05, momentum=0.9) if name == "sgd" \
+            else cls(theirs.parameters(), lr=0.01)
+        _beside_torch_optim(opt, ref, theirs, batches(4), criterion=criterion)
+        assert max_rel_diff(module_params(ours), module_params(theirs)) <= 1e-12
 
 
 def test_a_changed_momentum_keeps_kfacs_factors() -> None:

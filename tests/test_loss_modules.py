@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from helpers import assert_close, raveled, softmax, to
-from secondorder import backends, losses
+from secondorder import backends, losses, tree
+from secondorder._pytree import flatten, unflatten
 from secondorder.curvature import GGN, Fisher
-from secondorder.errors import HyperparameterError, UnsupportedLossError
+from secondorder.errors import HyperparameterError, LabelError, UnsupportedLossError
 from secondorder.models import MLP
 
 M, K = 5, 3
@@ -291,7 +292,6 @@ def _refused(torch):
     nn = torch.nn
     return [
         nn.CrossEntropyLoss(weight=torch.ones(3)),
-        nn.CrossEntropyLoss(label_smoothing=0.1),
         nn.CrossEntropyLoss(ignore_index=0),
         nn.CrossEntropyLoss(reduction="none"),
         nn.MSELoss(reduction="none"),
@@ -313,6 +313,86 @@ def test_unsupported_torch_options_raise_a_named_error():
         losses.as_loss(torch.nn.BCELoss())
     # the default ignore_index (-100) is no valid class and is accepted
     assert isinstance(losses.as_loss(torch.nn.CrossEntropyLoss()), losses.SoftmaxCrossEntropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# label smoothing
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 5, 4)])
+def test_label_smoothing_is_torchs(name, shape, rng):
+    """SoftmaxCrossEntropy(label_smoothing=eps) (outputs="mean" on a sequence): value and
+    gradient against torch's F.cross_entropy(label_smoothing=eps) on the flattened tokens, on
+    every backend; the converted nn.CrossEntropyLoss carries eps."""
+    torch = pytest.importorskip("torch")
+    if name != "numpy":
+        pytest.importorskip(name)
+    b = backends.get(name)
+    eps, k = 0.2, shape[-1]
+    f = 2.0 * rng.standard_normal(shape)
+    y = rng.integers(0, k, shape[:-1])
+    ft = torch.tensor(f, requires_grad=True)
+    expected = torch.nn.functional.cross_entropy(ft.reshape(-1, k), torch.tensor(y).reshape(-1),
+                                                 label_smoothing=eps)
+    (g,) = torch.autograd.grad(expected, ft)
+    loss = losses.SoftmaxCrossEntropy(label_smoothing=eps, outputs="mean")
+    fb, yb = b.asarray(f), b.asarray(y)
+    assert_close(float(loss.value(fb, yb)), expected.item(), rtol=1e-14)
+    assert_close(np.asarray(b.to_numpy(loss.grad(fb, yb))) / shape[0], g.numpy(), rtol=1e-13)
+    if len(shape) == 2:
+        module = torch.nn.CrossEntropyLoss(label_smoothing=eps, reduction="sum")
+        mapped = losses.as_loss(module)
+        assert_close(mapped.value(torch.tensor(f), torch.tensor(y)).item(),
+                     module(torch.tensor(f), torch.tensor(y)).item(), rtol=1e-14)
+
+
+def test_label_smoothing_is_optaxs(rng):
+    """Against optax: softmax_cross_entropy with optax.smooth_labels' rows."""
+    optax = pytest.importorskip("optax")
+    jnp = pytest.importorskip("jax.numpy")
+    f, y = rng.standard_normal((5, 3)), rng.integers(0, 3, 5)
+    rows = optax.smooth_labels(jnp.eye(3)[y], 0.3)
+    expected = float(optax.softmax_cross_entropy(jnp.asarray(f), rows).mean())
+    loss = losses.SoftmaxCrossEntropy(label_smoothing=0.3)
+    assert_close(float(loss.value(jnp.asarray(f), jnp.asarray(y))), expected, rtol=1e-6)
+
+
+def test_label_smoothing_changes_the_targets_not_the_curvature(rng):
+    """The GGN and the Monte-Carlo Fisher (same noise) equal the unsmoothed loss's, whose
+    sampled labels become unsmoothed one-hot rows; the empirical Fisher is built from the
+    per-sample gradients at the smoothed targets (autograd of torch's smoothed loss)."""
+    torch = pytest.importorskip("torch")
+    backend = backends.get("torch")
+    model, params, batch = _mlp_setup(backend, "labels", rng)
+    plain, smooth = losses.SoftmaxCrossEntropy(), losses.SoftmaxCrossEntropy(label_smoothing=0.1)
+    for build in (lambda loss: GGN(model.apply, loss, params, batch),
+                  lambda loss: Fisher(model.apply, loss, params, batch, samples=2, seed=3)):
+        assert_close(build(smooth).to_dense().numpy(), build(plain).to_dense().numpy(),
+                     rtol=1e-14)
+    x, y = batch
+    leaves, treedef = flatten(params)
+    grads = []
+    for i in range(x.shape[0]):
+        p = [v.clone().requires_grad_(True) for v in leaves]
+        value = torch.nn.functional.cross_entropy(model.apply(unflatten(treedef, p), x[i:i + 1]),
+                                                  y[i:i + 1], label_smoothing=0.1)
+        g = torch.autograd.grad(value, p)
+        grads.append(tree.ravel(unflatten(treedef, list(g)))[0])
+    gs = torch.stack(grads)
+    empirical = Fisher(model.apply, smooth, params, batch, kind="empirical").to_dense()
+    assert_close(empirical.numpy(), (gs.T @ gs / x.shape[0]).numpy(), rtol=1e-12)
+
+
+def test_label_smoothing_bad_values_and_rows_with_torch():
+    torch = pytest.importorskip("torch")
+    for bad in (-0.1, 1.5, "0.1", True):
+        with pytest.raises(HyperparameterError, match="label_smoothing"):
+            losses.SoftmaxCrossEntropy(label_smoothing=bad)
+    mapped = losses.as_loss(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    f = torch.zeros(2, 3, dtype=torch.float64)
+    with pytest.raises(LabelError, match="smooths probability-row targets too"):
+        mapped.value(f, torch.full((2, 3), 1 / 3, dtype=torch.float64))
+    assert repr(mapped) == "TorchCrossEntropy(label_smoothing=0.1)"
 
 
 def test_plain_callables_and_other_objects_raise():

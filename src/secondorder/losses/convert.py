@@ -20,8 +20,10 @@ the classes last and sums over positions: the converted loss refuses such output
 
 Options the library's losses do not have raise
 :class:`~secondorder.errors.UnsupportedLossError` with what to use instead: class ``weight``,
-``label_smoothing``, an ``ignore_index`` that is a valid class, ``pos_weight``,
-``reduction="none"``. torch is imported only when the object comes from it.
+an ``ignore_index`` that is a valid class, ``pos_weight``, ``reduction="none"``;
+``label_smoothing`` carries over (integer labels; probability-row targets with it raise
+:class:`~secondorder.errors.LabelError`, since torch smooths rows too and the library does
+not). torch is imported only when the object comes from it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from ..errors import ShapeError, UnsupportedLossError
+from ..errors import LabelError, ShapeError, UnsupportedLossError
 from .base import Loss
 from .mse import MSE
 from .sigmoid_bce import SigmoidBCE
@@ -109,9 +111,16 @@ class TorchCrossEntropy(SoftmaxCrossEntropy):
                 "over positions, torch's value) with logits of shape (batch, positions..., "
                 "classes): a language model's (batch, tokens, vocabulary) as they are, torch's "
                 "(batch, classes, H, W) map as logits.movedim(1, -1)")
+        if self.label_smoothing and y.ndim == f.ndim:
+            raise LabelError(
+                f"torch's CrossEntropyLoss(label_smoothing={self.label_smoothing}) smooths "
+                "probability-row targets too; the library smooths class labels only. Pass "
+                "the class labels, or rows you smoothed yourself with label_smoothing=0")
         super()._check_layout(xp, f, y)
 
     def __repr__(self) -> str:
+        if self.label_smoothing:
+            return f"TorchCrossEntropy(label_smoothing={self.label_smoothing})"
         return "TorchCrossEntropy()"
 
 
@@ -126,19 +135,14 @@ def _from_torch(torch: Any, obj: Any) -> Loss:
                 "the Hessian per class. Drop weight= (resample or reweight the batch instead) "
                 "or subclass secondorder.losses.SoftmaxCrossEntropy"
             )
-        if float(getattr(obj, "label_smoothing", 0.0)) != 0.0:
-            raise UnsupportedLossError(
-                f"CrossEntropyLoss(label_smoothing={obj.label_smoothing}) has no library "
-                "option; pass smoothed probability rows as targets instead, "
-                "y = (1 - eps) * one_hot(labels) + eps / k, with label_smoothing=0"
-            )
         if int(getattr(obj, "ignore_index", -100)) >= 0:
             raise UnsupportedLossError(
                 f"CrossEntropyLoss(ignore_index={obj.ignore_index}) ignores a valid class; "
                 "the library's cross-entropy takes every sample. Remove the ignored samples "
                 "from the batch and keep the default ignore_index"
             )
-        return TorchCrossEntropy(reduction=reduction)
+        return TorchCrossEntropy(reduction=reduction,
+                                 label_smoothing=float(getattr(obj, "label_smoothing", 0.0)))
     if isinstance(obj, nn.MSELoss):
         reduction = _reduction(obj)
         # torch: (1/(m k)) sum (f - y)^2 = (2/k) * mean_i 1/2 |f_i - y_i|^2; sum: 2m * ours

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import random
 from ..backends import Backend, backend_of
-from ..errors import LabelError, NonFiniteError, ShapeError
+from ..errors import HyperparameterError, LabelError, NonFiniteError, ShapeError
 from .base import Array, Loss, draw_like, sum_outputs
 
 
@@ -52,6 +52,12 @@ class SoftmaxCrossEntropy(Loss):
         "mean" divides the per-sample loss by its number of predictions, the P positions
         (1 for outputs (m, k), where it changes nothing; PyTorch's ``nn.CrossEntropyLoss()`` on
         (m, k) is the default, ``reduction="sum"`` its sum).
+    label_smoothing : float in [0, 1], default 0.0
+        eps: integer labels y become the rows (1 - eps) e_y + eps / k, PyTorch's
+        ``CrossEntropyLoss(label_smoothing=eps)`` and optax's ``smooth_labels``; probability
+        rows are taken as given (smooth them yourself: torch smooths rows too). Only the
+        targets change: the Hessian diag(s) - s s^T, and so the GGN and the Monte-Carlo
+        Fisher, do not depend on them (its sampled targets are one-hot rows, never smoothed).
 
     With the defaults the constructor returns this class; any other value returns a
     :class:`~secondorder.losses.Scaled` wrapping it (not an instance of this class), whose
@@ -62,6 +68,20 @@ class SoftmaxCrossEntropy(Loss):
 
     name = "softmax_cross_entropy"
     canonical = True
+    #: eps of ``label_smoothing`` (the class value for the default, 0)
+    label_smoothing: float = 0.0
+
+    def __init__(self, *, label_smoothing: float = 0.0, reduction: str = "mean",
+                 scale: float = 1.0, outputs: str = "sum"):
+        super().__init__(reduction=reduction, scale=scale, outputs=outputs)
+        if isinstance(label_smoothing, bool) or not isinstance(
+                label_smoothing, int | float | np.floating | np.integer) \
+                or not 0.0 <= float(label_smoothing) <= 1.0:
+            raise HyperparameterError(
+                f"label_smoothing must be a number in [0, 1] (torch's and optax's eps), got "
+                f"{label_smoothing!r}")
+        if label_smoothing:
+            self.label_smoothing = float(label_smoothing)
 
     @staticmethod
     def _softmax(f: Array) -> Array:
@@ -78,18 +98,23 @@ class SoftmaxCrossEntropy(Loss):
         return math.prod(int(n) for n in f.shape[1:-1])
 
     def targets(self, f: Array, y: Array) -> Array:
-        """y as rows of probabilities: integer labels become one-hot rows."""
+        """y as rows of probabilities: integer labels become one-hot rows, smoothed to
+        (1 - eps) e_y + eps / k with ``label_smoothing``; rows are returned as they are."""
         if y.ndim == f.ndim:
             return y
         xp = backend_of(f).xp
         k = f.shape[-1]
         classes = xp.arange(k, device=backend_of(f).device(f))
-        return xp.astype(y[..., None] == classes, f.dtype)
+        rows = xp.astype(y[..., None] == classes, f.dtype)
+        eps = self.label_smoothing
+        return rows if not eps else (1.0 - eps) * rows + eps / k
 
     def per_sample(self, f: Array, y: Array) -> Array:
         self.check_values(f, y)
         backend = backend_of(f)
         xp = backend.xp
+        if y.ndim == f.ndim - 1 and self.label_smoothing:  # smoothed labels: their rows
+            y = self.targets(f, y)
         if y.ndim == f.ndim - 1:  # integer labels: pick the entries instead of a one-hot product
             if f.ndim == 2:
                 return backend.label_cross_entropy(f, y)
@@ -189,7 +214,9 @@ class SoftmaxCrossEntropy(Loss):
         return draw_like(f, lambda dtype: random.uniform(key, tuple(f.shape[:-1]), dtype))
 
     def _sample(self, f: Array, noise: Array) -> Array:
-        """Integer class labels, shape (m,) (f's shape without its class axis)."""
+        """Integer class labels, shape (m,) (f's shape without its class axis); with
+        ``label_smoothing``, their one-hot rows (f's shape), which :meth:`targets` leaves
+        unsmoothed: the Fisher is that of the model's own distribution."""
         backend = backend_of(f)
         xp = backend.xp
         s = self._softmax(f)
@@ -197,8 +224,11 @@ class SoftmaxCrossEntropy(Loss):
         # int64 where the backend has it; JAX without x64 has int32 only (asking for int64
         # there warns at every sample and truncates anyway)
         index = xp.int64 if backend.supports_float64() else xp.int32
-        labels = xp.sum(xp.astype(below, index), axis=-1)
-        return xp.clip(labels, max=f.shape[-1] - 1)
+        labels = xp.clip(xp.sum(xp.astype(below, index), axis=-1), max=f.shape[-1] - 1)
+        if self.label_smoothing:
+            classes = xp.arange(f.shape[-1], device=backend.device(f))
+            return xp.astype(labels[..., None] == classes, f.dtype)
+        return labels
 
     #: (weak reference to the targets last found valid, their version, the number of classes)
     _valid: tuple[Any, Any, int] | None = None
@@ -307,3 +337,8 @@ class SoftmaxCrossEntropy(Loss):
         if y.ndim == f.ndim and backend.is_concrete(y) and not bool(
                 np.all(np.isfinite(backend.to_numpy(y)))):
             raise NonFiniteError(f"{self.name}: the targets contain NaN or inf")
+
+    def __repr__(self) -> str:
+        if self.label_smoothing:
+            return f"{type(self).__name__}(label_smoothing={self.label_smoothing})"
+        return super().__repr__()
