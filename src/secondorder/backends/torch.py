@@ -180,7 +180,8 @@ _FORWARD_MODE_KEPT: set[str] = set()
 def _forward_mode(fn: Callable[[], Any]) -> Any:
     """``fn()``, a forward-mode computation. A kernel without a forward-mode formula that torch
     can replace (fused attention, oneDNN's or cuDNN's LSTM: :data:`_FORWARD_MODE_KERNELS`) is
-    replaced by one with a formula, the same function, and ``fn`` runs again."""
+    replaced by one with a formula, the same function, and ``fn`` runs again; any other
+    operation without one raises :class:`AutodiffUnavailableError`."""
     tried = set(_FORWARD_MODE_KEPT)
     while True:
         with ExitStack() as stack:
@@ -188,45 +189,32 @@ def _forward_mode(fn: Callable[[], Any]) -> Any:
                 stack.enter_context(_FORWARD_MODE_KERNELS[word][0]())
             try:
                 out = fn()
+            except AutodiffUnavailableError:
+                raise
             except NotImplementedError as err:
                 first = str(err).splitlines()[0]
                 word = next((w for w in _FORWARD_MODE_KERNELS if w in first and w not in tried),
                             None)
-                if word is None:
+                if word is not None:
+                    tried.add(word)
+                    continue
+                if not any(s in str(err) for s in ("forward AD", "forward mode AD")):
                     raise
-                tried.add(word)
-                continue
+                raise AutodiffUnavailableError(
+                    "torch has no forward-mode derivative (JVP) for an operation of this model: "
+                    f"{first} Methods built on Jacobian-vector products ('curveball', "
+                    "'hessian-free', 'newton', 'levenberg-marquardt', GGN and Hessian "
+                    "operators) cannot run on it; those that need only gradients ('sgd', "
+                    "'adam', 'shampoo', 'tnt', and 'kfac' and 'kbfgs' where every tapped layer "
+                    "is called as a module) can.") from err
         _FORWARD_MODE_KEPT.update(w for w in tried if _FORWARD_MODE_KERNELS[w][1])
         return out
 
 
-def _no_forward_mode(err: NotImplementedError) -> AutodiffUnavailableError | None:
-    """The library's error for torch's missing forward-mode formula (None for another
-    NotImplementedError)."""
-    if isinstance(err, AutodiffUnavailableError) or not any(
-            s in str(err) for s in ("forward AD", "forward mode AD")):
-        return None
-    return AutodiffUnavailableError(
-        "torch has no forward-mode derivative (JVP) for an operation of this model: "
-        f"{str(err).splitlines()[0]} Methods built on Jacobian-vector products "
-        "('curveball', 'hessian-free', 'newton', 'levenberg-marquardt', GGN and Hessian "
-        "operators) cannot run on it; those that need only gradients ('sgd', 'adam', "
-        "'shampoo', 'tnt', and 'kfac' and 'kbfgs' where every tapped layer is called as a "
-        "module) can.")
-
-
 def _jvp_of_leaves(g: Callable, x_leaves: list[Array], v_leaves: list[Array]
                    ) -> tuple[Tree, Tree]:
-    """The JVP of ``g`` at the leaf list (:func:`_jvp_any`, attention as
-    :func:`_forward_mode` says). An operation without a forward-mode formula in torch raises
-    :class:`AutodiffUnavailableError`."""
-    try:
-        return _forward_mode(lambda: _jvp_any(g, x_leaves, v_leaves))
-    except NotImplementedError as err:
-        library = _no_forward_mode(err)
-        if library is None:
-            raise
-        raise library from err
+    """The JVP of ``g`` at the leaf list: :func:`_jvp_any` through :func:`_forward_mode`."""
+    return _forward_mode(lambda: _jvp_any(g, x_leaves, v_leaves))
 
 
 #: torch dtypes whose values NumPy scalars hold with the same rounding
@@ -327,13 +315,7 @@ class TorchBackend(Backend):
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.func.linearize(f, x)
 
-        try:
-            y, jvp_fn = _forward_mode(trace)
-        except NotImplementedError as err:
-            library = _no_forward_mode(err)
-            if library is None:
-                raise
-            raise library from err
+        y, jvp_fn = _forward_mode(trace)
 
         def linear(v: Tree) -> Tree:
             try:

@@ -165,17 +165,13 @@ class TorchModel(Model):
 
     def _call(self, params: Any, x: Array) -> Any:
         import torch
-        from torch.func import functional_call
 
         if self._rng is not None and self.module.training:
             self._restore_rng()
         overrides = self._frozen_stats()
         if overrides:
             params = {**params, **overrides}
-        if self.attention:
-            out = _without_fastpath(functional_call, self.module, params, (x,))
-        else:
-            out = functional_call(self.module, params, (x,))
+        out = self._functional_call(params, x)
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModelError(
                 f"the module's forward returned a {type(out).__name__}, not a tensor: the "
@@ -183,6 +179,16 @@ class TorchModel(Model):
                 "module so that forward returns the output the loss reads (e.g. "
                 "`return self.net(x)[0]`, or `.logits` of a model output object)")
         return out
+
+    def _functional_call(self, params: Any, x: Array) -> Any:
+        """The module's forward pass on ``x`` with ``params`` in place of its own (a partial
+        dict keeps the others), attention's fused inference path off (:func:`_without_fastpath`).
+        """
+        from torch.func import functional_call
+
+        if self.attention:
+            return _without_fastpath(functional_call, self.module, params, (x,))
+        return functional_call(self.module, params, (x,))
 
     def apply(self, params: Any, x: Array, taps: list[Array] | None = None) -> Any:
         if taps is None:
@@ -300,7 +306,6 @@ class TorchModel(Model):
         :class:`~secondorder.errors.UnsupportedModelError` for a tapped layer that the forward
         pass calls not exactly once (its tap would be missing or ambiguous)."""
         import torch
-        from torch.func import functional_call
 
         # a batch of several tensors (a dict or tuple the forward takes as one argument) is
         # keyed by all their shapes; its samples are the first axis of its first tensor
@@ -327,11 +332,7 @@ class TorchModel(Model):
             try:
                 with torch.no_grad(), torch.random.fork_rng(devices=[]):
                     # the module's own parameters; running statistics left as they are
-                    if self.attention:
-                        _without_fastpath(functional_call, self.module, self._frozen_stats(),
-                                          (x,))
-                    else:
-                        functional_call(self.module, self._frozen_stats(), (x,))
+                    self._functional_call(self._frozen_stats(), x)
             finally:
                 for h in handles:
                     h.remove()
