@@ -168,3 +168,19 @@ def test_stacked_layers_are_not_tapped():
     x = jax.ShapeDtypeStruct((2, 3), F64)
     out, inputs = jax.eval_shape(lambda p: model.apply(p, x, model.zero_taps(x)), params)
     assert out.shape == (2, 2) and [a.shape for a in inputs] == [(2, 4), (2, 5)]
+
+
+def test_an_example_batch_is_checked_at_construction(batch):
+    """``from_equinox(..., example=x)``, the signature of from_flax and from_nnx: the same model
+    and layers as without it; an example the network cannot take fails at construction, with
+    the error the forward pass itself would give."""
+    x, y = batch
+    net = eqx.nn.MLP(4, 3, 5, 2, activation=jnp.tanh, dtype=F64, key=KEY)
+    model, params = from_equinox(net)
+    checked, same = from_equinox(net, example=x)
+    assert checked.layers == model.layers
+    assert max_diff(checked(same, x), model(params, x)) == 0.0
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - equinox's own error
+        net(jnp.zeros(5))
+    with pytest.raises(type(caught.value)):
+        from_equinox(net, example=jnp.zeros((7, 5)))

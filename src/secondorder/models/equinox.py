@@ -217,11 +217,16 @@ class EquinoxModel(Model):
       with ``jax.vmap`` (equinox layers take one example); ``True`` calls it on the whole batch;
     * ``axis_name`` (default ``"batch"``): the name of the batch axis of that ``vmap``, which
       ``eqx.nn.BatchNorm(..., axis_name=...)`` must name;
-    * ``kwargs`` (default ``None``: none): keyword arguments for every call.
+    * ``kwargs`` (default ``None``: none): keyword arguments for every call;
+    * ``example`` (default ``None``): a batch (or :class:`EquinoxInputs`) on which the model is
+      evaluated once, by shapes only, at construction, so that a model that cannot run on
+      such batches fails here. The tapped layers come from the module's structure, so unlike
+      ``from_flax`` and ``from_nnx`` nothing needs it; it is taken for the same signature.
     """
 
     def __init__(self, model: Any, state: Any = None, *, batched: bool = False,
-                 axis_name: Hashable = "batch", kwargs: Mapping[str, Any] | None = None):
+                 axis_name: Hashable = "batch", kwargs: Mapping[str, Any] | None = None,
+                 example: Any = None):
         import equinox as eqx
 
         params, self.static = eqx.partition(model, eqx.is_inexact_array)
@@ -244,6 +249,9 @@ class EquinoxModel(Model):
         # one compiled forward pass: inside a jitted step it is inlined; in eager steps it saves
         # re-tracing the vmap at each of the step's many calls
         self._forward = jax.jit(self._call)
+        if example is not None:
+            self.tap_shapes(example)
+            jax.eval_shape(lambda p, inp: self._call(p, inp)[0], self._param_shapes, example)
 
     def __repr__(self) -> str:
         return f"EquinoxModel({type(self.static).__name__}, stateful={self.state is not None})"
@@ -401,7 +409,8 @@ def from_equinox(model: Any, state: Any = None, **options: Any) -> tuple[Equinox
 
     ``state`` (default ``None``): the ``eqx.nn.State`` of a model from
     ``eqx.nn.make_with_state``. ``options`` are those of :class:`EquinoxModel`:
-    ``batched=False`` (vmap over the batch), ``axis_name="batch"``, ``kwargs=None``. After
+    ``batched=False`` (vmap over the batch), ``axis_name="batch"``, ``kwargs=None``,
+    ``example=None``. After
     training, ``apply.to_module(params)`` is the trained equinox module.
     """
     wrapped = EquinoxModel(model, state, **options)
