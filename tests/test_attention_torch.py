@@ -63,7 +63,8 @@ def _lm(train: bool):
 def test_transformer_layer_taps_give_the_feed_forward_and_head_gradients(train):
     """linear1, linear2 and head are tapped (and out_proj, applied by F.linear inside
     nn.MultiheadAttention, is not); their taps give torch's gradients, in train mode and in eval
-    mode, where torch would otherwise take its fused inference kernel."""
+    mode. (The hooks of a tapped pass turn torch's fused inference path off by themselves; the
+    untapped pass is covered by the eval-mode JVP test below.)"""
     module, x, y = _lm(train)
     model, params = from_torch(module)
     tapped = [model.names[layer.weight] for layer in model.layers]
@@ -145,24 +146,32 @@ class Recurrent(nn.Module):
 
 
 def test_jvp_through_an_lstm_is_reverse_modes():
-    """nn.LSTM on CPU runs oneDNN's kernel, which has no forward-mode formula; the JVP runs on
-    aten's kernels instead, and equals the reverse-mode Jacobian times v (float64). oneDNN stays
-    on afterwards."""
+    """nn.LSTM in float32 on CPU runs oneDNN's kernel, which has no forward-mode formula; the
+    JVP runs on aten's kernels instead, and equals the reverse-mode Jacobian times v of the same
+    network in float64 (to float32's rounding). oneDNN stays on afterwards."""
     torch.manual_seed(0)
-    module = Recurrent().double()
-    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    module = Recurrent()
+    x = torch.randn(5, 4, 3)
+    if torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled():
+        from torch.autograd import forward_ad
+        with pytest.raises(NotImplementedError, match="mkldnn"), forward_ad.dual_level():
+            module(forward_ad.make_dual(x, torch.ones_like(x)))  # the kernel the retry replaces
     model, params = from_torch(module)
     gen = torch.Generator().manual_seed(2)
-    v = {n: torch.randn(p.shape, dtype=p.dtype, generator=gen) for n, p in params.items()}
+    v = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
     mkldnn = torch._C._get_mkldnn_enabled()
     _, tangent = backends.get("torch").jvp(lambda p: model.apply(p, x), params, v)
+    assert tangent.dtype == torch.float32
     assert torch._C._get_mkldnn_enabled() == mkldnn
 
-    def f(*leaves):
-        return model.apply(dict(zip(params, leaves)), x)
+    double, params64 = from_torch(Recurrent().double())
+    params64 = {n: p.double() for n, p in params.items()}
 
-    torch.testing.assert_close(tangent, _reverse_mode_jvp(f, params, v), rtol=1e-10,
-                               atol=1e-12)
+    def f(*leaves):
+        return double.apply(dict(zip(params64, leaves)), x.double())
+
+    reference = _reverse_mode_jvp(f, params64, {n: t.double() for n, t in v.items()})
+    torch.testing.assert_close(tangent.double(), reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["curveball", "hessian-free"])

@@ -151,6 +151,7 @@ def test_a_second_order_method_ignores_what_comes_before_it_and_clipping_after_c
         unused = [w for w in caught if issubclass(w.category, UnusedUpdatesWarning)]
         assert len(unused) == (k == 0)
         assert k or "transform= to CurveBall" in str(unused[0].message)
+        assert k or unused[0].filename == __file__  # the user's call, not optax's chain
         p_before = optax.apply_updates(p_before, u)
         plain, s_plain, _ = opt.step(plain, s_plain, batch)
         u, s_after = after.update(None, s_after, p_after, batch=batch)

@@ -177,6 +177,15 @@ _FORWARD_MODE_KERNELS: dict[str, tuple[Callable[[], Any], bool]] = {
 _FORWARD_MODE_KEPT: set[str] = set()
 
 
+@contextmanager
+def _kernels(words: set[str]) -> Iterator[None]:
+    """The contexts of :data:`_FORWARD_MODE_KERNELS` named by ``words``, entered together."""
+    with ExitStack() as stack:
+        for word in sorted(words):
+            stack.enter_context(_FORWARD_MODE_KERNELS[word][0]())
+        yield
+
+
 def _forward_mode(fn: Callable[[], Any]) -> Any:
     """``fn()``, a forward-mode computation. A kernel without a forward-mode formula that torch
     can replace (fused attention, oneDNN's or cuDNN's LSTM: :data:`_FORWARD_MODE_KERNELS`) is
@@ -184,9 +193,7 @@ def _forward_mode(fn: Callable[[], Any]) -> Any:
     operation without one raises :class:`AutodiffUnavailableError`."""
     tried = set(_FORWARD_MODE_KEPT)
     while True:
-        with ExitStack() as stack:
-            for word in sorted(tried):
-                stack.enter_context(_FORWARD_MODE_KERNELS[word][0]())
+        with _kernels(tried):
             try:
                 out = fn()
             except AutodiffUnavailableError:
@@ -286,7 +293,11 @@ class TorchBackend(Backend):
         # the default's products, with x flattened once for the VJP and every JVP
         x_leaves, x_def = flatten(x)
         g = _of_leaves(f, x_def)
-        y, pullback = _vjp_of_leaves(g, x_leaves, x_def, False)
+        # recorded on attention's math kernel, the one the JVPs use: its backward is what the
+        # curvature operators' vmapped VJPs batch (the fused kernels' backward torch.func.vmap
+        # runs in a loop, with a warning)
+        with _kernels(_FORWARD_MODE_KEPT | {"attention"}):
+            y, pullback = _vjp_of_leaves(g, x_leaves, x_def, False)
 
         def jvp_fn(v: Tree) -> Tree:
             v_leaves, v_def = flatten(v)

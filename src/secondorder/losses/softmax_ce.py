@@ -40,7 +40,8 @@ class SoftmaxCrossEntropy(Loss):
     * convex conjugate l*(a) = <mu, log mu> for mu = y + a in the probability simplex, +inf
       otherwise (same paper, Sec. 3.1, "Examples");
     * predictive distribution Categorical(s): ``sample`` returns integer labels, found by
-      inverting the cumulative sum of s at a uniform noise value.
+      inverting the cumulative sum of s at a uniform noise value (with ``label_smoothing``,
+      their one-hot rows, which the smoothing leaves alone).
 
     Parameters
     ----------

@@ -220,8 +220,10 @@ class EquinoxModel(Model):
     * ``kwargs`` (default ``None``: none): keyword arguments for every call;
     * ``example`` (default ``None``): a batch (or :class:`EquinoxInputs`) on which the model is
       evaluated once, by shapes only, at construction, so that a model that cannot run on
-      such batches fails here. The tapped layers come from the module's structure, so unlike
-      ``from_flax`` and ``from_nnx`` nothing needs it; it is taken for the same signature.
+      such batches fails here (a model that draws random numbers, Dropout, or has a state
+      needs the example as ``EquinoxInputs(x, key, state)``). The tapped layers come from the
+      module's structure, so unlike ``from_flax`` and ``from_nnx`` nothing needs it; it is
+      taken for the same signature.
     """
 
     def __init__(self, model: Any, state: Any = None, *, batched: bool = False,
