@@ -38,3 +38,36 @@ def test_dense_methods_warn_above_the_threshold_only(name, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DenseSizeWarning)
         opt.init(params)  # exactly at the threshold: silent
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_methods_that_factor_the_matrix_warn_above_a_parameter_count(name, monkeypatch):
+    """Newton and Levenberg-Marquardt factor the p x p matrix at every step (O(p^3) time, p
+    curvature-vector products): they warn above DENSE_WARNING_PARAMETERS whatever the bytes;
+    BFGS, whose step is O(p^2), does not."""
+    model = MLP([5, 7, 3])
+    params = model.init(0, "numpy")
+    opt = METHODS[name](model, losses.SoftmaxCrossEntropy())
+    monkeypatch.setattr(dense_size, "DENSE_WARNING_PARAMETERS", 65)  # p = 66
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        opt.init(params)
+    dense = [w for w in seen if issubclass(w.category, DenseSizeWarning)]
+    if name == "BFGS":
+        assert not dense
+    else:
+        assert len(dense) == 1 and "3e+05 flops and 66 curvature-vector products" in str(
+            dense[0].message)
+    monkeypatch.setattr(dense_size, "DENSE_WARNING_PARAMETERS", 66)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DenseSizeWarning)
+        opt.init(params)
+
+
+def test_the_default_parameter_count_warns_for_a_network():
+    """With the defaults, Newton on an MLP 64-64-10 (4810 parameters, 93 MB in float64, far
+    under the byte threshold) warns."""
+    model = MLP([64, 64, 10])
+    params = model.init(0, "numpy")
+    with pytest.warns(DenseSizeWarning, match="dense 4810 x 4810"):
+        optim.Newton(model, losses.SoftmaxCrossEntropy()).init(params)

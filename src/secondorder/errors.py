@@ -126,8 +126,10 @@ class UnsupportedModelError(SecondOrderError, ValueError):
 
 class DenseSizeWarning(UserWarning):
     """A dense method (Newton, Levenberg-Marquardt, BFGS) given so many parameters p that its
-    p x p matrix is larger than :data:`secondorder.optim.dense_size.DENSE_WARNING_BYTES`: each
-    step needs p^2 numbers of memory and O(p^3) time."""
+    p x p matrix is larger than :data:`secondorder.optim.dense_size.DENSE_WARNING_BYTES`, or
+    (Newton, Levenberg-Marquardt, which factor it at every step) p larger than
+    :data:`~secondorder.optim.dense_size.DENSE_WARNING_PARAMETERS`: each step needs p^2
+    numbers of memory and O(p^3) time."""
 
 
 class UntappedLayerWarning(UserWarning):

@@ -89,7 +89,8 @@ class BFGS(Optimizer):
         return f"BFGS(c1={self.c1}, c2={self.c2}, max_line_search={self.max_line_search})"
 
     def init(self, params: Tree) -> BFGSState:
-        warn_if_too_large("BFGS", params, "updates it at every step, O(p^2) time")
+        warn_if_too_large("BFGS", params, "updates it at every step, O(p^2) time",
+                          factors=False)
         flat, _ = ravel(params)
         backend = self.backend(flat)
         dev = backend.device(flat)
