@@ -244,30 +244,37 @@ def _torch_oracles(x, y, w, b):
     return dense, fisher, grad
 
 
-@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
-def test_curvature_of_sequence_logits_against_autograd(name):
-    """GGN and empirical Fisher operators on logits (m, T, k) with the mean over positions:
-    to_dense and a product against the brute-force matrices (a network linear in its
-    parameters, so the GGN is the Hessian)."""
+def _linear_sequence_model(name):
+    """On backend ``name``: the network x W + b on (m, T, d) inputs as a plain function, its
+    parameters {"w", "b"}, the batch, the oracles of :func:`_torch_oracles` and the index that
+    puts the oracles' [w, b] order into the library's flat order (sorted keys: b, then w)."""
     if name != "numpy":
         pytest.importorskip(name)
     bk = backends.get(name)
     xp = bk.xp
     x, y, w, b = _sequence_problem()
-    hessian, fisher, _ = _torch_oracles(x, y, w, b)
 
     def apply(p, inputs):
         return xp.matmul(inputs, p["w"]) + p["b"]
 
-    params = {"w": bk.asarray(w), "b": bk.asarray(b)}  # flat order: b then w (sorted keys)
+    params = {"w": bk.asarray(w), "b": bk.asarray(b)}
     order = np.r_[np.arange(w.size, w.size + K2), np.arange(w.size)]
+    return (bk, apply, params, (bk.asarray(x), bk.asarray(y)), _torch_oracles(x, y, w, b),
+            order)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch", "jax"])
+def test_curvature_of_sequence_logits_against_autograd(name):
+    """GGN and empirical Fisher operators on logits (m, T, k) with the mean over positions:
+    to_dense and a product against the brute-force matrices (a network linear in its
+    parameters, so the GGN is the Hessian)."""
+    bk, apply, params, batch, (hessian, fisher, _), order = _linear_sequence_model(name)
     loss = SoftmaxCrossEntropy(outputs="mean")
-    batch = (bk.asarray(x), bk.asarray(y))
     for operator, dense in ((GGN(apply, loss, params, batch), hessian),
                             (Fisher(apply, loss, params, batch, kind="empirical"), fisher)):
         ours = np.asarray(bk.to_numpy(operator.to_dense()))
         np.testing.assert_allclose(ours, dense[np.ix_(order, order)], rtol=1e-12, atol=1e-14)
-        v = np.random.default_rng(3).standard_normal(w.size + K2)
+        v = np.random.default_rng(3).standard_normal(len(order))
         product = operator.matvec(bk.asarray(v))
         np.testing.assert_allclose(np.asarray(bk.to_numpy(product)),
                                    dense[np.ix_(order, order)] @ v, rtol=1e-12, atol=1e-14)
@@ -279,21 +286,10 @@ def test_smw_steps_on_sequence_logits_are_the_dense_damped_steps(name, cls):
     """SMW-GN and SMW-NG (Jacobian Gram matrix) on logits (m, T, k): the first step is
     -(B + lambda I)^{-1} g with B the brute-force GGN (the Hessian here) or empirical Fisher and
     lambda = damping + tau (the whole batch is the curvature batch)."""
-    if name != "numpy":
-        pytest.importorskip(name)
-    bk = backends.get(name)
-    xp = bk.xp
-    x, y, w, b = _sequence_problem()
-    hessian, fisher, grad = _torch_oracles(x, y, w, b)
+    bk, apply, params, batch, (hessian, fisher, grad), order = _linear_sequence_model(name)
     dense = hessian if cls is SMWGN else fisher
-    order = np.r_[np.arange(w.size, w.size + K2), np.arange(w.size)]
-
-    def apply(p, inputs):
-        return xp.matmul(inputs, p["w"]) + p["b"]
-
-    params = {"w": bk.asarray(w), "b": bk.asarray(b)}
     method = cls(apply, SoftmaxCrossEntropy(outputs="mean"), damping=0.5, tau=1e-3)
-    new, _, info = method.step(params, method.init(params), (bk.asarray(x), bk.asarray(y)))
+    new, _, info = method.step(params, method.init(params), batch)
     assert bool(info.finite)
     expected = -np.linalg.solve(dense + 0.501 * np.eye(len(grad)), grad)[order]
     moved = tree.ravel(tree.sub(new, params))[0]
