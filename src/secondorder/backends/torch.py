@@ -293,10 +293,14 @@ class TorchBackend(Backend):
         # the default's products, with x flattened once for the VJP and every JVP
         x_leaves, x_def = flatten(x)
         g = _of_leaves(f, x_def)
-        # recorded on attention's math kernel, the one the JVPs use: its backward is what the
-        # curvature operators' vmapped VJPs batch (the fused kernels' backward torch.func.vmap
-        # runs in a loop, with a warning)
-        with _kernels(_FORWARD_MODE_KEPT | {"attention"}):
+        # recorded on the kernels the JVPs use once a fused one refused them, and on CPU on
+        # attention's math kernel: its backward is what the vmapped VJPs of to_dense, LM and SMW
+        # batch (torch.func.vmap loops over the CPU flash kernel's backward, with a warning);
+        # on a GPU the fused kernels, memory-efficient on long sequences, are kept until then
+        words = set(_FORWARD_MODE_KEPT)
+        if x_leaves and x_leaves[0].device.type == "cpu":
+            words.add("attention")
+        with _kernels(words):
             y, pullback = _vjp_of_leaves(g, x_leaves, x_def, False)
 
         def jvp_fn(v: Tree) -> Tree:
