@@ -159,6 +159,36 @@ def test_what_taps_cannot_take_raises_a_named_error(case, match):
         jax.jit(lambda p: model.apply(p, x, model.zero_taps(x))[0])(params)
 
 
+def test_multihead_attention_gets_the_methods_that_take_it():
+    """eqx.nn.MultiheadAttention calls its projections under its own jax.vmap over the
+    positions: K-FAC's tapped pass raises the named error, which names the methods without taps;
+    one of them (SMW-NG with the Jacobian Gram matrix) then steps the model."""
+    from secondorder.losses import SoftmaxCrossEntropy
+    from secondorder.optim import KFAC, SMWNG
+
+    class Attention(eqx.Module):
+        att: eqx.nn.MultiheadAttention
+        head: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.att = eqx.nn.MultiheadAttention(2, 4, dtype=F64, key=k1)
+            self.head = eqx.nn.Linear(4, 3, dtype=F64, key=k2)
+
+        def __call__(self, x):  # x: (positions, 4)
+            return self.head(jnp.mean(self.att(x, x, x), axis=0))
+
+    model, params = from_equinox(Attention(KEY))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5, 4)))
+    y = jnp.asarray([0, 1, 2, 0, 1, 2])
+    kfac = KFAC(model, SoftmaxCrossEntropy())
+    with pytest.raises(StructureError, match="MultiheadAttention maps its own projections"):
+        kfac.step(params, kfac.init(params), (x, y))
+    smw = SMWNG(model, SoftmaxCrossEntropy(), gram="jacobian")
+    _, _, info = smw.step(params, smw.init(params), (x, y))
+    assert bool(info.finite) and float(info.extras["rho"]) > 0
+
+
 def test_stacked_layers_are_not_tapped():
     """MLP(scan=True) stacks its hidden layers (a weight of rank 3): they stay outside the
     tapped layers (each method's fallback), the input and output layers are tapped."""

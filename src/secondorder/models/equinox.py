@@ -78,8 +78,10 @@ def _inner_transform_error(err: Exception | None = None) -> StructureError:
         "transformation (e.g. mapped over a sequence), so its recorded input escapes it; layer "
         "taps need each Linear called once on the example. For a Linear mapped over a "
         "sequence's positions, eqx.nn.Conv1d(d_in, d_out, 1) on the (features, positions) "
-        "array is the same layer and is tapped (its weight shared over the positions); or use "
-        f"a method without taps (Shampoo, TNT, Adam, SGD, the GGN methods) for this model{why}")
+        "array is the same layer and is tapped (its weight shared over the positions). "
+        "eqx.nn.MultiheadAttention maps its own projections over the positions, so a model "
+        "holding it needs a method without taps: Shampoo, TNT, Adam, SGD, CurveBall, "
+        f"Hessian-free or SMW with gram='jacobian'{why}")
 
 
 @dataclass(frozen=True)
