@@ -69,5 +69,8 @@ def test_the_default_parameter_count_warns_for_a_network():
     under the byte threshold) warns."""
     model = MLP([64, 64, 10])
     params = model.init(0, "numpy")
-    with pytest.warns(DenseSizeWarning, match="dense 4810 x 4810"):
+    p = 64 * 64 + 64 + 64 * 10 + 10
+    assert p == 4810 and p * p * 8 < dense_size.DENSE_WARNING_BYTES
+    with pytest.warns(DenseSizeWarning, match="dense 4810 x 4810") as seen:
         optim.Newton(model, losses.SoftmaxCrossEntropy()).init(params)
+    assert len([w for w in seen if issubclass(w.category, DenseSizeWarning)]) == 1

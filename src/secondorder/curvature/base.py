@@ -80,11 +80,7 @@ class Linearization:
         self.outputs, self.jvp, self.vjp = self.backend.linearize_vjp(
             lambda p: apply(p, x), params
         )
-        if getattr(self.outputs, "ndim", 0) < 2:
-            raise ShapeError(
-                "the curvature operators need the network to return (batch, outputs...), got "
-                f"shape {tuple(getattr(self.outputs, 'shape', ()))}: give a single output an "
-                "axis of its own, (m, 1)")
+        check_outputs(self.outputs)
 
     def two_dimensional(self, method: str) -> Array:
         """The outputs, after checking they are (batch, outputs) as ``method`` needs."""
@@ -95,6 +91,14 @@ class Linearization:
     @property
     def batch_size(self) -> int:
         return int(self.outputs.shape[0])
+
+
+def check_outputs(f: Array, method: str = "the curvature operators") -> None:
+    """ShapeError for network outputs without a batch axis and an output axis, (m, ...)."""
+    if getattr(f, "ndim", 0) < 2:
+        raise ShapeError(
+            f"{method}: the network must return (batch, outputs...), got shape "
+            f"{tuple(getattr(f, 'shape', ()))}; give a single output an axis of its own, (m, 1)")
 
 
 def two_dimensional_outputs(f: Array, method: str = "the curvature operators") -> str:

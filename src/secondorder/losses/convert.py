@@ -118,11 +118,6 @@ class TorchCrossEntropy(SoftmaxCrossEntropy):
                 "the class labels, or rows you smoothed yourself with label_smoothing=0")
         super()._check_layout(xp, f, y)
 
-    def __repr__(self) -> str:
-        if self.label_smoothing:
-            return f"TorchCrossEntropy(label_smoothing={self.label_smoothing})"
-        return "TorchCrossEntropy()"
-
 
 def _from_torch(torch: Any, obj: Any) -> Loss:
     nn = torch.nn

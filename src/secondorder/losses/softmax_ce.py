@@ -103,12 +103,16 @@ class SoftmaxCrossEntropy(Loss):
         (1 - eps) e_y + eps / k with ``label_smoothing``; rows are returned as they are."""
         if y.ndim == f.ndim:
             return y
-        xp = backend_of(f).xp
-        k = f.shape[-1]
-        classes = xp.arange(k, device=backend_of(f).device(f))
-        rows = xp.astype(y[..., None] == classes, f.dtype)
+        rows = self._one_hot(f, y)
         eps = self.label_smoothing
-        return rows if not eps else (1.0 - eps) * rows + eps / k
+        return rows if not eps else (1.0 - eps) * rows + eps / f.shape[-1]
+
+    @staticmethod
+    def _one_hot(f: Array, labels: Array) -> Array:
+        """Integer labels (f's shape without its class axis) as one-hot rows of f's dtype."""
+        backend = backend_of(f)
+        classes = backend.xp.arange(f.shape[-1], device=backend.device(f))
+        return backend.xp.astype(labels[..., None] == classes, f.dtype)
 
     def per_sample(self, f: Array, y: Array) -> Array:
         self.check_values(f, y)
@@ -226,10 +230,7 @@ class SoftmaxCrossEntropy(Loss):
         # there warns at every sample and truncates anyway)
         index = xp.int64 if backend.supports_float64() else xp.int32
         labels = xp.clip(xp.sum(xp.astype(below, index), axis=-1), max=f.shape[-1] - 1)
-        if self.label_smoothing:
-            classes = xp.arange(f.shape[-1], device=backend.device(f))
-            return xp.astype(labels[..., None] == classes, f.dtype)
-        return labels
+        return self._one_hot(f, labels) if self.label_smoothing else labels
 
     #: (weak reference to the targets last found valid, their version, the number of classes)
     _valid: tuple[Any, Any, int] | None = None

@@ -57,10 +57,11 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
-from ..curvature.base import two_dimensional_outputs
+from ..curvature.base import check_outputs
 from ..errors import HyperparameterError, ShapeError, StructureError, UnsupportedModelError
 from ..linalg.operator import has_native_vmap, map_columns
 from ..losses import MSE, Loss, Scaled
+from ..losses.base import sum_outputs
 from ..models.base import Model, find_model
 from ..tree import axpy, scale, vdot
 from .base import Array, Batch, Optimizer, StepInfo, Tree, all_finite, is_number
@@ -350,8 +351,7 @@ class _SMW(Optimizer):
         xp = backend.xp
         x, y = batch
         f, jvp, vjp = backend.linearize_vjp(lambda p: self.apply(p, x), params)
-        if getattr(f, "ndim", 0) < 2:
-            raise ShapeError(two_dimensional_outputs(f, type(self).__name__))
+        check_outputs(f, type(self).__name__)
         # outputs (N1, ...): k = prod(shape[1:]) per sample (a sequence's P positions times
         # its classes), in row-major order, as the loss's per-sample Hessian lays them out
         n1, out = int(f.shape[0]), tuple(int(d) for d in f.shape[1:])
@@ -378,7 +378,7 @@ class _SMW(Optimizer):
             n = n2
 
             def jop(v: Tree) -> Array:  # rows: per-example gradients
-                return xp.sum(u2 * head(jvp(v)), axis=tuple(range(1, u2.ndim)))
+                return sum_outputs(u2 * head(jvp(v)))
 
             def jtop(a: Array) -> Tree:
                 return vjp(pad(a[samples] * u2))
