@@ -214,3 +214,28 @@ def test_an_example_batch_is_checked_at_construction(batch):
         net(jnp.zeros(5))
     with pytest.raises(type(caught.value)):
         from_equinox(net, example=jnp.zeros((7, 5)))
+
+
+def test_an_example_does_not_fail_a_model_only_the_tapped_methods_refuse():
+    """A convolution and a Linear mapped over positions under the model's own vmap: the taps
+    cannot take it (K-FAC raises), but ``example=`` checks the forward pass only, so the model
+    builds for the methods without taps and computes equinox's own outputs."""
+
+    class ConvThenMapped(eqx.Module):
+        conv: eqx.nn.Conv1d
+        lin: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.conv = eqx.nn.Conv1d(2, 3, 3, dtype=F64, key=k1)
+            self.lin = eqx.nn.Linear(3, 2, dtype=F64, key=k2)
+
+        def __call__(self, x):  # x: (2, positions)
+            return jnp.mean(jax.vmap(self.lin)(self.conv(x).T), axis=0)
+
+    net = ConvThenMapped(KEY)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 2, 8)))
+    model, params = from_equinox(net, example=x)
+    assert max_diff(model(params, x), jax.vmap(net)(x)) < 1e-15
+    with pytest.raises(StructureError, match="under the model's own"):
+        model.apply(params, x, model.zero_taps(x))

@@ -253,8 +253,7 @@ class EquinoxModel(Model):
         # one compiled forward pass: inside a jitted step it is inlined; in eager steps it saves
         # re-tracing the vmap at each of the step's many calls
         self._forward = jax.jit(self._call)
-        if example is not None:
-            self.tap_shapes(example)
+        if example is not None:  # the forward pass only: the taps are not the model's error
             jax.eval_shape(lambda p, inp: self._call(p, inp)[0], self._param_shapes, example)
 
     def __repr__(self) -> str:
