@@ -453,8 +453,9 @@ def test_flax_layers_under_nn_scan_are_named_and_left_to_the_fallback():
     rng = np.random.default_rng(2)
     x, y = jnp.asarray(rng.standard_normal((6, 4))), jnp.asarray(rng.integers(0, 3, 6))
     module = ScannedNet()
-    with pytest.warns(UntappedLayerWarning, match="ScanBlock_0/Dense_0"):
+    with pytest.warns(UntappedLayerWarning, match="ScanBlock_0/Dense_0") as seen:
         model, params = from_flax(module, module.init(jax.random.key(0), x), example=x)
+    assert seen[0].filename == __file__  # the user's from_flax(...), not flax's tracing
     assert len(model.layers) == 1 and model.layers[0].out_features == 3
     stack = model.untapped[0].split("/")[0]  # the scanned module's name
     loss = SoftmaxCrossEntropy()

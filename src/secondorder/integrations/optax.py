@@ -59,7 +59,6 @@ method's state is kept and ``info.finite`` is False.
 from __future__ import annotations
 
 import inspect
-import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -68,6 +67,7 @@ import jax.numpy as jnp
 import optax
 
 from .._pytree import flatten
+from .._stack import caller_level
 from ..errors import (
     HyperparameterError,
     SecondOrderError,
@@ -181,7 +181,7 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
                 "clip, optax.add_decayed_weights) does not reach its step. Chain transforms "
                 f"after it (they act on the step) or pass transform= to {name}, and pass None "
                 "as the updates (no gradient to compute)", UnusedUpdatesWarning,
-                stacklevel=_caller_level())
+                stacklevel=caller_level())
         if first_order and given:
             if value is not None:
                 value = jnp.asarray(value, dtype=_dtype(params))
@@ -208,17 +208,6 @@ def as_optax(method: Optimizer) -> optax.GradientTransformationExtraArgs:
         return out, OptaxState(inner, _fixed_info(method, info, params))
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of a warning raised in ``update`` that names the first frame outside
-    this library, optax, JAX and flax (the user's ``tx.update`` or jitted step, not optax's
-    chain, JAX's tracing or ``nnx.Optimizer`` that called it)."""
-    frame, level = sys._getframe(1), 1  # noqa: SLF001 - no public way to walk the stack
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
-            "secondorder", "optax", "jax", "jaxlib", "flax"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def step_info(state: Any) -> StepInfo:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .._stack import caller_level
 from ..errors import SecondOrderError, ShapeError, UnsupportedModelError, UntappedLayerWarning
 from .base import Array, LayerInfo, Model, batch_data, check_batch_axis, tap_dtype
 from .layers import channels_last_to_reference, reference_to_channels_last
@@ -183,7 +184,7 @@ class InterceptedModel(Model):
                     "(SGD- or Adam-style), without per-layer curvature. To precondition them, "
                     "call the layers directly (a Python loop over the stack), or use a method "
                     "without taps (Shampoo, TNT, CurveBall, Hessian-free)",
-                    UntappedLayerWarning, stacklevel=4)
+                    UntappedLayerWarning, stacklevel=caller_level())
         elif [t.path for t in self._tapped] != [t.path for t in tapped]:
             raise SecondOrderError("the module calls different layers for different input "
                                    "shapes; layer taps need the same layers for every batch")

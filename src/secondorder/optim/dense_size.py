@@ -17,6 +17,7 @@ import warnings
 from typing import Any
 
 from .._pytree import flatten
+from .._stack import caller_level
 from ..errors import DenseSizeWarning
 from ..tree import size
 
@@ -54,4 +55,4 @@ def warn_if_too_large(method: str, params: Any,
             "'curveball') or a Kronecker-factored one ('kfac', 'shampoo', 'kbfgs'); to keep "
             "this method, raise secondorder.optim.dense_size.DENSE_WARNING_BYTES and "
             "DENSE_WARNING_PARAMETERS or filter DenseSizeWarning.",
-            DenseSizeWarning, stacklevel=3)
+            DenseSizeWarning, stacklevel=caller_level())
