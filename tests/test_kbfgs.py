@@ -431,3 +431,99 @@ def test_parameters_outside_tapped_layers_take_the_fallback():
             expected = -lr * (g if fallback == "sgd" else g / (np.abs(g) + eps))
             np.testing.assert_allclose((new[name] - params[name]).numpy(), expected,
                                        rtol=1e-10, atol=1e-15)
+
+
+# ------------------------------------------------------------------ a layer followed by BatchNorm
+
+
+def _bn_net(torch):
+    """Conv2d(1, 3, 3) -> BatchNorm2d -> ReLU -> Linear on 6 x 6 images (|T| = 16): BatchNorm's
+    backward removes the per-channel mean, so the convolution's Dh_bar is 0 in exact
+    arithmetic, and the computed one rounding noise (~1e-17)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 3)).double()
+
+
+def _bn_data(torch, dtype=None):
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(8, 1, 6, 6, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (8,), generator=g)) for _ in range(3)]
+    return [(x.to(dtype or torch.float64), y) for x, y in data]
+
+
+@pytest.mark.parametrize("method", ["kbfgs", "kbfgs-l"])
+def test_a_layer_before_batchnorm_is_insensitive_to_rounding(method):
+    """Three steps of the torch Optimizer (the class's defaults) on the conv + BatchNorm net, from
+    the initial parameters and from them times (1 + 1e-14): the parameters differ by < 1e-10
+    relative (K-FAC's 1e-14). Without the zeroing of Dh_bar below its rounding level, the noise
+    in y_G decided the sign of s^T y in the Powell damping and the convolution moved 6e-3
+    apart."""
+    torch = pytest.importorskip("torch")
+    from secondorder.integrations.torch import Optimizer
+
+    runs = []
+    for factor in (1.0, 1.0 + 1e-14):
+        net = _bn_net(torch)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(factor)
+        opt = Optimizer(net, torch.nn.CrossEntropyLoss(), method=method)
+        for batch in _bn_data(torch):
+            opt.step(batch)
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*runs):
+        assert float((a - b).norm() / a.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_h_g_of_a_layer_before_batchnorm_is_its_exact_arithmetic_value(cls, dtype):
+    """The exact-arithmetic run, by hand: the convolution's Dh_bar = 0 at every pass, so y_G = 0;
+    the damping (Algorithm 8) leaves s~ = s_G (s^T y = 0 = mu1 y^T H y) and gives
+    y~ = lambda_G s~; with H_G = I / lambda_G, H_G y~ = s~ already holds, so the BFGS update
+    leaves H_G = I / lambda_G (lambda_G = sqrt(lambda / |T|), |T| = 16), for K-BFGS(L) the
+    pairs are (s~, lambda_G s~) and the L-BFGS matrix from H_0 = I / lambda_G is I / lambda_G.
+    After three curvature updates along nonzero s_G the state is that, to rounding; the dense
+    layer's Dh_bar is torch's gradient of its bias (|T| = 1), untouched, the convolution's is
+    exactly 0 where torch's bias gradient is rounding noise."""
+    torch = pytest.importorskip("torch")
+    from secondorder.models import from_torch
+
+    net = _bn_net(torch).to(getattr(torch, dtype))
+    apply, params = from_torch(net)
+    lam, positions = 0.3, 16
+    kw = {"memory": 3} if cls is KBFGSL else {}
+    opt = cls(apply, losses.SoftmaxCrossEntropy(), lr=0.1, damping=lam, curvature_interval=1,
+              **kw)
+    data = _bn_data(torch, getattr(torch, dtype))
+    # the dense layer's Dh_bar against torch's bias gradient; the convolution's is exactly 0
+    x, y = data[0]
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    layers = opt._layers(tree.flatten(params)[0])
+    dh = opt._pass(params, layers, data[0], with_grad=False)[2]
+    eps = float(torch.finfo(x.dtype).eps)
+    assert float(net[0].bias.grad.abs().max()) < 64 * eps  # rounding noise (~1e-17 in float64)
+    np.testing.assert_array_equal(dh[0].dh_bar.numpy(), 0.0)
+    np.testing.assert_allclose(dh[1].dh_bar.numpy(), net[4].bias.grad.numpy(), rtol=100 * eps)
+
+    p, state = params, opt.init(params)
+    for batch in data:
+        p, state, info = opt.step(p, state, batch)
+        assert bool(info.finite)
+    conv = state.layers[0]
+    assert float(torch.linalg.vector_norm(conv.s_g)) > 1e-3  # the updates had a direction
+    np.testing.assert_array_equal(conv.y_g.numpy(), 0.0)
+    lam_g = math.sqrt(lam / positions)
+    expected = np.eye(3) / lam_g
+    if cls is KBFGSL:
+        mem = conv.h_g
+        assert int((mem.rho > 0).sum()) == 3
+        np.testing.assert_allclose(mem.y.numpy(), lam_g * mem.s.numpy(), rtol=0,
+                                   atol=10 * eps * lam_g)
+        h0 = torch.tensor(1 / lam_g, dtype=x.dtype)
+        h_g = qn.lbfgs_apply(mem, torch.eye(3, dtype=x.dtype), h0)
+    else:
+        h_g = conv.h_g
+    np.testing.assert_allclose(h_g.numpy(), expected, rtol=0, atol=16 * eps / lam_g)
