@@ -107,7 +107,9 @@ def _problem(rng):
 def _net(x):
     def f(p):
         xp = secondorder.namespace(p["W"])
-        return xp.tanh(p["W"] @ xp.asarray(x, dtype=p["W"].dtype) + p["b"])
+        # a constant made inside the function goes where its argument is (a GPU, say)
+        const = xp.asarray(x, dtype=p["W"].dtype, device=backends.backend_of(p["W"]).device(p["W"]))
+        return xp.tanh(p["W"] @ const + p["b"])
 
     return f
 

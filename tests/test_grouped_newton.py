@@ -9,6 +9,7 @@ import pytest
 
 from helpers import assert_close, back, spd, to
 from secondorder import backends, losses, tree
+from secondorder.backends.bridge import alike
 from secondorder.errors import NotPositiveDefiniteError
 from secondorder.models import MLP
 from secondorder.optim import GroupedNewton
@@ -33,6 +34,12 @@ def _batch(backend, seed: int, n: int = 6):
 def _objective(params, batch):
     x, y = batch
     return LOSS.value(MODEL(params, x), y)
+
+
+def _f(*batches):
+    """The summed mean loss of ``batches`` as a function of the parameters (the batches in the
+    framework of the argument: torch's inside a derivative on CuPy, see bridge.alike)."""
+    return lambda p: sum(_objective(p, alike(b, p)) for b in batches)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +76,7 @@ def _summaries(backend, oracle, name, third=True, route="auto"):
     params, u = to(backend, oracle["params"]), to(backend, oracle["u"])
     part = P.make_partition(name, params, MODEL)
     batch = _batch(backend, 0)
-    g, h, d3 = summaries(lambda p: _objective(p, batch), params, u, part, third=third,
+    g, h, d3 = summaries(_f(batch), params, u, part, third=third,
                          route=route)
     return part, back(backend, g), back(backend, h), None if d3 is None else back(backend, d3)
 
@@ -106,7 +113,7 @@ def test_trivial_partition_is_cauchy_step(ad_backend, oracle):
     u = tree.unravel(ad_backend.asarray(g_flat), params)
     batch = _batch(ad_backend, 0)
     part = P.trivial(params)
-    gb, hb, _ = summaries(lambda p: _objective(p, batch), params, u, part, third=False)
+    gb, hb, _ = summaries(_f(batch), params, u, part, third=False)
     eta, ok = plain_step(gb, hb)
     assert bool(ok)
     new = tree.sub(params, part.expand(eta, u))
@@ -124,7 +131,8 @@ def _convex_problem(backend):
     mse = losses.MSE()
 
     def f(p):
-        return mse.value(model(p, batch[0]), batch[1])
+        x, y = alike(batch, p)
+        return mse.value(model(p, x), y)
 
     return params, f
 
@@ -158,11 +166,11 @@ def test_subspace_optimality(ad_backend, oracle):
 
 
 def _quadratic(backend, h_np, b_np, like):
-    h, b = backend.asarray(h_np), backend.asarray(b_np)
-    xp = backend.xp
+    h_b = backend.asarray(h_np), backend.asarray(b_np)
 
     def f(p):
         v = tree.ravel(p)[0]
+        xp, (h, b) = backends.namespace(v), alike(h_b, v)
         return 0.5 * xp.sum(v * xp.matmul(h, v)) - xp.sum(b * v)
 
     return f
@@ -297,9 +305,9 @@ def test_summaries_of_sum_are_sum_of_summaries(ad_backend, oracle):
     params, u = to(ad_backend, oracle["params"]), to(ad_backend, oracle["u"])
     part = P.canonical(params)
     b1, b2 = _batch(ad_backend, 11), _batch(ad_backend, 12)
-    s1 = summaries(lambda p: _objective(p, b1), params, u, part)
-    s2 = summaries(lambda p: _objective(p, b2), params, u, part)
-    s12 = summaries(lambda p: _objective(p, b1) + _objective(p, b2), params, u, part)
+    s1 = summaries(_f(b1), params, u, part)
+    s2 = summaries(_f(b2), params, u, part)
+    s12 = summaries(_f(b1, b2), params, u, part)
     for a, b, c in zip(s1, s2, s12):
         assert_close(back(ad_backend, c), back(ad_backend, a) + back(ad_backend, b), rtol=1e-12)
 
@@ -343,7 +351,7 @@ def test_invariance_under_blockwise_affine_reparameterisation(ad_backend):
     a, b = _reparam(ad_backend, params_np, 9)
 
     def forward(p_tilde):  # theta = a theta~ + b
-        return tree.map(lambda pt, ai, bi: ai * pt + bi, p_tilde, a, b)
+        return tree.map(lambda pt, ai, bi: ai * pt + bi, p_tilde, a, alike(b, p_tilde))
 
     def apply_tilde(p_tilde, x):
         return MODEL(forward(p_tilde), x)

@@ -4,21 +4,26 @@ CuPy has no automatic differentiation. This backend differentiates by handing th
 ``torch.func`` on the same CUDA device through DLPack (zero copy), running the transform there and
 handing the results back. The function being differentiated must therefore be written against the
 namespace of its argument (``xp = secondorder.backends.namespace(x)``), as all of the library's
-models and losses are; a function that calls ``cupy`` directly cannot be differentiated.
+models and losses are; a function that calls ``cupy`` directly cannot be differentiated, and one
+that closes over CuPy arrays raises MixedBackendError. An optimiser's ``init`` and ``step``
+differentiate closures of the batch, so on CuPy parameters they hand all their arrays to torch
+and run there (:mod:`secondorder.backends.bridge`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import cupy
 import numpy as np
 
 from .._pytree import flatten, tree_map
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, MixedBackendError
 from . import get
 from ._base import Array, Backend, Tree
+from .bridge import meets_cupy
 
 
 def _to_torch(tree: Tree) -> Tree:
@@ -34,6 +39,33 @@ def _to_cupy(tree: Tree) -> Tree:
         return cupy.from_dlpack(a.detach().contiguous()) if isinstance(a, torch.Tensor) else a
 
     return tree_map(convert, tree)
+
+
+def _nested(x: Tree) -> bool:
+    """Whether ``x`` holds torch tensors rather than CuPy arrays: a derivative taken inside one
+    of this backend's (an HVP inside a JVP), which runs on torch; it stays there, so that the
+    outer one can differentiate through it."""
+    import torch
+
+    leaves = flatten(x)[0]
+    return bool(leaves) and isinstance(leaves[0], torch.Tensor)
+
+
+@contextmanager
+def _closures_named() -> Iterator[None]:
+    """A TypeError from a CuPy array meeting torch's inside a derivative, as a named error."""
+    try:
+        yield
+    except (TypeError, RuntimeError) as err:
+        if not meets_cupy(err) or isinstance(err, MixedBackendError):
+            raise
+        raise MixedBackendError(
+            "on the cupy backend derivatives run on torch, and the function being "
+            "differentiated met a CuPy array it closes over (a batch, say), which torch cannot "
+            "differentiate through: hold such arrays in the argument's framework, "
+            "secondorder.backends.bridge.alike(arrays, argument) (torch.from_dlpack, no copy), "
+            f"or take an optimiser's init and step, which hand all their arrays to torch ({err})"
+        ) from err
 
 
 class CupyBackend(Backend):
@@ -87,25 +119,40 @@ class CupyBackend(Backend):
             ) from err
 
     def jvp(self, f: Callable, x: Tree, v: Tree) -> tuple[Tree, Tree]:
-        y, dy = self._torch_backend().jvp(f, _to_torch(x), _to_torch(v))
+        if _nested(x):
+            return self._torch_backend().jvp(f, x, v)
+        with _closures_named():
+            y, dy = self._torch_backend().jvp(f, _to_torch(x), _to_torch(v))
         return _to_cupy(y), _to_cupy(dy)
 
     def vjp(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
-        result = self._torch_backend().vjp(f, _to_torch(x), has_aux=has_aux)
+        if _nested(x):
+            return self._torch_backend().vjp(f, x, has_aux=has_aux)
+        with _closures_named():
+            result = self._torch_backend().vjp(f, _to_torch(x), has_aux=has_aux)
         y, pullback = result[0], result[1]
         back = (_to_cupy(y), lambda u: _to_cupy(pullback(_to_torch(u))))
         return (*back, _to_cupy(result[2])) if has_aux else back
 
     def linearize(self, f: Callable, x: Tree) -> tuple[Tree, Callable[[Tree], Tree]]:
-        y, jvp_fn = self._torch_backend().linearize(f, _to_torch(x))
+        if _nested(x):
+            return self._torch_backend().linearize(f, x)
+        with _closures_named():
+            y, jvp_fn = self._torch_backend().linearize(f, _to_torch(x))
         return _to_cupy(y), lambda v: _to_cupy(jvp_fn(_to_torch(v)))
 
     def value_and_grad(self, f: Callable, x: Tree, has_aux: bool = False) -> Any:
-        y, g = self._torch_backend().value_and_grad(f, _to_torch(x), has_aux=has_aux)
+        if _nested(x):
+            return self._torch_backend().value_and_grad(f, x, has_aux=has_aux)
+        with _closures_named():
+            y, g = self._torch_backend().value_and_grad(f, _to_torch(x), has_aux=has_aux)
         return _to_cupy(y), _to_cupy(g)
 
     def hvp(self, f: Callable, x: Tree, v: Tree) -> Tree:
-        return _to_cupy(self._torch_backend().hvp(f, _to_torch(x), _to_torch(v)))
+        if _nested(x):
+            return self._torch_backend().hvp(f, x, v)
+        with _closures_named():
+            return _to_cupy(self._torch_backend().hvp(f, _to_torch(x), _to_torch(v)))
 
     def synchronize(self, x: Tree = None) -> Tree:
         """Wait for the current CUDA device (the device of ``x``'s arrays when given)."""

@@ -18,6 +18,7 @@ import numpy as np
 from .. import random
 from .._pytree import flatten
 from ..backends import Backend, backend_of
+from ..backends.bridge import for_autodiff
 from ..errors import NonFiniteError, RandomKeyError, ShapeError
 from ..linalg import LinearOperator, Structure
 from ..linalg.operator import has_native_vmap, map_columns, placement
@@ -60,7 +61,8 @@ def sample_targets(loss: Loss, f: Array, samples: int, seed: int,
         rng = np.random.default_rng(seed)
         noise = [loss.noise(tuple(f.shape), rng) for _ in range(samples)]
     dtype = backend.dtype_name(f.dtype)
-    return [loss.sample(f, backend.asarray(n, dtype=dtype)) for n in noise]
+    device = backend.device(f)  # NumPy noise goes where the outputs are (a GPU, say)
+    return [loss.sample(f, backend.asarray(n, dtype=dtype, device=device)) for n in noise]
 
 
 class Linearization:
@@ -77,8 +79,9 @@ class Linearization:
         if validate:
             check_batch(self.backend, x)
         self.params, self.x = params, x
+        x_f = for_autodiff(self.backend, x)
         self.outputs, self.jvp, self.vjp = self.backend.linearize_vjp(
-            lambda p: apply(p, x), params
+            lambda p: apply(p, x_f), params
         )
         check_outputs(self.outputs)
 

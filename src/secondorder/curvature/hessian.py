@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..backends import backend_of
+from ..backends.bridge import for_autodiff
 from ..linalg import LinearOperator, Structure
 from ..linalg.operator import placement
 from ..losses import Loss
@@ -42,11 +43,15 @@ class Hessian(LinearOperator):
             loss.check(apply(params, x), y)
         self.apply, self.loss, self.params, self.x, self.y = apply, loss, params, x, y
 
-        def mean_loss(p: Tree) -> Array:
-            return loss.value(apply(p, x), y)
+        x_f, y_f = for_autodiff(backend, (x, y))
 
-        self.gradient, self._hvp = backend.linearize(lambda p: backend.grad(mean_loss, p),
-                                                      params)
+        def mean_loss(p: Tree) -> Array:
+            return loss.value(apply(p, x_f), y_f)
+
+        # the inner gradient on the backend of its argument: on CuPy that is torch's, inside
+        # the outer linearisation (which runs on torch)
+        self.gradient, self._hvp = backend.linearize(
+            lambda p: backend_of(p).grad(mean_loss, p), params)
         s = Structure.of(params)
         super().__init__(s, s, *placement(params))
 

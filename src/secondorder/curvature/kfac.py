@@ -34,6 +34,7 @@ from typing import Any
 
 from .. import tree
 from ..backends import backend_of
+from ..backends.bridge import for_autodiff
 from ..errors import NotPositiveDefiniteError, ShapeError
 from ..linalg import BlockDiagonal, LinearOperator, ScaledIdentity, Structure
 from ..linalg.operator import placement
@@ -89,7 +90,8 @@ def layer_statistics(model: Model, params: Tree, x: Array,
     xp = backend.xp
     sharded = hasattr(model, "mean_reduce")
     taps = model.local_zero_taps(x, params) if sharded else model.zero_taps(x, params)
-    (f, inputs), pullback = backend.vjp(lambda t: model.apply(params, x, t), taps)
+    params_f, x_f = for_autodiff(backend, (params, x))
+    (f, inputs), pullback = backend.vjp(lambda t: model.apply(params_f, x_f, t), taps)
     zeros = [xp.zeros_like(a) for a in inputs]
     deltas: list[list[Array]] = [[] for _ in taps]
     for u in cotangents(f):

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
+from ..backends.bridge import runs_on_torch
 from ..errors import (
     DeviceMismatchError,
     DTypeError,
@@ -241,8 +242,13 @@ class Optimizer(ABC):
         """Give every subclass's constructor the one hyperparameter rule: before the body runs,
         each concrete number among its arguments goes through :func:`check_hyperparameter` (its
         range from :attr:`hyperparameters`, finiteness for all), so no constructor repeats the
-        checks and none can forget them."""
+        checks and none can forget them; and its ``init`` and ``step`` the CuPy bridge
+        (:func:`~secondorder.backends.bridge.runs_on_torch`)."""
         super().__init_subclass__(**kwargs)
+        # on CuPy parameters, init and step run on torch over the same GPU memory
+        for name in ("init", "step"):
+            if name in cls.__dict__:
+                setattr(cls, name, runs_on_torch(cls.__dict__[name]))
         init = cls.__dict__.get("__init__")
         if init is None or getattr(init, "_checks_hyperparameters", False):
             return
@@ -370,7 +376,9 @@ class Optimizer(ABC):
         x, y = batch
         return self.loss.value(self.apply(params, x), y)
 
+    @runs_on_torch  # on CuPy, like init and step: the objective closes over the batch
     def value_and_grad(self, params: Tree, batch: Batch) -> tuple[Array, Tree]:
+        """The mean loss and its gradient in ``params``."""
         return backend_of(params).value_and_grad(lambda p: self.objective(p, batch), params)
 
     @staticmethod

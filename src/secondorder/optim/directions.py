@@ -41,6 +41,7 @@ import numpy as np
 from .. import random
 from .._pytree import check_same_structure, flatten, tree_map, unflatten
 from ..backends import backend_of
+from ..backends.bridge import runs_on_torch
 from ..curvature import GGN, Fisher, Hessian
 from ..curvature.blocks import BlockState, CurvatureBlock
 from ..errors import HyperparameterError
@@ -100,6 +101,7 @@ def _objective(apply: Apply, loss: Loss, batch: Batch) -> Callable[[Tree], Array
 
 
 # ---------------------------------------------------------------------------- the gradient
+@runs_on_torch
 def gradient(apply: Apply, loss: Loss, params: Tree, batch: Batch) -> tuple[Array, Tree]:
     """(f(w), grad f(w)) of the mean batch loss: the direction of gradient descent (up to the
     sign and the learning rate, which the transform chain applies)."""
@@ -125,6 +127,7 @@ def finite_or_zero(a: Array) -> Array:
     return xp.where(xp.isfinite(a), a, xp.zeros_like(a))
 
 
+@runs_on_torch
 def dense_system(apply: Apply, loss: Loss, operator: Callable, params: Tree, batch: Batch
                  ) -> DenseSystem:
     """f, g and the dense curvature ``operator(apply, loss, params, batch).to_dense()``
@@ -237,6 +240,7 @@ class CurveBallQuantities(NamedTuple):
     e: Array | None = None
 
 
+@runs_on_torch
 def curveball_quantities(apply: Apply, loss: Loss, params: Tree, z: Tree, damping: Any,
                          batch: Batch, *, curvature: str = "ggn", coefficients: bool = True
                          ) -> CurveBallQuantities:
@@ -373,6 +377,7 @@ class CurveBallDirection(NamedTuple):
     predicted: Array  #: 1/2 (rho e - beta d); NaN with fixed rho and beta
 
 
+@runs_on_torch
 def curveball_direction(apply: Apply, loss: Loss, params: Tree, z: Tree, damping: Any,
                         batch: Batch, *, curvature: str = "ggn", rho: Any = None,
                         beta: Any = None) -> CurveBallDirection:

@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, tree_map
 from ..backends import Backend, backend_of
+from ..backends.bridge import runs_on_torch
 from ..errors import HyperparameterError, NotPositiveDefiniteError
 from ..losses import Loss
 from ..tree import add, vdot
@@ -72,6 +73,7 @@ __all__ = ["GroupedNewton", "check_step", "cubic_step", "plain_step", "summaries
 
 
 # ---------------------------------------------------------------------------- summaries
+@runs_on_torch
 def summaries(f: Callable[[Tree], Array], params: Tree, u: Tree, partition: Partition, *,
               third: bool = True, backend: Backend | None = None, route: str = "auto"
               ) -> tuple[Array, Array, Array | None]:
