@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 BACKENDS_DIR = ROOT / "backends"
 
 # Files in backends/ that are not a single backend.
-NOT_BACKENDS = {"all", "dev", "data"}
+NOT_BACKENDS = {"all", "dev", "data", "gpu"}
 # Backends that need a CUDA GPU, with the extra requirement files they also need.
 GPU_BACKENDS = {"cupy": ["torch"]}
 
@@ -73,6 +73,23 @@ def tests(session: nox.Session) -> None:
     core by pytest-xdist (``nox -s tests -- -n 0`` runs it in one process)."""
     install_with(session, "all")
     session.run("pytest", "-n", "auto", *session.posargs)
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """On an NVIDIA GPU: tests/test_gpu.py (every method with its arrays placed on the GPU by
+    hand, torch, JAX and CuPy, against NumPy on the CPU; the torch.optim and optax entry points;
+    checkpoints), then the suite on CuPy and the JAX suite with the GPU as JAX's default device.
+    (``pytest --device cuda`` also makes it torch's default device; the torch-specific modules
+    still build host data there, so torch's GPU coverage is tests/test_gpu.py's.)"""
+    if shutil.which("nvidia-smi") is None:
+        session.skip("the gpu session needs an NVIDIA GPU")
+    install_with(session, "gpu")
+    gpu_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # several pytest workers share it
+    session.run("pytest", "tests/test_gpu.py", *session.posargs, env=gpu_env)
+    session.run("pytest", "-n", "auto", "--backend", "cupy", *session.posargs, env=gpu_env)
+    session.run("pytest", "-n", "auto", "--device", "cuda", "--backend", "jax",
+                *session.posargs, env=gpu_env)
 
 
 @nox.session

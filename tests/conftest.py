@@ -2,6 +2,7 @@
 
 ``pytest --backend torch`` (repeatable) restricts the run to the named backends; backends that are
 not installed are skipped with the reason, and CuPy only runs where a CUDA device is present.
+``pytest --device cuda`` makes the first GPU torch's and JAX's default device.
 JAX runs in float64 (x64 mode) so that every backend can be held to the float64 tolerances, and
 compiles without XLA's LLVM optimisation passes unless ``SECONDORDER_TEST_XLA_OPTIMIZE=1``.
 """
@@ -46,6 +47,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=ALL,
         help="run backend-parametrised tests only for this backend (repeatable)",
     )
+    parser.addoption(
+        "--device",
+        default=None,
+        choices=["cuda"],
+        help="make the first CUDA GPU torch's and JAX's default device, so that the suite's "
+             "arrays are made there (tests/test_gpu.py places them explicitly instead)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--device") != "cuda":
+        return
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: torch finds no CUDA device")
+        torch.set_default_device("cuda")
+    if importlib.util.find_spec("jax") is not None:
+        try:
+            gpu = jax.devices("gpu")[0]
+        except RuntimeError as err:
+            raise pytest.UsageError(f"--device cuda: JAX finds no GPU ({err})") from None
+        jax.config.update("jax_default_device", gpu)
 
 
 def _skip_reason(name: str, config: pytest.Config) -> str | None:
