@@ -19,10 +19,10 @@ Methods, each with its periodic work as the issue sets it:
 A periodic method's cost is its average over a whole period, not its median step (which would
 hide the inverse every 100 steps). So every method runs ``--block`` consecutive steps (default
 100, one T2 period; each step continues from the previous one) per round, in interleaved rounds
-after warm-up (torch with one intra-op thread; jitted JAX, synchronised with
-``block_until_ready`` at the end of each block), and ``step_ms`` is the median over rounds of the
-block's time divided by its steps. Ratios divide medians of the same run: ``ratio_to_sgd``,
-``ratio_to_adam`` and ``ratio_to_handwritten_sgd``.
+after warm-up (torch with one intra-op thread; jitted JAX; each block ends by waiting for the
+device: ``block_until_ready``, ``torch.cuda.synchronize`` with ``--device cuda:0``), and
+``step_ms`` is the median over rounds of the block's time divided by its steps. Ratios divide
+medians of the same run: ``ratio_to_sgd``, ``ratio_to_adam`` and ``ratio_to_handwritten_sgd``.
 
 The targets (issue 13): K-FAC <= 1.5x SGD, Shampoo <= 1.5x Adam, TNT <= 1.5x SGD, on torch and
 JAX. ``--kfac-jax`` adds kfac-jax's own optimiser (``kfac_jax.Optimizer``, the same T1/T2, MLP
@@ -53,9 +53,12 @@ PERIOD = 100
 PROBLEMS = ("mlp", "convnet")
 
 
-def problem(name: str, backend: str, batch: int, seed: int) -> tuple[Any, Any, Any, Any]:
-    """``(model, params, x, y)`` in float32 on ``backend``."""
+def problem(name: str, backend: str, batch: int, seed: int, device: str | None = None
+            ) -> tuple[Any, Any, Any, Any]:
+    """``(model, params, x, y)`` in float32 on ``backend`` (on ``device``, a name such as
+    ``"cuda:0"``, when given)."""
     b = backends.get(backend)
+    where = None if device is None else b.device_from_name(device)
     rng = np.random.default_rng(seed)
     if name == "mlp":
         model: Any = MLP((784, 256, 10), "tanh")
@@ -63,8 +66,9 @@ def problem(name: str, backend: str, batch: int, seed: int) -> tuple[Any, Any, A
     else:
         model = ConvNet((1, 28, 28), channels=(16, 32), dense=(128, 10), activation="tanh")
         x = rng.standard_normal((batch, 1, 28, 28))
-    params = model.init(seed, b, dtype="float32")
-    return model, params, b.asarray(x, dtype="float32"), b.asarray(rng.integers(0, 10, batch))
+    params = tree.map(lambda a: b.asarray(a, device=where), model.init(seed, b, dtype="float32"))
+    return (model, params, b.asarray(x, dtype="float32", device=where),
+            b.asarray(rng.integers(0, 10, batch), device=where))
 
 
 def methods(model: Any, loss: Any) -> dict[str, Any]:
@@ -186,10 +190,10 @@ def step_ms(backend: str, name: str, args: argparse.Namespace,
         import torch
 
         torch.set_num_threads(args.threads)
-    model, params, x, y = problem(name, backend, args.batch, args.seed)
+    model, params, x, y = problem(name, backend, args.batch, args.seed, args.device)
     loss = losses.SoftmaxCrossEntropy()
     batch = (x, y)
-    sync: Callable[[Any], Any] = lambda out: None  # noqa: E731
+    sync: Callable[[Any], Any] = b.synchronize  # waits for a GPU's queued kernels
     if backend == "jax":
         import jax
 
@@ -228,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated subset of " + ",".join(PROBLEMS))
     parser.add_argument("--block", type=int, default=PERIOD,
                         help="consecutive steps per timed block (default: one T2 period)")
+    parser.add_argument("--device", default=None,
+                        help="run on this device, e.g. cuda:0 (default: the backend's own)")
     parser.add_argument("--kfac-jax", action="store_true",
                         help="also time kfac_jax.Optimizer on the MLP (needs kfac-jax)")
     args = parser.parse_args(argv)
@@ -245,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      "convnet": "ConvNet 1x28x28, conv 16-32, dense 128-10, tanh"},
                         "batch": args.batch, "dtype": "float32", "block": args.block,
                         "warmup_blocks": args.warmup, "rounds": args.repeats,
-                        "torch_threads": args.threads, "python": platform.python_version()}
+                        "torch_threads": args.threads, "device": args.device or "default",
+                        "python": platform.python_version()}
     setup.write_json(args.json, results)
     return results
 
