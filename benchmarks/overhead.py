@@ -18,6 +18,8 @@ call of each function per round, after warm-up) and the median of each:
 * ``cg50``: ``linalg.cg(A, b, tol=None, maxiter=50)`` on a 16-leaf dict (8 layers of a
   128 x 128 weight and a bias) with A a positive diagonal per leaf, against textbook CG over a
   list of tensors (a Python loop on torch, a jitted ``fori_loop`` on JAX);
+* ``adam_vs_torch_optim`` (torch): our Adam step (lr 1e-3) against ``torch.optim.Adam`` with
+  ``loss.backward()`` on the same module (``agreement``: after one step from the same weights);
 * ``sgd_vs_torch_optim`` (torch): our SGD step against ``torch.optim.SGD(momentum=0.9)`` with
   ``loss.backward()`` on the equivalent ``nn.Sequential`` (the framework's own optimiser);
 * ``curveball_tape`` (torch): our CurveBall step against the same maths with the products
@@ -43,6 +45,7 @@ reference) and ``_meta`` (versions, threads, rounds, problem).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import platform
 from collections.abc import Callable
@@ -74,7 +77,8 @@ def _chosen(fns: dict[str, Fn], args: argparse.Namespace) -> dict[str, Fn]:
     """The functions of the cases in ``--cases`` (torch.optim goes with sgd, the tape reference
     with curveball)."""
     keep = set(args.cases.split(","))
-    companion = {"torch_optim": "sgd", "curveball_tape": "curveball"}
+    companion = {"torch_optim": "sgd", "torch_adam": "sgd", "adam": "sgd",
+                 "curveball_tape": "curveball"}
     return {k: f for k, f in fns.items()
             if k.split(".")[0] in keep or companion.get(k.split(".")[0]) in keep}
 
@@ -303,6 +307,18 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
         torch_opt.step()
         return value
 
+    # (f) torch.optim.Adam against ours, each from the same weights
+    adam = optim.Adam(model, loss, lr=1e-3)
+    adam_net = copy.deepcopy(net)
+    torch_adam = torch.optim.Adam(adam_net.parameters(), lr=1e-3)
+
+    def torch_adam_step() -> Any:
+        torch_adam.zero_grad()
+        value = F.cross_entropy(adam_net(x), y)
+        value.backward()
+        torch_adam.step()
+        return value
+
     # agreement of each reference with ours, on the first step / product
     def flat(tree: Any) -> np.ndarray:
         return np.concatenate([b.to_numpy(t).ravel() for layer in tree
@@ -312,6 +328,8 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
         return np.concatenate([t.detach().numpy().ravel() for t in ts])
 
     zeros = [torch.zeros_like(t) for t in flat0]
+    torch_adam_step()  # its first step, for the agreement (timing continues from there)
+    adam_first = flat_list([t.detach() for t in adam_net.parameters()])
     agreement = {
         "sgd": _rel(flat(sgd.step(params, sgd.init(params), batch)[0]),
                     flat_list(sgd_ref(flat0, zeros)[0])),
@@ -321,6 +339,7 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
             flat(curveball.step(params, curveball.init(params), batch)[0]),
             flat_list(curveball_tape_ref(flat0, zeros, torch.tensor(DAMPING), 0)[0])),
         "ggn": _rel(flat(op.matvec(v_tree)), flat_list(ggn_ref())),
+        "adam": _rel(flat(adam.step(params, adam.init(params), batch)[0]), adam_first),
         "cg50": _rel(np.concatenate([b.to_numpy(t).ravel() for t in cg(
             diag_matvec, rhs, tol=None, maxiter=CG_ITERS)[0].values()]), flat_list(cg_ref())),
     }
@@ -329,6 +348,8 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
         "sgd.ours": Sequenced(sgd.step, (params, sgd.init(params)), batch),
         "sgd.reference": Sequenced(sgd_ref, (list(flat0), list(zeros))),
         "torch_optim": torch_optim_step,
+        "adam.ours": Sequenced(adam.step, (params, adam.init(params)), batch),
+        "torch_adam": torch_adam_step,
         "curveball.ours": Sequenced(curveball.step, (params, curveball.init(params)), batch),
         "curveball.reference": Sequenced(curveball_ref, (list(flat0), list(zeros),
                                                           torch.tensor(DAMPING), 0)),
@@ -346,6 +367,9 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
               for name in (*CASES, "curveball_tape") if f"{name}.ours" in ms}
     if "torch_optim" in ms:
         result["sgd_vs_torch_optim"] = _case(ms, "sgd.ours", "torch_optim")
+    if "torch_adam" in ms:
+        result["adam_vs_torch_optim"] = _case(ms, "adam.ours", "torch_adam",
+                                              agreement=agreement["adam"])
     return result
 
 

@@ -157,3 +157,29 @@ def test_adam_in_bfloat16_on_torch_takes_a_step():
     u, _ = t.update(g, t.init({"w": torch.zeros(3, dtype=torch.bfloat16)}))
     assert u["w"].dtype == torch.bfloat16
     np.testing.assert_allclose(u["w"].double().numpy(), [1.0, -1.0, 1.0], rtol=0, atol=2.0**-7)
+
+
+def test_torch_adam_in_multi_tensor_calls_is_the_formula_and_writes_nothing(rng, monkeypatch):
+    """The torch backend's Adam (torch._foreach_* over every leaf, as torch.optim.Adam) gives
+    the default leaf-by-leaf formula to rounding and leaves the moments it was given as they
+    were."""
+    torch = pytest.importorskip("torch")
+    from secondorder import backends
+    from secondorder.backends._base import Backend
+
+    b = backends.get("torch")
+    shapes = [(4, 3), (3,), (2, 2, 2)]
+    mu, nu, g = ([torch.tensor(f(rng.standard_normal(s))) for s in shapes]
+                 for f in (lambda a: a, np.abs, lambda a: a))
+    kept = [a.clone() for a in (*mu, *nu)]
+    c1, c2 = torch.tensor(1 - 0.9**3, dtype=torch.float64), torch.tensor(1 - 0.99**3,
+                                                                         dtype=torch.float64)
+    calls = []
+    lerp = torch._foreach_lerp
+    monkeypatch.setattr(torch, "_foreach_lerp", lambda *a: calls.append(1) or lerp(*a))
+    fused = b.adam(mu, nu, g, 0.9, 0.99, c1, c2, 1e-8)
+    plain = Backend.adam(b, mu, nu, g, 0.9, 0.99, c1, c2, 1e-8)
+    assert calls == [1]  # one multi-tensor call for every leaf
+    for got, want in zip(fused, plain):
+        assert_close([a.numpy() for a in got], [a.numpy() for a in want], rtol=1e-14)
+    assert all(torch.equal(a, k) for a, k in zip((*mu, *nu), kept))

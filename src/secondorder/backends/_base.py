@@ -324,6 +324,17 @@ class Backend(ABC):
         parameters may be autograd boxes."""
         return False
 
+    def adam(self, mu: list[Array], nu: list[Array], g: list[Array], b1: Any, b2: Any,
+             c1: Array, c2: Array, eps: Any) -> tuple[list[Array], list[Array], list[Array]]:
+        """Adam's moments and bias-corrected direction, leaf by leaf (Kingma & Ba 2015,
+        Algorithm 1): m = b1 mu + (1 - b1) g, v = b2 nu + (1 - b2) g^2,
+        d = (m / c1) / (sqrt(v / c2) + eps) with c_i = 1 - b_i^t. Returns the lists (d, m, v),
+        new arrays (``mu`` and ``nu`` are not written)."""
+        xp = self.xp
+        m = [b1 * a + (1 - b1) * gi for a, gi in zip(mu, g)]
+        v = [b2 * a + (1 - b2) * gi * gi for a, gi in zip(nu, g)]
+        return [(mi / c1) / (xp.sqrt(vi / c2) + eps) for mi, vi in zip(m, v)], m, v
+
     def axpy(self, alpha: Any, x: Array, y: Array) -> Array:
         """alpha x + y for a scalar alpha (a Python number or a 0-d array)."""
         return alpha * x + y

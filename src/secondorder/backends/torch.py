@@ -393,6 +393,27 @@ class TorchBackend(Backend):
             torch._foreach_add_(x_leaves, y_leaves)  # one call: what torch.optim's foreach does
         return True
 
+    def adam(self, mu: list[Array], nu: list[Array], g: list[Array], b1: Any, b2: Any,
+             c1: Array, c2: Array, eps: Any) -> tuple[list[Array], list[Array], list[Array]]:
+        """The default's formulas in eight multi-tensor (``torch._foreach_*``) calls for every
+        leaf together, as torch.optim.Adam's foreach path, when the arrays are plain eager
+        tensors and the hyperparameters numbers (m by lerp, v by addcmul: the same values up
+        to rounding); the default otherwise (inside torch.func, batched hyperparameters)."""
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if not (all(isinstance(b, int | float) for b in (b1, b2, eps))
+                and all(type(a) is torch.Tensor and not a.requires_grad and not wrapped(a)
+                        for a in (*mu, *nu, *g, c1, c2))):
+            return super().adam(mu, nu, g, b1, b2, c1, c2, eps)
+        m = torch._foreach_lerp(mu, g, 1.0 - b1)
+        v = torch._foreach_mul(nu, b2)
+        torch._foreach_addcmul_(v, g, g, value=1.0 - b2)
+        denom = torch._foreach_div(v, c2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        d = torch._foreach_div(m, c1)
+        torch._foreach_div_(d, denom)
+        return d, m, v
+
     def label_cross_entropy(self, f: Array, labels: Array) -> Array:
         # log_softmax and the label pick fused (with their own backward): fewer dispatches
         # than logsumexp - gather, on a step's small (batch, classes) outputs

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .._pytree import flatten, tree_map
+from .._pytree import check_same_structure, flatten, tree_map, unflatten
 from ..backends import backend_of
 from ..errors import HyperparameterError, SecondOrderError
 from ..tree import axpy, norm, zeros_like
@@ -136,16 +136,18 @@ def scale_by_adam(b1: float | Array = 0.9, b2: float | Array = 0.999,
 
     def update(updates: Tree, state: ScaleByAdamState, params: Tree = None
                ) -> tuple[Tree, ScaleByAdamState]:
-        xp = backend_of(state.count).xp
+        backend = backend_of(state.count)
+        xp = backend.xp
         count = state.count + 1
         t = _as_float(count, updates)
-        m = tree_map(lambda a, g: b1 * a + (1 - b1) * g, state.mu, updates)
-        v = tree_map(lambda a, g: b2 * a + (1 - b2) * g * g, state.nu, updates)
-        dtype = flatten(updates)[0][0].dtype
-        c1 = xp.astype(1.0 - b1**t, dtype)
-        c2 = xp.astype(1.0 - b2**t, dtype)
-        out = tree_map(lambda mi, vi: (mi / c1) / (xp.sqrt(vi / c2) + eps), m, v)
-        return out, ScaleByAdamState(count, m, v)
+        g, treedef = flatten(updates)
+        (mu, mu_def), nu = flatten(state.mu), flatten(state.nu)[0]
+        treedef = check_same_structure(mu_def, treedef)  # the moments' key order, as before
+        c1 = xp.astype(1.0 - b1**t, g[0].dtype)
+        c2 = xp.astype(1.0 - b2**t, g[0].dtype)
+        out, m, v = backend.adam(mu, nu, g, b1, b2, c1, c2, eps)  # fused where it can be
+        return (unflatten(treedef, out),
+                ScaleByAdamState(count, unflatten(treedef, m), unflatten(treedef, v)))
 
     return GradientTransformation(init, update)
 
