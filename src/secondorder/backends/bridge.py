@@ -22,14 +22,18 @@ from ..errors import MixedBackendError
 from ._base import Backend
 
 
-def holds_cupy(tree: Any) -> bool:
-    """Whether the first array leaf of ``tree`` is a ``cupy.ndarray`` (False, at the cost of a
-    dictionary lookup, while CuPy has not been imported)."""
+def holds_cupy(args: tuple[Any, ...]) -> bool:
+    """Whether the first array among ``args`` (each flattened in turn, until one holds an
+    array) is a ``cupy.ndarray``; False, at the cost of a dictionary lookup, while CuPy has not
+    been imported."""
     cupy = sys.modules.get("cupy")
     if cupy is None:
         return False
-    first = next((a for a in flatten(tree)[0] if hasattr(a, "shape")), None)
-    return isinstance(first, cupy.ndarray)
+    for arg in args:
+        first = next((a for a in flatten(arg)[0] if hasattr(a, "shape")), None)
+        if first is not None:
+            return isinstance(first, cupy.ndarray)
+    return False
 
 
 def runs_on_torch(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,7 +50,7 @@ def runs_on_torch(fn: Callable[..., Any]) -> Callable[..., Any]:
         from .cupy import _to_cupy, _to_torch
 
         try:
-            out = fn(*_to_torch(args), **kwargs)
+            out = fn(*_to_torch(args), **_to_torch(kwargs))
         except (TypeError, RuntimeError) as err:
             if not meets_cupy(err):
                 raise
