@@ -237,7 +237,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--kfac-jax", action="store_true",
                         help="also time kfac_jax.Optimizer on the MLP (needs kfac-jax)")
     args = parser.parse_args(argv)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"_meta": {
+        "problems": {"mlp": "MLP 784-256-10 tanh",
+                     "convnet": "ConvNet 1x28x28, conv 16-32, dense 128-10, tanh"},
+        "batch": args.batch, "dtype": "float32", "block": args.block,
+        "warmup_blocks": args.warmup, "rounds": args.repeats, "torch_threads": args.threads,
+        "device": args.device or "default", "python": platform.python_version()}}
     for backend in setup.installed(args.backends, results):
         results[backend] = {}
         for name in args.problems.split(","):
@@ -247,12 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[backend][name] = rows
             print(backend, name, json.dumps({k: round(v["ratio_to_sgd"], 3)
                                              for k, v in rows.items()}))
-    results["_meta"] = {"problems": {"mlp": "MLP 784-256-10 tanh",
-                                     "convnet": "ConvNet 1x28x28, conv 16-32, dense 128-10, tanh"},
-                        "batch": args.batch, "dtype": "float32", "block": args.block,
-                        "warmup_blocks": args.warmup, "rounds": args.repeats,
-                        "torch_threads": args.threads, "device": args.device or "default",
-                        "python": platform.python_version()}
+            setup.write_json(args.json, results)  # after each problem: a cut-short run keeps it
     setup.write_json(args.json, results)
     return results
 
