@@ -52,7 +52,7 @@ def runs_on_torch(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             out = fn(*_to_torch(args), **_to_torch(kwargs))
         except (TypeError, RuntimeError) as err:
-            if not meets_cupy(err):
+            if not meets_cupy(err) or isinstance(err, MixedBackendError):
                 raise
             raise MixedBackendError(
                 f"{fn.__qualname__} on CuPy arrays runs on torch (same memory), and a function "
