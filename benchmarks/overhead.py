@@ -298,26 +298,22 @@ def bench_torch(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         for q, t in zip(net.parameters(), flat0):
             q.copy_(t)
-    torch_opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def torch_optim_step() -> Any:
-        torch_opt.zero_grad()
-        value = F.cross_entropy(net(x), y)
-        value.backward()
-        torch_opt.step()
-        return value
-
-    # (f) torch.optim.Adam against ours, each from the same weights
+    adam_net = copy.deepcopy(net)  # (f) torch.optim.Adam against ours, from the same weights
     adam = optim.Adam(model, loss, lr=1e-3)
-    adam_net = copy.deepcopy(net)
-    torch_adam = torch.optim.Adam(adam_net.parameters(), lr=1e-3)
 
-    def torch_adam_step() -> Any:
-        torch_adam.zero_grad()
-        value = F.cross_entropy(adam_net(x), y)
-        value.backward()
-        torch_adam.step()
-        return value
+    def torch_optim(module: Any, opt: Any) -> Fn:
+        """One step of a torch.optim optimiser: zero_grad, the loss, backward, step."""
+        def step() -> Any:
+            opt.zero_grad()
+            value = F.cross_entropy(module(x), y)
+            value.backward()
+            opt.step()
+            return value
+        return step
+
+    torch_optim_step = torch_optim(net, torch.optim.SGD(net.parameters(), lr=LR,
+                                                        momentum=MOMENTUM))
+    torch_adam_step = torch_optim(adam_net, torch.optim.Adam(adam_net.parameters(), lr=1e-3))
 
     # agreement of each reference with ours, on the first step / product
     def flat(tree: Any) -> np.ndarray:
