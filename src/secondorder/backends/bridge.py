@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .._pytree import flatten
 from ..errors import MixedBackendError
 from ._base import Backend
+
+
+def first_array(tree: Any) -> Any:
+    """The first leaf of ``tree`` that is an array (has a shape), or None."""
+    return next((a for a in flatten(tree)[0] if hasattr(a, "shape")), None)
 
 
 def holds_cupy(args: tuple[Any, ...]) -> bool:
@@ -30,10 +36,29 @@ def holds_cupy(args: tuple[Any, ...]) -> bool:
     if cupy is None:
         return False
     for arg in args:
-        first = next((a for a in flatten(arg)[0] if hasattr(a, "shape")), None)
+        first = first_array(arg)
         if first is not None:
             return isinstance(first, cupy.ndarray)
     return False
+
+
+@contextmanager
+def mixing_named(what: str) -> Iterator[None]:
+    """A TypeError or RuntimeError from a CuPy array meeting a torch tensor, raised as
+    :class:`~secondorder.errors.MixedBackendError` that starts with ``what`` and names the fix
+    (:func:`alike`); a MixedBackendError already named passes through."""
+    try:
+        yield
+    except (TypeError, RuntimeError) as err:
+        text = str(err)
+        meets = ("ndarray" in text and "Tensor" in text) or "__cuda_array_interface__" in text
+        if not meets or isinstance(err, MixedBackendError):
+            raise
+        raise MixedBackendError(
+            f"{what} met a CuPy array it holds (a batch, a constant) as torch tensors reached "
+            "it: torch cannot take CuPy arrays. Hold them in the argument's framework where "
+            "the function meets its argument, secondorder.backends.bridge.alike(arrays, "
+            f"argument) (torch.from_dlpack, no copy) ({type(err).__name__}: {err})") from err
 
 
 def runs_on_torch(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,28 +74,13 @@ def runs_on_torch(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         from .cupy import _to_cupy, _to_torch
 
-        try:
+        with mixing_named(f"{fn.__qualname__} on CuPy arrays runs on torch (same memory), and "
+                          "a function it was given (the model's apply, say)"):
             out = fn(*_to_torch(args), **_to_torch(kwargs))
-        except (TypeError, RuntimeError) as err:
-            if not meets_cupy(err) or isinstance(err, MixedBackendError):
-                raise
-            raise MixedBackendError(
-                f"{fn.__qualname__} on CuPy arrays runs on torch (same memory), and a function "
-                "it was given (the model's apply, say) holds CuPy arrays it met there: convert "
-                "them where the function meets its argument, with "
-                "secondorder.backends.bridge.alike(arrays, argument) "
-                f"({type(err).__name__}: {err})") from err
         return _to_cupy(out)
 
     bridged._runs_on_torch = True  # type: ignore[attr-defined]
     return bridged
-
-
-def meets_cupy(err: Exception) -> bool:
-    """Whether ``err`` is a CuPy array meeting a torch tensor (an operator, a function of one
-    taking the other)."""
-    text = str(err)
-    return ("ndarray" in text and "Tensor" in text) or "__cuda_array_interface__" in text
 
 
 def alike(tree: Any, like: Any) -> Any:
@@ -82,8 +92,7 @@ def alike(tree: Any, like: Any) -> Any:
     torch = sys.modules.get("torch")
     if sys.modules.get("cupy") is None or torch is None:
         return tree
-    first = next((a for a in flatten(like)[0] if hasattr(a, "shape")), None)
-    if not isinstance(first, torch.Tensor):
+    if not isinstance(first_array(like), torch.Tensor):
         return tree
     from .cupy import _to_torch
 

@@ -12,18 +12,18 @@ and run there (:mod:`secondorder.backends.bridge`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import cupy
 import numpy as np
 
 from .._pytree import flatten, tree_map
-from ..errors import BackendUnavailableError, MixedBackendError
+from ..errors import BackendUnavailableError
 from . import get
 from ._base import Array, Backend, Tree
-from .bridge import meets_cupy
+from .bridge import first_array, mixing_named
 
 
 def _to_torch(tree: Tree) -> Tree:
@@ -47,25 +47,14 @@ def _nested(x: Tree) -> bool:
     outer one can differentiate through it."""
     import torch
 
-    leaves = flatten(x)[0]
-    return bool(leaves) and isinstance(leaves[0], torch.Tensor)
+    return isinstance(first_array(x), torch.Tensor)
 
 
-@contextmanager
-def _closures_named() -> Iterator[None]:
-    """A TypeError from a CuPy array meeting torch's inside a derivative, as a named error."""
-    try:
-        yield
-    except (TypeError, RuntimeError) as err:
-        if not meets_cupy(err) or isinstance(err, MixedBackendError):
-            raise
-        raise MixedBackendError(
-            "on the cupy backend derivatives run on torch, and the function being "
-            "differentiated met a CuPy array it closes over (a batch, say), which torch cannot "
-            "differentiate through: hold such arrays in the argument's framework, "
-            "secondorder.backends.bridge.alike(arrays, argument) (torch.from_dlpack, no copy), "
-            f"or take an optimiser's init and step, which hand all their arrays to torch ({err})"
-        ) from err
+def _closures_named() -> AbstractContextManager[None]:
+    """A CuPy array met inside a derivative, as a named error (:func:`bridge.mixing_named`)."""
+    return mixing_named("on the cupy backend derivatives run on torch (an optimiser's init and "
+                        "step hand all their arrays there), and the function being "
+                        "differentiated")
 
 
 class CupyBackend(Backend):

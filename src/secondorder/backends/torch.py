@@ -224,6 +224,14 @@ def _jvp_of_leaves(g: Callable, x_leaves: list[Array], v_leaves: list[Array]
     return _forward_mode(lambda: _jvp_any(g, x_leaves, v_leaves))
 
 
+def _plain(tensors: list[Array]) -> bool:
+    """Whether every one is an eager tensor that autodiff does not watch (no ``requires_grad``,
+    not wrapped by a torch.func transform): one the multi-tensor kernels may take and write."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(type(a) is torch.Tensor and not a.requires_grad and not wrapped(a)
+               for a in tensors)
+
+
 #: torch dtypes whose values NumPy scalars hold with the same rounding
 _HOST_SCALARS: dict[Any, Any] = {torch.float32: np.float32, torch.float64: np.float64,
                                  torch.int32: np.int32, torch.int64: np.int64}
@@ -384,10 +392,7 @@ class TorchBackend(Backend):
         return torch.gather(f, 1, labels[:, None].long())[:, 0]
 
     def add_into(self, x_leaves: list[Array], y_leaves: list[Array]) -> bool:
-        writable = all(type(a) is torch.Tensor and not a.requires_grad
-                       and not torch._C._functorch.is_functorch_wrapped_tensor(a)
-                       for a in x_leaves)
-        if not writable or len(x_leaves) != len(y_leaves):
+        if not _plain(x_leaves) or len(x_leaves) != len(y_leaves):
             return False
         with torch.no_grad():
             torch._foreach_add_(x_leaves, y_leaves)  # one call: what torch.optim's foreach does
@@ -399,10 +404,8 @@ class TorchBackend(Backend):
         leaf together, as torch.optim.Adam's foreach path, when the arrays are plain eager
         tensors and the hyperparameters numbers (m by lerp, v by addcmul: the same values up
         to rounding); the default otherwise (inside torch.func, batched hyperparameters)."""
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
         if not (all(isinstance(b, int | float) for b in (b1, b2, eps))
-                and all(type(a) is torch.Tensor and not a.requires_grad and not wrapped(a)
-                        for a in (*mu, *nu, *g, c1, c2))):
+                and _plain([*mu, *nu, *g, c1, c2])):
             return super().adam(mu, nu, g, b1, b2, c1, c2, eps)
         m = torch._foreach_lerp(mu, g, 1.0 - b1)
         v = torch._foreach_mul(nu, b2)
