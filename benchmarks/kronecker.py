@@ -14,7 +14,10 @@ Methods, each with its periodic work as the issue sets it:
 * ``sgd`` (momentum 0.9) and ``adam``: the library's first-order steps;
 * ``handwritten_sgd``: the SGD + momentum step written in the framework around the same model's
   forward pass (``torch.func.grad_and_value`` of ``F.cross_entropy``; a jitted
-  ``jax.value_and_grad``), the reference outside the library.
+  ``jax.value_and_grad``), the reference outside the library;
+* ``handwritten_kfac`` (MLP): the same K-FAC step written directly in the framework (eager torch
+  autograd, jitted JAX; ``benchmarks/_handwritten_kfac.py``), the least work the algorithm
+  needs, against which ``kfac`` also gets ``ratio_to_handwritten_kfac``.
 
 A periodic method's cost is its average over a whole period, not its median step (which would
 hide the inverse every 100 steps). So every method runs ``--block`` consecutive steps (default
@@ -45,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+import _handwritten_kfac as handwritten
 import _setup as setup
 from secondorder import backends, losses, optim, tree
 from secondorder.models import MLP, ConvNet
@@ -209,6 +213,9 @@ def step_ms(backend: str, name: str, args: argparse.Namespace,
         fns[label] = Block(advance, (params, opt.init(params)), args.block)
     fns["handwritten_sgd"] = Block(handwritten_sgd(backend, model, x, y),
                                    (params, tree.zeros_like(params)), args.block)
+    if name == "mlp":
+        write = handwritten.torch_kfac if backend == "torch" else handwritten.jax_kfac
+        fns["handwritten_kfac"] = Block(*write(params, x, y, seed=args.seed), args.block)
     if kfac_jax:
         step, carry = kfac_jax_step(x, y, params, args.seed)
         fns["kfac_jax"] = Block(step, carry, args.block)
@@ -219,10 +226,14 @@ def step_ms(backend: str, name: str, args: argparse.Namespace,
 def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     per_step = step_ms(backend, name, args, methods,
                        kfac_jax=backend == "jax" and args.kfac_jax and name == "mlp")
-    return {label: {"step_ms": t, "ratio_to_sgd": t / per_step["sgd"],
+    rows = {label: {"step_ms": t, "ratio_to_sgd": t / per_step["sgd"],
                     "ratio_to_adam": t / per_step["adam"],
                     "ratio_to_handwritten_sgd": t / per_step["handwritten_sgd"]}
             for label, t in per_step.items()}
+    if "handwritten_kfac" in per_step:
+        rows["kfac"]["ratio_to_handwritten_kfac"] = (per_step["kfac"]
+                                                     / per_step["handwritten_kfac"])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
