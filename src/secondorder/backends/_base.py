@@ -396,6 +396,12 @@ class Backend(ABC):
         y = self.solve_triangular(factor, b, lower=True)
         return self.solve_triangular(self.xp.linalg.matrix_transpose(factor), y, lower=False)
 
+    def cholesky_inverse(self, factor: Array) -> Array:
+        """``(L L^T)^{-1}`` given the lower Cholesky factor ``L``."""
+        n = factor.shape[-1]
+        return self.cholesky_solve(factor, self.xp.eye(n, dtype=factor.dtype,
+                                                        device=self.device(factor)))
+
     def _eigh(self, a: Array) -> tuple[Array, Array]:
         w, q = self.xp.linalg.eigh(a)
         return w, q

@@ -457,6 +457,10 @@ class TorchBackend(Backend):
             return torch.cholesky_solve(b[:, None], factor)[:, 0]
         return torch.cholesky_solve(b, factor)
 
+    def cholesky_inverse(self, factor: Array) -> Array:
+        # LAPACK's potri: a third of the time of solving against the identity (cholesky_solve)
+        return torch.cholesky_inverse(factor)
+
 
 def _vjp_of_leaves(g: Callable, x_leaves: list[Array], x_def: Any, has_aux: bool) -> Any:
     """``torch.func.vjp`` of ``g`` (a function of the leaf list) with a pullback that takes a

@@ -192,7 +192,7 @@ def damped_inverse(a: Any, damping: Any = 0.0) -> Any:
             # a singular matrix (machine dependent), so eigh's backward-stable spectrum decides,
             # with matrix_power's tolerance (its clip at 0 included)
             _positive_spectrum(backend, xp.clip(backend.eigh(ad)[0], min=0.0), "damped_inverse")
-    return backend.cholesky_solve(factor, eye)
+    return backend.cholesky_inverse(factor)
 
 
 def inverse_root(
