@@ -164,6 +164,37 @@ def test_jitted_monte_carlo_step_draws_new_noise_every_step():
         assert np.abs(factors[i][0] - factors[i + 1][0]).max() > 1e-3  # G: new targets
 
 
+@pytest.mark.parametrize("name", ["kfac", "tnt"])
+def test_the_key_advances_at_statistics_steps_only_and_each_draws_its_own_targets(name):
+    # T1 = 2, the same parameters and batch at every step: the key moves on at steps 0 and 2
+    # and on no other (a split at every step costs an eager torch step 4%), and the statistics
+    # of step 2 are not those of step 0 (new targets from the advanced key); jitted
+    jax = pytest.importorskip("jax")
+    from secondorder.optim import TNT
+
+    jb = backends.get("jax")
+    rng = np.random.default_rng(3)
+    x = jb.asarray(rng.standard_normal((32, 3)))
+    y = jb.asarray(rng.integers(0, 3, 32))
+    model = MLP([3, 4, 3], "tanh")
+    params = model.init(0, jb)
+    kw = {"statistics_interval": 2, "inverse_interval": 1}
+    opt = (KFAC(model, losses.SoftmaxCrossEntropy(), statistics_decay=0.0, **kw)
+           if name == "kfac" else TNT(model, losses.SoftmaxCrossEntropy(), beta=0.0, **kw))
+    step = jax.jit(opt.step)
+    state = opt.init(params)
+    keys, stats = [np.asarray(state.key)], []
+    for _ in range(4):
+        _, state, info = step(params, state, (x, y))
+        assert bool(info.finite)
+        keys.append(np.asarray(state.key))
+        last = state.blocks[-1] if name == "kfac" else state.blocks[-1][0]
+        stats.append(np.asarray(last.factors[0]))  # G of the output layer (TNT: of its bias)
+    changes = [not np.array_equal(a, b) for a, b in zip(keys, keys[1:])]
+    assert changes == [True, False, True, False]
+    assert np.abs(stats[0] - stats[2]).max() > 1e-4 and np.array_equal(stats[0], stats[1])
+
+
 def test_torch_sequential_steps_as_the_reference_mlp_and_layernorm_takes_the_sgd_fallback():
     torch = pytest.importorskip("torch")
     from secondorder.models import from_torch

@@ -67,7 +67,8 @@ def test_monte_carlo_mode_statistics_of_tensor_normal_samples():
 
 
 def _reference(params, batches, *, lr, mu, beta, eps, wd, t1, t2, estimate, seed):
-    """Algorithm 15 in NumPy with the optimiser's labels (drawn from the same keys)."""
+    """Algorithm 15 in NumPy with the optimiser's labels (drawn from the same keys, which
+    advance at the statistics steps)."""
     leaves = [np.array(a) for a in tree.leaves(params)]
     treedef = tree.structure(params)
     m = [np.zeros_like(a) for a in leaves]
@@ -75,12 +76,12 @@ def _reference(params, batches, *, lr, mu, beta, eps, wd, t1, t2, estimate, seed
     inverses: dict = {}
     key = random.key(seed, NP)
     for t, (x, y) in enumerate(batches):
-        keys = random.split(key)
-        key, sample_key = keys[0], keys[1]
         p_tree = tree.unflatten(treedef, leaves)
         grad = tree.leaves(NP.grad(lambda p, x=x, y=y: LOSS.value(MODEL.apply(p, x), y),
                                    p_tree))
         if t % t1 == 0:
+            keys = random.split(key)
+            key, sample_key = keys[0], keys[1]
             labels = LOSS.sample(MODEL.apply(p_tree, x), key=sample_key)
             s = 1.0 if estimate == "batch_mean" else np.sqrt(len(x))
             sampled = tree.leaves(NP.grad(

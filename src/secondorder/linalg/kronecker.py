@@ -29,8 +29,8 @@ def mode_products(x: Any, factors: Sequence[Any], xp: Any, *, transpose: bool = 
     """X x_1 U_1 ... x_k U_k (or with every U_i^T when ``transpose``) for a k-way tensor X.
 
     A matrix (k = 2) takes two matrix products, U_1 X U_2^T (U_1^T X U_2): torch's
-    ``tensordot`` copies its operands into a contracted layout first, which costs a K-FAC step
-    on a 784-256-10 MLP about a tenth of its time."""
+    ``tensordot`` copies its operands into a contracted layout first (about 5% of an eager
+    K-FAC step on a 784-256-10 MLP)."""
     if len(factors) == 2 and getattr(x, "ndim", None) == 2:
         first, second = factors
         if transpose:

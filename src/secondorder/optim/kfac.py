@@ -136,11 +136,11 @@ class KFAC(Optimizer):
 
     Curvature (``mode``): ``"mc"`` (default) samples the targets from the model's predictive
     distribution (the true Fisher; Algorithm 12 line 12), with a fresh sample at every
-    statistics step drawn from the random key in the state, so a jitted step draws new noise
-    each time; ``"exact"`` uses the columns of the loss-Hessian factors (the exact expectation
-    over targets, i.e. the GGN's "type-2" K-FAC: for a single linear layer under squared loss
-    Omega (x) Gamma is then the GGN block exactly); ``"empirical"`` uses the batch labels (the
-    empirical Fisher).
+    statistics step drawn from the random key in the state (which advances on those steps
+    only), so a jitted step draws new noise each time; ``"exact"`` uses the columns of the
+    loss-Hessian factors (the exact expectation over targets, i.e. the GGN's "type-2" K-FAC:
+    for a single linear layer under squared loss Omega (x) Gamma is then the GGN block
+    exactly); ``"empirical"`` uses the batch labels (the empirical Fisher).
 
     Convolutions (KFC). The library's convention is that **Omega sums over the T output
     positions and Gamma averages** (Grosse and Martens 2016, as
@@ -453,15 +453,16 @@ class KFAC(Optimizer):
 
         leaves, treedef = flatten(params)
         layers = self._layers(leaves)
-        new_key, sample_key = state.key, state.key
-        if self.mode == "mc":  # a fresh sample at every step; the other modes draw nothing
-            keys = random.split(state.key, 2)
-            new_key, sample_key = keys[0, :], keys[1, :]
 
-        def refresh(blocks: tuple[BlockState, ...], key: Array) -> tuple[BlockState, ...]:
-            stats = self._statistics(layers, params, batch, key)
+        def refresh(blocks: tuple[BlockState, ...], key: Array
+                    ) -> tuple[tuple[BlockState, ...], Array]:
+            sample_key = key
+            if self.mode == "mc":  # a fresh sample at every statistics step (the key advances)
+                keys = random.split(key, 2)
+                key, sample_key = keys[0, :], keys[1, :]
+            stats = self._statistics(layers, params, batch, sample_key)
             return tuple(layer.block.update_statistics(b, s, self.statistics_decay)
-                         for layer, b, s in zip(layers, blocks, stats))
+                         for layer, b, s in zip(layers, blocks, stats)), key
 
         def invert(blocks: tuple[BlockState, ...], lam: Array) -> tuple[BlockState, ...]:
             if self.cache == "eigh":
@@ -471,16 +472,18 @@ class KFAC(Optimizer):
                                                   split=self.damping_split)
                          for layer, b in zip(layers, blocks))
 
-        def periodic(blocks: tuple[BlockState, ...]) -> tuple[BlockState, ...] | None:
-            """The statistics (every T1) and the factorisations (every T2); None when eager
-            statistics are not finite (the step is then rejected before factorising)."""
-            blocks = every(backend, state.count, self.statistics_interval, refresh,
-                           lambda blocks, key: blocks, blocks, sample_key)
+        def periodic(blocks: tuple[BlockState, ...]
+                     ) -> tuple[tuple[BlockState, ...], Array] | None:
+            """The statistics (every T1) and the factorisations (every T2), and the key after
+            them; None when eager statistics are not finite (the step is then rejected before
+            factorising)."""
+            blocks, key = every(backend, state.count, self.statistics_interval, refresh,
+                                lambda blocks, key: (blocks, key), blocks, state.key)
             if backend.is_concrete(loss) and not bool(
                     all_finite(*(b.factors for b in blocks))):
                 return None
             return every(backend, state.count, self.inverse_interval, invert,
-                         lambda blocks, lam: blocks, blocks, lam)
+                         lambda blocks, lam: blocks, blocks, lam), key
 
         def finish(blocks: tuple[BlockState, ...]) -> tuple[Any, ...]:
             """The rest of the step with these blocks: the preconditioned direction, the
@@ -551,11 +554,12 @@ class KFAC(Optimizer):
             new = periodic(blocks)
             if new is None:
                 return None
+            new, key = new
             out = finish(new)
-            return choose(out[-1][0], new, blocks), out
+            return choose(out[-1][0], new, blocks), key, out
 
         def unchanged(blocks: tuple[BlockState, ...]) -> Any:
-            return blocks, finish(blocks)
+            return blocks, state.key, finish(blocks)
 
         result = every_any(backend, state.count,
                            (self.statistics_interval, self.inverse_interval),
@@ -563,7 +567,7 @@ class KFAC(Optimizer):
         if result is None:
             # a factorisation of non-finite statistics would raise on an eager backend
             return self._reject(params, state, loss, damping_key, nan)
-        blocks, out = result
+        blocks, new_key, out = result
         (trial, update, inner, fallback, velocity, lam_new, ratio, predicted, alpha, mu,
          verdict) = out
         new_state = KFACState(state.count + 1, blocks, lam_new, new_key, inner, fallback,

@@ -31,10 +31,10 @@ FISHER_ESTIMATES = ("batch_mean", "per_example")
 
 @method_state("TNT")
 class TNTState(NamedTuple):
-    """Step count t; the random key the sampled labels are drawn from (split at every step);
-    per leaf, the :class:`~secondorder.curvature.blocks.BlockState` of each of its blocks (the
-    moving averages G^(i) of E[G^(i)] and the cached (U~_i + eps I)^{-1}); the momentum m; the
-    state of the user's gradient transform (``()`` without one)."""
+    """Step count t; the random key the sampled labels are drawn from (split at every
+    statistics step); per leaf, the :class:`~secondorder.curvature.blocks.BlockState` of each
+    of its blocks (the moving averages G^(i) of E[G^(i)] and the cached (U~_i + eps I)^{-1});
+    the momentum m; the state of the user's gradient transform (``()`` without one)."""
 
     count: Array
     key: Array
@@ -90,7 +90,8 @@ class TNT(Optimizer):
     The thesis warm-starts G^(i) with a pass over the data; here the first step (t = 0)
     collects the statistics of its batch and computes the inverses before the update. The
     labels are drawn with :mod:`secondorder.random` from the key in the state, split at every
-    step, so a jitted step draws new labels every step and every backend draws the same ones.
+    statistics step, so a jitted step draws new labels each time and every backend draws the
+    same ones.
 
     Layout. Biases are 1-way tensors: k = 1, U~_1 = G^(1), the full d x d block of the Fisher
     of the bias (4.10 is the identity for k = 1). A 4-way leaf is taken as a convolution
@@ -252,23 +253,24 @@ class TNT(Optimizer):
         g = flatten(grad)[0]
         plans = self.plans(params)
         count = state.count
-        keys = random.split(state.key)
-        next_key, sample_key = keys[0, :], keys[1, :]
 
-        def stats(blocks: tuple) -> tuple:
+        def stats(blocks: tuple, key: Array) -> tuple[tuple, Array]:
+            """The statistics' update and the key after it (it advances only here)."""
+            keys = random.split(key)
             # traced, the pass is repeated inside the branch: reusing the step's pullback
             # would keep the forward pass's residuals alive (and copied into other layouts)
             # at every step for the one step in T1 that needs them
             out, back = (f, pullback) if backend.is_concrete(loss) else backend.vjp(
                 lambda p: self.apply(p, x), params)
-            sampled = flatten(self.sampled_gradient(back, out, sample_key))[0]
-            return tb.update_statistics(plans, blocks, sampled, self.beta, xp)
+            sampled = flatten(self.sampled_gradient(back, out, keys[1, :]))[0]
+            return tb.update_statistics(plans, blocks, sampled, self.beta, xp), keys[0, :]
 
-        def periodic(blocks: tuple) -> tuple[tuple, Array]:
-            """The statistics (every T1) and the inverses (every T2)."""
-            blocks = every(backend, count, self.statistics_interval, stats, lambda b: b, blocks)
-            return every(backend, count, self.inverse_interval,
-                         lambda b: self._inverses(backend, b), keep, blocks)
+        def periodic(blocks: tuple) -> tuple[tuple, Array, Array]:
+            """The statistics (every T1) and the inverses (every T2), and the key after them."""
+            blocks, key = every(backend, count, self.statistics_interval, stats,
+                                lambda b, k: (b, k), blocks, state.key)
+            return *every(backend, count, self.inverse_interval,
+                          lambda b: self._inverses(backend, b), keep, blocks), key
 
         def keep(blocks: tuple) -> tuple[tuple, Array]:
             return blocks, blocks[0][0].factors[0][0, 0] * 0
@@ -283,22 +285,22 @@ class TNT(Optimizer):
             update = unflatten(treedef, [-lr * pi for pi in p])
             return m, update, self.verdict(loss, *checks, update=update)
 
-        def changed(blocks: tuple) -> tuple[tuple, Array, tuple[Any, ...]]:
+        def changed(blocks: tuple) -> tuple[tuple, Array, Array, tuple[Any, ...]]:
             # the new statistics are checked too: a NaN in them (a non-finite sampled gradient)
             # must reject the step, not stay in the state behind roots or inverses that were
             # kept
-            new, kept = periodic(blocks)
+            new, kept, key = periodic(blocks)
             out = finish(new, new)
-            return choose(out[-1][0], new, blocks), kept, out
+            return choose(out[-1][0], new, blocks), kept, key, out
 
-        def unchanged(blocks: tuple) -> tuple[tuple, Array, tuple[Any, ...]]:
-            return blocks, keep(blocks)[1], finish(blocks)
+        def unchanged(blocks: tuple) -> tuple[tuple, Array, Array, tuple[Any, ...]]:
+            return blocks, keep(blocks)[1], state.key, finish(blocks)
 
         # traced, one conditional: the factors and inverses leave a conditional once per step
         # and are chosen (old or new) only in the branch that changes them (as K-FAC)
-        blocks, kept, out = every_any(backend, count,
-                                      (self.statistics_interval, self.inverse_interval),
-                                      changed, unchanged, state.blocks)
+        blocks, kept, next_key, out = every_any(
+            backend, count, (self.statistics_interval, self.inverse_interval), changed,
+            unchanged, state.blocks)
         m, update, verdict = out
         new_params = add(params, update)
         new_state = TNTState(count + 1, next_key, blocks, unflatten(treedef, m), inner)
