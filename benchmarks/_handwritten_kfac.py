@@ -17,7 +17,7 @@ h_l = W_l a_{l-1} + b_l of an MLP with ``activation`` between them (the referenc
     every step:      m <- mu m + g,  [W b] <- [W b] - alpha H_Gamma [m_W m_b] H_Omega.
 
 The statistics reuse the step's own forward pass (one extra backward pass for the sampled
-targets), the least work the algorithm allows. ``tests/test_handwritten_kfac.py`` checks that
+targets), the least work the algorithm allows. ``tests/test_handwritten.py`` checks that
 these steps are the library's to 1e-10 in float64 (``mode="empirical"``, whose targets are
 deterministic).
 """

@@ -15,9 +15,11 @@ Methods, each with its periodic work as the issue sets it:
 * ``handwritten_sgd``: the SGD + momentum step written in the framework around the same model's
   forward pass (``torch.func.grad_and_value`` of ``F.cross_entropy``; a jitted
   ``jax.value_and_grad``), the reference outside the library;
-* ``handwritten_kfac`` (MLP): the same K-FAC step written directly in the framework (eager torch
-  autograd, jitted JAX; ``benchmarks/_handwritten_kfac.py``), the least work the algorithm
-  needs, against which ``kfac`` also gets ``ratio_to_handwritten_kfac``.
+* ``handwritten_kfac`` and ``handwritten_shampoo`` (MLP): the same K-FAC and Shampoo steps
+  written directly in the framework (eager torch autograd, jitted JAX;
+  ``benchmarks/_handwritten_kfac.py``, ``benchmarks/_handwritten_shampoo.py``), the least work
+  the algorithms need, against which ``kfac`` and ``shampoo`` also get
+  ``ratio_to_handwritten_kfac`` and ``ratio_to_handwritten_shampoo``.
 
 A periodic method's cost is its average over a whole period, not its median step (which would
 hide the inverse every 100 steps). So every method runs ``--block`` consecutive steps (default
@@ -49,6 +51,7 @@ from typing import Any
 import numpy as np
 
 import _handwritten_kfac as handwritten
+import _handwritten_shampoo as handwritten_shampoo
 import _setup as setup
 from secondorder import backends, losses, optim, tree
 from secondorder.models import MLP, ConvNet
@@ -182,6 +185,16 @@ def kfac_jax_step(x: Any, y: Any, params: Any, seed: int) -> Callable[[Any], Any
     return step, (params, state, key)
 
 
+def handwritten_steps(backend: str, seed: int) -> dict[str, Callable[..., Any]]:
+    """The methods written directly in the framework, each as ``(params, x, y) -> (step,
+    carry)``, with the periods of :func:`methods`."""
+    if backend == "torch":
+        return {"kfac": lambda *a: handwritten.torch_kfac(*a, seed=seed),
+                "shampoo": handwritten_shampoo.torch_shampoo}
+    return {"kfac": lambda *a: handwritten.jax_kfac(*a, seed=seed),
+            "shampoo": handwritten_shampoo.jax_shampoo}
+
+
 def step_ms(backend: str, name: str, args: argparse.Namespace,
             make_methods: Callable[[Any, Any], dict[str, Any]], *, kfac_jax: bool = False
             ) -> dict[str, float]:
@@ -214,8 +227,8 @@ def step_ms(backend: str, name: str, args: argparse.Namespace,
     fns["handwritten_sgd"] = Block(handwritten_sgd(backend, model, x, y),
                                    (params, tree.zeros_like(params)), args.block)
     if name == "mlp":
-        write = handwritten.torch_kfac if backend == "torch" else handwritten.jax_kfac
-        fns["handwritten_kfac"] = Block(*write(params, x, y, seed=args.seed), args.block)
+        for method, write in handwritten_steps(backend, args.seed).items():
+            fns[f"handwritten_{method}"] = Block(*write(params, x, y), args.block)
     if kfac_jax:
         step, carry = kfac_jax_step(x, y, params, args.seed)
         fns["kfac_jax"] = Block(step, carry, args.block)
@@ -230,9 +243,10 @@ def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
                     "ratio_to_adam": t / per_step["adam"],
                     "ratio_to_handwritten_sgd": t / per_step["handwritten_sgd"]}
             for label, t in per_step.items()}
-    if "handwritten_kfac" in per_step:
-        rows["kfac"]["ratio_to_handwritten_kfac"] = (per_step["kfac"]
-                                                     / per_step["handwritten_kfac"])
+    for method in ("kfac", "shampoo"):
+        if f"handwritten_{method}" in per_step:
+            rows[method][f"ratio_to_handwritten_{method}"] = (
+                per_step[method] / per_step[f"handwritten_{method}"])
     return rows
 
 
