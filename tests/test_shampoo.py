@@ -256,3 +256,28 @@ def test_torch_sequential_with_linear_and_conv2d_steps():
         params, state, info = opt.step(params, state, (x, y))
         losses_seen.append(float(info.loss))
     assert bool(info.finite) and losses_seen[-1] < losses_seen[0]
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax"])
+def test_statistics_that_overflow_reject_the_step_although_the_update_is_finite(name):
+    # float32, a linear network: inputs of 1e21 give finite logits and loss (~1e19) and a
+    # finite update through the step-0 roots, but g g^T (~1e38 and beyond) overflows; the
+    # statistics' check (read from their diagonals) must reject the step and keep the state
+    b = backends.get(name)
+    if name == "jax":
+        pytest.importorskip("jax")
+    model = MLP([3, 4, 2], "tanh", linear=(0,))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3))
+    y = b.asarray(rng.integers(0, 2, 8))
+    opt = Shampoo(model, LOSS, lr=1e-3, root_interval=100)
+    step = b.jit(opt.step)
+    params = model.init(0, b, dtype="float32")
+    params, state, info = step(params, opt.init(params), (b.asarray(x, dtype="float32"), y))
+    assert bool(info.finite)
+    huge = (b.asarray(1e21 * x, dtype="float32"), y)
+    new_params, new_state, info = step(params, state, huge)
+    trial = opt.step(params, state._replace(count=state.count * 0 + 1), huge)  # eager, rejected
+    assert np.isfinite(float(info.loss)) and not bool(info.finite) and not bool(trial[2].finite)
+    for a, c in zip(tree.leaves((new_params, new_state)), tree.leaves((params, state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

@@ -232,10 +232,15 @@ class Shampoo(Optimizer):
                        lambda blocks, grads: blocks, state.blocks, g)
 
         def roots(blocks: tuple) -> tuple[tuple, Array]:
-            return self._roots(backend, blocks)
+            new, kept = self._roots(backend, blocks)
+            return tb.caches(new), kept
 
-        blocks, kept = every(backend, count, self.root_interval, roots,
-                             lambda blocks: (blocks, self._kept_zero(blocks)), blocks)
+        # the conditional returns the caches alone: passed through it, the statistics came out
+        # in another memory layout under jax.jit, a transposing copy of every factor per step
+        caches, kept = every(backend, count, self.root_interval, roots,
+                             lambda blocks: (tb.caches(blocks), self._kept_zero(blocks)),
+                             blocks)
+        blocks = tb.with_caches(blocks, caches)
         m = [self.momentum * mi + gi for mi, gi in zip(flatten(state.momentum)[0], g)]
         p = [tb.precondition(plan, st, mi, xp) for plan, st, mi in zip(plans, blocks, m)]
         graft_state = state.graft
@@ -255,7 +260,8 @@ class Shampoo(Optimizer):
         # the new statistics are checked too: a NaN in them (a non-finite sampled gradient)
         # must reject the step, not stay in the state behind roots or inverses that were kept
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
-                                                  blocks, update=unflatten(treedef, update))
+                                                  tb.statistics_diagonals(blocks, xp),
+                                                  update=unflatten(treedef, update))
         return params, state, self.info(params, loss, step_norm, self.eps, ok,
                                         extras={"roots_kept": kept})
 
