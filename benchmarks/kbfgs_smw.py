@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated subset of " + ",".join(TRAINING) + " ('' skips)")
     parser.add_argument("--block", type=int, default=PERIOD,
                         help="consecutive steps per timed block (default: one period T)")
+    kronecker.add_device_option(parser)
     parser.add_argument("--hf-epochs", type=int, default=3,
                         help="Hessian-free's epochs; its final training loss is the target")
     parser.add_argument("--max-epochs", type=int, default=6,

@@ -196,12 +196,12 @@ def handwritten_steps(backend: str, seed: int) -> dict[str, Callable[..., Any]]:
 
 
 def step_ms(backend: str, name: str, args: argparse.Namespace,
-            make_methods: Callable[[Any, Any], dict[str, Any]], *, kfac_jax: bool = False
-            ) -> dict[str, float]:
+            make_methods: Callable[[Any, Any], dict[str, Any]], *, kfac_jax: bool = False,
+            handwritten: bool = False) -> dict[str, float]:
     """Milliseconds per step of each optimiser of ``make_methods(model, loss)`` and of the
-    hand-written SGD (and kfac-jax's optimiser with ``kfac_jax``) on ``problem(name)``, each
-    timed over blocks of ``args.block`` consecutive steps in interleaved rounds (the module
-    docstring)."""
+    hand-written SGD (with ``handwritten``, on the MLP, also the hand-written K-FAC and
+    Shampoo; with ``kfac_jax``, kfac-jax's optimiser) on ``problem(name)``, each timed over
+    blocks of ``args.block`` consecutive steps in interleaved rounds (the module docstring)."""
     b = backends.get(backend)
     if backend == "torch":
         import torch
@@ -226,7 +226,7 @@ def step_ms(backend: str, name: str, args: argparse.Namespace,
         fns[label] = Block(advance, (params, opt.init(params)), args.block)
     fns["handwritten_sgd"] = Block(handwritten_sgd(backend, model, x, y),
                                    (params, tree.zeros_like(params)), args.block)
-    if name == "mlp":
+    if handwritten and name == "mlp":
         for method, write in handwritten_steps(backend, args.seed).items():
             fns[f"handwritten_{method}"] = Block(*write(params, x, y), args.block)
     if kfac_jax:
@@ -237,7 +237,7 @@ def step_ms(backend: str, name: str, args: argparse.Namespace,
 
 
 def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    per_step = step_ms(backend, name, args, methods,
+    per_step = step_ms(backend, name, args, methods, handwritten=True,
                        kfac_jax=backend == "jax" and args.kfac_jax and name == "mlp")
     rows = {label: {"step_ms": t, "ratio_to_sgd": t / per_step["sgd"],
                     "ratio_to_adam": t / per_step["adam"],
@@ -250,6 +250,12 @@ def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
     return rows
 
 
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """``--device``, which :func:`step_ms` reads (also for ``benchmarks/kbfgs_smw.py``)."""
+    parser.add_argument("--device", default=None,
+                        help="run on this device, e.g. cuda:0 (default: the backend's own)")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = setup.parser(__doc__, "kronecker", batch=128, warmup=1, repeats=5)
     parser.set_defaults(backends="torch,jax")
@@ -257,8 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated subset of " + ",".join(PROBLEMS))
     parser.add_argument("--block", type=int, default=PERIOD,
                         help="consecutive steps per timed block (default: one T2 period)")
-    parser.add_argument("--device", default=None,
-                        help="run on this device, e.g. cuda:0 (default: the backend's own)")
+    add_device_option(parser)
     parser.add_argument("--kfac-jax", action="store_true",
                         help="also time kfac_jax.Optimizer on the MLP (needs kfac-jax)")
     args = parser.parse_args(argv)
