@@ -15,11 +15,10 @@ Methods, each with its periodic work as the issue sets it:
 * ``handwritten_sgd``: the SGD + momentum step written in the framework around the same model's
   forward pass (``torch.func.grad_and_value`` of ``F.cross_entropy``; a jitted
   ``jax.value_and_grad``), the reference outside the library;
-* ``handwritten_kfac`` and ``handwritten_shampoo`` (MLP): the same K-FAC and Shampoo steps
+* ``handwritten_kfac``, ``handwritten_shampoo`` and ``handwritten_tnt`` (MLP): the same steps
   written directly in the framework (eager torch autograd, jitted JAX;
-  ``benchmarks/_handwritten_kfac.py``, ``benchmarks/_handwritten_shampoo.py``), the least work
-  the algorithms need, against which ``kfac`` and ``shampoo`` also get
-  ``ratio_to_handwritten_kfac`` and ``ratio_to_handwritten_shampoo``.
+  ``benchmarks/_handwritten_{kfac,shampoo,tnt}.py``), the least work the algorithms need,
+  against which ``kfac``, ``shampoo`` and ``tnt`` also get ``ratio_to_handwritten_<method>``.
 
 A periodic method's cost is its average over a whole period, not its median step (which would
 hide the inverse every 100 steps). So every method runs ``--block`` consecutive steps (default
@@ -52,6 +51,7 @@ import numpy as np
 
 import _handwritten_kfac as handwritten
 import _handwritten_shampoo as handwritten_shampoo
+import _handwritten_tnt as handwritten_tnt
 import _setup as setup
 from secondorder import backends, losses, optim, tree
 from secondorder.models import MLP, ConvNet
@@ -190,17 +190,19 @@ def handwritten_steps(backend: str, seed: int) -> dict[str, Callable[..., Any]]:
     carry)``, with the periods of :func:`methods`."""
     if backend == "torch":
         return {"kfac": lambda *a: handwritten.torch_kfac(*a, seed=seed),
-                "shampoo": handwritten_shampoo.torch_shampoo}
+                "shampoo": handwritten_shampoo.torch_shampoo,
+                "tnt": lambda *a: handwritten_tnt.torch_tnt(*a, seed=seed)}
     return {"kfac": lambda *a: handwritten.jax_kfac(*a, seed=seed),
-            "shampoo": handwritten_shampoo.jax_shampoo}
+            "shampoo": handwritten_shampoo.jax_shampoo,
+            "tnt": lambda *a: handwritten_tnt.jax_tnt(*a, seed=seed)}
 
 
 def step_ms(backend: str, name: str, args: argparse.Namespace,
             make_methods: Callable[[Any, Any], dict[str, Any]], *, kfac_jax: bool = False,
             handwritten: bool = False) -> dict[str, float]:
     """Milliseconds per step of each optimiser of ``make_methods(model, loss)`` and of the
-    hand-written SGD (with ``handwritten``, on the MLP, also the hand-written K-FAC and
-    Shampoo; with ``kfac_jax``, kfac-jax's optimiser) on ``problem(name)``, each timed over
+    hand-written SGD (with ``handwritten``, on the MLP, also the hand-written K-FAC, Shampoo
+    and TNT; with ``kfac_jax``, kfac-jax's optimiser) on ``problem(name)``, each timed over
     blocks of ``args.block`` consecutive steps in interleaved rounds (the module docstring)."""
     b = backends.get(backend)
     if backend == "torch":
@@ -243,7 +245,7 @@ def bench(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
                     "ratio_to_adam": t / per_step["adam"],
                     "ratio_to_handwritten_sgd": t / per_step["handwritten_sgd"]}
             for label, t in per_step.items()}
-    for method in ("kfac", "shampoo"):
+    for method in ("kfac", "shampoo", "tnt"):
         if f"handwritten_{method}" in per_step:
             rows[method][f"ratio_to_handwritten_{method}"] = (
                 per_step[method] / per_step[f"handwritten_{method}"])

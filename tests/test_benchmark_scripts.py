@@ -40,9 +40,9 @@ def test_kronecker_benchmark_writes_its_schema_with_the_handwritten_references(t
     for backend in ("torch", "jax"):
         rows = data[backend]["mlp"]
         _assert_rows(rows, {"sgd", "adam", "kfac", "shampoo", "tnt", "handwritten_sgd",
-                            "handwritten_kfac", "handwritten_shampoo"},
+                            "handwritten_kfac", "handwritten_shampoo", "handwritten_tnt"},
                      {"ratio_to_sgd", "ratio_to_adam", "ratio_to_handwritten_sgd"})
-        for method in ("kfac", "shampoo"):
+        for method in ("kfac", "shampoo", "tnt"):
             assert rows[method][f"ratio_to_handwritten_{method}"] == pytest.approx(
                 rows[method]["step_ms"] / rows[f"handwritten_{method}"]["step_ms"])
 
