@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import _handwritten_mlp as mlp
+
 LR, MOMENTUM, BETA, EPS = 0.01, 0.9, 0.9, 1e-4
 
 
@@ -41,28 +43,21 @@ def torch_shampoo(params: list[dict[str, Any]], x: Any, y: Any, *, activation: s
     def step(carry: Any) -> Any:
         count, w, mom, stats, roots = carry
         leaves = [t.detach().requires_grad_() for layer in w for t in (layer["w"], layer["b"])]
-        a = x
-        for i in range(0, len(leaves), 2):
-            a = a @ leaves[i].T + leaves[i + 1]
-            a = act(a) if i + 2 < len(leaves) else a
-        grads = torch.autograd.grad(F.cross_entropy(a, y), leaves)
+        grads = torch.autograd.grad(F.cross_entropy(mlp.logits(mlp.as_layers(leaves), x, act), y),
+                                    leaves)
         with torch.no_grad():
+            grads = mlp.as_layers(grads)
             if count % statistics_interval == 0:
-                batch = []
-                for gw, gb in zip(grads[0::2], grads[1::2]):
-                    batch.append((gw @ gw.T, gw.T @ gw, torch.outer(gb, gb)))
-                stats = batch if count == 0 else [
-                    tuple(BETA * s + (1 - BETA) * n for s, n in zip(old, new))
-                    for old, new in zip(stats, batch)]
+                batch = mlp.gram_statistics(grads, torch.outer)
+                stats = batch if count == 0 else mlp.moving_average(stats, batch, BETA)
             if count % root_interval == 0:
                 roots = [(root(left, -0.25), root(right, -0.25), root(bias, -0.5))
                          for left, right, bias in stats]
-            mom = [MOMENTUM * b + g for b, g in zip(mom, grads)]
-            new = [{"w": layer["w"] - LR * (hl @ mw @ hr), "b": layer["b"] - LR * (hb @ mb)}
-                   for (hl, hr, hb), mw, mb, layer in zip(roots, mom[0::2], mom[1::2], w)]
+            mom = [{k: MOMENTUM * m[k] + g[k] for k in m} for m, g in zip(mom, grads)]
+            new = mlp.kronecker_step(w, mom, roots, LR)
         return count + 1, new, mom, stats, roots
 
-    mom = [torch.zeros_like(t) for layer in params for t in (layer["w"], layer["b"])]
+    mom = [{k: torch.zeros_like(t) for k, t in layer.items()} for layer in params]
     return step, (0, params, mom, None, None)
 
 
@@ -77,11 +72,8 @@ def jax_shampoo(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str
     act = getattr(jnp, activation)
 
     def objective(w: Any, xb: Any, yb: Any) -> Any:
-        a = xb
-        for i, layer in enumerate(w):
-            a = a @ layer["w"].T + layer["b"]
-            a = act(a) if i + 1 < len(w) else a
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(a), yb[:, None], 1))
+        logp = jax.nn.log_softmax(mlp.logits(w, xb, act))
+        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], 1))
 
     def root(f: Any, power: float) -> Any:
         w, q = jnp.linalg.eigh(f)
@@ -89,10 +81,7 @@ def jax_shampoo(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str
 
     def statistics(stats: Any, grads: Any, count: Any) -> Any:
         beta = jnp.where(count == 0, 0.0, BETA).astype(x.dtype)
-        batch = [(g["w"] @ g["w"].T, g["w"].T @ g["w"], jnp.outer(g["b"], g["b"]))
-                 for g in grads]
-        return [tuple(beta * s + (1 - beta) * n for s, n in zip(old, new))
-                for old, new in zip(stats, batch)]
+        return mlp.moving_average(stats, mlp.gram_statistics(grads, jnp.outer), beta)
 
     def roots_of(stats: Any) -> Any:
         return [(root(left, -0.25), root(right, -0.25), root(bias, -0.5))
@@ -106,16 +95,12 @@ def jax_shampoo(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str
                              lambda s: statistics(s, grads, count), lambda s: s, stats)
         roots = jax.lax.cond(count % root_interval == 0, roots_of, lambda s: roots, stats)
         mom = jax.tree_util.tree_map(lambda b, g: MOMENTUM * b + g, mom, grads)
-        new = [{"w": layer["w"] - LR * (hl @ mb["w"] @ hr), "b": layer["b"] - LR * (hb @ mb["b"])}
-               for (hl, hr, hb), mb, layer in zip(roots, mom, w)]
-        return count + 1, new, mom, stats, roots
+        return count + 1, mlp.kronecker_step(w, mom, roots, LR), mom, stats, roots
 
     def step(carry: Any) -> Any:  # the batch is an argument of the jitted step, not a constant
         return jitted(carry, x, y)
 
-    zeros = [tuple(jnp.zeros((d, d), x.dtype) for d in (layer["w"].shape[0],
-                                                         layer["w"].shape[1],
-                                                         layer["w"].shape[0]))
-             for layer in params]
+    zeros = [tuple(jnp.zeros((d, d), x.dtype) for d in sizes)
+             for sizes in mlp.factor_sizes(params)]
     mom = jax.tree_util.tree_map(jnp.zeros_like, params)
     return step, (jnp.asarray(0), params, mom, zeros, zeros)

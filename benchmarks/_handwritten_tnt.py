@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import _handwritten_mlp as mlp
+
 LR, MOMENTUM, BETA, EPS = 0.01, 0.9, 0.9, 0.01
 
 
@@ -34,6 +36,15 @@ def _normalised(factors: list[Any], trace: Callable[[Any], Any]) -> list[Any]:
         total *= d
     c0 = (sum(trace(f) for f in factors) / k / total) ** (1.0 / k)
     return [f / (c0 ** (k - 1) * (total // d)) for f, d in zip(factors, dims)]
+
+
+def _inverses(stats: Any, inverse: Callable[[Any], Any], trace: Callable[[Any], Any]) -> Any:
+    """(C_1, C_2, C_b) of every layer from its statistics."""
+    out = []
+    for left, right, bias in stats:
+        pair = _normalised([left, right], trace)
+        out.append((inverse(pair[0]), inverse(pair[1]), inverse(_normalised([bias], trace)[0])))
+    return out
 
 
 def torch_tnt(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str = "tanh",
@@ -60,34 +71,23 @@ def torch_tnt(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str =
     def step(carry: Any) -> Any:
         count, w, mom, stats, inverses, k = carry
         leaves = [t.detach().requires_grad_() for layer in w for t in (layer["w"], layer["b"])]
-        a = x
-        for i in range(0, len(leaves), 2):
-            a = a @ leaves[i].T + leaves[i + 1]
-            a = act(a) if i + 2 < len(leaves) else a
+        a = mlp.logits(mlp.as_layers(leaves), x, act)
         if count % statistics_interval == 0:
             k, targets = draw(k, a.detach())
             sampled = torch.autograd.grad(F.cross_entropy(a, targets), leaves,
                                           retain_graph=True)
             with torch.no_grad():
-                batch = [(gw @ gw.T, gw.T @ gw, torch.outer(gb, gb))
-                         for gw, gb in zip(sampled[0::2], sampled[1::2])]
-                stats = batch if count == 0 else [
-                    tuple(BETA * s + (1 - BETA) * n for s, n in zip(old, new))
-                    for old, new in zip(stats, batch)]
-        grads = torch.autograd.grad(F.cross_entropy(a, y), leaves)
+                batch = mlp.gram_statistics(mlp.as_layers(sampled), torch.outer)
+                stats = batch if count == 0 else mlp.moving_average(stats, batch, BETA)
+        grads = mlp.as_layers(torch.autograd.grad(F.cross_entropy(a, y), leaves))
         with torch.no_grad():
             if count % inverse_interval == 0:
-                inverses = []
-                for left, right, bias in stats:
-                    pair = _normalised([left, right], torch.trace)
-                    inverses.append((inverse(pair[0]), inverse(pair[1]),
-                                     inverse(_normalised([bias], torch.trace)[0])))
-            mom = [MOMENTUM * b + g for b, g in zip(mom, grads)]
-            new = [{"w": layer["w"] - LR * (cl @ mw @ cr), "b": layer["b"] - LR * (cb @ mb)}
-                   for (cl, cr, cb), mw, mb, layer in zip(inverses, mom[0::2], mom[1::2], w)]
+                inverses = _inverses(stats, inverse, torch.trace)
+            mom = [{n: MOMENTUM * m[n] + g[n] for n in m} for m, g in zip(mom, grads)]
+            new = mlp.kronecker_step(w, mom, inverses, LR)
         return count + 1, new, mom, stats, inverses, k
 
-    mom = [torch.zeros_like(t) for layer in params for t in (layer["w"], layer["b"])]
+    mom = [{n: torch.zeros_like(t) for n, t in layer.items()} for layer in params]
     return step, (0, params, mom, None, None, key)
 
 
@@ -108,58 +108,37 @@ def jax_tnt(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str = "
             k, sub = jax.random.split(k)
             return k, jax.random.categorical(sub, logits)
 
-    def logits_of(w: Any, xb: Any) -> Any:
-        a = xb
-        for i, layer in enumerate(w):
-            a = a @ layer["w"].T + layer["b"]
-            a = act(a) if i + 1 < len(w) else a
-        return a
-
     def mean_nll(w: Any, xb: Any, labels: Any) -> Any:
-        logp = jax.nn.log_softmax(logits_of(w, xb))
+        logp = jax.nn.log_softmax(mlp.logits(w, xb, act))
         return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], 1))
 
     def statistics(carry: tuple[Any, Any], w: Any, xb: Any, count: Any) -> tuple[Any, Any]:
         stats, k = carry
-        k, targets = draw(k, logits_of(w, xb))
+        k, targets = draw(k, mlp.logits(w, xb, act))
         sampled = jax.grad(mean_nll)(w, xb, targets)
         beta = jnp.where(count == 0, 0.0, BETA).astype(xb.dtype)
-        batch = [(g["w"] @ g["w"].T, g["w"].T @ g["w"], jnp.outer(g["b"], g["b"]))
-                 for g in sampled]
-        return [tuple(beta * s + (1 - beta) * n for s, n in zip(old, new))
-                for old, new in zip(stats, batch)], k
+        return mlp.moving_average(stats, mlp.gram_statistics(sampled, jnp.outer), beta), k
 
     def inverse(f: Any) -> Any:
         eye = jnp.eye(f.shape[0], dtype=f.dtype)
         return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(f + eps * eye), True), eye)
-
-    def inverses_of(stats: Any) -> Any:
-        out = []
-        for left, right, bias in stats:
-            pair = _normalised([left, right], jnp.trace)
-            out.append((inverse(pair[0]), inverse(pair[1]),
-                        inverse(_normalised([bias], jnp.trace)[0])))
-        return out
 
     @jax.jit
     def jitted(carry: Any, xb: Any, yb: Any) -> Any:
         count, w, mom, stats, inverses, k = carry
         stats, k = jax.lax.cond(count % statistics_interval == 0,
                                 lambda c: statistics(c, w, xb, count), lambda c: c, (stats, k))
-        inverses = jax.lax.cond(count % inverse_interval == 0, inverses_of,
-                                lambda s: inverses, stats)
+        inverses = jax.lax.cond(count % inverse_interval == 0,
+                                lambda s: _inverses(s, inverse, jnp.trace), lambda s: inverses,
+                                stats)
         grads = jax.grad(mean_nll)(w, xb, yb)
         mom = jax.tree_util.tree_map(lambda b, g: MOMENTUM * b + g, mom, grads)
-        new = [{"w": layer["w"] - LR * (cl @ mb["w"] @ cr), "b": layer["b"] - LR * (cb @ mb["b"])}
-               for (cl, cr, cb), mb, layer in zip(inverses, mom, w)]
-        return count + 1, new, mom, stats, inverses, k
+        return count + 1, mlp.kronecker_step(w, mom, inverses, LR), mom, stats, inverses, k
 
     def step(carry: Any) -> Any:  # the batch is an argument of the jitted step, not a constant
         return jitted(carry, x, y)
 
-    zeros = [tuple(jnp.zeros((d, d), x.dtype) for d in (layer["w"].shape[0],
-                                                         layer["w"].shape[1],
-                                                         layer["w"].shape[0]))
-             for layer in params]
+    zeros = [tuple(jnp.zeros((d, d), x.dtype) for d in sizes)
+             for sizes in mlp.factor_sizes(params)]
     mom = jax.tree_util.tree_map(jnp.zeros_like, params)
     return step, (jnp.asarray(0), params, mom, zeros, zeros, key)

@@ -138,14 +138,19 @@ def test_first_steps_equal_a_numpy_algorithm_12():
     assert int(state.count) == 6 and int(state.blocks[0].count) == 3
 
 
-def test_jitted_monte_carlo_step_draws_new_noise_every_step():
-    jax = pytest.importorskip("jax")
+def _jax_problem():
+    """A small MLP, its parameters and one batch (x, y) on JAX."""
     jb = backends.get("jax")
     rng = np.random.default_rng(3)
     x = jb.asarray(rng.standard_normal((32, 3)))
     y = jb.asarray(rng.integers(0, 3, 32))
     model = MLP([3, 4, 3], "tanh")
-    params = model.init(0, jb)
+    return model, model.init(0, jb), x, y
+
+
+def test_jitted_monte_carlo_step_draws_new_noise_every_step():
+    jax = pytest.importorskip("jax")
+    model, params, x, y = _jax_problem()
     # decay 0: the factors are the last batch's statistics; the same parameters and batch at
     # every step, so only the sampled targets can change G (A depends on the inputs only)
     opt = KFAC(model, losses.SoftmaxCrossEntropy(), statistics_decay=0.0,
@@ -172,12 +177,7 @@ def test_the_key_advances_at_statistics_steps_only_and_each_draws_its_own_target
     jax = pytest.importorskip("jax")
     from secondorder.optim import TNT
 
-    jb = backends.get("jax")
-    rng = np.random.default_rng(3)
-    x = jb.asarray(rng.standard_normal((32, 3)))
-    y = jb.asarray(rng.integers(0, 3, 32))
-    model = MLP([3, 4, 3], "tanh")
-    params = model.init(0, jb)
+    model, params, x, y = _jax_problem()
     kw = {"statistics_interval": 2, "inverse_interval": 1}
     opt = (KFAC(model, losses.SoftmaxCrossEntropy(), statistics_decay=0.0, **kw)
            if name == "kfac" else TNT(model, losses.SoftmaxCrossEntropy(), beta=0.0, **kw))
