@@ -323,3 +323,34 @@ def test_bad_arguments_raise_named_errors():
         KFAC(model, loss, statistics_interval=0)
     params = model.init(0, NP)
     assert tree.size(KFAC(model, loss).init(params).blocks[0].factors) == 2 * 2 + 4 * 4
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+def test_a_singular_damped_factor_rejects_the_step_and_raises_the_damping(name):
+    # an input feature that is always 0 gives A a zero eigenvalue; with lambda = 1e-20 the
+    # damped factor A + pi sqrt(lambda) I is singular to working precision in float32. The step
+    # must not raise: it keeps the parameters and the state and multiplies lambda by 10, and
+    # the steps after it repeat the inverse with the larger damping until one is accepted
+    pytest.importorskip("torch" if name == "torch" else "autograd")
+    b = backends.get(name)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 4))
+    x[:, 0] = 0.0
+    batch = (b.asarray(x, dtype="float32"), b.asarray(rng.integers(0, 3, 16)))
+    model = MLP([4, 5, 3], "tanh")
+    params = model.init(0, b, dtype="float32")
+    opt = KFAC(model, losses.SoftmaxCrossEntropy(), damping=1e-20)
+    state = opt.init(params)
+    new_params, new_state, info = opt.step(params, state, batch)
+    assert not bool(info.finite)
+    for a, c in zip(tree.leaves(new_params), tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    assert float(new_state.damping) == pytest.approx(1e-19, rel=1e-6)
+    assert int(new_state.count) == 0
+    rejected = 1
+    while not bool(info.finite):
+        new_params, new_state, info = opt.step(new_params, new_state, batch)
+        rejected += not bool(info.finite)
+        assert rejected < 20
+    assert int(new_state.count) == 1
+    assert float(new_state.damping) == pytest.approx(1e-20 * 10.0 ** rejected, rel=1e-5)

@@ -17,7 +17,7 @@ from .._pytree import flatten, unflatten
 from ..backends import backend_of
 from ..curvature.blocks import BlockState, ConvBlock, DenseBlock, KroneckerBlock
 from ..curvature.kfac import _cotangents, layer_statistics
-from ..errors import HyperparameterError, StructureError
+from ..errors import HyperparameterError, NotPositiveDefiniteError, StructureError
 from ..losses import Loss
 from ..models.base import LayerInfo, find_model
 from ..models.layers import (
@@ -248,8 +248,10 @@ class KFAC(Optimizer):
     after the step; ``info.extras`` holds ``lr`` and ``momentum`` (those used: from the
     quadratic model, or the given ones), ``predicted`` (M(delta) - M(0), NaN when not
     computed) and ``rho`` (the reduction ratio on adaptation steps, else NaN). A non-finite
-    loss, statistic or update keeps the old parameters and state and multiplies lambda by
-    :attr:`Optimizer.damping_boost_on_failure` (not with a damping schedule).
+    loss, statistic or update, or a damped factor that is singular to working precision,
+    keeps the old parameters and state and multiplies lambda by
+    :attr:`Optimizer.damping_boost_on_failure` (not with a damping schedule); the next step
+    repeats the periodic work with the larger damping.
 
     Assembled from :class:`~secondorder.curvature.blocks.DenseBlock` and
     :class:`~secondorder.curvature.blocks.ConvBlock` (statistics, moving averages, pi-split
@@ -482,8 +484,15 @@ class KFAC(Optimizer):
             if backend.is_concrete(loss) and not bool(
                     all_finite(*(b.factors for b in blocks))):
                 return None
-            return every(backend, state.count, self.inverse_interval, invert,
-                         lambda blocks, lam: blocks, blocks, lam), key
+            try:
+                return every(backend, state.count, self.inverse_interval, invert,
+                             lambda blocks, lam: blocks, blocks, lam), key
+            except NotPositiveDefiniteError:
+                # eager: a damped factor singular to working precision (traced, its inverse
+                # holds inf or NaN and the verdict rejects the step the same way)
+                if not backend.is_concrete(loss):
+                    raise
+                return None
 
         def finish(blocks: tuple[BlockState, ...]) -> tuple[Any, ...]:
             """The rest of the step with these blocks: the preconditioned direction, the
