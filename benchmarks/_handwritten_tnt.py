@@ -5,7 +5,8 @@ Ren and Goldfarb 2021), every weight W (d_out x d_in, k = 2) and bias b (k = 1) 
 At step t with g the gradient of the mean loss::
 
     if t % T1 == 0:  y~ sampled from the softmax at the batch,
-                     G = gradient of the mean loss at y~ (the sampled gradient),
+                     G = sqrt(m) x the gradient of the mean loss at y~ (the sampled gradient,
+                     the library's default ``fisher_estimate="per_example"``),
                      E_1 <- beta E_1 + (1 - beta) G G^T,  E_2 <- beta E_2 + (1 - beta) G^T G
                      (a bias: E_1 only; the first update takes the batch value)
     if t % T2 == 0:  U~_i = E_i / (c0^{k-1} prod_{j != i} d_j),  c0 = (tr E / prod_j d_j)^{1/k}
@@ -19,6 +20,7 @@ steps are the library's to 1e-10 in float64).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -74,8 +76,8 @@ def torch_tnt(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str =
         a = mlp.logits(mlp.as_layers(leaves), x, act)
         if count % statistics_interval == 0:
             k, targets = draw(k, a.detach())
-            sampled = torch.autograd.grad(F.cross_entropy(a, targets), leaves,
-                                          retain_graph=True)
+            sampled = torch.autograd.grad(F.cross_entropy(a, targets) * math.sqrt(x.shape[0]),
+                                          leaves, retain_graph=True)
             with torch.no_grad():
                 batch = mlp.gram_statistics(mlp.as_layers(sampled), torch.outer)
                 stats = batch if count == 0 else mlp.moving_average(stats, batch, BETA)
@@ -101,6 +103,7 @@ def jax_tnt(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str = "
     import jax.numpy as jnp
 
     act = getattr(jnp, activation)
+    m = x.shape[0]
     if draw is None:
         key = jax.random.PRNGKey(seed)
 
@@ -115,7 +118,7 @@ def jax_tnt(params: list[dict[str, Any]], x: Any, y: Any, *, activation: str = "
     def statistics(carry: tuple[Any, Any], w: Any, xb: Any, count: Any) -> tuple[Any, Any]:
         stats, k = carry
         k, targets = draw(k, mlp.logits(w, xb, act))
-        sampled = jax.grad(mean_nll)(w, xb, targets)
+        sampled = jax.grad(lambda v: mean_nll(v, xb, targets) * math.sqrt(m))(w)
         beta = jnp.where(count == 0, 0.0, BETA).astype(xb.dtype)
         return mlp.moving_average(stats, mlp.gram_statistics(sampled, jnp.outer), beta), k
 

@@ -194,9 +194,12 @@ class KFAC(Optimizer):
     lr: float, schedule or None, default 0.01
         The learning rate alpha_k (> 0), or a schedule of the step count; None (with
         ``momentum=None``): from the quadratic model.
-    damping: float or schedule, default 1e-3
+    damping: float or schedule, default 3e-2
         lambda (> 0), the initial value when adapted; a schedule sets it at every step (and
-        excludes ``adapt_damping``).
+        excludes ``adapt_damping``). lr / lambda is the gain of the step on directions of
+        little curvature: near 1/3 trained best on MNIST-1D (``secondorder reproduce
+        kronecker-mnist1d``); 1e-3 with the default lr (a gain of 10) diverged within ten
+        steps on a torch MLP with BatchNorm and on the MNIST-1D MLP.
     momentum: float or None, default 0.9
         mu in [0, 1), Algorithm 12's beta on the gradient; None with ``lr=None``.
     weight_decay: float, default 0.0
@@ -271,7 +274,7 @@ class KFAC(Optimizer):
     info_extras = ("lr", "momentum", "predicted", "rho")
 
     def __init__(self, apply: Callable, loss: Loss, *, lr: float | Schedule | None = 0.01,
-                 damping: float | Schedule = 1e-3, momentum: float | None = 0.9,
+                 damping: float | Schedule = 3e-2, momentum: float | None = 0.9,
                  weight_decay: float = 0.0, statistics_decay: float = 0.9,
                  statistics_interval: int = 10, inverse_interval: int = 100,
                  mode: str = "mc", samples: int = 1, seed: int = 0, cache: str = "inverse",
