@@ -109,14 +109,16 @@ GRIDS: dict[str, list[dict[str, float]]] = {
 }
 #: settings every run of a method shares (statistics every 5 steps and inverses or roots every
 #: 20 for the Kronecker-factored methods, momentum 0.9 where the method has it, Shampoo's step
-#: length grafted from Adam's as in Distributed Shampoo)
+#: length grafted from Adam's as in Distributed Shampoo, TNT's thesis scaling, for which its
+#: grid above was placed, now that TNT's default is "per_example")
 FIXED: dict[str, dict[str, Any]] = {
     "sgd": {},
     "adam": {},
     "kfac": {"momentum": 0.9, "statistics_interval": 5, "inverse_interval": 20},
     "shampoo": {"momentum": 0.9, "statistics_interval": 1, "root_interval": 20,
                 "graft": "adam"},
-    "tnt": {"momentum": 0.9, "statistics_interval": 5, "inverse_interval": 20},
+    "tnt": {"momentum": 0.9, "statistics_interval": 5, "inverse_interval": 20,
+            "fisher_estimate": "batch_mean"},
     "kbfgs": {"momentum": 0.9, "curvature_interval": 5},
     "kbfgs-l": {"momentum": 0.9, "curvature_interval": 5, "memory": 10},
     "smw-gn": {"curvature_batch": 30},
