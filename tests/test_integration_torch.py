@@ -930,3 +930,29 @@ def test_setting_b1_beside_the_groups_betas_raises() -> None:
     opt.param_groups[0]["b1"] = 0.0
     with pytest.raises(HyperparameterError, match="set group\\['betas'\\]"):
         opt.step(batches(1)[0])
+
+
+def test_a_non_finite_loss_at_the_current_parameters_warns_once_that_no_step_can_follow(
+        ) -> None:
+    """Parameters at which the loss overflows (a weight of 1e308 in float64 gives logits past
+    the largest double, an inf loss): the step is rejected and the module keeps its
+    parameters, and one NonFiniteLossWarning, pointing at the user's line, says that every
+    later step will be rejected too; a finite rejected step would not warn."""
+    import warnings
+
+    from secondorder.errors import NonFiniteLossWarning
+
+    (x, y), = batches(1)
+    model = mlp()
+    with torch.no_grad():
+        model[-1].weight.fill_(1e308)
+    before = module_params(model)
+    opt = Optimizer(model, nn.CrossEntropyLoss(), method="kfac")
+    with pytest.warns(NonFiniteLossWarning, match="every later step") as record:
+        loss = opt.step((x, y))
+    assert not bool(opt.info.finite) and not torch.isfinite(loss)
+    assert record[0].filename == __file__
+    assert max_rel_diff(module_params(model), before) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per optimiser
+        opt.step((x, y))

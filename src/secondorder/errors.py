@@ -23,6 +23,7 @@ __all__ = [
     "RandomKeyError",
     "SecondOrderError",
     "DenseSizeWarning",
+    "NonFiniteLossWarning",
     "UntappedLayerWarning",
     "UnusedUpdatesWarning",
     "ShapeError",
@@ -144,3 +145,11 @@ class UnusedUpdatesWarning(UserWarning):
     :func:`secondorder.integrations.optax.as_optax` computes its own gradient on the batch, so
     the incoming updates (the gradient, or a transform chained before it) do not reach its
     step."""
+
+
+class NonFiniteLossWarning(UserWarning):
+    """The loss at the current parameters is NaN or inf (the batch itself was checked): every
+    step is rejected there and leaves the parameters as they are, so training cannot go on
+    from them. An earlier accepted step diverged (or the model computes a non-finite output at
+    these parameters); restore a checkpoint and train with a smaller learning rate or a larger
+    damping. Emitted once per torch ``Optimizer``."""

@@ -58,7 +58,14 @@ import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .._pytree import flatten, unflatten
-from ..errors import HyperparameterError, MissingBatchError, StateError, StructureError
+from .._stack import caller_level
+from ..errors import (
+    HyperparameterError,
+    MissingBatchError,
+    NonFiniteLossWarning,
+    StateError,
+    StructureError,
+)
 from ..models.adapters import TorchModel, unwrap
 from ..optim.base import StepInfo
 from ..optim.gradient_descent import GradientDescent
@@ -445,6 +452,21 @@ class Optimizer(torch.optim.Optimizer):
         self._built = (dict(values), method)
         return method
 
+    def _warn_if_stuck(self, info: StepInfo) -> None:
+        """Warn once when a rejected step's loss, at the parameters it started from, is not
+        finite: no step can be taken from there (each one is rejected the same way), which
+        only ``info.finite`` would otherwise say."""
+        if getattr(self, "_warned_loss", False) or bool(torch.isfinite(info.loss)):
+            return
+        self._warned_loss = True
+        warnings.warn(
+            f"the loss at the module's current parameters is {float(info.loss)}, so the step "
+            "was rejected and the parameters left as they are; every later step will be "
+            "rejected the same way. An earlier step diverged (or the model's output is not "
+            "finite at these parameters): restore a checkpoint (model and optimizer "
+            "state_dict) and train with a smaller lr or a larger damping",
+            NonFiniteLossWarning, stacklevel=caller_level())
+
     def _warn_if_grad_edited(self) -> None:
         """Warn once when a parameter's ``.grad`` was changed in place after the backward pass
         that wrote it (its version counter moved since autograd's last accumulation:
@@ -603,6 +625,8 @@ class Optimizer(torch.optim.Optimizer):
         self._state = self._write_back(new, state)
         self._steps += 1
         self.info = info
+        if not accepted:
+            self._warn_if_stuck(info)
         if self.update_buffers == "auto":
             self._tracked = self._adapter.batches_tracked()
         return info.loss.detach()
