@@ -142,17 +142,6 @@ def with_caches(blocks: tuple, new: tuple) -> tuple:
                  for states, row in zip(blocks, new))
 
 
-def statistics_diagonals(blocks: tuple, xp: Any) -> list[Array]:
-    """The diagonals of every factor statistic of every block: what the guard checks for
-    finiteness instead of the whole statistics.
-
-    The statistics are Gram matrices and their moving averages, positive semi-definite, so
-    |F_ij| <= sqrt(F_ii F_jj): an entry is finite when the diagonal is, and a NaN or inf in
-    the gradient reaches the diagonal of its row. d numbers per factor are read instead of
-    d^2."""
-    return [xp.linalg.diagonal(f) for states in blocks for st in states for f in st.factors]
-
-
 def guarded_cache(backend: Backend, state: BlockState, compute: Callable[[], BlockState]
                   ) -> tuple[BlockState, Array]:
     """``(compute(), 0)``, or ``(state, 1)`` when the new cache is not usable: the block keeps

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from .._pytree import flatten, unflatten
 from ..backends import Backend
-from ..curvature.blocks import BlockState, TensorBlock
+from ..curvature.blocks import BlockState, TensorBlock, factor_diagonals
 from ..errors import HyperparameterError
 from ..losses import Loss
 from . import _tensor_blocks as tb
@@ -259,9 +259,9 @@ class Shampoo(Optimizer):
         new_state = ShampooState(count + 1, blocks, unflatten(treedef, m), graft_state, inner)
         # the new statistics are checked too: a NaN in them (a non-finite sampled gradient)
         # must reject the step, not stay in the state behind roots or inverses that were kept
+        diagonals = factor_diagonals(st for row in blocks for st in row)
         params, state, ok, step_norm = self.guard(params, state, new_params, new_state, loss,
-                                                  tb.statistics_diagonals(blocks, xp),
-                                                  update=unflatten(treedef, update))
+                                                  diagonals, update=unflatten(treedef, update))
         return params, state, self.info(params, loss, step_norm, self.eps, ok,
                                         extras={"roots_kept": kept})
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from .. import random
 from .._pytree import flatten, unflatten
 from ..backends import Backend
-from ..curvature.blocks import BlockState, TensorBlock
+from ..curvature.blocks import BlockState, TensorBlock, factor_diagonals
 from ..errors import HyperparameterError
 from ..losses import Loss
 from ..models.base import find_model
@@ -293,7 +293,7 @@ class TNT(Optimizer):
             # must reject the step, not stay in the state behind roots or inverses that were
             # kept
             new, kept, key = periodic(blocks)
-            out = finish(new, new)
+            out = finish(new, factor_diagonals(st for row in new for st in row))
             return choose(out[-1][0], new, blocks), kept, key, out
 
         def unchanged(blocks: tuple) -> tuple[tuple, Array, Array, tuple[Any, ...]]:

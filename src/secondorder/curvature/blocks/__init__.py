@@ -10,7 +10,7 @@ from .base import SPLITS, BlockOperator, CurvatureBlock, split_damping
 from .conv import ConvBlock
 from .dense import DenseBlock
 from .kronecker import KroneckerBlock
-from .state import KINDS, BlockState, CacheKindError, EigenCache, FactorCache
+from .state import KINDS, BlockState, CacheKindError, EigenCache, FactorCache, factor_diagonals
 from .statistics import kronecker_statistics, mode_statistics
 from .tensor import TensorBlock
 
@@ -27,6 +27,7 @@ __all__ = [
     "FactorCache",
     "KroneckerBlock",
     "TensorBlock",
+    "factor_diagonals",
     "kronecker_statistics",
     "mode_statistics",
     "split_damping",

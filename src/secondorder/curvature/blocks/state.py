@@ -14,8 +14,10 @@ a state and its updated copy under ``jax.jit``:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from ...backends import backend_of
 from ...errors import SecondOrderError
 
 Array = Any
@@ -57,3 +59,14 @@ def cache_type(kind: str) -> type:
     if kind not in KINDS:
         raise CacheKindError(f"unknown cache kind {kind!r}: use 'inverse', 'root' or 'eigh'")
     return EigenCache if kind == "eigh" else FactorCache
+
+
+def factor_diagonals(states: Iterable[BlockState]) -> list[Array]:
+    """The diagonals of every factor statistic of ``states``: what an optimiser's guard checks
+    for finiteness instead of the whole statistics.
+
+    Every block's statistics are Gram matrices and moving averages of them (positive
+    semi-definite), so |F_ij| <= sqrt(F_ii F_jj): an entry is finite when the diagonal is, and
+    a NaN or inf in the inputs or gradients reaches the diagonal of its row. d numbers per
+    factor are read instead of d^2."""
+    return [backend_of(f).xp.linalg.diagonal(f) for st in states for f in st.factors]
