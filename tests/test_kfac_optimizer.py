@@ -354,3 +354,28 @@ def test_a_singular_damped_factor_rejects_the_step_and_raises_the_damping(name):
         assert rejected < 20
     assert int(new_state.count) == 1
     assert float(new_state.damping) == pytest.approx(1e-20 * 10.0 ** rejected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax"])
+def test_statistics_that_overflow_reject_the_step_although_the_update_is_finite(name):
+    # float32, a linear first layer: inputs of 1e21 give a finite loss and, through the
+    # step-0 inverses (T2 = 100), a finite update, but A = (1/m) sum a a^T overflows at the
+    # statistics step (T1 = 1); the step must be rejected and the state kept, eager and jitted
+    if name == "jax":
+        pytest.importorskip("jax")
+    b = backends.get(name)
+    model = MLP([3, 4, 2], "tanh", linear=(0,))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3))
+    y = b.asarray(rng.integers(0, 2, 8))
+    opt = KFAC(model, losses.SoftmaxCrossEntropy(), statistics_interval=1)
+    step = b.jit(opt.step)
+    params = model.init(0, b, dtype="float32")
+    params, state, info = step(params, opt.init(params), (b.asarray(x, dtype="float32"), y))
+    assert bool(info.finite)
+    new_params, new_state, info = step(params, state, (b.asarray(1e21 * x, dtype="float32"), y))
+    assert np.isfinite(float(info.loss)) and not bool(info.finite)
+    for a, c in zip(tree.leaves(new_params), tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    for a, c in zip(tree.leaves(new_state.blocks), tree.leaves(state.blocks)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

@@ -15,7 +15,13 @@ from typing import Any, NamedTuple
 from .. import random
 from .._pytree import flatten, unflatten
 from ..backends import backend_of
-from ..curvature.blocks import BlockState, ConvBlock, DenseBlock, KroneckerBlock
+from ..curvature.blocks import (
+    BlockState,
+    ConvBlock,
+    DenseBlock,
+    KroneckerBlock,
+    factor_diagonals,
+)
 from ..curvature.kfac import _cotangents, layer_statistics
 from ..errors import HyperparameterError, NotPositiveDefiniteError, StructureError
 from ..losses import Loss
@@ -484,8 +490,7 @@ class KFAC(Optimizer):
             factorising)."""
             blocks, key = every(backend, state.count, self.statistics_interval, refresh,
                                 lambda blocks, key: (blocks, key), blocks, state.key)
-            if backend.is_concrete(loss) and not bool(
-                    all_finite(*(b.factors for b in blocks))):
+            if backend.is_concrete(loss) and not bool(all_finite(factor_diagonals(blocks))):
                 return None
             try:
                 return every(backend, state.count, self.inverse_interval, invert,
@@ -497,10 +502,10 @@ class KFAC(Optimizer):
                     raise
                 return None
 
-        def finish(blocks: tuple[BlockState, ...]) -> tuple[Any, ...]:
+        def finish(blocks: tuple[BlockState, ...], *checks: Any) -> tuple[Any, ...]:
             """The rest of the step with these blocks: the preconditioned direction, the
             learning rate and momentum, the trial parameters, the damping's adaptation and
-            the verdict on them."""
+            the verdict on them (and on ``checks``)."""
             direction, inner = self.gradient_transform.update(grad, state.transform, params)
             p_leaves, fallback = self._precondition(layers, blocks, flatten(direction)[0], lam,
                                                     state.fallback)
@@ -554,7 +559,7 @@ class KFAC(Optimizer):
                 lam_new, ratio, predicted = every(backend, state.count + 1,
                                                   self.damping_interval, adapted,
                                                   lambda _: (lam, nan, predicted), None)
-            verdict = self.verdict(loss, update=update)
+            verdict = self.verdict(loss, *checks, update=update)
             return (trial, update, inner, fallback, velocity, lam_new, ratio, predicted, alpha,
                     mu, verdict)
 
@@ -567,7 +572,10 @@ class KFAC(Optimizer):
             if new is None:
                 return None
             new, key = new
-            out = finish(new)
+            # the new statistics are checked too (traced, where the eager test above is not
+            # made): a statistics step between inverses would keep an inf or NaN in them
+            # behind a finite update, and every inverse after it would fail
+            out = finish(new, factor_diagonals(new))
             return choose(out[-1][0], new, blocks), key, out
 
         def unchanged(blocks: tuple[BlockState, ...]) -> Any:
